@@ -1,0 +1,26 @@
+"""Type aliases shared across flowjax (in the manner of ``chex/_src/pytypes.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import jax
+import numpy as np
+
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
+# Any pytree of arrays: model parameters, an NNX state, an optax state.
+Params = Any
+PyTree = Any
+# One example: a pytree of arrays *without* a batch axis.
+Example = Any
+# A batch: a mapping with an integer ``"id"`` array plus per-example fields.
+Batch = Mapping[str, Any]
+Batches = Iterable[Batch]
+# ``loss_fn(params, example) -> scalar``: the loss of one example.
+PerExampleLoss = Callable[[Params, Example], ArrayLike]
+Temperature = Literal["median"] | float
+Normalize = Literal["mean", "sum"] | None
+Reduction = Literal["mean", "sum", "normalized"]
+IdArray = np.ndarray
