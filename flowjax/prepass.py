@@ -11,18 +11,20 @@ How it works (one process's view):
    the global batch ``B × process_count`` divides the mesh's ``'data'`` axis)
    and the example structure. Larger batches are split; smaller ones (the
    ragged last batch, or a batch partly served from the cache) are padded to
-   ``B`` by repeating a real row, with a validity bit. So the program is traced
-   and compiled once.
-2. Every row carries ``(id as two int32 halves, owning process, valid)``
-   through the computation. Ids stay exact int64 without ``jax_enable_x64``.
-3. The batch is placed with ``jax.make_array_from_process_local_data``:
-   each process feeds only its own examples. The outputs are
-   replicated (``out_shardings=P()``), so XLA all-gathers the step's losses and
-   every process sees every row: the complete table everywhere, with no
-   duplicates and no hand-written collectives.
-4. Results are read one step behind dispatch, so the device never waits for
-   the host. A process that runs out of data feeds padding until a step reports
-   no valid row on any process; then all processes stop together.
+   ``B`` by repeating a real row and dropped from the result. So the program
+   is traced and compiled once.
+2. The batch axis is sharded over ``'data'``; the losses come back replicated
+   (``out_shardings=P()``), so every process can read every row.
+3. Single process: numpy batches go straight into the jitted step, and the
+   host keeps each step's ids. Multi-process: each process feeds only its own
+   examples through ``jax.make_array_from_process_local_data``, and every row
+   carries ``(id as two int32 halves, owning process, valid)`` through the
+   step, so the replicated output tells every process every row's id: the
+   complete table everywhere, exact, no duplicates, no hand-written
+   collectives. Ids stay exact int64 without ``jax_enable_x64``.
+4. Results are read a few steps behind dispatch, so the device never waits for
+   the host. A process that runs out of data feeds padding until a step has no
+   valid row on any process; then all processes stop together.
 5. With ``cache_dir``, each process appends the rows it fed to its own cache
    every few seconds. On a restart, examples whose ids are cached are skipped
    (not recomputed), and the cached rows of all processes are shared with one
@@ -31,8 +33,10 @@ How it works (one process's view):
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
+import weakref
 import zlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -52,6 +56,8 @@ from flowjax.tables import LossTable
 __all__ = ["default_mesh", "per_example_losses"]
 
 _ID = "id"
+# Steps dispatched ahead of the one being read, so the device never waits for the host.
+_IN_FLIGHT = 3
 
 
 def default_mesh() -> Mesh:
@@ -75,7 +81,8 @@ def per_example_losses(
     .. math:: \\ell_i = \\mathrm{loss\\_fn}(\\theta^*, x_i) \\quad\\text{for every example } i
 
     ``loss_fn`` is written for ONE example and batched with ``jax.vmap``; the
-    batched function is jitted once and traced once for the whole data set.
+    batched function is jitted once and traced once for the whole data set
+    (later calls with the same ``loss_fn`` and shapes reuse the compiled step).
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar``. ``example`` is the
@@ -129,27 +136,25 @@ def per_example_losses(
             f"the mesh needs a 'data' axis to shard the batch over; its axes are {mesh.axis_names}."
         )
     nproc, me = jax.process_count(), jax.process_index()
-    data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
 
     it = iter(batches)
     first = next(it, None)
     if first is None:
-        raise ValueError(
-            "batches is empty: there is nothing to compute"
-            + (
-                f" on process {me} (every process needs at least one batch)."
-                if nproc > 1
-                else "."
-            )
+        where = (
+            f" on process {me} (every process needs at least one batch)"
+            if nproc > 1
+            else ""
         )
+        raise ValueError(f"batches is empty{where}: there is nothing to compute.")
     spec = _Spec.from_batch(first)
     batch_size = _agree_batch_size(spec, mesh.shape["data"], nproc)
+    global_batch = batch_size * nproc
 
     params = _place_params(
         params, replicated if param_shardings is None else param_shardings
     )
-    step = _make_step(loss_fn, batch_size * nproc, replicated)
+    step = _make_step(loss_fn, global_batch, mesh, nproc > 1)
 
     cache = served = None
     if cache_dir is not None:
@@ -169,64 +174,137 @@ def per_example_losses(
         disable=not progress or me != 0,
         dynamic_ncols=True,
     )
-    computed_ids: list[np.ndarray] = []
-    computed_losses: list[np.ndarray] = []
+    found_ids: list[np.ndarray] = []
+    found_losses: list[np.ndarray] = []
 
-    def handle(out) -> int:
-        """Reads one finished step: checks, records, caches. Returns its global count of valid rows."""
-        meta, losses, n_valid = (np.asarray(x) for x in out)
-        valid = meta[:, 3] == 1
-        ids = np.ascontiguousarray(meta[valid, :2]).view(np.int64).reshape(-1)
-        losses = losses[valid]
-        if not np.isfinite(losses).all():
+    def read(out, ids: np.ndarray) -> int:
+        """Reads one finished step: checks, records, caches. Returns its global count of real rows."""
+        if nproc == 1:
+            losses = np.asarray(out)[: len(ids)]
+            mine = slice(None)
+        else:
+            meta, losses, _ = (np.asarray(x) for x in out)
+            real = meta[:, 3] == 1
+            ids, losses = _ids_from_pairs(meta[real, :2]), losses[real]
+            mine = meta[real, 2] == me
+        bad = ~np.isfinite(losses)
+        if bad.any():
             if cache is not None:
                 cache.flush()
             raise ValueError(
-                f"loss_fn returned NaN or infinite losses for example {_checks.describe(~np.isfinite(losses), ids, losses)}. "
+                f"loss_fn returned NaN or infinite losses for example {_checks.describe(bad, ids, losses)}. "
                 "flowjax never sets them to 0: fix the loss (a sequence with no target tokens gives 0/0) "
                 "or leave those examples out of the fine-tuning set."
             )
-        computed_ids.append(ids)
-        computed_losses.append(losses)
+        found_ids.append(ids)
+        found_losses.append(losses)
         if cache is not None:
-            mine = meta[valid, 2] == me
             cache.add(ids[mine], losses[mine])
-        bar.update(int(n_valid))
-        return int(n_valid)
+        bar.update(len(ids))
+        return len(ids)
 
-    steps = _local_steps(
-        itertools.chain([first], it), spec, batch_size, me, served, bar
+    steps = _local_steps(itertools.chain([first], it), spec, batch_size, served, bar)
+    padding = _Step(
+        [
+            np.zeros((batch_size, *s), d)
+            for s, d in zip(spec.shapes, spec.dtypes, strict=True)
+        ],
+        np.zeros(0, np.int64),
     )
-    padding = None
-    pending = None
+    in_flight: collections.deque = collections.deque()  # dispatched, not yet read
     try:
         while True:
             item = next(steps, None)
             if item is None:
                 if nproc == 1:
                     break
-                if padding is None:
-                    padding = _padding_step(spec, batch_size, me)
-                item = padding
-            out = step(params, *_put(item, data_sharding, batch_size * nproc))
-            if pending is not None and handle(pending) == 0:
-                break  # Every process is out of data; `out` is padding everywhere.
-            pending = out
-        if nproc == 1 and pending is not None:
-            handle(pending)
+                item = padding  # keep in step with the processes that still have data
+            if (
+                nproc == 1
+            ):  # numpy straight into jit: its C++ path places the batch fastest
+                out = step(params, item.leaves, spec.treedef)
+            else:
+                out = step(params, *_put(item, batch_size, me, mesh), spec.treedef)
+            in_flight.append((out, item.ids))
+            # Once a step is all padding everywhere, every later one is too: stop together.
+            if len(in_flight) > _IN_FLIGHT and read(*in_flight.popleft()) == 0:
+                break
+        while nproc == 1 and in_flight:
+            read(*in_flight.popleft())
     finally:
         if cache is not None:
             cache.flush()
         bar.close()
 
-    ids = np.concatenate([np.zeros(0, np.int64), *computed_ids])
-    losses = np.concatenate([np.zeros(0, np.float32), *computed_losses])
+    ids, losses = found_ids, found_losses
     if served is not None:
         s_ids, s_losses = served.used()
         if nproc > 1:
             s_ids, s_losses = _allgather_rows(s_ids, s_losses)
-        ids, losses = np.concatenate([ids, s_ids]), np.concatenate([losses, s_losses])
-    return LossTable(ids, losses)
+        ids, losses = [*ids, s_ids], [*losses, s_losses]
+    return LossTable(
+        np.concatenate([np.zeros(0, np.int64), *ids]),
+        np.concatenate([np.zeros(0, np.float32), *losses]),
+    )
+
+
+# Jitted steps per loss_fn, so later passes with the same loss_fn and shapes reuse the
+# compiled program. Weakly keyed: a step dies with its loss_fn.
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _make_step(
+    loss_fn: PerExampleLoss, global_batch: int, mesh: Mesh, multiprocess: bool
+):
+    """The jitted step: the vmapped losses of one fixed-shape global batch.
+
+    Single process: ``step(params, leaves, treedef) -> losses``; the host keeps
+    the ids. Multi-process: ``step(params, leaves, meta, treedef) -> (meta,
+    losses, n_real)``, all replicated, so every process learns every row's id
+    and sees when no process has data left.
+    """
+    try:
+        per_fn = _STEPS.setdefault(loss_fn, {})
+    except TypeError:  # not weak-referenceable: compile for this call only
+        per_fn = {}
+    key = (global_batch, mesh, multiprocess)
+    if key in per_fn:
+        return per_fn[key]
+    fn_ref = _ref(loss_fn)  # the cached step must not keep its own key alive
+    data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+    def losses_of(params, leaves, treedef):
+        example = jax.tree.unflatten(treedef, leaves)
+        losses = jax.vmap(fn_ref(), in_axes=(None, 0))(params, example)
+        if not isinstance(losses, jax.Array) or losses.shape != (global_batch,):
+            raise ValueError(
+                "loss_fn must return ONE scalar per example; vmapped over the batch it returned "
+                f"{getattr(losses, 'shape', type(losses))} instead of ({global_batch},)."
+            )
+        return losses.astype(jnp.float32)
+
+    if multiprocess:
+
+        def step(params, leaves, meta, treedef):
+            return meta, losses_of(params, leaves, treedef), jnp.sum(meta[:, 3])
+
+        shardings = {
+            "in_shardings": (None, data, data),
+            "out_shardings": (replicated,) * 3,
+        }
+    else:
+        step = losses_of
+        shardings = {"in_shardings": (None, data), "out_shardings": replicated}
+    # None: params keep the sharding they were placed with.
+    per_fn[key] = jax.jit(step, static_argnames="treedef", **shardings)
+    return per_fn[key]
+
+
+def _ref(fn):
+    try:
+        return weakref.ref(fn)
+    except TypeError:
+        return lambda: fn
 
 
 class _Spec(NamedTuple):
@@ -253,17 +331,17 @@ class _Spec(NamedTuple):
             raise ValueError(
                 f"a batch has structure {treedef}; the first batch had {self.treedef}."
             )
-        out = []
         for i, (x, shape, dtype) in enumerate(
             zip(leaves, self.shapes, self.dtypes, strict=True)
         ):
             if x.shape[1:] != shape:
                 raise ValueError(
-                    f"field {_leaf_name(self.treedef, i)} has per-example shape {x.shape[1:]}; the first batch "
-                    f"had {shape}. Pad sequences to one fixed length so the pre-pass compiles once."
+                    f"field {_leaf_name(treedef, i)} has per-example shape {x.shape[1:]}; the first "
+                    f"batch had {shape}. Pad sequences to one fixed length so the pre-pass compiles once."
                 )
-            out.append(_to_dtype(x, dtype, _leaf_name(self.treedef, i)))
-        return ids, out
+            if x.dtype != dtype:
+                leaves[i] = _to_dtype(x, dtype, _leaf_name(treedef, i))
+        return ids, leaves
 
 
 def _split(batch) -> tuple[np.ndarray, list[np.ndarray], Any]:
@@ -272,45 +350,37 @@ def _split(batch) -> tuple[np.ndarray, list[np.ndarray], Any]:
         raise ValueError(
             f'every batch must be a dict with an integer "id" array of example ids; got {fields}.'
         )
-    ids = _checks.as_ids(batch[_ID], 'batch["id"]')
-    rest = {k: v for k, v in batch.items() if k != _ID}
-    leaves, treedef = jax.tree.flatten(rest)
+    ids = np.asarray(batch[_ID])
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        ids = _checks.as_ids(ids, 'batch["id"]')  # raises with the reason
+    elif ids.dtype != np.int64:
+        ids = _checks.as_ids(ids)
+    leaves, treedef = jax.tree.flatten({k: v for k, v in batch.items() if k != _ID})
     leaves = [np.asarray(x) for x in leaves]
     for i, x in enumerate(leaves):
         if x.ndim == 0 or x.shape[0] != len(ids):
+            rows = x.shape[0] if x.ndim else "no"
             raise ValueError(
-                f"field {_leaf_name(treedef, i)} has {x.shape[0] if x.ndim else 'no'} rows but the batch has "
-                f"{len(ids)} ids: every field needs a leading batch axis of the same length."
+                f"field {_leaf_name(treedef, i)} has {rows} rows but the batch has {len(ids)} ids: "
+                "every field needs a leading batch axis of the same length."
             )
     return ids, leaves, treedef
 
 
 def _leaf_name(treedef, i: int) -> str:
-    paths = [
-        jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_flatten_with_path(
-            jax.tree.unflatten(treedef, range(treedef.num_leaves))
-        )[0]
-    ]
-    return paths[i] if i < len(paths) else str(i)
+    skeleton = jax.tree.unflatten(treedef, range(treedef.num_leaves))
+    return jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(skeleton)[0][i][0])
 
 
 def _to_dtype(x: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
-    if x.dtype == dtype:
-        return x
-    if (
-        np.issubdtype(x.dtype, np.integer)
-        and np.issubdtype(dtype, np.integer)
-        and x.size
-    ):
+    """Casts to the first batch's (canonical) dtype; refuses lossy kind changes or overflow."""
+    if x.dtype.kind in "iu" and dtype.kind in "iu":
         info = np.iinfo(dtype)
-        if x.min() < info.min or x.max() > info.max:
+        if x.size and (x.min() < info.min or x.max() > info.max):
             raise ValueError(
                 f"field {name} has values outside {dtype}; enable jax_enable_x64 or use smaller values."
             )
-    elif x.dtype.kind != dtype.kind and not (
-        x.dtype.kind in "iu" and dtype.kind in "iu"
-    ):
+    elif x.dtype.kind != dtype.kind:
         raise ValueError(
             f"field {name} has dtype {x.dtype}; the first batch had {dtype}."
         )
@@ -339,11 +409,13 @@ def _place_params(params, shardings):
     """Puts params on the mesh once (replicated by default) so each step reads them in place."""
 
     def put(x, s):
-        if isinstance(x, jax.Array) and (x.sharding == s or not x.is_fully_addressable):
-            return x if x.sharding == s else jax.device_put(x, s)
-        if s.is_fully_addressable:
+        if isinstance(x, jax.Array) and x.sharding == s:
+            return x
+        if s.is_fully_addressable or (
+            isinstance(x, jax.Array) and not x.is_fully_addressable
+        ):
             return jax.device_put(x, s)
-        x = np.asarray(x)  # multi-host: every process holds the same host value
+        x = np.asarray(x)  # multi-host, host value: every process holds the same one
         return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
 
     if isinstance(shardings, jax.sharding.Sharding):
@@ -351,51 +423,12 @@ def _place_params(params, shardings):
     return jax.tree.map(put, params, shardings)
 
 
-def _make_step(loss_fn: PerExampleLoss, global_batch: int, replicated: NamedSharding):
-    def step(params, leaves, meta, treedef):
-        example = jax.tree.unflatten(treedef, leaves)
-        losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, example)
-        if not isinstance(losses, jax.Array) or losses.shape != (global_batch,):
-            raise ValueError(
-                "loss_fn must return ONE scalar per example; vmapped over the batch it returned "
-                f"{getattr(losses, 'shape', type(losses))} instead of ({global_batch},)."
-            )
-        return meta, losses.astype(jnp.float32), jnp.sum(meta[:, 3])
-
-    jitted = jax.jit(
-        step, static_argnums=3, out_shardings=(replicated, replicated, replicated)
-    )
-    return lambda params, leaves, meta, treedef: jitted(params, leaves, meta, treedef)
-
-
 class _Step(NamedTuple):
-    leaves: list[np.ndarray]
-    meta: np.ndarray  # [B, 4] int32: id low, id high, owning process, valid
-    treedef: Any
+    leaves: list[np.ndarray]  # fixed shape [B, ...]
+    ids: np.ndarray  # the first len(ids) rows are real, the rest padding
 
 
-def _put(item: _Step, sharding: NamedSharding, global_batch: int):
-    def put(x):
-        return jax.make_array_from_process_local_data(
-            sharding, x, (global_batch, *x.shape[1:])
-        )
-
-    return [put(x) for x in item.leaves], put(item.meta), item.treedef
-
-
-def _meta(ids: np.ndarray, batch_size: int, owner: int) -> np.ndarray:
-    meta = np.zeros((batch_size, 4), np.int32)
-    meta[: len(ids), :2] = (
-        np.ascontiguousarray(ids, np.int64).view(np.int32).reshape(-1, 2)
-    )
-    meta[:, 2] = owner
-    meta[: len(ids), 3] = 1
-    return meta
-
-
-def _local_steps(
-    batches, spec: _Spec, batch_size: int, me: int, served, bar
-) -> Iterator[_Step]:
+def _local_steps(batches, spec: _Spec, batch_size: int, served, bar) -> Iterator[_Step]:
     """This process's fixed-shape steps, skipping cached examples."""
     for batch in batches:
         ids, leaves = spec.check(batch)
@@ -408,21 +441,37 @@ def _local_steps(
                 ids, leaves = ids[keep], [x[keep] for x in leaves]
         for start in range(0, len(ids), batch_size):
             stop = min(start + batch_size, len(ids))
-            n = stop - start
-            if n == batch_size:
+            if stop - start == batch_size:
                 chunk = [x[start:stop] for x in leaves]
-            else:  # pad by repeating the chunk's last real row: valid inputs, masked out
+            else:  # pad by repeating the last real row: valid inputs, dropped from the result
                 index = np.minimum(np.arange(start, start + batch_size), stop - 1)
                 chunk = [x[index] for x in leaves]
-            yield _Step(chunk, _meta(ids[start:stop], batch_size, me), spec.treedef)
+            yield _Step(chunk, ids[start:stop])
 
 
-def _padding_step(spec: _Spec, batch_size: int, me: int) -> _Step:
-    leaves = [
-        np.zeros((batch_size, *s), d)
-        for s, d in zip(spec.shapes, spec.dtypes, strict=True)
-    ]
-    return _Step(leaves, _meta(np.zeros(0, np.int64), batch_size, me), spec.treedef)
+def _put(item: _Step, batch_size: int, me: int, mesh: Mesh):
+    """Multi-process: this process's part of the global batch, and its rows' metadata."""
+    meta = np.zeros((batch_size, 4), np.int32)  # id low, id high, owning process, real
+    meta[: len(item.ids), :2] = _ids_to_pairs(item.ids)
+    meta[:, 2] = me
+    meta[: len(item.ids), 3] = 1
+    sharding = NamedSharding(mesh, P("data"))
+    nproc = jax.process_count()
+
+    def put(x):
+        return jax.make_array_from_process_local_data(
+            sharding, x, (batch_size * nproc, *x.shape[1:])
+        )
+
+    return [put(x) for x in item.leaves], put(meta)
+
+
+def _ids_to_pairs(ids: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(ids, np.int64).view(np.int32).reshape(-1, 2)
+
+
+def _ids_from_pairs(pairs: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(pairs, np.int32).view(np.int64).reshape(-1)
 
 
 class _Served:
@@ -455,19 +504,17 @@ def _allgather_rows(
     ).reshape(-1)
     width = max(int(counts.max()), 1)
     pairs = np.zeros((width, 2), np.int32)
-    pairs[: len(ids)] = (
-        np.ascontiguousarray(ids, np.int64).view(np.int32).reshape(-1, 2)
-    )
-    vals = np.zeros(width, np.float32)
-    vals[: len(ids)] = losses
+    pairs[: len(ids)] = _ids_to_pairs(ids)
+    values = np.zeros(width, np.float32)
+    values[: len(ids)] = losses
     all_pairs = np.asarray(multihost_utils.process_allgather(pairs))
-    all_vals = np.asarray(multihost_utils.process_allgather(vals))
-    out_ids = [
-        np.ascontiguousarray(all_pairs[p, :c]).view(np.int64).reshape(-1)
-        for p, c in enumerate(counts)
-    ]
-    out_vals = [all_vals[p, :c] for p, c in enumerate(counts)]
-    return np.concatenate(out_ids), np.concatenate(out_vals)
+    all_values = np.asarray(multihost_utils.process_allgather(values))
+    return (
+        np.concatenate(
+            [_ids_from_pairs(all_pairs[p, :c]) for p, c in enumerate(counts)]
+        ),
+        np.concatenate([all_values[p, :c] for p, c in enumerate(counts)]),
+    )
 
 
 def _fingerprint(params, replicated: NamedSharding) -> list:

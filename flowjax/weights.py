@@ -222,10 +222,11 @@ def _exp_weights_jax(losses, temperature, normalize, *, sign, flow, ids):
             _check_median(float(tau))
     else:
         tau = jnp.asarray(temperature, dtype=x.dtype)
-    # Under jit a bad τ cannot raise: make every weight NaN rather than 0 or inf.
+    # Under jit a bad τ cannot raise: make every weight NaN rather than 0 or inf. The
+    # guard goes on the final weights: XLA:CPU may turn exp(NaN) into 0 inside jit.
     tau_ok = jnp.isfinite(tau) & (tau > 0)
-    log_w = jnp.where(tau_ok, sign * x / jnp.where(tau_ok, tau, 1), jnp.nan)
-    w = _normalized_exp(jnp, log_w, normalize)
+    log_w = sign * x / jnp.where(tau_ok, tau, 1)
+    w = jnp.where(tau_ok, _normalized_exp(jnp, log_w, normalize), jnp.nan)
     if concrete:
         _check_overflow(np.asarray(w), normalize)
     return w, tau

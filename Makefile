@@ -1,0 +1,41 @@
+# flowjax: `make demo` runs the main job, `make test` runs the tests. Both create .venv
+# (python3 -m venv) when it is missing and install flowjax into it; a second run
+# reinstalls only when pyproject.toml changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.flowjax-installed
+PIP_FLAGS ?= --quiet --disable-pip-version-check
+
+.PHONY: install test demo theory bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[test,experiments]'
+	@touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# The main job: the linear-model theory of the paper's section 7, regenerated into results/theory/.
+demo: theory
+
+theory: $(STAMP)
+	$(PY) -m experiments.theory.linear_theory --out results/theory
+
+# Pre-pass throughput against a plain jitted forward (not a test: timings vary by machine).
+bench: $(STAMP)
+	$(PY) -m experiments.benchmarks.prepass --out results/benchmarks/prepass.json
+
+lint: $(STAMP)
+	$(PY) -m pip install $(PIP_FLAGS) 'ruff>=0.6'
+	$(PY) -m ruff format --check flowjax experiments tests
+	$(PY) -m ruff check flowjax experiments tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

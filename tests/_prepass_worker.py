@@ -1,0 +1,101 @@
+"""Runs one pre-pass in a fresh process (own device count / jax.distributed) and saves its table.
+
+Used by the multi-device, multi-process and kill-and-resume tests:
+
+    python tests/_prepass_worker.py OUT.npz [--devices N] [--process-id I --num-processes P --port PORT]
+        [--batch-size B] [--cache DIR] [--kill-after K] [--poison IDS.npy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--process-id", type=int, default=0)
+    ap.add_argument("--num-processes", type=int, default=1)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--cache", default=None)
+    ap.add_argument(
+        "--kill-after",
+        type=int,
+        default=-1,
+        help="SIGKILL itself after yielding K batches",
+    )
+    ap.add_argument(
+        "--model-axis",
+        type=int,
+        default=1,
+        help="mesh ('data', 'model') with this many model devices",
+    )
+    ap.add_argument(
+        "--poison", default=None, help="ids whose inputs are replaced by NaN"
+    )
+    args = ap.parse_args()
+
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    if args.num_processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            f"localhost:{args.port}",
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    import _data
+    import numpy as np
+
+    import flowjax
+    from flowjax import _cache
+
+    _cache.FLUSH_SECONDS = 0.0  # write every finished step: the kill test needs a cache
+    assert len(jax.devices()) == args.devices * args.num_processes, jax.devices()
+
+    data = _data.dataset()
+    # Each process feeds its own, unevenly sized share, in its own shuffled order.
+    n = len(data["id"])
+    cut = [0, n * 3 // 5, n] if args.num_processes == 2 else [0, n]
+    part = {
+        k: v[cut[args.process_id] : cut[args.process_id + 1]] for k, v in data.items()
+    }
+    order = np.random.default_rng(10 + args.process_id).permutation(len(part["id"]))
+    if args.poison:
+        bad = np.isin(part["id"], np.load(args.poison))
+        part["x"] = np.where(bad[:, None], np.nan, part["x"]).astype(np.float32)
+
+    def feed():
+        for k, batch in enumerate(_data.batches(part, args.batch_size, order)):
+            if k == args.kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
+
+    mesh = None
+    if args.model_axis > 1:
+        devices = np.asarray(jax.devices()).reshape(-1, args.model_axis)
+        mesh = jax.sharding.Mesh(devices, ("data", "model"))
+    table = flowjax.per_example_losses(
+        _data.loss_fn,
+        _data.params(),
+        feed(),
+        progress=False,
+        cache_dir=args.cache,
+        mesh=mesh,
+    )
+    table.save(args.out)
+    print(
+        f"process {args.process_id}: {len(table)} examples on {len(jax.devices())} devices"
+    )
+
+
+if __name__ == "__main__":
+    main()

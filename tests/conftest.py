@@ -1,0 +1,20 @@
+"""Strict numerics for every test (as in equinox/tests/conftest.py)."""
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "standard")
+
+
+@pytest.fixture
+def rng():
+    import numpy as np
+
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(params=["without_jit", "with_jit"])
+def variant(request):
+    """Runs a test twice: the function as is, and under ``jax.jit`` (chex.variants, pytest-style)."""
+    return jax.jit if request.param == "with_jit" else (lambda fn: fn)

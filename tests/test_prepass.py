@@ -1,0 +1,307 @@
+"""flowjax.per_example_losses in one process on one device (multi-device/-process: other files)."""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import Mesh
+
+import flowjax
+from flowjax import _cache
+
+from . import _data
+
+
+def _table(batches, fn=_data.loss_fn, **kw):
+    return flowjax.per_example_losses(fn, _data.params(), batches, progress=False, **kw)
+
+
+def test_matches_independent_reference_with_ragged_last_batch():
+    data = _data.dataset()
+    table = _table(_data.batches(data, 16))  # 203 = 12 * 16 + 11
+    order = np.argsort(data["id"])
+    np.testing.assert_array_equal(table.ids, data["id"][order])
+    assert table.ids.dtype == np.int64 and table.losses.dtype == np.float32
+    np.testing.assert_allclose(
+        table.losses, _data.reference_losses(_data.params(), data)[order], rtol=2e-5
+    )
+
+
+def test_traced_once_for_ragged_and_oversized_batches_and_across_calls():
+    data = _data.dataset()
+    fn = chex.assert_max_traces(_data.loss_fn, n=1)
+    sizes = [16, 16, 5, 40, 3, 16]  # 40 > 16 is split; 5 and 3 are padded
+    cuts = np.cumsum([0, *sizes, len(data["id"]) - sum(sizes)])
+    batches = [
+        {k: v[a:b] for k, v in data.items()} for a, b in itertools.pairwise(cuts)
+    ]
+    first = flowjax.per_example_losses(fn, _data.params(), batches, progress=False)
+    second = flowjax.per_example_losses(
+        fn, _data.params(), _data.batches(data, 16), progress=False
+    )
+    assert len(first) == len(data["id"])
+    np.testing.assert_allclose(first.losses, second.losses, rtol=1e-6)
+
+
+def test_shuffled_input_gives_the_same_table():
+    data = _data.dataset()
+    a = _table(_data.batches(data, 16))
+    b = _table(
+        _data.batches(data, 16, np.random.default_rng(3).permutation(len(data["id"])))
+    )
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-6)
+
+
+def test_float64_input_is_cast_like_the_first_batch():
+    data = _data.dataset()
+    data64 = {**data, "x": data["x"].astype(np.float64)}
+    a, b = _table(_data.batches(data, 32)), _table(_data.batches(data64, 32))
+    assert a == b
+
+
+class _TinyNet(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(8, 12, rngs=rngs)
+        self.l2 = nnx.Linear(12, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(nnx.gelu(self.l1(x)))
+
+
+def test_flax_nnx_model_matches_directly_computed_batched_losses():
+    model = _TinyNet(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 8)).astype(np.float32)
+    y = rng.integers(0, 3, size=50).astype(np.int32)
+
+    def loss_fn(state, ex):
+        logits = nnx.merge(graphdef, state)(ex["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ex["y"])
+
+    batches = [
+        {"id": np.arange(s, min(s + 16, 50)), "x": x[s : s + 16], "y": y[s : s + 16]}
+        for s in range(0, 50, 16)
+    ]
+    table = flowjax.per_example_losses(loss_fn, state, batches, progress=False)
+    direct = optax.softmax_cross_entropy_with_integer_labels(
+        model(jnp.asarray(x)), jnp.asarray(y)
+    )
+    np.testing.assert_array_equal(table.ids, np.arange(50))
+    np.testing.assert_allclose(table.losses, np.asarray(direct), rtol=1e-6, atol=1e-7)
+
+
+def test_progress_bar_shows_examples_and_rate(capsys):
+    flowjax.per_example_losses(
+        _data.loss_fn, _data.params(), _data.batches(_data.dataset(), 16)
+    )
+    err = capsys.readouterr().err
+    assert "pre-pass" in err and "ex/s" in err and "203" in err
+    _table(_data.batches(_data.dataset(), 16))
+    assert capsys.readouterr().err == ""
+
+
+# --- resuming from cache_dir -------------------------------------------------------------
+
+
+def _interrupted(data, cache_dir, stop_after: int, monkeypatch):
+    """Runs a pre-pass that dies after `stop_after` batches, caching every finished step."""
+    monkeypatch.setattr(_cache, "FLUSH_SECONDS", 0.0)
+
+    def feed():
+        for k, batch in enumerate(_data.batches(data, 16)):
+            if k == stop_after:
+                raise KeyboardInterrupt
+            yield batch
+
+    with pytest.raises(KeyboardInterrupt):
+        _table(feed(), cache_dir=cache_dir)
+
+
+def _cached_ids(cache_dir) -> np.ndarray:
+    chunks = glob.glob(os.path.join(cache_dir, "*", "chunk-*.npz"))
+    return (
+        np.concatenate([np.load(c)["ids"] for c in chunks])
+        if chunks
+        else np.zeros(0, np.int64)
+    )
+
+
+def _poison(data, ids):
+    """Inputs of these ids become NaN: recomputing them would raise, so they must be skipped."""
+    bad = np.isin(data["id"], ids)
+    return {**data, "x": np.where(bad[:, None], np.nan, data["x"]).astype(np.float32)}
+
+
+def test_interrupted_then_resumed_equals_uninterrupted_and_skips_cached(
+    tmp_path, monkeypatch
+):
+    data = _data.dataset()
+    expected = _table(_data.batches(data, 16))
+    _interrupted(data, str(tmp_path), stop_after=6, monkeypatch=monkeypatch)
+    cached = _cached_ids(str(tmp_path))
+    assert 0 < len(cached) < len(data["id"])
+    resumed = _table(_data.batches(_poison(data, cached), 16), cache_dir=str(tmp_path))
+    assert resumed == expected
+    # A third run finds everything cached and computes nothing.
+    all_poisoned = _poison(data, data["id"])
+    assert _table(_data.batches(all_poisoned, 16), cache_dir=str(tmp_path)) == expected
+
+
+def test_resume_with_reordered_input_skips_by_id(tmp_path, monkeypatch):
+    data = _data.dataset()
+    expected = _table(_data.batches(data, 16))
+    _interrupted(data, str(tmp_path), stop_after=4, monkeypatch=monkeypatch)
+    cached = _cached_ids(str(tmp_path))
+    order = np.random.default_rng(5).permutation(len(data["id"]))
+    resumed = _table(
+        _data.batches(_poison(data, cached), 16, order), cache_dir=str(tmp_path)
+    )
+    np.testing.assert_array_equal(resumed.ids, expected.ids)
+    np.testing.assert_allclose(resumed.losses, expected.losses, rtol=1e-6)
+
+
+def test_cache_returns_only_the_examples_fed_this_run(tmp_path):
+    data = _data.dataset()
+    _table(_data.batches(data, 16), cache_dir=str(tmp_path))
+    half = {k: v[:100] for k, v in data.items()}
+    table = _table(_data.batches(half, 16), cache_dir=str(tmp_path))
+    np.testing.assert_array_equal(table.ids, np.sort(half["id"]))
+
+
+def test_cache_written_by_other_params_is_refused(tmp_path):
+    data = _data.dataset()
+    _table(_data.batches(data, 16), cache_dir=str(tmp_path))
+    other = jax.tree.map(lambda x: x * 1.01, _data.params())
+    with pytest.raises(
+        ValueError, match=r"different pre-pass.*parameter values differ"
+    ):
+        flowjax.per_example_losses(
+            _data.loss_fn,
+            other,
+            _data.batches(data, 16),
+            progress=False,
+            cache_dir=str(tmp_path),
+        )
+    with pytest.raises(ValueError, match="loss_fn"):
+        _table(
+            _data.batches(data, 16),
+            fn=lambda p, ex: _data.loss_fn(p, ex),
+            cache_dir=str(tmp_path),
+        )
+
+
+def test_unreadable_cache_chunk_is_recomputed_with_a_warning(tmp_path, monkeypatch):
+    data = _data.dataset()
+    expected = _table(_data.batches(data, 16))
+    _interrupted(data, str(tmp_path), stop_after=6, monkeypatch=monkeypatch)
+    chunk = sorted(glob.glob(os.path.join(str(tmp_path), "*", "chunk-*.npz")))[0]
+    with open(chunk, "wb") as f:
+        f.write(b"truncated")
+    with pytest.warns(RuntimeWarning, match="unreadable pre-pass cache chunk"):
+        assert _table(_data.batches(data, 16), cache_dir=str(tmp_path)) == expected
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def _batch(n=4, **over):
+    b = {
+        "id": np.arange(n),
+        "x": np.ones((n, _data.DIM), np.float32),
+        "y": np.zeros(n, np.float32),
+    }
+    b.update(over)
+    return b
+
+
+@pytest.mark.parametrize(
+    ("batches", "match"),
+    [
+        ([], "batches is empty"),
+        (
+            [{"x": np.ones((2, _data.DIM), np.float32), "y": np.zeros(2, np.float32)}],
+            'integer "id"',
+        ),
+        ([_batch(id=np.array([0.0, 1.0, 2.0, 3.0]))], "must be integers"),
+        (
+            [_batch(y=np.zeros(3, np.float32))],
+            r"\['y'\] has 3 rows but the batch has 4 ids",
+        ),
+        (
+            [_batch(), _batch(x=np.ones((4, _data.DIM + 1), np.float32))],
+            r"\['x'\] has per-example shape \(7,\)",
+        ),
+        (
+            [_batch(), _batch(x=np.ones((4, _data.DIM), np.int32))],
+            r"\['x'\] has dtype int32",
+        ),
+        (
+            [_batch(id=np.array([3, 1, 3, 2]))],
+            r"duplicate example ids within one batch: \[3\]",
+        ),
+        (
+            [_batch(), _batch(id=np.array([7, 8, 2, 9]))],
+            r"duplicate example ids: \[2\]",
+        ),
+        (
+            [
+                _batch(),
+                {"id": np.arange(4, 8), "x": np.ones((4, _data.DIM), np.float32)},
+            ],
+            "structure",
+        ),
+    ],
+)
+def test_bad_batches_raise_a_clear_error(batches, match):
+    with pytest.raises(ValueError, match=match):
+        _table(batches)
+
+
+def test_nan_loss_raises_naming_the_example_ids():
+    data = _data.dataset(40)
+    data["x"][[3, 9]] = np.nan  # both in the first batch of 16
+    with pytest.raises(
+        ValueError,
+        match=rf"NaN or infinite losses for example ids \[{data['id'][3]}, {data['id'][9]}\]",
+    ):
+        _table(_data.batches(data, 16))
+
+
+def test_sequence_without_target_tokens_raises_instead_of_being_zeroed():
+    def token_mean_loss(p, ex):  # mean NLL over target tokens: 0/0 without targets
+        nll = (ex["tokens"] * p) ** 2
+        return jnp.sum(nll * ex["mask"]) / jnp.sum(ex["mask"])
+
+    mask = np.ones((3, 5), np.float32)
+    mask[1] = 0.0  # example 11 has no target tokens
+    batch = {
+        "id": np.array([10, 11, 12]),
+        "tokens": np.ones((3, 5), np.float32),
+        "mask": mask,
+    }
+    with pytest.raises(ValueError, match=r"ids \[11\].*no target tokens"):
+        flowjax.per_example_losses(
+            token_mean_loss, jnp.float32(1.0), [batch], progress=False
+        )
+
+
+def test_loss_fn_must_return_a_scalar_per_example():
+    with pytest.raises(ValueError, match="ONE scalar per example"):
+        _table([_batch()], fn=lambda p, ex: ex["x"] * 2.0)
+
+
+def test_mesh_needs_a_data_axis():
+    mesh = Mesh(np.asarray(jax.devices()), ("batch",))
+    with pytest.raises(ValueError, match="'data' axis"):
+        _table([_batch()], mesh=mesh)
