@@ -127,6 +127,8 @@ def weighted_objective(
 ) -> Callable[[Params, Mapping[str, Any]], Any]:
     """Turns a per-example ``loss_fn`` into a weighted batch objective for optax.
 
+    .. math:: L(\\theta; \\text{batch}) = \\mathrm{reduce}_i\\, w_i\\, \\mathrm{loss\\_fn}(\\theta, x_i)
+
     The objective vmaps ``loss_fn(params, example)`` over the batch (every
     field except ``"id"``, ``weight_key`` and ``valid_key``) and reduces with
     :func:`weighted_loss` using ``batch[weight_key]``. Use it with
@@ -144,6 +146,11 @@ def weighted_objective(
 
     Returns:
       ``objective(params, batch)``.
+
+    Raises:
+      ValueError: an unknown ``reduction``; when called, a batch without the
+        weight field, a ``loss_fn`` that does not return one scalar per
+        example, or weights whose length differs from the batch's.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, flowjax
