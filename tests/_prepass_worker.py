@@ -38,6 +38,9 @@ def main() -> None:
         help="mesh ('data', 'model') with this many model devices",
     )
     ap.add_argument(
+        "--shard-params", action="store_true", help="shard w1's columns over 'data'"
+    )
+    ap.add_argument(
         "--poison", default=None, help="ids whose inputs are replaced by NaN"
     )
     args = ap.parse_args()
@@ -83,6 +86,17 @@ def main() -> None:
     if args.model_axis > 1:
         devices = np.asarray(jax.devices()).reshape(-1, args.model_axis)
         mesh = jax.sharding.Mesh(devices, ("data", "model"))
+    shardings = None
+    if args.shard_params:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        mesh = mesh or flowjax.default_mesh()
+        shardings = {
+            "w1": NamedSharding(mesh, P(None, "data")),
+            "b1": NamedSharding(mesh, P("data")),
+            "w2": NamedSharding(mesh, P()),
+        }
     table = flowjax.per_example_losses(
         _data.loss_fn,
         _data.params(),
@@ -90,6 +104,7 @@ def main() -> None:
         progress=False,
         cache_dir=args.cache,
         mesh=mesh,
+        param_shardings=shardings,
     )
     table.save(args.out)
     print(

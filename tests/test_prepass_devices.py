@@ -15,28 +15,16 @@ def one_device(tmp_path_factory):
     )
 
 
+CASES = {
+    "8dev": "--devices 8 --batch-size 16",
+    "8dev-uneven-batch": "--devices 8 --batch-size 13",  # 13 rows per step: padded to 16
+    "4x2-mesh": "--devices 8 --batch-size 16 --model-axis 2",  # ('data': 4, 'model': 2)
+    "sharded-params": "--devices 8 --batch-size 16 --shard-params",  # w1 columns over 8
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "args",
-    [
-        ("--devices", "8", "--batch-size", "16"),
-        (
-            "--devices",
-            "8",
-            "--batch-size",
-            "13",
-        ),  # 13 rows per step are padded to 16 = 8 * 2
-        (
-            "--devices",
-            "8",
-            "--batch-size",
-            "16",
-            "--model-axis",
-            "2",
-        ),  # mesh ('data': 4, 'model': 2)
-    ],
-    ids=["8dev", "8dev-uneven-batch", "4x2-mesh"],
-)
+@pytest.mark.parametrize("args", [a.split() for a in CASES.values()], ids=list(CASES))
 def test_eight_devices_equal_one_device(one_device, tmp_path, args):
     table = _subprocess.run(str(tmp_path / "t.npz"), *args)
     np.testing.assert_array_equal(table.ids, one_device.ids)
