@@ -136,10 +136,13 @@ def per_example_losses(
             f"the mesh needs a 'data' axis to shard the batch over; its axes are {mesh.axis_names}."
         )
     nproc, me = jax.process_count(), jax.process_index()
+    data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
 
     it = iter(batches)
-    first = next(it, None)
+    first = next(
+        (b for b in it if _rows(b) > 0), None
+    )  # an empty batch cannot fix the size
     if first is None:
         where = (
             f" on process {me} (every process needs at least one batch)"
@@ -224,7 +227,9 @@ def per_example_losses(
             ):  # numpy straight into jit: its C++ path places the batch fastest
                 out = step(params, item.leaves, spec.treedef)
             else:
-                out = step(params, *_put(item, batch_size, me, mesh), spec.treedef)
+                out = step(
+                    params, *_put(item, batch_size, me, data_sharding), spec.treedef
+                )
             in_flight.append((out, item.ids))
             # Once a step is all padding everywhere, every later one is too: stop together.
             if len(in_flight) > _IN_FLIGHT and read(*in_flight.popleft()) == 0:
@@ -344,6 +349,14 @@ class _Spec(NamedTuple):
         return ids, leaves
 
 
+def _rows(batch) -> int:
+    """Rows of a batch; -1 (never skipped, so that validation reports it) if it is malformed."""
+    try:
+        return len(batch[_ID])
+    except Exception:
+        return -1
+
+
 def _split(batch) -> tuple[np.ndarray, list[np.ndarray], Any]:
     if not isinstance(batch, dict) or _ID not in batch:
         fields = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
@@ -449,13 +462,12 @@ def _local_steps(batches, spec: _Spec, batch_size: int, served, bar) -> Iterator
             yield _Step(chunk, ids[start:stop])
 
 
-def _put(item: _Step, batch_size: int, me: int, mesh: Mesh):
+def _put(item: _Step, batch_size: int, me: int, sharding: NamedSharding):
     """Multi-process: this process's part of the global batch, and its rows' metadata."""
     meta = np.zeros((batch_size, 4), np.int32)  # id low, id high, owning process, real
     meta[: len(item.ids), :2] = _ids_to_pairs(item.ids)
     meta[:, 2] = me
     meta[: len(item.ids), 3] = 1
-    sharding = NamedSharding(mesh, P("data"))
     nproc = jax.process_count()
 
     def put(x):

@@ -296,6 +296,14 @@ def test_sequence_without_target_tokens_raises_instead_of_being_zeroed():
         )
 
 
+def test_leading_and_middle_empty_batches_are_skipped():
+    empty = _batch(0)
+    table = _table([empty, _batch(3), empty, _batch(2, id=np.array([7, 8]))])
+    np.testing.assert_array_equal(table.ids, [0, 1, 2, 7, 8])
+    with pytest.raises(ValueError, match="batches is empty"):
+        _table([empty, empty])
+
+
 def test_loss_fn_must_return_a_scalar_per_example():
     with pytest.raises(ValueError, match="ONE scalar per example"):
         _table([_batch()], fn=lambda p, ex: ex["x"] * 2.0)
