@@ -141,7 +141,7 @@ def per_example_losses(
 
     it = iter(batches)
     first = next(
-        (b for b in it if _rows(b) > 0), None
+        (b for b in it if _rows(b) != 0), None
     )  # an empty batch cannot fix the size
     if first is None:
         where = (
