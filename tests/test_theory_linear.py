@@ -405,7 +405,7 @@ def test_finite_sample_flow_converges_to_population():
 
     def deviation(n):
         devs = []
-        for seed in range(3):
+        for seed in range(2):
             run = theory.finite_sample_flow(s, jax.random.key(seed), n, steps, eta=eta)
             devs.append(np.max(np.linalg.norm(run.thetas - population, axis=1)))
         return np.mean(devs)

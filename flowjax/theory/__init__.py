@@ -10,7 +10,7 @@ never changed.
 Example:
   >>> import jax
   >>> from flowjax import theory
-  >>> s = theory.make_setting(jax.random.key(0), d=8, rho=0.8, e_norm=1.0)
+  >>> s = theory.make_setting(jax.random.key(0), d=3, rho=0.8, e_norm=1.0)
   >>> theory.q_eigenvalues(1.0, s.rho)  # β = 1: λ₁ = (1 + ρ²)/2
   (0.82, 0.0)
 """

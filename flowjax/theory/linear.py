@@ -1492,7 +1492,7 @@ def finite_sample_flow(
       >>> import jax, numpy as np
       >>> from flowjax.theory import make_setting, finite_sample_flow
       >>> s = make_setting(jax.random.key(0), d=3, rho=0.5, e_norm=1.0)
-      >>> run = finite_sample_flow(s, jax.random.key(1), 20_000, [0, 10])
+      >>> run = finite_sample_flow(s, jax.random.key(1), 8_001, [0, 10])
       >>> round(run.tau, 1), bool(np.allclose(run.thetas[0], s.theta_star))
       (0.5, True)
     """
