@@ -614,16 +614,16 @@ _median = jax.jit(jnp.median)
 def _sample_ft(setting: LinearSetting, key: jax.Array, n: int):
     """``(x, y, losses)`` for n draws x̃ ~ N(0, Σ̃), ỹ = ⟨θ̃*, x̃⟩ (call under enable_x64).
 
-    ``losses`` are the pre-trained squared residuals (ỹ − ⟨θ*, x̃⟩)².
+    ``losses`` are the pre-trained squared residuals (ỹ − ⟨θ*, x̃⟩)². The chunks
+    are trimmed and joined on the host (numpy float64), which costs no XLA
+    compilation for a new n.
     """
     args = (_f64(setting.sigma_ft), _f64(setting.theta_ft), _f64(setting.theta_star))
     parts = [
-        [a[:m] for a in _problem_chunk(z, *args)]
+        [np.asarray(a)[:m] for a in _problem_chunk(z, *args)]
         for z, m in _standard_normal_chunks(_subkey(key, 1), n, setting.d)
     ]
-    return tuple(
-        jnp.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts, strict=True)
-    )
+    return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
 
 
 @jax.jit
@@ -688,10 +688,10 @@ def flow_covariance_mc(
     _check_key(key)
     n = _check_count(num_samples, "num_samples", 2)
     args = (_f64(setting.sigma_ft), _f64(setting.e), _f64(tau))
-    s1 = s2 = jnp.zeros((setting.d, setting.d), jnp.float64)
+    s1 = s2 = np.zeros((setting.d, setting.d))
     for z, m in _standard_normal_chunks(_subkey(key, 1), n, setting.d):
         c1, c2 = _moment_chunk(z, m, *args)
-        s1, s2 = s1 + c1, s2 + c2
+        s1, s2 = s1 + np.asarray(c1), s2 + np.asarray(c2)
     mean, stderr = _mean_and_stderr(s1, s2, n)
     return MonteCarloEstimate(mean=mean, stderr=stderr, num_samples=n)
 
@@ -1511,7 +1511,7 @@ def finite_sample_flow(
         _f64(setting.theta_star), batch, _f64(eta), num_steps=int(k.max())
     )
     return FiniteSampleFlow(
-        thetas=path[jnp.asarray(k)],
+        thetas=np.asarray(path)[k],
         tau=tau,
         eta=eta,
         weights=np.asarray(weights, dtype=np.float64),
