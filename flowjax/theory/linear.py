@@ -401,8 +401,9 @@ def make_setting(
         \\tilde\\Sigma = I + \\rho(\\hat e\\hat e_\\perp^\\top + \\hat e_\\perp\\hat e^\\top).
 
     This is the paper's §7.1 (the sign e = θ* − θ̃* is the one forced by
-    Eqs. 6, 12 and 16). The random draws only fix a rotation and an offset; no
-    quantity of the theory depends on them except through Σ.
+    Eqs. 6, 12 and 16). The random draws only place ê, ê⊥ and θ̃*; with Σ = I
+    nothing depends on them, otherwise err₁ sees them through Σ restricted to
+    span{ê, ê⊥} (e.g. eᵀΣe).
 
     Args:
       key: a JAX PRNG key.
