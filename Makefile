@@ -30,7 +30,7 @@ theory: $(STAMP)
 
 # Pre-pass throughput against a plain jitted forward (not a test: timings vary by machine).
 bench: $(STAMP)
-	$(PY) -m experiments.benchmarks.prepass --out results/benchmarks/prepass.json
+	$(PY) -m experiments.benchmarks.prepass --repeats 21 --out results/benchmarks/prepass.json
 
 lint: $(STAMP)
 	$(PY) -m pip install $(PIP_FLAGS) 'ruff>=0.6'

@@ -319,18 +319,25 @@ class _Spec(NamedTuple):
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[np.dtype, ...]
     size: int  # rows in the first batch
+    flat_keys: tuple[str, ...] | None  # the leaves' keys when batches are flat dicts
 
     @classmethod
     def from_batch(cls, batch) -> _Spec:
         ids, leaves, treedef = _split(batch)
         dtypes = tuple(np.dtype(jax.dtypes.canonicalize_dtype(x.dtype)) for x in leaves)
-        return cls(treedef, tuple(x.shape[1:] for x in leaves), dtypes, len(ids))
+        rest = {k: 0 for k in batch if k != _ID}
+        flat = jax.tree.structure(rest) == treedef
+        keys = tuple(jax.tree.unflatten(treedef, range(len(leaves)))) if flat else None
+        return cls(treedef, tuple(x.shape[1:] for x in leaves), dtypes, len(ids), keys)
 
     def describe(self) -> str:
         return f"{self.treedef}; shapes {list(self.shapes)}; dtypes {[d.str for d in self.dtypes]}"
 
     def check(self, batch) -> tuple[np.ndarray, list[np.ndarray]]:
         """Validated ``(ids, leaves)`` of a batch, leaves cast to the canonical dtypes."""
+        fast = self._check_flat(batch)
+        if fast is not None:
+            return fast
         ids, leaves, treedef = _split(batch)
         if treedef != self.treedef:
             raise ValueError(
@@ -346,6 +353,35 @@ class _Spec(NamedTuple):
                 )
             if x.dtype != dtype:
                 leaves[i] = _to_dtype(x, dtype, _leaf_name(treedef, i))
+        return ids, leaves
+
+    def _check_flat(self, batch) -> tuple[np.ndarray, list[np.ndarray]] | None:
+        """The hot path for the usual batch: a flat dict exactly like the first one.
+
+        Returns None (so that ``check`` validates and explains) on anything else.
+        """
+        if (
+            self.flat_keys is None
+            or type(batch) is not dict
+            or len(batch) != len(self.flat_keys) + 1
+        ):
+            return None
+        try:
+            ids = batch[_ID]
+            leaves = [batch[k] for k in self.flat_keys]
+        except KeyError:
+            return None
+        if not (type(ids) is np.ndarray and ids.dtype == np.int64 and ids.ndim == 1):
+            return None
+        n = len(ids)
+        for x, shape, dtype in zip(leaves, self.shapes, self.dtypes, strict=True):
+            if (
+                type(x) is not np.ndarray
+                or x.dtype != dtype
+                or x.shape[1:] != shape
+                or x.shape[0] != n
+            ):
+                return None
         return ids, leaves
 
 
@@ -443,9 +479,11 @@ class _Step(NamedTuple):
 
 def _local_steps(batches, spec: _Spec, batch_size: int, served, bar) -> Iterator[_Step]:
     """This process's fixed-shape steps, skipping cached examples."""
-    for batch in batches:
+    for k, batch in enumerate(batches):
         ids, leaves = spec.check(batch)
-        if len(ids) > 1:
+        if (
+            k == 0 and len(ids) > 1
+        ):  # fail fast on the first batch; the table checks them all
             _checks.check_unique(np.sort(ids), "ids within one batch")
         if served is not None:
             keep = served.take(ids)
