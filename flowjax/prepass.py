@@ -140,9 +140,8 @@ def per_example_losses(
     replicated = NamedSharding(mesh, P())
 
     it = iter(batches)
-    first = next(
-        (b for b in it if _rows(b) != 0), None
-    )  # an empty batch cannot fix the size
+    # The first non-empty batch fixes the batch size (an empty one cannot).
+    first = next((b for b in it if _rows(b) != 0), None)
     if first is None:
         where = (
             f" on process {me} (every process needs at least one batch)"
@@ -207,13 +206,7 @@ def per_example_losses(
         return len(ids)
 
     steps = _local_steps(itertools.chain([first], it), spec, batch_size, served, bar)
-    padding = _Step(
-        [
-            np.zeros((batch_size, *s), d)
-            for s, d in zip(spec.shapes, spec.dtypes, strict=True)
-        ],
-        np.zeros(0, np.int64),
-    )
+    padding = None  # multi-process only: what a process with no data left feeds
     in_flight: collections.deque = collections.deque()  # dispatched, not yet read
     try:
         while True:
@@ -221,10 +214,10 @@ def per_example_losses(
             if item is None:
                 if nproc == 1:
                     break
+                padding = padding or _padding_step(spec, batch_size)
                 item = padding  # keep in step with the processes that still have data
-            if (
-                nproc == 1
-            ):  # numpy straight into jit: its C++ path places the batch fastest
+            if nproc == 1:
+                # numpy straight into jit: its C++ path places the batch fastest
                 out = step(params, item.leaves, spec.treedef)
             else:
                 out = step(
@@ -498,6 +491,13 @@ def _local_steps(batches, spec: _Spec, batch_size: int, served, bar) -> Iterator
                 index = np.minimum(np.arange(start, start + batch_size), stop - 1)
                 chunk = [x[index] for x in leaves]
             yield _Step(chunk, ids[start:stop])
+
+
+def _padding_step(spec: _Spec, batch_size: int) -> _Step:
+    shapes = zip(spec.shapes, spec.dtypes, strict=True)
+    return _Step(
+        [np.zeros((batch_size, *s), d) for s, d in shapes], np.zeros(0, np.int64)
+    )
 
 
 def _put(item: _Step, batch_size: int, me: int, sharding: NamedSharding):
