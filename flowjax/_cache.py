@@ -6,6 +6,10 @@ rows of the examples *this process fed*. Chunks are written to a temporary
 file and renamed into place, so a kill mid-write leaves no half chunk; an
 unreadable chunk (e.g. after a machine crash) is reported and its examples are
 simply computed again.
+
+A cache belongs to one topology: process ``i`` of ``n`` reads only its own
+sub-directory, so a resume with a different number of processes finds no
+cache and recomputes (correctly, just without the saving).
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ def per_example_losses(
         part-way and started again with the same arguments skips the examples
         already done and returns the same table as an uninterrupted run. Use a
         new directory for a new model, loss or data layout (a mismatch is
-        detected from the parameters' fingerprint and raises).
+        detected from the parameters' fingerprint and raises). Resume with
+        the same number of processes: each process reads its own cache.
       param_shardings: optional shardings for ``params`` (a ``Sharding`` or a
         matching pytree). Default: replicated over ``mesh``.
       total: the number of examples, if known, for the progress bar's ETA.
