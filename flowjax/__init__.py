@@ -9,6 +9,7 @@ FLOW (Sanyal et al., ICML 2025) in three steps::
 The linear-model theory of the paper's section 7 lives in :mod:`flowjax.theory`.
 """
 
+from flowjax.data import ArraySource, batches
 from flowjax.objectives import attach_weights, weighted_loss, weighted_objective
 from flowjax.prepass import default_mesh, per_example_losses
 from flowjax.tables import LossTable, WeightTable
@@ -17,9 +18,11 @@ from flowjax.weights import dro_weights, flow_weights, median_temperature
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArraySource",
     "LossTable",
     "WeightTable",
     "attach_weights",
+    "batches",
     "default_mesh",
     "dro_weights",
     "flow_weights",
