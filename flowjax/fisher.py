@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import Any, Literal
 
 import jax
@@ -203,15 +204,29 @@ def diagonal_fisher(
     return jax.tree.map(lambda a: a / count, acc)
 
 
+# Jitted steps per fn, so later calls with the same fn reuse the compiled program (jit
+# retraces by itself for new shapes). Weakly keyed: a step dies with its fn.
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _make_step(fn, kind: str, mesh: Mesh, acc_shardings):
     """``step(acc, params, leaves, id_pairs, valid, key, treedef) -> (acc + Σ valid·g², bad)``."""
+    flat, structure = jax.tree.flatten(acc_shardings)
+    cache_key = (kind, mesh, structure, tuple(flat))
+    try:
+        per_fn = _STEPS.setdefault(fn, {})
+    except TypeError:  # not weak-referenceable: compile for this call only
+        per_fn = {}
+    if cache_key in per_fn:
+        return per_fn[cache_key]
+    fn_ref = prepass._ref(fn)  # the cached step must not keep its own key alive
     data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
     def grad_one(params, example, pair, key):
         if kind == "empirical":
 
             def objective(p):
-                loss = jnp.asarray(fn(p, example))
+                loss = jnp.asarray(fn_ref()(p, example))
                 if loss.shape != ():
                     raise ValueError(
                         'kind="empirical": fn must return ONE scalar (the negative log-likelihood) '
@@ -223,7 +238,7 @@ def _make_step(fn, kind: str, mesh: Mesh, acc_shardings):
             k = jax.random.fold_in(jax.random.fold_in(key, pair[0]), pair[1])
 
             def objective(p):
-                logits = jnp.asarray(fn(p, example))
+                logits = jnp.asarray(fn_ref()(p, example))
                 if logits.ndim != 1:
                     raise ValueError(
                         'kind="sampled": fn must return the logits [num_classes] of ONE example; '
@@ -255,10 +270,11 @@ def _make_step(fn, kind: str, mesh: Mesh, acc_shardings):
             bad = bad | ~jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1)
         return jax.tree.map(jnp.add, acc, squares), bad & valid
 
-    return jax.jit(
+    per_fn[cache_key] = jax.jit(
         step,
         static_argnames="treedef",
         donate_argnums=0,
         in_shardings=(acc_shardings, None, data, data, data, replicated),
         out_shardings=(acc_shardings, replicated),
     )
+    return per_fn[cache_key]
