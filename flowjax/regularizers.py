@@ -487,11 +487,12 @@ def synaptic_intelligence(
                 ],
             )
 
-        zeros32 = lambda x, _: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+        # zeros_like and copies keep the parameters' sharding.
+        zeros32 = lambda x, _: jnp.zeros_like(x, dtype=jnp.float32)  # noqa: E731
         return SIState(
             anchor=field(lambda _, ai: jnp.array(ai, copy=True)),
             prev_params=field(lambda x, _: jnp.array(x, copy=True)),
-            prev_grads=field(lambda x, _: jnp.zeros(x.shape, x.dtype)),
+            prev_grads=field(lambda x, _: jnp.zeros_like(x)),
             omega=field(zeros32),
             importance=field(zeros32),
             damping=jnp.asarray(damping, jnp.float32),

@@ -78,6 +78,27 @@ def fishers(batch_size: int = 16, mesh=None, shardings=None) -> dict[str, np.nda
     return out
 
 
+def check_regularizer_shardings(flowjax, shardings) -> None:
+    """Every regulariser's state, and a jitted update, keep the parameters' sharding."""
+    p = jax.device_put(params(), shardings)
+    fisher = jax.tree.map(jnp.ones_like, p)
+    for tx in (
+        flowjax.l2sp(None, 0.1),
+        flowjax.ewc(None, fisher, 0.1),
+        flowjax.synaptic_intelligence(0.1),
+    ):
+        state = tx.init(p)
+        updates, state = jax.jit(tx.update)(p, state, p)
+        for tree in (*(f for f in state if isinstance(f, dict)), updates):
+            for k in p:
+                leaf = tree[k]
+                assert leaf.sharding.is_equivalent_to(shardings[k], leaf.ndim), (
+                    tx,
+                    k,
+                    leaf.sharding,
+                )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -102,7 +123,10 @@ def main() -> None:
             "W": NamedSharding(mesh, P("data", None)),
             "b": NamedSharding(mesh, P("data")),
         }
-    np.savez(args.out, **fishers(args.batch_size, mesh, shardings))
+    out = fishers(args.batch_size, mesh, shardings)
+    if shardings is not None:
+        check_regularizer_shardings(flowjax, shardings)
+    np.savez(args.out, **out)
     print(f"fisher on {len(jax.devices())} devices")
 
 

@@ -166,10 +166,10 @@ def test_dtype_preserved_for_float32_and_bfloat16_leaves(method, variant, rng):
     [{"w": True, "b": False}, lambda p: {k: v.ndim == 2 for k, v in p.items()}],
     ids=["tree", "callable"],
 )
-def test_mask_leaves_masked_out_leaves_untouched(method, mask, variant, rng):
+def test_mask_leaves_masked_out_leaves_untouched(method, mask, rng):
     theta0, fisher = _tree(rng), _fisher(rng)
     got, state = _run(
-        _make(method, theta0, 0.7, fisher=fisher, mask=mask), theta0, 5, 0.3, variant
+        _make(method, theta0, 0.7, fisher=fisher, mask=mask), theta0, 5, 0.3, jax.jit
     )
     want, _ = _numpy_run(method, theta0, fisher, 0.7, 0.3, 5, keep=("w",))
     for k in got:
@@ -247,7 +247,7 @@ def test_si_omega_is_the_path_integral_under_adam(rng):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_nnx_state_of_params(method, variant):
+def test_nnx_state_of_params(method):
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 3)), jnp.float32)
@@ -261,7 +261,7 @@ def test_nnx_state_of_params(method, variant):
     tx = _make(method, theta0, 0.5, fisher=fisher, mask=kernel_only)
     opt = optax.chain(tx, optax.sgd(0.1))
 
-    @variant
+    @jax.jit
     def step(params, state):
         grads = jax.grad(loss)(params)
         updates, state = opt.update(grads, state, params)
