@@ -10,8 +10,20 @@ The linear-model theory of the paper's section 7 lives in :mod:`flowjax.theory`.
 """
 
 from flowjax.data import ArraySource, batches
+from flowjax.fisher import diagonal_fisher
 from flowjax.objectives import attach_weights, weighted_loss, weighted_objective
 from flowjax.prepass import default_mesh, per_example_losses
+from flowjax.regularizers import (
+    EWCState,
+    L2SPState,
+    SIState,
+    ewc,
+    ewc_penalty,
+    l2sp,
+    l2sp_penalty,
+    si_consolidate,
+    synaptic_intelligence,
+)
 from flowjax.tables import LossTable, WeightTable
 from flowjax.weights import dro_weights, flow_weights, median_temperature
 
@@ -19,15 +31,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArraySource",
+    "EWCState",
+    "L2SPState",
     "LossTable",
+    "SIState",
     "WeightTable",
     "attach_weights",
     "batches",
     "default_mesh",
+    "diagonal_fisher",
     "dro_weights",
+    "ewc",
+    "ewc_penalty",
     "flow_weights",
+    "l2sp",
+    "l2sp_penalty",
     "median_temperature",
     "per_example_losses",
+    "si_consolidate",
+    "synaptic_intelligence",
     "weighted_loss",
     "weighted_objective",
 ]
