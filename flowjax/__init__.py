@@ -9,6 +9,8 @@ FLOW (Sanyal et al., ICML 2025) in three steps::
 The linear-model theory of the paper's section 7 lives in :mod:`flowjax.theory`.
 """
 
+from flowjax.freezing import freeze, swap_task_parts, trainable_mask
+from flowjax.lora import add_lora, merge_lora
 from flowjax.objectives import attach_weights, weighted_loss, weighted_objective
 from flowjax.prepass import default_mesh, per_example_losses
 from flowjax.tables import LossTable, WeightTable
@@ -19,12 +21,17 @@ __version__ = "0.1.0"
 __all__ = [
     "LossTable",
     "WeightTable",
+    "add_lora",
     "attach_weights",
     "default_mesh",
     "dro_weights",
     "flow_weights",
+    "freeze",
     "median_temperature",
+    "merge_lora",
     "per_example_losses",
+    "swap_task_parts",
+    "trainable_mask",
     "weighted_loss",
     "weighted_objective",
 ]
