@@ -11,6 +11,23 @@ as in the official vision pipeline (FLOW_PAPER.md §2.1, steps V1 and V4).
 :func:`swap_task_parts` puts the pre-trained task-specific parts (head,
 BatchNorm) back into a fine-tuned state to measure retained pre-training
 accuracy, as the paper does.
+
+A jitted linear-probing step (``nnx.split`` / ``nnx.merge`` with ``jax.jit``)::
+
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    tx = flowjax.freeze(optax.sgd(lr, momentum=0.9), flowjax.trainable_mask(params, "head"))
+
+    @jax.jit
+    def step(params, stats, opt_state, x, y, w):
+        def loss_fn(params):
+            # copy=True: the BatchStat variables are mutated inside the grad trace.
+            model = nnx.merge(graphdef, params, stats, copy=True)
+            losses = per_example_loss(model(x), y)  # train mode: BN stats update
+            return flowjax.weighted_loss(losses, w), nnx.state(model, nnx.BatchStat)
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
 """
 
 from __future__ import annotations

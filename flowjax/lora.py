@@ -143,7 +143,10 @@ def add_lora(
     ``nnx.LoRA`` initialises :math:`B = 0`, the new model's outputs equal the
     base model's right away (``x A 0 = 0`` is added exactly). Train only the
     adapters with ``nnx.split(model, nnx.LoRAParam, ...)`` or
-    ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``.
+    ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``. ``nnx.LoRAParam`` is a
+    subclass of ``nnx.Param``, so ``nnx.state(model, nnx.Param)`` includes the
+    adapters; to optimise that whole state, wrap the optimiser with
+    ``flowjax.freeze(tx, flowjax.trainable_mask(params, nnx.LoRAParam))``.
 
     ``model`` is not modified: the result is an ``nnx.clone`` of it, which
     shares the (immutable) array buffers, so the copy costs no memory and the
