@@ -11,6 +11,8 @@ The linear-model theory of the paper's section 7 lives in :mod:`flowjax.theory`.
 
 from flowjax.data import ArraySource, batches
 from flowjax.fisher import diagonal_fisher
+from flowjax.freezing import freeze, swap_task_parts, trainable_mask
+from flowjax.lora import add_lora, merge_lora
 from flowjax.objectives import attach_weights, weighted_loss, weighted_objective
 from flowjax.prepass import default_mesh, per_example_losses
 from flowjax.regularizers import (
@@ -36,6 +38,7 @@ __all__ = [
     "LossTable",
     "SIState",
     "WeightTable",
+    "add_lora",
     "attach_weights",
     "batches",
     "default_mesh",
@@ -44,12 +47,16 @@ __all__ = [
     "ewc",
     "ewc_penalty",
     "flow_weights",
+    "freeze",
     "l2sp",
     "l2sp_penalty",
     "median_temperature",
+    "merge_lora",
     "per_example_losses",
     "si_consolidate",
+    "swap_task_parts",
     "synaptic_intelligence",
+    "trainable_mask",
     "weighted_loss",
     "weighted_objective",
 ]
