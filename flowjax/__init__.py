@@ -9,8 +9,12 @@ FLOW (Sanyal et al., ICML 2025) in three steps::
 The linear-model theory of the paper's section 7 lives in :mod:`flowjax.theory`.
 """
 
+from flowjax.averaging import WiseFTCurve, wise_ft, wise_ft_sweep
+from flowjax.distillation import lwf_loss, lwf_objective
+from flowjax.dro import dro_loss
 from flowjax.objectives import attach_weights, weighted_loss, weighted_objective
 from flowjax.prepass import default_mesh, per_example_losses
+from flowjax.replay import ReplayBuffer, der_loss, replay_batches
 from flowjax.tables import LossTable, WeightTable
 from flowjax.weights import dro_weights, flow_weights, median_temperature
 
@@ -18,13 +22,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LossTable",
+    "ReplayBuffer",
     "WeightTable",
+    "WiseFTCurve",
     "attach_weights",
     "default_mesh",
+    "der_loss",
+    "dro_loss",
     "dro_weights",
     "flow_weights",
+    "lwf_loss",
+    "lwf_objective",
     "median_temperature",
     "per_example_losses",
+    "replay_batches",
     "weighted_loss",
     "weighted_objective",
+    "wise_ft",
+    "wise_ft_sweep",
 ]
