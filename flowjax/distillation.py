@@ -154,9 +154,10 @@ def lwf_objective(
     is as informative about that function as an easy one. Set
     ``weight_distillation=True`` for :math:`v_i = w_i`. The distillation term
     uses the same ``reduction`` (with unit weights, ``"normalized"`` is the
-    mean). With ``strength=0`` the value and gradient are exactly those of
-    ``weighted_objective`` (the distillation term is still computed, for the
-    metrics).
+    mean). With a concrete ``strength=0`` the teacher is not run at all: the
+    value and gradient are bitwise those of :func:`flowjax.weighted_objective`
+    and the metrics have no ``distill_loss`` (a traced strength of 0 still
+    runs the teacher and may differ from it by rounding).
 
     Args:
       apply_fn: ``apply_fn(params, example) -> outputs`` for ONE example.
@@ -220,9 +221,13 @@ def lwf_objective(
     )
     skip = {"id"} | {k for k in (weight_key, valid_key, distill_mask_key) if k}
 
+    skip_teacher = _checks.is_concrete(strength) and float(np.asarray(strength)) == 0.0
+
     def per_example(params, teacher_params, example, token_mask):
         outputs = apply_fn(params, example)
         loss = task_loss(outputs, example)
+        if skip_teacher:
+            return loss, None
         student_logits = pick(outputs)
         teacher_logits = teacher(teacher_params, example)
         d = lwf_loss(student_logits, teacher_logits, temperature=temperature)
@@ -256,6 +261,19 @@ def lwf_objective(
             else batch[weight_key]
         )
         task = weighted_loss(losses, weights, where=where, reduction=reduction)
+        m = jnp.ones(losses.shape, bool) if where is None else jnp.asarray(where, bool)
+        n = jnp.maximum(jnp.sum(m), 1)
+        metrics = {
+            "task_loss": task,
+            "loss_unweighted": jnp.sum(jnp.where(m, losses, 0)) / n,
+        }
+        if weight_key is not None:
+            metrics["weight_mean"] = jnp.sum(jnp.where(m, jnp.asarray(weights), 0)) / n
+        distance = _param_distance(params, teacher_params)
+        if distance is not None:
+            metrics["param_distance"] = distance
+        if skip_teacher:
+            return task, metrics
         distill_w = (
             weights if weight_distillation else jnp.ones(distill.shape, distill.dtype)
         )
@@ -267,20 +285,8 @@ def lwf_objective(
             if reduction == "normalized" and not weight_distillation
             else reduction,
         )
-        value = task + jnp.asarray(strength, task.dtype) * distill_term
-        m = jnp.ones(losses.shape, bool) if where is None else jnp.asarray(where, bool)
-        n = jnp.maximum(jnp.sum(m), 1)
-        metrics = {
-            "task_loss": task,
-            "distill_loss": distill_term,
-            "loss_unweighted": jnp.sum(jnp.where(m, losses, 0)) / n,
-        }
-        if weight_key is not None:
-            metrics["weight_mean"] = jnp.sum(jnp.where(m, jnp.asarray(weights), 0)) / n
-        distance = _param_distance(params, teacher_params)
-        if distance is not None:
-            metrics["param_distance"] = distance
-        return value, metrics
+        metrics["distill_loss"] = distill_term
+        return task + jnp.asarray(strength, task.dtype) * distill_term, metrics
 
     return objective
 
