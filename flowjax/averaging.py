@@ -187,7 +187,7 @@ def _check_alpha(alpha) -> None:
 
 def _as_number(v, name: str) -> float:
     arr = np.asarray(v)
-    if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
+    if arr.ndim != 0 or not jnp.issubdtype(arr.dtype, jnp.number):
         raise ValueError(
             f"metric {name!r} must be one number; got {type(v).__name__} of shape {arr.shape}."
         )
