@@ -7,6 +7,10 @@ FLOW (Sanyal et al., ICML 2025) in three steps::
     objective = flowjax.weighted_objective(loss_fn)  # Σ w_i f_i(θ) / B, for optax
 
 The linear-model theory of the paper's section 7 lives in :mod:`flowjax.theory`.
+
+Baselines that compose with FLOW weights: LwF distillation (:func:`lwf_objective`),
+dynamic DRO (:func:`dro_loss`), WiSE-FT weight averaging (:func:`wise_ft`), and
+replay / DER (:class:`ReplayBuffer`, :func:`replay_batches`, :func:`der_loss`).
 """
 
 from flowjax.averaging import WiseFTCurve, wise_ft, wise_ft_sweep

@@ -202,7 +202,8 @@ def lwf_objective(
       >>> teacher = jnp.eye(3)
       >>> batch = {"id": np.arange(2), "x": jnp.eye(3)[:2], "y": jnp.array([2, 2]),
       ...          "weight": jnp.array([1.0, 0.5])}
-      >>> (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(teacher, teacher, batch)
+      >>> step = jax.jit(jax.value_and_grad(objective, has_aux=True))
+      >>> (loss, metrics), grads = step(teacher, teacher, batch)  # params, teacher_params, batch
       >>> float(metrics["distill_loss"]), round(float(loss), 4)  # student == teacher: (1 + 0.5) * 1.5514 / 2
       (0.0, 1.1636)
     """

@@ -22,7 +22,7 @@ def _np_lwf(student, teacher, t):
     return t**2 * np.sum(np.exp(log_p) * (log_p - log_q), -1)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.5])
+@pytest.mark.parametrize("temperature", [1.0, 3.5])
 def test_lwf_loss_matches_a_numpy_kl(rng, variant, temperature):
     student = rng.normal(size=(3, 4, 7)).astype(np.float32) * 3
     teacher = rng.normal(size=(3, 4, 7)).astype(np.float32) * 3
@@ -142,11 +142,9 @@ def _problem(rng, n=6, d=3, c=4):
 
 @pytest.mark.parametrize(
     ("reduction", "weight_distillation"),
-    [("mean", False), ("sum", True), ("normalized", False), ("normalized", True)],
+    [("mean", False), ("sum", True), ("normalized", True)],
 )
-def test_lwf_objective_matches_a_numpy_reference(
-    rng, variant, reduction, weight_distillation
-):
+def test_lwf_objective_matches_a_numpy_reference(rng, reduction, weight_distillation):
     params, teacher, batch = _problem(rng)
     objective = flowjax.lwf_objective(
         _apply,
@@ -157,7 +155,11 @@ def test_lwf_objective_matches_a_numpy_reference(
         valid_key="valid",
         weight_distillation=weight_distillation,
     )
-    value, metrics = variant(objective)(params, teacher, batch)
+    value, metrics = jax.jit(objective)(params, teacher, batch)
+    if reduction == "mean":  # jit and no jit agree
+        chex.assert_trees_all_close(
+            (value, metrics), objective(params, teacher, batch), rtol=1e-6
+        )
     x, y, w, m = (
         batch["x"],
         batch["y"],
@@ -210,11 +212,13 @@ def test_zero_strength_is_exactly_the_weighted_objective_and_teacher_gets_no_gra
     assert float(v1) == float(v2)
     chex.assert_trees_all_equal(g1, g2)
     assert "distill_loss" not in metrics  # the teacher is not even run
-    g_teacher, _ = jax.grad(lwf, argnums=1, has_aux=True)(params, teacher, batch)
+    g_teacher, _ = jax.jit(jax.grad(lwf, argnums=1, has_aux=True))(
+        params, teacher, batch
+    )
     chex.assert_trees_all_equal(g_teacher, jax.tree.map(jnp.zeros_like, teacher))
     # With strength > 0 the student's gradient changes, the teacher's still does not move.
     strong = flowjax.lwf_objective(_apply, _ce, strength=3.0, valid_key="valid")
-    (g3, g_teacher3), _ = jax.grad(strong, argnums=(0, 1), has_aux=True)(
+    (g3, g_teacher3), _ = jax.jit(jax.grad(strong, argnums=(0, 1), has_aux=True))(
         params, teacher, batch
     )
     assert not np.allclose(np.asarray(g3["w"]), np.asarray(g1["w"]))
