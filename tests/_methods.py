@@ -1,0 +1,299 @@
+"""The shared test battery's registry: every training-step method as one small recipe.
+
+A method turns ``strength`` and θ₀ into ``(objective, tx, frozen, start)``:
+``objective(params, frozen, batch) -> loss`` is differentiated with respect to
+the trained parameters, which start at ``start`` (θ₀ itself, or LoRA factors);
+``tx`` is an optax transformation; ``frozen`` (a teacher's parameters, the
+frozen base of a LoRA model) goes into the jitted step as an argument. Every recipe trains on FLOW-weighted per-example losses, so running a
+step also checks that the method composes with FLOW in one jitted step.
+
+Used by tests/test_methods.py and, on 8 fake devices, tests/_methods_worker.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import flowjax
+
+DIM, HIDDEN, CLASSES, N = 4, 8, 3, 32
+LR = 0.1
+
+
+def params(seed: int = 0, dtype=jnp.float32) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "w1": (DIM, HIDDEN),
+        "b1": (HIDDEN,),
+        "w2": (HIDDEN, CLASSES),
+        "b2": (CLASSES,),
+    }
+    return {
+        k: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), dtype=dtype)
+        for k, s in shapes.items()
+    }
+
+
+def logits(p, x):
+    h = jnp.tanh(x.astype(p["w1"].dtype) @ p["w1"] + p["b1"][None])
+    return h @ p["w2"] + p["b2"][None]
+
+
+def per_example_ce(p, batch):
+    z = logits(p, batch["x"]).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(z, batch["label"])
+
+
+def batch(seed: int = 1) -> dict[str, np.ndarray]:
+    """A batch with FLOW weights from the pre-trained model's own losses."""
+    rng = np.random.default_rng(seed)
+    out = {
+        "id": np.arange(N, dtype=np.int64),
+        "x": rng.normal(size=(N, DIM)).astype(np.float32),
+    }
+    # A learnable task: the label is the argmax of a fixed linear map of x.
+    out["label"] = np.argmax(out["x"] @ rng.normal(size=(DIM, CLASSES)), 1).astype(np.int32)
+    pre = np.asarray(per_example_ce(params(), out))
+    out["weight"] = np.asarray(flowjax.flow_weights(pre)[0], np.float32)
+    return out
+
+
+def plain_objective(p, frozen, b):
+    del frozen
+    return flowjax.weighted_loss(per_example_ce(p, b), b["weight"])
+
+
+def plain_tx() -> optax.GradientTransformation:
+    return optax.sgd(LR, momentum=0.9)
+
+
+Recipe = tuple[Callable, optax.GradientTransformation, Any, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    build: Callable[[float, Any], Recipe]  # (strength, theta0) -> recipe
+    strength: float = 0.5
+    # Strength at which the method is plain fine-tuning (None: it has none).
+    zero: float | None = 0.0
+    # Data-side methods change the batch: (strength, batch) -> batch.
+    data: Callable[[float, dict], dict] | None = None
+
+
+def _on_theta0(objective, tx, frozen=None):
+    return lambda t0: (objective, tx, frozen, t0)
+
+
+def _chain(first: optax.GradientTransformation) -> optax.GradientTransformation:
+    return optax.chain(first, plain_tx())
+
+
+def _fisher(theta0):
+    b = batch()
+    data = [{k: b[k] for k in ("id", "x", "label")}]
+
+    def nll(p, ex):
+        return per_example_ce(p, jax.tree.map(lambda a: a[None], ex))[0]
+
+    f32 = jax.tree.map(lambda a: a.astype(jnp.float32), theta0)
+    fisher = flowjax.diagonal_fisher(nll, f32, data, progress=False)
+    return jax.tree.map(lambda f, a: f.astype(a.dtype), fisher, theta0)
+
+
+METHODS: list[Method] = [
+    Method(
+        "plain", lambda s, t0: (plain_objective, plain_tx(), None, t0), strength=0.0
+    ),
+    Method(
+        "l2sp",
+        lambda s, t0: (plain_objective, _chain(flowjax.l2sp(t0, s)), None, t0),
+    ),
+    Method(
+        "l2sp-num_params",
+        lambda s, t0: (
+            plain_objective,
+            _chain(flowjax.l2sp(t0, s, scale="num_params")),
+            None,
+            t0,
+        ),
+        strength=20.0,  # λ/N with N = 67 parameters
+    ),
+    Method(
+        "ewc",
+        lambda s, t0: (
+            plain_objective,
+            _chain(flowjax.ewc(t0, _fisher(t0), s)),
+            None,
+            t0,
+        ),
+    ),
+    Method(
+        "si",
+        lambda s, t0: (
+            plain_objective,
+            _chain(flowjax.synaptic_intelligence(s)),
+            None,
+            t0,
+        ),
+        strength=100.0,  # the online importance starts at 0 and grows with the path
+    ),
+    # strength > 0: linear probing (only the head w2, b2 trains); 0: all train.
+    Method(
+        "freeze",
+        lambda s, t0: (
+            plain_objective,
+            flowjax.freeze(
+                plain_tx(), {"w1": s == 0, "b1": s == 0, "w2": True, "b2": True}
+            ),
+            None,
+            t0,
+        ),
+        strength=1.0,
+    ),
+    Method("lora", lambda s, t0: _lora(t0), zero=None),
+    Method("lwf", lambda s, t0: _lwf(s, t0), strength=2.0),
+    # Dynamic DRO has no strength that is plain fine-tuning (τ must be finite).
+    Method(
+        "dro",
+        lambda s, t0: (
+            lambda p, frozen, b: flowjax.dro_loss(
+                per_example_ce(p, b), s, weights=b["weight"]
+            ),
+            plain_tx(),
+            None,
+            t0,
+        ),
+        strength=0.5,
+        zero=None,
+    ),
+    # WiSE-FT applied after every step (SFA's form: θ ← αθ₀ + (1-α)θ).
+    Method("wise_ft", lambda s, t0: _every_step_average(s, t0), strength=0.3),
+    Method(
+        "replay",
+        lambda s, t0: (plain_objective, plain_tx(), None, t0),
+        strength=0.2,
+        data=lambda s, b: _replay(s, b),
+    ),
+]
+
+BY_NAME = {m.name: m for m in METHODS}
+
+
+class MLP(nnx.Module):
+    """The battery's MLP as an NNX module, for LoRA."""
+
+    def __init__(self, theta0):
+        rngs = nnx.Rngs(0)
+        dtype = theta0["w1"].dtype
+        self.l1 = nnx.Linear(DIM, HIDDEN, rngs=rngs, param_dtype=dtype, dtype=dtype)
+        self.l2 = nnx.Linear(HIDDEN, CLASSES, rngs=rngs, param_dtype=dtype, dtype=dtype)
+        for layer, w, b in ((self.l1, "w1", "b1"), (self.l2, "w2", "b2")):
+            layer.kernel[...] = theta0[w]
+            layer.bias[...] = theta0[b]
+
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x.astype(self.l1.kernel.dtype))))
+
+
+def _lora(theta0) -> Recipe:
+    model = flowjax.add_lora(MLP(theta0), 2, rngs=nnx.Rngs(1))
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+    def objective(lora_params, frozen, b):
+        m = nnx.merge(graphdef, lora_params, frozen)
+        z = m(b["x"]).astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(z, b["label"])
+        return flowjax.weighted_loss(ce, b["weight"])
+
+    return objective, plain_tx(), rest, lora
+
+
+def _lwf(strength, theta0) -> Recipe:
+    def apply_fn(p, ex):
+        return logits(p, ex["x"][None])[0]
+
+    def task_loss(z, ex):
+        z = z.astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(z, ex["label"])
+
+    objective = flowjax.lwf_objective(apply_fn, task_loss, strength=strength)
+    return (
+        (lambda p, teacher, b: objective(p, teacher, b)[0]),
+        plain_tx(),
+        theta0,
+        theta0,
+    )
+
+
+def _every_step_average(alpha, theta0) -> Recipe:
+    inner = plain_tx()
+
+    def init(p):
+        return inner.init(p)
+
+    def update(grads, state, p):
+        updates, state = inner.update(grads, state, p)
+        stepped = optax.apply_updates(p, updates)
+        averaged = flowjax.wise_ft(theta0, stepped, alpha)
+        return jax.tree.map(lambda a, b: a - b, averaged, p), state
+
+    return plain_objective, optax.GradientTransformation(init, update), None, theta0
+
+
+def _replay(ratio, b):
+    old = batch(seed=7)  # "old task" rows: other inputs, ids 1000+
+    old = {"id": old["id"] + 1000, "x": old["x"], "label": old["label"]}
+    buffer = flowjax.ReplayBuffer(16, seed=0)
+    buffer.add(old)
+    mixed = flowjax.replay_batches([b], buffer, ratio, seed=0, fill={"weight": 1.0})
+    return next(iter(mixed))
+
+
+def leaves(tree) -> dict[str, np.ndarray]:
+    """Leaves by path, for comparing trained parameters of any structure."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k): v for k, v in flat}
+
+
+def make_step(objective, tx):
+    def step(p, state, frozen, b):
+        loss, grads = jax.value_and_grad(objective)(p, frozen, b)
+        updates, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, loss
+
+    return step
+
+
+def train(
+    method: Method,
+    strength: float,
+    *,
+    steps: int = 3,
+    jit: bool = True,
+    dtype=jnp.float32,
+    place=None,
+):
+    """Runs ``steps`` steps from θ₀; returns (params, state, losses)."""
+    theta0 = params(dtype=dtype)
+    if place is not None:
+        theta0 = place(theta0)
+    objective, tx, frozen, p = method.build(strength, theta0)
+    step = make_step(objective, tx)
+    if jit:
+        step = jax.jit(step)
+    state = tx.init(p)
+    b = batch() if method.data is None else method.data(strength, batch())
+    losses = []
+    for _ in range(steps):
+        p, state, loss = step(p, state, frozen, b)
+        losses.append(float(loss))
+    return p, state, losses
