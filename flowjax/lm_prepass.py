@@ -212,7 +212,10 @@ def lm_sequence_losses(
     official sequence loss, whose median is ``τ_seq``. Examples are bucketed
     with :func:`bucket_batches` and each bucket goes through
     :func:`flowjax.per_example_losses` (sharded over the mesh's ``'data'``
-    axis), which traces the per-example loss once per bucket length.
+    axis), which traces the per-example loss once per bucket length (plus
+    once for a bucket holding fewer than ``batch_size`` examples, whose only
+    batch has its own shape). Later calls with the same ``logits_fn`` reuse
+    the compiled steps.
 
     Args:
       logits_fn: ``logits_fn(params, tokens [T]) -> logits [T, V]`` for one

@@ -134,3 +134,30 @@ def test_validation():
         flowjax.chunked_token_nll(h, w, y, logit_softcap=0.0)
     with pytest.raises(ValueError, match="integer"):
         flowjax.chunked_token_nll(h, w, y.astype(jnp.float32))
+
+
+def test_benchmark_script_runs_and_checks_agreement(tmp_path, capsys):
+    from experiments.benchmarks import chunked_ce
+
+    out = tmp_path / "ce.json"
+    chunked_ce.main(
+        [
+            "--out",
+            str(out),
+            "--tokens",
+            "8",
+            "--hidden",
+            "4",
+            "--vocabs",
+            "40",
+            "--chunk",
+            "16",
+            "--repeats",
+            "1",
+        ]
+    )
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"]
+    assert rows[0]["plain_temp_mib"] >= 0 and "| 40 | fwd |" in capsys.readouterr().out
