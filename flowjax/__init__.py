@@ -14,11 +14,25 @@ replay / DER (:class:`ReplayBuffer`, :func:`replay_batches`, :func:`der_loss`).
 """
 
 from flowjax.averaging import WiseFTCurve, wise_ft, wise_ft_sweep
+from flowjax.chunked_ce import chunked_token_nll
 from flowjax.data import ArraySource, batches
 from flowjax.distillation import lwf_loss, lwf_objective
 from flowjax.dro import dro_loss
 from flowjax.fisher import diagonal_fisher
 from flowjax.freezing import freeze, swap_task_parts, trainable_mask
+from flowjax.lm import (
+    response_mask,
+    sequence_nll,
+    token_flow_weights,
+    token_nll,
+    weighted_lm_loss,
+)
+from flowjax.lm_prepass import (
+    TokenLosses,
+    bucket_batches,
+    lm_sequence_losses,
+    lm_token_losses,
+)
 from flowjax.lora import add_lora, merge_lora
 from flowjax.objectives import attach_weights, weighted_loss, weighted_objective
 from flowjax.prepass import default_mesh, per_example_losses
@@ -46,11 +60,14 @@ __all__ = [
     "LossTable",
     "ReplayBuffer",
     "SIState",
+    "TokenLosses",
     "WeightTable",
     "WiseFTCurve",
     "add_lora",
     "attach_weights",
     "batches",
+    "bucket_batches",
+    "chunked_token_nll",
     "default_mesh",
     "der_loss",
     "diagonal_fisher",
@@ -62,16 +79,23 @@ __all__ = [
     "freeze",
     "l2sp",
     "l2sp_penalty",
+    "lm_sequence_losses",
+    "lm_token_losses",
     "lwf_loss",
     "lwf_objective",
     "median_temperature",
     "merge_lora",
     "per_example_losses",
     "replay_batches",
+    "response_mask",
+    "sequence_nll",
     "si_consolidate",
     "swap_task_parts",
     "synaptic_intelligence",
+    "token_flow_weights",
+    "token_nll",
     "trainable_mask",
+    "weighted_lm_loss",
     "weighted_loss",
     "weighted_objective",
     "wise_ft",

@@ -1,0 +1,260 @@
+"""Memory-lean cross-entropy: per-token NLL from hidden states, never building ``[N, V]`` logits.
+
+A language model's last step turns hidden states ``h`` ``[N, D]`` into logits
+``h W`` ``[N, V]``. With a 256k vocabulary and a few thousand tokens those
+logits (and their gradient) dwarf everything else in memory.
+:func:`chunked_token_nll` computes the same per-token NLL by scanning over
+vocabulary chunks of ``chunk_size`` columns with an online logsumexp, and its
+custom backward pass recomputes each chunk's logits instead of storing them,
+so forward and backward both hold ``[N, chunk_size]`` at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowjax import _checks
+from flowjax._types import Array, ArrayLike
+
+__all__ = ["chunked_token_nll"]
+
+Layout = Literal["dv", "vd"]
+
+
+def chunked_token_nll(
+    hidden: ArrayLike,
+    unembedding: ArrayLike,
+    targets: ArrayLike,
+    *,
+    chunk_size: int = 8192,
+    mask: ArrayLike | None = None,
+    logit_softcap: float | None = None,
+    layout: Layout = "dv",
+) -> Array:
+    """Per-token cross-entropy from final hidden states, in vocabulary chunks.
+
+    .. math::
+        z_{n} = h_n W, \\quad c_n = \\begin{cases} z_n & \\text{no cap} \\\\
+        s \\tanh(z_n / s) & \\text{soft-cap } s \\end{cases}, \\quad
+        \\mathrm{nll}_n = \\log\\textstyle\\sum_v e^{c_{n v}} - c_{n, y_n}
+
+    The logsumexp runs over vocabulary chunks of ``chunk_size`` with a running
+    maximum and sum (``lax.scan``), so the forward pass never holds more than
+    ``[N, chunk_size]`` logits. The gradient is a ``jax.custom_vjp`` that
+    recomputes each chunk's logits and accumulates
+
+    .. math::
+        \\frac{\\partial\\,\\mathrm{nll}_n}{\\partial z_{nv}} =
+        (\\mathrm{softmax}(c_n)_v - [v = y_n])\\,(1 - (c_{nv}/s)^2)
+
+    (the last factor is 1 without a cap) into ``dh`` and ``dW`` chunk by
+    chunk, so the backward pass is memory-lean as well. Logits and the
+    logsumexp are computed in float32 whatever the input dtype; gradients come
+    back in the inputs' dtypes. A vocabulary that is not a multiple of
+    ``chunk_size`` is handled without copying ``W``: the last chunk is shifted
+    to end at ``V`` and its columns already seen are masked out.
+
+    Args:
+      hidden: final hidden states ``[N, D]`` (flatten batch and time first).
+      unembedding: the output projection, ``[D, V]`` with ``layout="dv"``, or
+        a tied input-embedding table ``[V, D]`` with ``layout="vd"`` (no
+        transposed copy is made).
+      targets: integer target token ids ``[N]`` (for a causal LM: the input
+        tokens shifted left by one, see :func:`flowjax.token_nll`).
+      chunk_size: vocabulary columns per chunk (clipped to ``V``). Working
+        memory is about ``N * chunk_size * 4`` bytes.
+      mask: optional boolean ``[N]``; positions where it is False get NLL 0,
+        contribute no gradient, and their targets are never read (so an
+        ignore index such as -100 is harmless there).
+      logit_softcap: Gemma-2-style final soft-cap ``s``: logits become
+        ``s * tanh(z / s)``. ``None`` for no cap.
+      layout: ``"dv"`` for ``unembedding`` of shape ``[D, V]``, ``"vd"`` for
+        ``[V, D]``.
+
+    Returns:
+      float32 ``[N]``: the NLL of each target token (0 where ``mask`` is False).
+
+    Raises:
+      ValueError: wrong ranks or mismatched ``N``/``D``; a non-integer
+        ``targets``; ``chunk_size < 1``; ``logit_softcap <= 0``; an unknown
+        ``layout``; concrete unmasked targets outside ``[0, V)`` (under
+        ``jax.jit`` they cannot be checked: mask them).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flowjax
+      >>> h = jax.random.normal(jax.random.key(0), (6, 4))
+      >>> w = jax.random.normal(jax.random.key(1), (4, 10))
+      >>> y = jnp.array([0, 3, 9, 2, 5, 7])
+      >>> plain = -jnp.take_along_axis(jax.nn.log_softmax(h @ w), y[:, None], 1)[:, 0]
+      >>> bool(jnp.allclose(flowjax.chunked_token_nll(h, w, y, chunk_size=4), plain, atol=1e-5))
+      True
+    """
+    hidden, unembedding, targets = (
+        jnp.asarray(hidden),
+        jnp.asarray(unembedding),
+        jnp.asarray(targets),
+    )
+    if layout not in ("dv", "vd"):
+        raise ValueError(
+            f'layout must be "dv" ([D, V]) or "vd" ([V, D]); got {layout!r}.'
+        )
+    if hidden.ndim != 2 or unembedding.ndim != 2 or targets.ndim != 1:
+        raise ValueError(
+            f"expected hidden [N, D], unembedding [D, V] or [V, D] and targets [N]; got shapes "
+            f"{hidden.shape}, {unembedding.shape}, {targets.shape}."
+        )
+    d_axis = 0 if layout == "dv" else 1
+    n, d = hidden.shape
+    v = unembedding.shape[1 - d_axis]
+    if unembedding.shape[d_axis] != d:
+        raise ValueError(
+            f'hidden has D={d} but unembedding {unembedding.shape} with layout="{layout}" has '
+            f'D={unembedding.shape[d_axis]} (a tied [V, D] embedding table needs layout="vd").'
+        )
+    if targets.shape[0] != n:
+        raise ValueError(f"targets has {targets.shape[0]} entries; hidden has N={n}.")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(
+            f"targets must be integer token ids; got dtype {targets.dtype}."
+        )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
+    if logit_softcap is not None and not float(logit_softcap) > 0:
+        raise ValueError(f"logit_softcap must be > 0 or None; got {logit_softcap!r}.")
+    if mask is None:
+        mask = jnp.ones((n,), bool)
+    else:
+        mask = jnp.asarray(mask)
+        if mask.shape != (n,):
+            raise ValueError(f"mask has shape {mask.shape}; expected ({n},).")
+        mask = mask.astype(bool)
+    if _checks.is_concrete(targets) and _checks.is_concrete(mask):
+        t, m = np.asarray(targets), np.asarray(mask)
+        bad = m & ((t < 0) | (t >= v))
+        if bad.any():
+            raise ValueError(
+                f"targets outside the vocabulary [0, {v}) at unmasked {_checks.describe(bad, values=t)}; "
+                "mask ignored positions (e.g. label -100) with mask=."
+            )
+    cap = None if logit_softcap is None else float(logit_softcap)
+    safe = jnp.where(mask, targets, 0).astype(jnp.int32)
+    return _nll_jit(min(chunk_size, v), cap, layout, hidden, unembedding, safe, mask)
+
+
+def _cap(z: Array, cap: float | None) -> Array:
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+
+def _chunks(v: int, c: int) -> tuple[int, Array]:
+    """Number of chunks and, per chunk, its start (the last one shifted to end at V)."""
+    k = -(-v // c)
+    return k, jnp.minimum(jnp.arange(k) * c, v - c)
+
+
+def _chunk_logits(h, w, start, c, layout):
+    if layout == "dv":
+        wk = jax.lax.dynamic_slice_in_dim(w, start, c, axis=1)
+        z = jnp.einsum("nd,dc->nc", h, wk, preferred_element_type=jnp.float32)
+    else:
+        wk = jax.lax.dynamic_slice_in_dim(w, start, c, axis=0)
+        z = jnp.einsum("nd,cd->nc", h, wk, preferred_element_type=jnp.float32)
+    return wk, z
+
+
+def _target_logits(h, w, targets, layout):
+    wt = w[:, targets] if layout == "dv" else w[targets, :]  # [D, N] or [N, D]
+    spec = "nd,dn->n" if layout == "dv" else "nd,nd->n"
+    return wt, jnp.einsum(spec, h, wt, preferred_element_type=jnp.float32)
+
+
+def _lse(c, cap, layout, h, w):
+    v = w.shape[1] if layout == "dv" else w.shape[0]
+    k, starts = _chunks(v, c)
+    n = h.shape[0]
+
+    def body(carry, xs):
+        m, s = carry
+        i, start = xs
+        _, z = _chunk_logits(h, w, start, c, layout)
+        z = _cap(z, cap)
+        fresh = start + jnp.arange(c) >= i * c  # columns not seen by an earlier chunk
+        z = jnp.where(fresh, z, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(z, axis=1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+        return (m_new, s), None
+
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32))
+    (m, s), _ = jax.lax.scan(body, init, (jnp.arange(k), starts))
+    return m + jnp.log(s)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _nll(c, cap, layout, h, w, targets, mask):
+    lse = _lse(c, cap, layout, h, w)
+    _, zt = _target_logits(h, w, targets, layout)
+    return jnp.where(mask, lse - _cap(zt, cap), 0.0)
+
+
+def _nll_fwd(c, cap, layout, h, w, targets, mask):
+    lse = _lse(c, cap, layout, h, w)
+    _, zt = _target_logits(h, w, targets, layout)
+    return jnp.where(mask, lse - _cap(zt, cap), 0.0), (h, w, targets, mask, lse)
+
+
+def _dcap(ccap, cap):
+    """d cap(z) / dz written with the capped value: 1 - (c/s)^2."""
+    return 1.0 if cap is None else 1.0 - jnp.square(ccap / cap)
+
+
+def _nll_bwd(c, cap, layout, res, g):
+    h, w, targets, mask, lse = res
+    g = jnp.where(mask, g, 0.0).astype(jnp.float32)
+    v = w.shape[1] if layout == "dv" else w.shape[0]
+    k, starts = _chunks(v, c)
+
+    def body(carry, xs):
+        dh, dw = carry
+        i, start = xs
+        wk, z = _chunk_logits(h, w, start, c, layout)
+        cz = _cap(z, cap)
+        fresh = start + jnp.arange(c) >= i * c
+        p = jnp.where(fresh, jnp.exp(cz - lse[:, None]), 0.0)
+        gz = g[:, None] * p * _dcap(cz, cap)  # [N, C], softmax part only
+        if layout == "dv":
+            dh = dh + jnp.einsum(
+                "nc,dc->nd", gz, wk, preferred_element_type=jnp.float32
+            )
+            dwk = jnp.einsum("nd,nc->dc", h, gz, preferred_element_type=jnp.float32)
+            old = jax.lax.dynamic_slice_in_dim(dw, start, c, axis=1)
+            dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dwk, start, axis=1)
+        else:
+            dh = dh + jnp.einsum(
+                "nc,cd->nd", gz, wk, preferred_element_type=jnp.float32
+            )
+            dwk = jnp.einsum("nd,nc->cd", h, gz, preferred_element_type=jnp.float32)
+            old = jax.lax.dynamic_slice_in_dim(dw, start, c, axis=0)
+            dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dwk, start, axis=0)
+        return (dh, dw), None
+
+    init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
+    (dh, dw), _ = jax.lax.scan(body, init, (jnp.arange(k), starts))
+    # The one-hot part: -g (1 - (c_y/s)^2) at each target column.
+    wt, zt = _target_logits(h, w, targets, layout)
+    gt = g * _dcap(_cap(zt, cap), cap)  # [N]
+    if layout == "dv":
+        dh = dh - gt[:, None] * wt.T.astype(jnp.float32)
+        dw = dw.at[:, targets].add(-(h.astype(jnp.float32) * gt[:, None]).T)
+    else:
+        dh = dh - gt[:, None] * wt.astype(jnp.float32)
+        dw = dw.at[targets, :].add(-(h.astype(jnp.float32) * gt[:, None]))
+    return dh.astype(h.dtype), dw.astype(w.dtype), None, None
+
+
+_nll.defvjp(_nll_fwd, _nll_bwd)
+# Jitted, so an eager call compiles the chunk loop once per shape instead of dispatching op by op.
+_nll_jit = jax.jit(_nll, static_argnums=(0, 1, 2))

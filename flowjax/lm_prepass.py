@@ -1,0 +1,423 @@
+"""The LM pre-pass: sequence and token losses of tokenised examples, compiled once per bucket.
+
+Tokenised examples have many lengths; padding each batch to its own longest
+example would compile a new program for almost every batch. Here examples are
+padded to one of a few **bucket lengths** (:func:`bucket_batches`), so the
+pre-pass compiles once per bucket:
+
+* :func:`lm_sequence_losses`: the sequence loss (mean target-token NLL) of
+  every example, through :func:`flowjax.per_example_losses` once per bucket
+  (sharded, resumable with ``cache_dir``); returns a :class:`flowjax.LossTable`
+  whose median is ``τ_seq``.
+* :func:`lm_token_losses`: every target token's NLL, as a padded
+  :class:`TokenLosses` array keyed by example id, for token-level FLOW with
+  :func:`flowjax.token_flow_weights`.
+
+An example is a dict ``{"id": int, "tokens": int [L], "mask": bool [L]}``:
+``tokens`` unpadded (prompt, response, EOS), ``mask`` True at the target
+positions (see :func:`flowjax.response_mask`). ``logits_fn(params, tokens)``
+maps ONE padded token sequence ``[T]`` to logits ``[T, V]``; the model must be
+causal, so the right padding cannot change the logits of real positions.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal, NamedTuple
+
+import jax
+import numpy as np
+
+from flowjax import _checks
+from flowjax import lm as _lm
+from flowjax.prepass import per_example_losses
+from flowjax.tables import LossTable
+
+__all__ = ["TokenLosses", "bucket_batches", "lm_sequence_losses", "lm_token_losses"]
+
+LogitsFn = Callable[[Any, jax.Array], jax.Array]
+Example = Mapping[str, Any]
+
+
+def bucket_batches(
+    examples: Iterable[Example],
+    bucket_lengths: Iterable[int],
+    batch_size: int,
+    *,
+    pad_id: int = 0,
+    on_empty: Literal["raise", "skip"] = "raise",
+) -> Iterator[dict[str, np.ndarray]]:
+    """Pads tokenised examples to the smallest bucket length that holds them, batch by bucket.
+
+    .. math:: T(x) = \\min\\{b \\in \\text{bucket\\_lengths} : b \\ge \\mathrm{len}(x)\\}
+
+    All examples are checked first (one pass; only references are kept), then
+    batches are yielded bucket by bucket, shortest bucket first: every batch
+    of a bucket has ``batch_size`` rows except possibly its last. A jitted
+    function of these batches therefore compiles once per bucket (twice if the
+    bucket's last batch is ragged and not padded by the consumer; the pre-pass
+    functions pad it).
+
+    Args:
+      examples: dicts with an integer ``"id"``, ``"tokens"`` (1-D integers,
+        unpadded) and ``"mask"`` (1-D booleans of the same length, True at
+        target positions, False at position 0).
+      bucket_lengths: the padded lengths to use, e.g. ``(128, 256, 512, 1024)``.
+      batch_size: rows per batch.
+      pad_id: the token that fills padding (never a target).
+      on_empty: ``"raise"`` (default) on examples with no target token, or
+        ``"skip"`` to leave them out. Such an example adds nothing to any
+        training loss whatever its weight; leave it out of training too (its
+        weight lookup by id would fail, which names it).
+
+    Returns:
+      An iterator of batches ``{"id": int64 [B], "tokens": int32 [B, T],
+      "mask": bool [B, T]}`` (padding has mask False).
+
+    Raises:
+      ValueError: empty or non-positive ``bucket_lengths``, ``batch_size < 1``,
+        an unknown ``on_empty``, a malformed example, an example longer than
+        the longest bucket, a target at position 0, or (``on_empty="raise"``)
+        examples with no target token; the message names the example ids.
+
+    Example:
+      >>> import numpy as np, flowjax
+      >>> ex = [{"id": i, "tokens": np.arange(1, n + 1), "mask": np.arange(n) >= 1} for i, n in
+      ...       [(0, 3), (1, 6), (2, 4), (3, 2)]]
+      >>> [(b["id"].tolist(), b["tokens"].shape) for b in flowjax.bucket_batches(ex, [4, 8], 2)]
+      [([0, 2], (2, 4)), ([3], (1, 4)), ([1], (1, 8))]
+    """
+    buckets = sorted({int(b) for b in bucket_lengths})
+    if not buckets or buckets[0] < 2:
+        raise ValueError(f"bucket_lengths must be integers >= 2; got {buckets}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
+    if on_empty not in ("raise", "skip"):
+        raise ValueError(f'on_empty must be "raise" or "skip"; got {on_empty!r}.')
+    groups: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {
+        b: [] for b in buckets
+    }
+    too_long, first_target, empty = [], [], []
+    for ex in examples:
+        i, tokens, mask = _check_example(ex)
+        if len(tokens) > buckets[-1]:
+            too_long.append((i, len(tokens)))
+        elif mask[0]:
+            first_target.append(i)
+        elif not mask.any():
+            empty.append(i)
+        else:
+            groups[buckets[bisect.bisect_left(buckets, len(tokens))]].append(
+                (i, tokens, mask)
+            )
+    if too_long:
+        raise ValueError(
+            f"examples longer than the longest bucket {buckets[-1]}: (id, length) "
+            f"{too_long[:5]}{' ...' if len(too_long) > 5 else ''}. Truncate them or add a bucket."
+        )
+    if first_target:
+        raise ValueError(
+            f"examples {first_target[:5]} have mask True at position 0: nothing predicts the first "
+            "token, so it cannot be a target (keep BOS in the prompt)."
+        )
+    if empty and on_empty == "raise":
+        raise ValueError(
+            f"examples with no target token (ids {empty[:5]}{' ...' if len(empty) > 5 else ''}): their "
+            'sequence loss is 0/0. Drop them (also from training), or pass on_empty="skip".'
+        )
+    return _batches(groups, batch_size, pad_id)
+
+
+def _check_example(ex) -> tuple[int, np.ndarray, np.ndarray]:
+    if not isinstance(ex, Mapping) or not {"id", "tokens", "mask"} <= set(ex):
+        got = sorted(ex) if isinstance(ex, Mapping) else type(ex).__name__
+        raise ValueError(
+            f'every example must be a dict with "id", "tokens" and "mask"; got {got}.'
+        )
+    i = ex["id"]
+    if isinstance(i, bool) or not isinstance(i, int | np.integer):
+        raise ValueError(f'example "id" must be an integer; got {i!r}.')
+    tokens, mask = np.asarray(ex["tokens"]), np.asarray(ex["mask"])
+    if tokens.ndim != 1 or mask.shape != tokens.shape or len(tokens) < 2:
+        raise ValueError(
+            f"example {i}: tokens and mask must be 1-D of one length >= 2; got {tokens.shape}, {mask.shape}."
+        )
+    if not np.issubdtype(tokens.dtype, np.integer) or mask.dtype != np.bool_:
+        raise ValueError(
+            f"example {i}: tokens must be integers and mask booleans; got {tokens.dtype}, {mask.dtype}."
+        )
+    return int(i), tokens, mask
+
+
+def _batches(groups, batch_size: int, pad_id: int) -> Iterator[dict[str, np.ndarray]]:
+    for length, rows in groups.items():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            tokens = np.full((len(chunk), length), pad_id, np.int32)
+            mask = np.zeros((len(chunk), length), bool)
+            for r, (_, t, m) in enumerate(chunk):
+                tokens[r, : len(t)], mask[r, : len(m)] = t, m
+            yield {
+                "id": np.array([c[0] for c in chunk], np.int64),
+                "tokens": tokens,
+                "mask": mask,
+            }
+
+
+# One loss function / jitted step per logits_fn, so every call and bucket reuses them.
+_SEQ_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOK_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _per_fn(cache, logits_fn, make):
+    try:
+        if logits_fn not in cache:
+            cache[logits_fn] = make(weakref.ref(logits_fn))
+        return cache[logits_fn]
+    except TypeError:  # not weak-referenceable: build for this call only
+        return make(lambda: logits_fn)
+
+
+def _make_sequence_loss(fn_ref):
+    def sequence_loss(params, example):
+        logits = fn_ref()(params, example["tokens"])
+        nll, mask = _lm.token_nll(logits, example["tokens"], example["mask"])
+        # Empty sequences were refused or skipped upstream; NaN here is caught by the pre-pass.
+        return _lm.sequence_nll(nll, mask, on_empty="nan")
+
+    return sequence_loss
+
+
+def lm_sequence_losses(
+    logits_fn: LogitsFn,
+    params: Any,
+    examples: Iterable[Example],
+    *,
+    bucket_lengths: Iterable[int],
+    batch_size: int,
+    pad_id: int = 0,
+    on_empty: Literal["raise", "skip"] = "raise",
+    cache_dir: str | None = None,
+    **prepass_kwargs: Any,
+) -> LossTable:
+    """Sequence-level pre-pass: every example's mean target-token NLL, keyed by id.
+
+    .. math:: f_i(\\theta^*) = \\frac{1}{|R_i|} \\sum_{t \\in R_i} -\\log p_{\\theta^*}(x_{i,t} \\mid x_{i,<t})
+
+    with :math:`R_i` the example's target positions (response and EOS): the
+    official sequence loss, whose median is ``τ_seq``. Examples are bucketed
+    with :func:`bucket_batches` and each bucket goes through
+    :func:`flowjax.per_example_losses` (sharded over the mesh's ``'data'``
+    axis), which traces the per-example loss once per bucket length (plus
+    once for a bucket holding fewer than ``batch_size`` examples, whose only
+    batch has its own shape). Later calls with the same ``logits_fn`` reuse
+    the compiled steps.
+
+    Args:
+      logits_fn: ``logits_fn(params, tokens [T]) -> logits [T, V]`` for one
+        sequence; causal (right padding must not change real positions).
+      params: the frozen pre-trained parameters (a jit argument, not a
+        closure constant).
+      examples: tokenised examples (see :func:`bucket_batches`).
+      bucket_lengths: padded lengths, e.g. ``(256, 512, 1024)``.
+      batch_size: rows per pre-pass step.
+      pad_id: padding token.
+      on_empty: ``"raise"`` or ``"skip"`` for examples with no target token.
+      cache_dir: optional; bucket ``T`` is cached in ``cache_dir/bucket_T`` so
+        a killed pre-pass resumes (see :func:`flowjax.per_example_losses`).
+      **prepass_kwargs: ``mesh``, ``progress``, ``param_shardings`` for
+        :func:`flowjax.per_example_losses`. In a multi-process run every
+        process must hold examples of every bucket.
+
+    Returns:
+      A :class:`flowjax.LossTable` of every (not skipped) example.
+
+    Raises:
+      ValueError: from :func:`bucket_batches` (malformed, too long or empty
+        examples); NaN/inf sequence losses (naming the ids); duplicate ids;
+        anything :func:`flowjax.per_example_losses` raises.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, flowjax
+      >>> logits_fn = lambda table, tokens: table[tokens]  # a bigram "model": [V, V] logits table
+      >>> table = jnp.log(jnp.full((3, 3), 1 / 3))
+      >>> ex = [{"id": 7, "tokens": np.array([0, 1, 2]), "mask": np.array([False, True, True])}]
+      >>> losses = flowjax.lm_sequence_losses(logits_fn, table, ex, bucket_lengths=[4], batch_size=2,
+      ...                                     progress=False)
+      >>> losses.ids.tolist(), losses.losses.round(4).tolist()  # log 3
+      ([7], [1.0986])
+    """
+    loss_fn = _per_fn(_SEQ_FNS, logits_fn, _make_sequence_loss)
+    batches = bucket_batches(
+        examples, bucket_lengths, batch_size, pad_id=pad_id, on_empty=on_empty
+    )
+    tables = []
+    for length, group in itertools.groupby(batches, key=lambda b: b["tokens"].shape[1]):
+        cache = (
+            None if cache_dir is None else os.path.join(cache_dir, f"bucket_{length}")
+        )
+        tables.append(
+            per_example_losses(
+                loss_fn, params, group, cache_dir=cache, **prepass_kwargs
+            )
+        )
+    if not tables:
+        raise ValueError(
+            "examples is empty (or every example was skipped): nothing to compute."
+        )
+    return LossTable(
+        np.concatenate([t.ids for t in tables]),
+        np.concatenate([t.losses for t in tables]),
+    )
+
+
+class TokenLosses(NamedTuple):
+    """Pre-trained target-token NLLs of every example, keyed by id (from :func:`lm_token_losses`).
+
+    Row ``r`` belongs to example ``ids[r]``; column ``t`` is the NLL of that
+    example's token ``t + 1`` (the shifted convention of
+    :func:`flowjax.token_nll`), padded to the longest bucket minus one.
+
+    Attributes:
+      ids: int64 ``[n]``, sorted, unique.
+      losses: float32 ``[n, T_max - 1]``, 0 where ``mask`` is False.
+      mask: bool ``[n, T_max - 1]``, True at target tokens.
+
+    Example:
+      >>> import numpy as np, flowjax
+      >>> tl = flowjax.TokenLosses(np.array([3, 5]), np.array([[0.5, 2.0], [1.0, 0.0]], np.float32),
+      ...                          np.array([[True, True], [True, False]]))
+      >>> w, tau = flowjax.token_flow_weights(tl.losses, tl.mask)
+      >>> tau, tl.rows([5])[1].tolist()
+      (1.0, [[True, False]])
+    """
+
+    ids: np.ndarray
+    losses: np.ndarray
+    mask: np.ndarray
+
+    def rows(self, ids, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(losses, mask)`` rows of the given ids, optionally cut or padded to ``length - 1`` columns.
+
+        ``length`` is the padded token length ``T`` of a training batch, whose
+        shifted losses have ``T - 1`` columns.
+
+        Raises:
+          ValueError: an id not in the table, or a ``length`` that would cut
+            off target tokens.
+        """
+        query = _checks.as_ids(ids)
+        pos = np.minimum(np.searchsorted(self.ids, query), max(len(self.ids) - 1, 0))
+        found = (
+            (self.ids[pos] == query) if len(self.ids) else np.zeros(len(query), bool)
+        )
+        if not found.all():
+            raise ValueError(
+                f"{_checks.describe(~found, query)} are not in this TokenLosses table."
+            )
+        losses, mask = self.losses[pos], self.mask[pos]
+        if length is not None:
+            cols = length - 1
+            if mask[:, cols:].any():
+                raise ValueError(
+                    f"length {length} cuts off target tokens of some of these examples."
+                )
+            pad = max(cols - losses.shape[1], 0)
+            losses = np.pad(losses[:, :cols], ((0, 0), (0, pad)))
+            mask = np.pad(mask[:, :cols], ((0, 0), (0, pad)))
+        return losses, mask
+
+
+def _make_token_step(fn_ref):
+    def token_step(params, tokens, mask):
+        logits = jax.vmap(lambda t: fn_ref()(params, t))(tokens)
+        return _lm.token_nll(logits, tokens, mask)[0]
+
+    return jax.jit(token_step)
+
+
+def lm_token_losses(
+    logits_fn: LogitsFn,
+    params: Any,
+    examples: Iterable[Example],
+    *,
+    bucket_lengths: Iterable[int],
+    batch_size: int,
+    pad_id: int = 0,
+    on_empty: Literal["raise", "skip"] = "raise",
+) -> TokenLosses:
+    """Token-level pre-pass: the NLL of every target token of every example, keyed by id.
+
+    .. math:: \\ell_{it} = -\\log p_{\\theta^*}(x_{i,t+1} \\mid x_{i,\\le t}), \\qquad t + 1 \\in R_i
+
+    Batches from :func:`bucket_batches` go through one jitted step (traced
+    once per bucket length; a bucket's ragged last batch is padded by
+    repeating a row and the copies are dropped). Runs on the default device
+    in this process; for sharded or resumable runs use the sequence-level
+    :func:`lm_sequence_losses`. Feed the result to
+    :func:`flowjax.token_flow_weights` (``τ_tok`` = median over all target
+    tokens).
+
+    Args:
+      logits_fn: ``logits_fn(params, tokens [T]) -> logits [T, V]``, causal.
+      params: the frozen pre-trained parameters.
+      examples: tokenised examples (see :func:`bucket_batches`).
+      bucket_lengths: padded lengths.
+      batch_size: rows per step.
+      pad_id: padding token.
+      on_empty: ``"raise"`` or ``"skip"`` for examples with no target token.
+
+    Returns:
+      A :class:`TokenLosses` sorted by id.
+
+    Raises:
+      ValueError: from :func:`bucket_batches`; NaN/inf token losses (naming
+        the example ids); duplicate ids; no examples.
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np, flowjax
+      >>> logits_fn = lambda table, tokens: table[tokens]
+      >>> table = jnp.log(jnp.array([[0.5, 0.5], [0.25, 0.75]]))
+      >>> ex = [{"id": 1, "tokens": np.array([0, 1, 0]), "mask": np.array([False, True, True])}]
+      >>> tl = flowjax.lm_token_losses(logits_fn, table, ex, bucket_lengths=[4], batch_size=1)
+      >>> tl.losses.round(4).tolist(), tl.mask.tolist()  # -log 0.5, -log 0.25, padding
+      ([[0.6931, 1.3863, 0.0]], [[True, True, False]])
+    """
+    step = _per_fn(_TOK_FNS, logits_fn, _make_token_step)
+    buckets = sorted({int(b) for b in bucket_lengths})
+    batches = bucket_batches(
+        examples, buckets, batch_size, pad_id=pad_id, on_empty=on_empty
+    )
+    width = buckets[-1] - 1
+    ids, losses, masks = [], [], []
+    for batch in batches:
+        n = len(batch["id"])
+        index = np.minimum(
+            np.arange(batch_size), n - 1
+        )  # pad the ragged batch: one shape per bucket
+        nll = np.asarray(step(params, batch["tokens"][index], batch["mask"][index]))[:n]
+        mask = batch["mask"][:, 1:]
+        bad = ~np.isfinite(np.where(mask, nll, 0.0)).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"logits_fn gave NaN or infinite token losses for example {_checks.describe(bad, batch['id'])}."
+            )
+        pad = ((0, 0), (0, width - nll.shape[1]))
+        ids.append(batch["id"])
+        losses.append(np.pad(np.where(mask, nll, 0.0).astype(np.float32), pad))
+        masks.append(np.pad(mask, pad))
+    if not ids:
+        raise ValueError(
+            "examples is empty (or every example was skipped): nothing to compute."
+        )
+    all_ids = np.concatenate(ids)
+    order = np.argsort(all_ids, kind="stable")
+    all_ids = all_ids[order]
+    _checks.check_unique(all_ids)
+    return TokenLosses(
+        all_ids, np.concatenate(losses)[order], np.concatenate(masks)[order]
+    )

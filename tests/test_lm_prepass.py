@@ -1,0 +1,160 @@
+"""The LM pre-pass: bucketing, one trace per bucket length, values against an unpadded numpy reference."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flowjax
+
+V, D = 13, 4
+
+
+def _params(rng):
+    return {
+        "E": jnp.asarray(rng.normal(size=(V, D)), jnp.float32),
+        "W": jnp.asarray(rng.normal(size=(D, V)), jnp.float32),
+    }
+
+
+class CountingLM:
+    """A causal model, h_t = Σ_{s<=t} E[x_s], logits = h W, that counts its traces."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, params, tokens):
+        self.calls += 1
+        return jnp.cumsum(params["E"][tokens], axis=0) @ params["W"]
+
+
+def _np_token_losses(params, tokens, mask):
+    """Unpadded reference: shifted NLL of the target tokens of one example, float64."""
+    e, w = np.asarray(params["E"], np.float64), np.asarray(params["W"], np.float64)
+    z = np.cumsum(e[tokens], axis=0) @ w
+    z = z[:-1] - z[:-1].max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    nll = -logp[np.arange(len(tokens) - 1), tokens[1:]]
+    return nll, mask[1:]
+
+
+def _examples(rng, lengths):
+    out = []
+    for i, n in enumerate(lengths):
+        prompt = int(rng.integers(1, n))
+        out.append(
+            {
+                "id": 100 + 7 * i,
+                "tokens": rng.integers(0, V, size=n),
+                "mask": flowjax.response_mask([n], [prompt], n)[0],
+            }
+        )
+    return out
+
+
+def test_bucket_batches_groups_pads_and_validates(rng):
+    ex = _examples(rng, [3, 9, 5, 4, 16, 2, 8])
+    batches = list(flowjax.bucket_batches(ex, [16, 4, 8], 2, pad_id=-1))
+    assert [b["tokens"].shape for b in batches] == [
+        (2, 4),
+        (1, 4),
+        (2, 8),
+        (2, 16),
+    ]
+    by_id = {e["id"]: e for e in ex}
+    for b in batches:
+        for r, i in enumerate(b["id"]):
+            n = len(by_id[i]["tokens"])
+            assert b["tokens"].shape[1] == min(x for x in (4, 8, 16) if x >= n)
+            np.testing.assert_array_equal(b["tokens"][r, :n], by_id[i]["tokens"])
+            assert (b["tokens"][r, n:] == -1).all() and not b["mask"][r, n:].any()
+            np.testing.assert_array_equal(b["mask"][r, :n], by_id[i]["mask"])
+    with pytest.raises(
+        ValueError,
+        match=r"longer than the longest bucket 8: \(id, length\) \[\(107, 9\)",
+    ):
+        flowjax.bucket_batches(ex, [4, 8], 2)
+    empty = [*ex, {"id": 1, "tokens": np.arange(3), "mask": np.zeros(3, bool)}]
+    with pytest.raises(ValueError, match=r"no target token \(ids \[1\]"):
+        flowjax.bucket_batches(empty, [16], 2)
+    kept = [
+        i
+        for b in flowjax.bucket_batches(empty, [16], 2, on_empty="skip")
+        for i in b["id"]
+    ]
+    assert sorted(kept) == sorted(e["id"] for e in ex)
+    first = [{"id": 5, "tokens": np.arange(3), "mask": np.array([True, True, False])}]
+    with pytest.raises(ValueError, match="position 0"):
+        flowjax.bucket_batches(first, [4], 1)
+    with pytest.raises(ValueError, match='"id", "tokens" and "mask"'):
+        flowjax.bucket_batches([{"id": 1, "tokens": np.arange(3)}], [4], 1)
+
+
+def test_sequence_prepass_traces_once_per_bucket_and_matches_reference(rng):
+    lengths = [int(n) for n in rng.integers(2, 17, size=40)]
+    lengths += [3, 3, 3, 7, 7, 7, 15, 15, 15]  # every bucket holds a full batch
+    ex = _examples(rng, lengths)
+    params, lm = _params(rng), CountingLM()
+    table = flowjax.lm_sequence_losses(
+        lm, params, ex, bucket_lengths=(4, 8, 16), batch_size=3, progress=False
+    )
+    assert lm.calls == 3  # one trace per bucket length, not per batch or example
+    expect = {}
+    for e in ex:
+        nll, m = _np_token_losses(params, e["tokens"], e["mask"])
+        expect[e["id"]] = nll[m].mean()
+    assert table.ids.tolist() == sorted(expect)
+    np.testing.assert_allclose(table.losses, [expect[i] for i in table.ids], rtol=2e-5)
+    assert table.median_temperature() == pytest.approx(
+        np.median(list(expect.values())), rel=2e-5
+    )
+    flowjax.lm_sequence_losses(
+        lm, params, ex[::-1], bucket_lengths=(4, 8, 16), batch_size=3, progress=False
+    )
+    assert lm.calls == 3  # a second pass reuses the compiled steps
+
+
+def test_token_prepass_traces_once_per_bucket_and_gives_token_weights(rng):
+    ex = _examples(rng, [int(n) for n in rng.integers(2, 13, size=25)])
+    params, lm = _params(rng), CountingLM()
+    tl = flowjax.lm_token_losses(lm, params, ex, bucket_lengths=(6, 12), batch_size=4)
+    assert lm.calls == 2
+    assert tl.losses.shape == tl.mask.shape == (25, 11)
+    all_targets = []
+    for e in ex:
+        nll, m = _np_token_losses(params, e["tokens"], e["mask"])
+        row_l, row_m = tl.rows([e["id"]])
+        n = len(e["tokens"]) - 1
+        np.testing.assert_array_equal(row_m[0, :n], m)
+        assert not row_m[0, n:].any()
+        np.testing.assert_allclose(row_l[0, :n][m], nll[m], rtol=2e-5, atol=1e-6)
+        all_targets.append(nll[m])
+    w, tau = flowjax.token_flow_weights(tl.losses, tl.mask)
+    flat = np.concatenate(all_targets)
+    assert tau == pytest.approx(np.median(flat), rel=2e-5)
+    assert w[tl.mask].size == flat.size and (w[~tl.mask] == 0).all()
+    np.testing.assert_allclose(
+        np.sort(w[tl.mask]), np.sort(np.exp(-flat / np.median(flat))), rtol=1e-4
+    )
+    # rows() re-pads to a training batch's length, and refuses to cut targets
+    some = [e for e in ex if len(e["tokens"]) <= 6][:2]
+    cut_l, _ = tl.rows([e["id"] for e in some], length=6)
+    assert cut_l.shape == (len(some), 5)
+    long = next(e for e in ex if e["mask"][7:].any())
+    with pytest.raises(ValueError, match="cuts off"):
+        tl.rows([long["id"]], length=6)
+    with pytest.raises(ValueError, match="not in this TokenLosses"):
+        tl.rows([99999])
+
+
+def test_prepass_names_examples_with_nan_losses(rng):
+    ex = _examples(rng, [5, 6, 7])
+    params = _params(rng)
+    bad = {"E": params["E"].at[ex[1]["tokens"][0]].set(jnp.nan), "W": params["W"]}
+    with pytest.raises(ValueError, match="NaN"):
+        flowjax.lm_sequence_losses(
+            CountingLM(), bad, ex, bucket_lengths=[8], batch_size=2, progress=False
+        )
+    with pytest.raises(ValueError, match="NaN"):
+        flowjax.lm_token_losses(CountingLM(), bad, ex, bucket_lengths=[8], batch_size=2)
