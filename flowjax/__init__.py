@@ -6,11 +6,16 @@ FLOW (Sanyal et al., ICML 2025) in three steps::
     weights = table.flow_weights()                 # w_i = exp(-f_i(θ*)/τ), τ = median
     objective = flowjax.weighted_objective(loss_fn)  # Σ w_i f_i(θ) / B, for optax
 
-The linear-model theory of the paper's section 7 lives in :mod:`flowjax.theory`.
-
-Baselines that compose with FLOW weights: LwF distillation (:func:`lwf_objective`),
-dynamic DRO (:func:`dro_loss`), WiSE-FT weight averaging (:func:`wise_ft`), and
-replay / DER (:class:`ReplayBuffer`, :func:`replay_batches`, :func:`der_loss`).
+Methods FLOW is compared with and combined with, all composable with FLOW
+weights: L2-SP (:func:`l2sp`), EWC (:func:`ewc`, :func:`diagonal_fisher`),
+Synaptic Intelligence (:func:`synaptic_intelligence`), LwF distillation
+(:func:`lwf_objective`), WiSE-FT (:func:`wise_ft`), LoRA (:func:`add_lora`,
+:func:`merge_lora`), replay / DER (:class:`ReplayBuffer`, :func:`der_loss`),
+dynamic DRO (:func:`dro_loss`) and frozen parts (:func:`freeze`,
+:func:`swap_task_parts`). Language models: :func:`token_nll`,
+:func:`chunked_token_nll`, :func:`lm_sequence_losses`, :func:`weighted_lm_loss`.
+Input pipeline: :func:`batches`. The linear-model theory of the paper's
+section 7 lives in :mod:`flowjax.theory`.
 """
 
 from flowjax.averaging import WiseFTCurve, wise_ft, wise_ft_sweep
