@@ -132,6 +132,8 @@ def dro_weights(
     ``normalize="sum"`` (the distribution π) or ``"mean"`` for training: they
     are computed in log space and never overflow. With ``normalize=None`` the
     raw ``exp(f/τ)`` is returned and an overflow raises (concrete input).
+    For DRO *training*, where the weights follow the current model every
+    step, use :func:`flowjax.dro_loss` on the batch's current losses.
 
     Args:
       losses: per-example losses (numpy or jax); any finite values.
