@@ -13,6 +13,7 @@ Used by tests/test_methods.py and, on 8 fake devices, tests/_methods_worker.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -60,7 +61,9 @@ def batch(seed: int = 1) -> dict[str, np.ndarray]:
         "x": rng.normal(size=(N, DIM)).astype(np.float32),
     }
     # A learnable task: the label is the argmax of a fixed linear map of x.
-    out["label"] = np.argmax(out["x"] @ rng.normal(size=(DIM, CLASSES)), 1).astype(np.int32)
+    out["label"] = np.argmax(out["x"] @ rng.normal(size=(DIM, CLASSES)), 1).astype(
+        np.int32
+    )
     pre = np.asarray(per_example_ce(params(), out))
     out["weight"] = np.asarray(flowjax.flow_weights(pre)[0], np.float32)
     return out
@@ -97,16 +100,21 @@ def _chain(first: optax.GradientTransformation) -> optax.GradientTransformation:
     return optax.chain(first, plain_tx())
 
 
-def _fisher(theta0):
+def _nll(p, ex):
+    return per_example_ce(p, jax.tree.map(lambda a: a[None], ex))[0]
+
+
+@functools.cache
+def _fisher_f32() -> dict[str, np.ndarray]:
+    """The empirical Fisher of the battery's model at θ₀ on its batch (computed once)."""
     b = batch()
     data = [{k: b[k] for k in ("id", "x", "label")}]
+    fisher = flowjax.diagonal_fisher(_nll, params(), data, progress=False)
+    return {k: np.asarray(v) for k, v in fisher.items()}
 
-    def nll(p, ex):
-        return per_example_ce(p, jax.tree.map(lambda a: a[None], ex))[0]
 
-    f32 = jax.tree.map(lambda a: a.astype(jnp.float32), theta0)
-    fisher = flowjax.diagonal_fisher(nll, f32, data, progress=False)
-    return jax.tree.map(lambda f, a: f.astype(a.dtype), fisher, theta0)
+def _fisher(theta0):
+    return {k: jnp.asarray(v, theta0[k].dtype) for k, v in _fisher_f32().items()}
 
 
 METHODS: list[Method] = [
