@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flowjax-installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: install test demo theory bench lint clean
+.PHONY: install test demo theory digits bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: theory
 
 theory: $(STAMP)
 	$(PY) -m experiments.theory.linear_theory --out results/theory
+
+# FLOW's forgetting result on real data (scikit-learn's digits): FT, LP, LP-FT, FLOW over 10 seeds.
+digits: $(STAMP)
+	$(PY) -m experiments.digits.run --out results/digits
 
 # Pre-pass throughput against a plain jitted forward (not a test: timings vary by machine).
 bench: $(STAMP)
