@@ -1,0 +1,316 @@
+"""Frozen parts (linear probing, LP-FT, head-only rounds) and swapping task parts back.
+
+Freezing is an optax transformation, not a change to the training loop: build a
+boolean mask once from the model's structure (:func:`trainable_mask`), wrap the
+optimiser (:func:`freeze`), and the frozen parameters get zero updates while
+the optimiser keeps no state for them. In NNX, BatchNorm running statistics are
+``nnx.BatchStat``, not ``nnx.Param``: they are never given to the optimiser, so
+they keep updating in train mode while the BatchNorm scale and bias stay frozen,
+as in the official vision pipeline (FLOW_PAPER.md §2.1, steps V1 and V4).
+
+:func:`swap_task_parts` puts the pre-trained task-specific parts (head,
+BatchNorm) back into a fine-tuned state to measure retained pre-training
+accuracy, as the paper does.
+
+A jitted linear-probing step (``nnx.split`` / ``nnx.merge`` with ``jax.jit``)::
+
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    tx = flowjax.freeze(optax.sgd(lr, momentum=0.9), flowjax.trainable_mask(params, "head"))
+
+    @jax.jit
+    def step(params, stats, opt_state, x, y, w):
+        def loss_fn(params):
+            # copy=True: the BatchStat variables are mutated inside the grad trace.
+            model = nnx.merge(graphdef, params, stats, copy=True)
+            losses = per_example_loss(model(x), y)  # train mode: BN stats update
+            return flowjax.weighted_loss(losses, w), nnx.state(model, nnx.BatchStat)
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+import optax
+
+from flowjax import _select
+from flowjax._types import Params, PyTree
+
+__all__ = ["freeze", "swap_task_parts", "trainable_mask"]
+
+_STATE_HINT = "pass nnx.state(model, nnx.Param) (or the state you give the optimiser)."
+
+
+def trainable_mask(params: Params, select) -> PyTree:
+    """Builds a boolean mask over ``params``: True where ``select`` matches.
+
+    .. math::
+        m_\\ell = \\mathbb{1}[\\text{select}(\\text{path}_\\ell, v_\\ell)]
+
+    for every leaf :math:`\\ell` (an ``nnx.Variable`` in an ``nnx.State``, or an
+    array in a plain pytree). Call it once, outside the training loop, and pass
+    the mask to :func:`freeze` (or ``optax.masked``). The mask has the structure
+    of ``params`` down to the Variables, with a ``bool`` in place of each
+    Variable (a tree prefix of ``params``, which optax accepts).
+
+    Recipes (``graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)``):
+
+    * linear probing (V1), head-only round 2 (V4): ``freeze(tx, trainable_mask(params, "head"))``;
+      train in train mode so ``stats`` (BatchNorm running statistics) keep updating;
+    * LP-FT: phase 1 as linear probing; phase 2 plain ``tx`` over all ``params``,
+      starting from the phase-1 parameters (so from the LP head);
+    * all but BatchNorm: ``bn = [p for p, m in nnx.iter_modules(model) if
+      isinstance(m, nnx.BatchNorm)]`` then ``trainable_mask(params, lambda p, v:
+      not any(p[: len(b)] == b for b in bn))``.
+
+    Args:
+      params: the parameters the optimiser sees: an ``nnx.State`` (e.g.
+        ``nnx.state(model, nnx.Param)``) or any pytree of arrays.
+      select: which leaves are trainable, evaluated on ``(path, leaf)``: a path
+        key (``"head"``), a type (``nnx.LoRAParam``), a predicate ``(path, leaf)
+        -> bool`` (NNX filters work), or a list/tuple of those (any matches; a
+        nested tuple is a path prefix, e.g. ``[("layers", 3)]``).
+
+    Returns:
+      A pytree of Python bools, a prefix of ``params``.
+
+    Raises:
+      TypeError: ``params`` is an nnx.Module, or ``select`` is not a selector
+        (a module type such as ``nnx.BatchNorm`` cannot match state leaves; the
+        message shows how to select its paths).
+      ValueError: ``select`` matches no leaf (a typo would otherwise freeze
+        everything silently).
+
+    Example:
+      >>> import flowjax
+      >>> from flax import nnx
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.body = nnx.Linear(4, 8, rngs=rngs)
+      ...         self.head = nnx.Linear(8, 2, rngs=rngs)
+      >>> params = nnx.state(Net(nnx.Rngs(0)), nnx.Param)
+      >>> mask = flowjax.trainable_mask(params, "head")
+      >>> mask["head"]["kernel"], mask["body"]["kernel"]
+      (True, False)
+    """
+    _select.check_not_module(params, "params", _STATE_HINT)
+    pred = _select.to_predicate(select, on="leaf")
+    flat, treedef = _select.leaves_with_paths(params)
+    mask = [bool(pred(path, leaf)) for path, leaf in flat]
+    if not any(mask):
+        shown = [path for path, _ in flat[:5]]
+        raise ValueError(
+            f"select={select!r} matches no leaf of params; paths look like {shown}."
+        )
+    return jax.tree_util.tree_unflatten(treedef, mask)
+
+
+def _as_label(leaf) -> bool:
+    if isinstance(leaf, (bool, np.bool_)):
+        return bool(leaf)
+    raise TypeError(
+        "trainable must be a pytree of Python bools (as from flowjax.trainable_mask) or a "
+        f"function returning one; found a leaf of type {type(leaf).__name__}."
+    )
+
+
+def _labels(mask) -> PyTree:
+    return jax.tree.map(_as_label, mask)
+
+
+def freeze(
+    tx: optax.GradientTransformation,
+    trainable: PyTree | Callable[[Params], PyTree],
+) -> optax.GradientTransformationExtraArgs:
+    """Applies ``tx`` to the trainable leaves only; frozen leaves get zero updates.
+
+    .. math::
+        u_\\ell = \\begin{cases} \\text{tx}(g)_\\ell & m_\\ell = \\text{True} \\\\
+        0 & m_\\ell = \\text{False} \\end{cases}
+
+    Built from ``optax.partition`` (``optax.multi_transform``) with
+    ``optax.set_to_zero`` for the frozen group: ``tx`` sees only the trainable
+    leaves (``optax.masked``), so its state (momentum, Adam moments) is
+    allocated for them alone, and nothing inside ``tx`` (weight decay,
+    momentum) can move a frozen leaf. ``optax.apply_updates`` then adds an exact
+    zero to each frozen leaf, which leaves its value unchanged. Under
+    ``jax.jit`` the frozen leaves' gradients are unused, so XLA does not compute
+    them. With an all-True mask this is ``tx`` exactly.
+
+    Args:
+      tx: the optimiser for the trainable leaves.
+      trainable: a pytree of bools, the structure of the params or a prefix of
+        it (:func:`trainable_mask` builds one), or a function ``params ->`` such
+        a pytree. It must be static (Python bools), as for ``optax.masked``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Raises:
+      TypeError: ``tx`` is not a GradientTransformation, or a mask leaf is
+        not a bool.
+      ValueError: at ``init``, the mask's structure does not match the params.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, flowjax
+      >>> params = {"body": jnp.ones(3), "head": jnp.ones(2)}
+      >>> tx = flowjax.freeze(optax.sgd(0.1, momentum=0.9), {"body": False, "head": True})
+      >>> state = tx.init(params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> optax.apply_updates(params, updates)
+      {'body': Array([1., 1., 1.], dtype=float32), 'head': Array([0.9, 0.9], dtype=float32)}
+      >>> [x.shape for x in jax.tree.leaves(state)]  # momentum for the head only
+      [(2,)]
+    """
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(
+            f"tx must be an optax.GradientTransformation; got {type(tx).__name__}."
+        )
+    if callable(trainable) and not isinstance(trainable, Mapping):
+
+        def labels(params):
+            return _labels(trainable(params))
+
+    else:
+        labels = _labels(trainable)
+    inner = optax.partition({True: tx, False: optax.set_to_zero()}, labels)
+
+    def init_fn(params):
+        mask = labels(params) if callable(labels) else labels
+        try:
+            jax.tree.map(lambda _m, _p: None, mask, params)
+        except ValueError as e:
+            raise ValueError(
+                "the trainable mask does not match the params' structure (it must have "
+                f"the params' structure or a prefix of it): {e}"
+            ) from None
+        return inner.init(params)
+
+    return optax.GradientTransformationExtraArgs(init_fn, inner.update)
+
+
+def _describe(leaf) -> str:
+    value = _select.value_of(leaf)
+    return f"{type(leaf).__name__} {np.shape(value)} {getattr(value, 'dtype', type(value).__name__)}"
+
+
+def swap_task_parts(finetuned: PyTree, pretrained: PyTree, task_specific) -> PyTree:
+    """The fine-tuned state with its task-specific parts replaced by the pre-trained ones.
+
+    .. math::
+        \\theta^{\\text{swap}}_\\ell = \\begin{cases} \\theta^{\\text{pre}}_\\ell &
+        \\ell \\text{ task-specific} \\\\ \\theta^{\\text{ft}}_\\ell & \\text{otherwise}
+        \\end{cases}
+
+    This is how the paper measures retained pre-training accuracy: "we replace
+    the task-specific components of the fine-tuned model with their pre-trained
+    counterparts" (the head, and every BatchNorm's scale, bias and running
+    statistics; FLOW_PAPER.md §2.1). The result has the *pre-trained*
+    structure, so the heads may differ in shape (new classes vs old); rebuild
+    the model with the pre-trained graphdef: ``nnx.merge(pre_graphdef, swapped)``.
+    The result's Variables are new objects sharing the (immutable) arrays.
+
+    Args:
+      finetuned: the fine-tuned state, e.g. ``nnx.state(finetuned_model)`` (all
+        variables, including ``nnx.BatchStat``), or any pytree of arrays.
+      pretrained: the pre-trained state, same kind.
+      task_specific: which leaves come from ``pretrained``. A selector on
+        ``(path, leaf)``: a path key (``"head"``), a type (``nnx.BatchStat``), a
+        predicate, or a list/tuple of those (a nested tuple is a path prefix;
+        BatchNorm layers: ``[p for p, m in nnx.iter_modules(model) if
+        isinstance(m, nnx.BatchNorm)]``). Or a mapping of bools with the
+        pre-trained structure (or a prefix of it).
+
+    Returns:
+      A pytree with ``pretrained``'s structure: pre-trained leaves where
+      task-specific, fine-tuned leaves elsewhere.
+
+    Raises:
+      TypeError: an argument is an nnx.Module rather than a state.
+      ValueError: ``task_specific`` selects nothing; a shared (not
+        task-specific) leaf is missing from ``finetuned``, or differs in shape,
+        dtype or variable type; or ``finetuned`` has extra shared leaves (e.g.
+        unmerged ``nnx.LoRAParam``: call :func:`merge_lora` first).
+
+    Example:
+      >>> import jax.numpy as jnp, flowjax
+      >>> pre = {"body": jnp.zeros(2), "head": jnp.zeros((2, 10))}
+      >>> ft = {"body": jnp.ones(2), "head": jnp.ones((2, 5))}  # new task: 5 classes
+      >>> out = flowjax.swap_task_parts(ft, pre, "head")
+      >>> out["body"], out["head"].shape
+      (Array([1., 1.], dtype=float32), (2, 10))
+    """
+    hint = "pass nnx.state(model) for each model."
+    _select.check_not_module(finetuned, "finetuned", hint)
+    _select.check_not_module(pretrained, "pretrained", hint)
+    pre_flat, treedef = _select.leaves_with_paths(pretrained)
+    ft_flat, _ = _select.leaves_with_paths(finetuned)
+    ft = dict(ft_flat)
+
+    if isinstance(task_specific, Mapping):
+        try:
+            full = jax.tree.map(
+                lambda m, sub: jax.tree.map(
+                    lambda _: _as_label(m), sub, is_leaf=_select.is_variable
+                ),
+                task_specific,
+                pretrained,
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"task_specific does not match the pre-trained structure: {e}"
+            ) from None
+        is_task = jax.tree.leaves(full)
+        ft_pred = None
+    else:
+        pred = _select.to_predicate(task_specific, on="leaf")
+        is_task = [bool(pred(p, leaf)) for p, leaf in pre_flat]
+        ft_pred = pred
+    if not any(is_task):
+        raise ValueError(
+            f"task_specific={task_specific!r} selects no leaf of the pre-trained state."
+        )
+
+    out = []
+    for (path, pre_leaf), task in zip(pre_flat, is_task, strict=True):
+        if task:
+            out.append(pre_leaf)
+            continue
+        if path not in ft:
+            raise ValueError(
+                f"{path} is not task-specific but is missing from the fine-tuned state; "
+                "mark it task-specific or check that both states come from the same model."
+            )
+        ft_leaf = ft[path]
+        a, b = _select.value_of(ft_leaf), _select.value_of(pre_leaf)
+        if (
+            type(ft_leaf) is not type(pre_leaf)
+            or np.shape(a) != np.shape(b)
+            or getattr(a, "dtype", None) != getattr(b, "dtype", None)
+        ):
+            raise ValueError(
+                f"{path} is not task-specific but differs between the states: fine-tuned "
+                f"{_describe(ft_leaf)} vs pre-trained {_describe(pre_leaf)}. Mark it "
+                "task-specific if it belongs to the task."
+            )
+        out.append(ft_leaf)
+    pre_paths = {p for p, _ in pre_flat}
+    extra = [
+        p
+        for p, leaf in ft_flat
+        if p not in pre_paths and not (ft_pred is not None and ft_pred(p, leaf))
+    ]
+    if extra:
+        raise ValueError(
+            f"the fine-tuned state has leaves the pre-trained one lacks: {extra[:5]}. If they "
+            "are LoRA factors, merge them first (flowjax.merge_lora); if they belong to "
+            "the task, mark them task-specific."
+        )
+    # Fresh Variable objects (sharing arrays), so the result aliases neither input.
+    return jax.tree.map(lambda x: x, jax.tree_util.tree_unflatten(treedef, out))
