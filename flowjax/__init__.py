@@ -7,9 +7,16 @@ FLOW (Sanyal et al., ICML 2025) in three steps::
     objective = flowjax.weighted_objective(loss_fn)  # Σ w_i f_i(θ) / B, for optax
 
 The linear-model theory of the paper's section 7 lives in :mod:`flowjax.theory`.
+
+Baselines that compose with FLOW weights: LwF distillation (:func:`lwf_objective`),
+dynamic DRO (:func:`dro_loss`), WiSE-FT weight averaging (:func:`wise_ft`), and
+replay / DER (:class:`ReplayBuffer`, :func:`replay_batches`, :func:`der_loss`).
 """
 
+from flowjax.averaging import WiseFTCurve, wise_ft, wise_ft_sweep
 from flowjax.data import ArraySource, batches
+from flowjax.distillation import lwf_loss, lwf_objective
+from flowjax.dro import dro_loss
 from flowjax.fisher import diagonal_fisher
 from flowjax.freezing import freeze, swap_task_parts, trainable_mask
 from flowjax.lora import add_lora, merge_lora
@@ -26,6 +33,7 @@ from flowjax.regularizers import (
     si_consolidate,
     synaptic_intelligence,
 )
+from flowjax.replay import ReplayBuffer, der_loss, replay_batches
 from flowjax.tables import LossTable, WeightTable
 from flowjax.weights import dro_weights, flow_weights, median_temperature
 
@@ -36,13 +44,17 @@ __all__ = [
     "EWCState",
     "L2SPState",
     "LossTable",
+    "ReplayBuffer",
     "SIState",
     "WeightTable",
+    "WiseFTCurve",
     "add_lora",
     "attach_weights",
     "batches",
     "default_mesh",
+    "der_loss",
     "diagonal_fisher",
+    "dro_loss",
     "dro_weights",
     "ewc",
     "ewc_penalty",
@@ -50,13 +62,18 @@ __all__ = [
     "freeze",
     "l2sp",
     "l2sp_penalty",
+    "lwf_loss",
+    "lwf_objective",
     "median_temperature",
     "merge_lora",
     "per_example_losses",
+    "replay_batches",
     "si_consolidate",
     "swap_task_parts",
     "synaptic_intelligence",
     "trainable_mask",
     "weighted_loss",
     "weighted_objective",
+    "wise_ft",
+    "wise_ft_sweep",
 ]
