@@ -22,13 +22,18 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The main job: the linear-model theory of the paper's section 7, regenerated into results/theory/.
-demo: theory
+# The main job: FLOW and the baselines on real data (digits), then the linear-model theory of the
+# paper's section 7; prints the digits table and where every output is.
+demo: digits theory
+	@echo "digits: results/digits/results.md (table), results/digits/pareto.png, results/digits/weights.png"
+	@echo "theory: results/theory/"
 
 theory: $(STAMP)
 	$(PY) -m experiments.theory.linear_theory --out results/theory
 
-# FLOW's forgetting result on real data (scikit-learn's digits): FT, LP, LP-FT, FLOW over 10 seeds.
+# FLOW's forgetting result on real data (scikit-learn's digits through TFDS, built once into
+# .cache/tfds or $$FLOWJAX_DATA_DIR): LP, FT, LP-FT, L2-SP, EWC, LoRA, WiSE-FT, LwF, DRO, FLOW,
+# FLOW + LoRA, FLOW + WiSE-FT over 10 seeds; prints the table.
 digits: $(STAMP)
 	$(PY) -m experiments.digits.run --out results/digits
 

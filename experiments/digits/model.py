@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+import flowjax
+
 HEAD = "head"
 
 
@@ -135,33 +137,40 @@ def task_specific_modules(net: Net) -> frozenset[str]:
     return frozenset(names)
 
 
-def mask(net: Net, modules: frozenset[str] | set[str]) -> Net:
-    """A :class:`Net` of booleans: True for every array of the named top-level modules."""
-
-    def tree(d: dict) -> dict:
-        return {k: jax.tree.map(lambda _, k=k: k in modules, v) for k, v in d.items()}
-
-    return net._replace(params=tree(net.params), stats=tree(net.stats))
+def task_specific(net: Net) -> list[str]:
+    """The task-specific parts as a ``flowjax`` selector (module names, sorted)."""
+    return sorted(task_specific_modules(net))
 
 
-def task_specific_mask(net: Net) -> Net:
-    """True for the head and for BatchNorm scale, bias, mean and variance."""
-    return mask(net, task_specific_modules(net))
+def state(net: Net) -> dict:
+    """``{"params": ..., "stats": ...}``: the whole model state as one pytree."""
+    return {"params": net.params, "stats": net.stats}
 
 
-def all_mask(net: Net) -> Net:
-    """True everywhere: full fine-tuning."""
-    return mask(net, set(net.params) | set(net.stats))
+def from_state(graphdef: Any, state: dict) -> Net:
+    """The inverse of :func:`state`."""
+    return Net(graphdef, state["params"], state["stats"])
 
 
-def head_mask(net: Net) -> Net:
-    """True for the head only: what linear probing trains."""
-    return mask(net, {HEAD})
+def trainable(net: Net, which: str) -> Any:
+    """A ``flowjax.trainable_mask`` over ``net.params``.
+
+    ``which``: "all" (full fine-tuning), "head" (linear probing, FLOW's round
+    2) or "lora" (the LoRA factors and the head; everything else frozen).
+    """
+    select = {
+        "all": lambda _path, _leaf: True,
+        "head": HEAD,
+        "lora": [HEAD, "lora_a", "lora_b"],
+    }
+    if which not in select:
+        raise ValueError(f"which must be one of {sorted(select)}; got {which!r}.")
+    return flowjax.trainable_mask(net.params, select[which])
 
 
 def body_distance(net: Net, reference: Net) -> float:
     """‖θ − θ₀‖ over the shared (not task-specific) parameters."""
-    specific = task_specific_mask(net).params
+    specific = flowjax.trainable_mask(net.params, task_specific(net))
     sq = jax.tree.map(
         lambda s, a, b: (
             0.0 if s else float(np.sum((np.asarray(a) - np.asarray(b)) ** 2))
@@ -171,3 +180,44 @@ def body_distance(net: Net, reference: Net) -> float:
         reference.params,
     )
     return math.sqrt(sum(jax.tree.leaves(sq)))
+
+
+# --------------------------------------------------------------------------
+# LoRA on the dense layer (flowjax.add_lora / merge_lora)
+# --------------------------------------------------------------------------
+
+LORA_LAYERS = ("fc",)  # the body's dense layer; the head is new and trained fully
+
+
+@functools.cache
+def _lora_graphdef(graphdef: Any, rank: int) -> Any:
+    """One graphdef for every LoRA model of this rank (one compiled step for all seeds)."""
+    model = nnx.eval_shape(
+        lambda: flowjax.add_lora(
+            CNN(5, rngs=nnx.Rngs(0)), rank, rngs=nnx.Rngs(0), select=LORA_LAYERS
+        )
+    )
+    return split(model).graphdef
+
+
+def add_lora(net: Net, rank: int, key: jax.Array) -> Net:
+    """``net`` with rank-``rank`` LoRA factors on the dense layer ``fc`` (``flowjax.add_lora``).
+
+    ``B = 0`` at the start, so the model computes exactly what ``net`` does.
+    """
+    model = nnx.merge(net.graphdef, net.params, net.stats)
+    lora = split(flowjax.add_lora(model, rank, rngs=nnx.Rngs(key), select=LORA_LAYERS))
+    return lora._replace(graphdef=_lora_graphdef(net.graphdef, rank))
+
+
+def merge_lora(net: Net, base: Net) -> Net:
+    """The LoRA model folded back into a plain CNN (``flowjax.merge_lora``), with ``base``'s graphdef.
+
+    ``base`` is any model of the base architecture (e.g. the pre-trained one):
+    the merged arrays must have its structure, and evaluation then reuses its
+    compiled functions.
+    """
+    merged = split(flowjax.merge_lora(nnx.merge(net.graphdef, net.params, net.stats)))
+    if jax.tree.structure(merged.arrays) != jax.tree.structure(base.arrays):
+        raise ValueError("merge_lora did not give the base model's structure.")
+    return merged._replace(graphdef=base.graphdef)

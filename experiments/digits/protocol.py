@@ -3,29 +3,40 @@
 The driver (:mod:`experiments.digits.run`) composes these into methods. Nothing
 here knows about a particular method.
 
-* Data: :func:`batches` is the ONLY function that reads examples. It yields
-  dict batches ``{"id", "image", "label"}`` keyed by a stable example id (the
-  record index in scikit-learn's ``load_digits``), raw digit labels 0-9.
-  Everything else (the split, training, the pre-pass, evaluation) goes
-  through it, so a different source (a TFDS ``array_record`` builder read
-  with ``flowjax.batches``) replaces this one function.
+* Data: the TFDS ``flowjax_digits`` dataset (:mod:`experiments.digits.dataset`,
+  ``array_record``, read without TensorFlow) is built once into a data
+  directory (:func:`data_dir`: ``$FLOWJAX_DATA_DIR`` or the git-ignored
+  ``.cache/tfds`` under the repository root). Each split is read once into
+  memory with ``flowjax.ArraySource.from_source`` and every stage is fed by
+  ``flowjax.batches``: training batches are shuffled with a seed and pass
+  through a ``map_fn`` that divides the pixels by 16 and shifts the image by
+  up to ±1 pixel with the example's own generator (a function of ``(seed,
+  epoch, id)`` only); evaluation and the pre-pass use the same path with the
+  normalisation alone, in order. Batches are dicts ``{"id", "image",
+  "label"}`` keyed by the dataset's example id (the row of
+  ``load_digits()``), labels of the task (``digit - offset``).
 * Tasks: the pre-training task is digits 0-4, the fine-tuning task digits 5-9
-  with labels remapped to 0-4 (a new head). :func:`make_tasks` splits the
-  records deterministically and stratified: test 20 % (seed 0), and
-  validation 20 % of the rest (for learning-rate selection only).
+  with labels 0-4 (a new head). Test = the dataset's fixed stratified
+  ``test`` split (20 %); validation = a stratified 20 % of its ``train``
+  split (:func:`make_tasks`), for learning-rate selection only.
 * Training: :func:`train` runs one stage (SGD with momentum and weight decay,
-  PyTorch-style, on a trainable mask; per-epoch cosine or constant LR), with a
-  per-example weight on every example (1 unless a ``WeightTable`` is given) and
-  the official vision reduction ``Σ w_i ℓ_i / B``. The step is a
-  ``jax.jit``-compiled pure function of arrays, compiled once per model
-  structure and trainable mask; the learning rate is an argument, so every
-  LR of a grid and every epoch of a schedule reuse it. The last partial
-  training batch of an epoch is dropped (one shape).
+  PyTorch-style; frozen parameters through ``flowjax.freeze``; per-epoch
+  cosine or constant LR), with a per-example weight on every example (1
+  unless a ``WeightTable`` is given) and the official vision reduction
+  ``Σ w_i ℓ_i / B``. The step is a ``jax.jit``-compiled pure function of
+  arrays (optimizer state donated), compiled once per model structure,
+  trainable mask, objective and regulariser kind; the learning rate is an
+  argument, so every LR of a grid and every epoch of a schedule reuse it. The
+  last partial training batch of an epoch is dropped (one shape). A seed's
+  training stream of a task (:func:`train_stream`) is drawn once and shared
+  by every stage and method of that seed: the methods of one seed see the
+  same batches in the same order with the same augmentation (common random
+  numbers; paired differences between methods then carry no data noise).
 * Evaluation: :func:`accuracy` in eval mode (running statistics), padded to
   one batch shape. :func:`pretraining_accuracy` puts the pre-trained head and
   the pre-trained BatchNorm (scale, bias, running mean and variance) back
-  into the fine-tuned body before measuring the pre-training task, as the
-  paper and the official code do.
+  into the fine-tuned body with ``flowjax.swap_task_parts`` before measuring
+  the pre-training task, as the paper and the official code do.
 """
 
 from __future__ import annotations
@@ -33,8 +44,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import jax
@@ -47,72 +60,100 @@ from experiments.digits import model as M
 
 PRETRAIN_DIGITS = (0, 1, 2, 3, 4)
 FINETUNE_DIGITS = (5, 6, 7, 8, 9)
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------
 
 
+def data_dir() -> Path:
+    """The TFDS data directory: ``$FLOWJAX_DATA_DIR``, else ``<repo>/.cache/tfds`` (git-ignored)."""
+    env = os.environ.get("FLOWJAX_DATA_DIR")
+    return Path(env) if env else REPO_ROOT / ".cache" / "tfds"
+
+
 @functools.cache
-def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+def load_splits(directory: str | None = None) -> dict[str, flowjax.ArraySource]:
+    """The dataset's ``train`` and ``test`` splits, built once (offline) and read once into memory."""
+    from experiments.digits import dataset
 
-    d = load_digits()
-    images = (d.images / 16.0).astype(np.float32)[..., None]  # [N, 8, 8, 1] in [0, 1]
-    images.setflags(write=False)
-    labels = d.target.astype(np.int32)
-    labels.setflags(write=False)
-    return images, labels
-
-
-def batches(
-    ids: np.ndarray | None,
-    batch_size: int,
-    *,
-    rng: np.random.Generator | None = None,
-    drop_remainder: bool = False,
-) -> Iterator[dict[str, np.ndarray]]:
-    """THE data access: batches of the examples ``ids`` (all records if None).
-
-    Args:
-      ids: int64 example ids (record indices of ``load_digits``), or None.
-      batch_size: examples per batch.
-      rng: shuffles the order when given; None keeps the order of ``ids``.
-      drop_remainder: drop the last partial batch.
-
-    Yields:
-      ``{"id": int64 [b], "image": float32 [b, 8, 8, 1] (pixels / 16),
-      "label": int32 [b] (the digit, 0-9)}``.
-    """
-    images, labels = _load_digits()
-    ids = np.arange(len(labels), dtype=np.int64) if ids is None else np.asarray(ids)
-    order = ids if rng is None else ids[rng.permutation(len(ids))]
-    stop = len(order) - len(order) % batch_size if drop_remainder else len(order)
-    for start in range(0, stop, batch_size):
-        chunk = order[start : start + batch_size]
-        yield {"id": chunk, "image": images[chunk], "label": labels[chunk]}
+    sources = dataset.build(str(data_dir() if directory is None else directory))
+    return {
+        split: flowjax.ArraySource.from_source(src) for split, src in sources.items()
+    }
 
 
-@dataclasses.dataclass(frozen=True)
+def normalise(example: dict, rng: np.random.Generator) -> dict:
+    """``map_fn`` for evaluation: pixels 0..16 (uint8) to float32 in [0, 1]."""
+    del rng
+    return {
+        "image": example["image"].astype(np.float32) / 16.0,
+        "label": example["label"],
+    }
+
+
+def shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``image`` [H, W, C] translated by ``(dy, dx)`` pixels, zero fill."""
+    h, w = image.shape[:2]
+    out = np.zeros_like(image)
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
+        max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+    ]
+    return out
+
+
+def augment(max_shift: int) -> Callable[[dict, np.random.Generator], dict]:
+    """``map_fn`` for training: :func:`normalise`, then a random shift in ``[-max_shift, max_shift]²``."""
+
+    def fn(example: dict, rng: np.random.Generator) -> dict:
+        out = normalise(example, rng)
+        if max_shift:
+            dy, dx = rng.integers(-max_shift, max_shift + 1, size=2).tolist()
+            out["image"] = shift(out["image"], dy, dx)
+        return out
+
+    return fn
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Task:
-    """One task's example ids per split; task labels are ``digit - offset``."""
+    """One task: an in-memory ``flowjax.ArraySource`` per split, task labels ``digit - offset``."""
 
     name: str
     offset: int
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
+    sources: dict[str, flowjax.ArraySource]
+    _arrays: dict = dataclasses.field(default_factory=dict, repr=False)
 
-    def relabel(self, batch: dict) -> dict:
-        """A batch with task labels (checked to belong to this task)."""
-        label = batch["label"] - self.offset
-        if label.size and (label.min() < 0 or label.max() >= 5):
-            raise ValueError(f"batch has digits outside the {self.name} task.")
-        return {**batch, "label": label.astype(np.int32)}
+    @property
+    def train(self) -> np.ndarray:
+        return self.ids("train")
 
-    def batches(self, ids: np.ndarray, batch_size: int, **kw) -> Iterator[dict]:
-        """:func:`batches` over ``ids`` with task labels."""
-        return (self.relabel(b) for b in batches(ids, batch_size, **kw))
+    @property
+    def val(self) -> np.ndarray:
+        return self.ids("val")
+
+    @property
+    def test(self) -> np.ndarray:
+        return self.ids("test")
+
+    def ids(self, split: str) -> np.ndarray:
+        """The split's example ids (ascending)."""
+        return self.sources[split].columns["id"]
+
+    def batches(self, split: str, batch_size: int, **kw) -> Any:
+        """``flowjax.batches`` over the split (normalised, in order unless ``shuffle``)."""
+        kw.setdefault("map_fn", normalise)
+        return flowjax.batches(self.sources[split], batch_size, shard=(0, 1), **kw)
+
+    def arrays(self, split: str) -> dict[str, np.ndarray]:
+        """The whole split, normalised, in id order (read through :meth:`batches` once, then kept)."""
+        if split not in self._arrays:
+            rows = list(self.batches(split, 4096))
+            self._arrays[split] = {
+                k: np.concatenate([b[k] for b in rows]) for k in rows[0]
+            }
+        return self._arrays[split]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,51 +163,73 @@ class Tasks:
 
 
 def make_tasks(
-    split_seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.2
+    split_seed: int = 0, val_fraction: float = 0.2, directory: str | None = None
 ) -> Tasks:
-    """Deterministic stratified train / validation / test split of all records.
+    """The two tasks with train / validation / test sources.
 
-    Test is ``test_fraction`` of all records; validation is ``val_fraction``
-    of the remaining training records; both stratified by digit, seed
-    ``split_seed``. The split is the same for every seed of the experiment.
+    Test is the dataset's fixed stratified ``test`` split. Validation is a
+    stratified (by digit) ``val_fraction`` of its ``train`` split, seed
+    ``split_seed``; the split is the same for every seed of the experiment.
     """
     from sklearn.model_selection import train_test_split
 
-    rows = list(batches(None, 4096))
-    ids = np.concatenate([b["id"] for b in rows])
-    digits = np.concatenate([b["label"] for b in rows])
-    train, test = train_test_split(
-        ids, test_size=test_fraction, stratify=digits, random_state=split_seed
+    splits = load_splits(directory)
+    cols = splits["train"].columns
+    rows = np.arange(len(cols["id"]))
+    train_rows, val_rows = train_test_split(
+        rows, test_size=val_fraction, stratify=cols["label"], random_state=split_seed
     )
-    train, val = train_test_split(
-        train,
-        test_size=val_fraction,
-        stratify=digits[train],
-        random_state=split_seed,
-    )
-    by_id = dict(zip(ids.tolist(), digits.tolist(), strict=True))
+    parts = {
+        "train": (cols, np.sort(train_rows)),
+        "val": (cols, np.sort(val_rows)),
+        "test": (splits["test"].columns, np.arange(len(splits["test"]))),
+    }
 
     def task(name: str, group: tuple[int, ...]) -> Task:
-        def pick(s):
-            return np.sort(s[np.isin([by_id[i] for i in s.tolist()], group)])
-
-        return Task(name, group[0], pick(train), pick(val), pick(test))
+        sources = {}
+        for split, (c, r) in parts.items():
+            r = r[np.isin(c["label"][r], group)]
+            sources[split] = flowjax.ArraySource(
+                {
+                    "id": c["id"][r],
+                    "image": c["image"][r],
+                    "label": (c["label"][r] - group[0]).astype(np.int32),
+                }
+            )
+        return Task(name, group[0], sources)
 
     return Tasks(task("pretrain", PRETRAIN_DIGITS), task("finetune", FINETUNE_DIGITS))
 
 
-def shift_augment(
-    images: np.ndarray, rng: np.random.Generator, max_shift: int
-) -> np.ndarray:
-    """Random translation of every image by up to ``max_shift`` pixels (zero fill)."""
-    if max_shift == 0:
-        return images
-    n, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)))
-    dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
-    rows = dy[:, None] + np.arange(h)[None, :]  # [n, h]
-    cols = dx[:, None] + np.arange(w)[None, :]  # [n, w]
-    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+_STREAMS: dict[tuple, list[dict]] = {}
+
+
+def train_stream(task: Task, seed: int, epochs: int, optim: Optim) -> list[dict]:
+    """The shuffled, augmented training batches of ``task`` for one seed (drawn once, kept).
+
+    ``flowjax.batches`` over ``task``'s train split: ``epochs`` epochs,
+    ``optim.batch_size`` per batch, last partial batch dropped, shuffled and
+    augmented (:func:`augment`) from a seed derived from ``(seed, task)``.
+    """
+    key = (task, seed, epochs, optim.batch_size, optim.max_shift)
+    if key not in _STREAMS:
+        stream = flowjax.batches(
+            task.sources["train"],
+            optim.batch_size,
+            shuffle=True,
+            seed=zlib.crc32(f"{task.name}:{seed}".encode()),
+            epochs=epochs,
+            drop_remainder=True,
+            map_fn=augment(optim.max_shift),
+            shard=(0, 1),
+        )
+        _STREAMS[key] = list(stream)
+    return _STREAMS[key]
+
+
+def clear_streams() -> None:
+    """Forgets the kept training streams (call when a seed is done)."""
+    _STREAMS.clear()
 
 
 # --------------------------------------------------------------------------
@@ -196,27 +259,26 @@ def lr_at(lr: float, epoch: int, epochs: int, schedule: Schedule) -> float:
 
 
 def sgd(
-    trainable: dict,
+    trainable: Any,
     momentum: float,
     weight_decay: float,
     extra: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
-    """PyTorch SGD direction (decay added to the gradient, then momentum), masked.
+    """PyTorch SGD direction (decay added to the gradient, then momentum), frozen where not trainable.
 
-    The caller multiplies the result by ``-lr``. Frozen parameters get a zero
-    update (``optax.set_to_zero``) and no optimizer state. ``extra`` (e.g. an
-    L2-SP or EWC pull toward θ₀) is applied to the trainable parameters'
-    gradients first.
+    The caller multiplies the result by ``-lr``. ``flowjax.freeze`` gives
+    frozen parameters a zero update and no optimizer state. ``extra`` (an
+    L2-SP or EWC pull toward θ₀) comes FIRST in the chain, on the raw
+    gradients of every parameter, so the optimizer sees the regularised
+    gradient (frozen parameters still get a zero update).
     """
-    inner = optax.chain(
-        *([extra] if extra is not None else []),
-        optax.add_decayed_weights(weight_decay),
-        optax.trace(decay=momentum),
+    body = flowjax.freeze(
+        optax.chain(
+            optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum)
+        ),
+        trainable,
     )
-    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
-    return optax.multi_transform(
-        {"train": inner, "frozen": optax.set_to_zero()}, labels
-    )
+    return body if extra is None else optax.chain(extra, body)
 
 
 def cross_entropy(model, batch: dict, reference: Any) -> tuple[jax.Array, dict]:
@@ -236,7 +298,9 @@ def cross_entropy(model, batch: dict, reference: Any) -> tuple[jax.Array, dict]:
 
 Objective = Callable[[Any, dict, Any], tuple[jax.Array, dict]]
 
-_STEPS: dict[tuple, tuple[optax.GradientTransformation, Callable]] = {}
+_STEPS: dict[tuple, Callable] = {}
+
+Extra = tuple[str, optax.GradientTransformation] | None
 
 
 def _compiled_step(
@@ -244,9 +308,18 @@ def _compiled_step(
     trainable: dict,
     optim: Optim,
     objective: Objective,
-    extra_tx: optax.GradientTransformation | None,
+    extra: Extra,
 ):
-    """``(jitted tx.init, jitted step)`` for this model structure, mask, objective and extra transform."""
+    """``(tx, jitted step)`` for this model structure, mask, objective and regulariser.
+
+    ``extra`` is ``(kind, transformation)``: the step is cached by ``kind``,
+    not by the transformation object, because the regularisers keep their
+    per-seed data (θ₀, the Fisher) in the optimizer STATE, a jit argument; two
+    transformations of one kind (same strength and mask, different anchors)
+    share one compiled step. The optimizer state is donated.
+    """
+    kind, extra_tx = (None, None) if extra is None else extra
+    tx = sgd(trainable, optim.momentum, optim.weight_decay, extra_tx)
     key = (
         graphdef,
         tuple(jax.tree.leaves(trainable)),
@@ -254,10 +327,9 @@ def _compiled_step(
         optim.momentum,
         optim.weight_decay,
         objective,
-        extra_tx,
+        kind,
     )
     if key not in _STEPS:
-        tx = sgd(trainable, optim.momentum, optim.weight_decay, extra_tx)
 
         def step(params, stats, opt_state, batch, lr, reference):
             def loss_fn(p):
@@ -272,32 +344,26 @@ def _compiled_step(
             params = jax.tree.map(lambda p, d: p - lr * d, params, direction)
             return params, new_stats, opt_state, metrics
 
-        _STEPS[key] = (jax.jit(tx.init), jax.jit(step))
-    return _STEPS[key]
-
-
-def stage_rng(seed: int, stage: str) -> np.random.Generator:
-    """The host RNG (shuffling, augmentation) of one stage of one seed."""
-    return np.random.default_rng([seed, zlib.crc32(stage.encode())])
+        _STEPS[key] = jax.jit(step, donate_argnums=2)
+    return tx, _STEPS[key]
 
 
 def train(
     net: M.Net,
     task: Task,
     *,
-    trainable: M.Net,
+    trainable: Any,
     lr: float,
     epochs: int,
     schedule: Schedule,
     seed: int,
-    stage: str,
     optim: Optim,
     weights: flowjax.WeightTable | None = None,
     objective: Objective = cross_entropy,
-    extra_tx: optax.GradientTransformation | None = None,
+    extra: Extra = None,
     reference: Any = None,
 ) -> tuple[M.Net, dict]:
-    """One training stage on ``task.train``; returns the new model and metrics.
+    """One training stage on ``task``'s train split; returns the new model and metrics.
 
     Every stage starts a fresh optimizer (as the official code does per
     phase). BatchNorm runs in train mode throughout, so running statistics
@@ -306,48 +372,42 @@ def train(
     Args:
       net: the starting model.
       task: the task whose training split is used.
-      trainable: a :class:`Net` of booleans (see ``model.head_mask``); only
-        ``trainable.params`` is used.
+      trainable: a pytree of bools over ``net.params``
+        (``flowjax.trainable_mask``).
       lr: base learning rate; ``schedule`` makes it per-epoch.
       epochs: passes over the training split.
       schedule: "cosine" (per epoch, eta_min 0) or "constant".
-      seed: the run's seed; with ``stage`` it fixes shuffling and augmentation.
-      stage: a name unique within the seed ("ft", "lp", "flow1", ...).
+      seed: the run's seed: it fixes the data stream (:func:`train_stream`).
       optim: batch size, momentum, weight decay, augmentation.
       weights: per-example weights by id (FLOW); None means weight 1.
       objective: the loss (see :func:`cross_entropy`).
-      extra_tx: an optax transformation chained before weight decay.
+      extra: ``(kind, transformation)`` chained before weight decay (L2-SP,
+        EWC); see :func:`_compiled_step`.
       reference: arrays passed to ``objective`` (jit arguments, never closed over).
 
     Returns:
-      ``(net, {"loss": last epoch's mean objective, "loss_unweighted": ...})``.
+      ``(net, {"loss": last epoch's mean objective, ...})``.
     """
-    tx_init, step = _compiled_step(
-        net.graphdef, trainable.params, optim, objective, extra_tx
-    )
-    rng = stage_rng(seed, stage)
+    tx, step = _compiled_step(net.graphdef, trainable, optim, objective, extra)
+    stream = train_stream(task, seed, epochs, optim)
+    per_epoch = len(stream) // epochs
     params, stats = net.arrays
-    opt_state = tx_init(params)
+    opt_state = tx.init(params)
     last: list[dict] = []
-    for epoch in range(epochs):
-        lr_e = lr_at(lr, epoch, epochs, schedule)
-        last = []
-        for batch in task.batches(
-            task.train, optim.batch_size, rng=rng, drop_remainder=True
-        ):
-            if weights is None:
-                w = np.ones(len(batch["id"]), np.float32)
-            else:
-                w = flowjax.attach_weights(batch, weights)["weight"]
-            inputs = {
-                "image": shift_augment(batch["image"], rng, optim.max_shift),
-                "label": batch["label"],
-                "weight": w,
-            }
-            params, stats, opt_state, metrics = step(
-                params, stats, opt_state, inputs, np.float32(lr_e), reference
-            )
-            last.append(metrics)
+    for i, batch in enumerate(stream):
+        epoch = i // per_epoch
+        if i % per_epoch == 0:
+            last = []
+        if weights is None:
+            w = np.ones(len(batch["id"]), np.float32)
+        else:
+            w = flowjax.attach_weights(batch, weights)["weight"]
+        inputs = {"image": batch["image"], "label": batch["label"], "weight": w}
+        lr_e = np.float32(lr_at(lr, epoch, epochs, schedule))
+        params, stats, opt_state, metrics = step(
+            params, stats, opt_state, inputs, lr_e, reference
+        )
+        last.append(metrics)
     summary = {k: float(np.mean([m[k] for m in last])) for k in last[0]} if last else {}
     return net._replace(params=params, stats=stats), summary
 
@@ -365,53 +425,57 @@ def _logits_fn(graphdef: Any):
     return jax.jit(logits)
 
 
-def predict(net: M.Net, task: Task, ids: np.ndarray, eval_batch: int = 256) -> dict:
-    """Eval-mode predictions on ``ids``: ``{"id", "label", "pred"}`` (numpy)."""
+def logits(net: M.Net, images: np.ndarray, eval_batch: int = 256) -> np.ndarray:
+    """Eval-mode logits of ``images``, in padded batches of one shape."""
     fn = _logits_fn(net.graphdef)
-    out: dict[str, list] = {"id": [], "label": [], "pred": []}
-    for batch in task.batches(ids, eval_batch):
-        n = len(batch["id"])
-        images = np.zeros((eval_batch, *batch["image"].shape[1:]), np.float32)
-        images[:n] = batch["image"]
-        logits = np.asarray(fn(*net.arrays, images))[:n]
-        out["id"].append(batch["id"])
-        out["label"].append(batch["label"])
-        out["pred"].append(logits.argmax(-1))
-    return {k: np.concatenate(v) for k, v in out.items()}
+    out = []
+    for start in range(0, len(images), eval_batch):
+        chunk = images[start : start + eval_batch]
+        padded = np.zeros((eval_batch, *images.shape[1:]), np.float32)
+        padded[: len(chunk)] = chunk
+        out.append(np.asarray(fn(*net.arrays, padded))[: len(chunk)])
+    return np.concatenate(out)
 
 
-def accuracy(net: M.Net, task: Task, ids: np.ndarray) -> float:
-    """Eval-mode top-1 accuracy on ``ids`` of ``task``."""
-    p = predict(net, task, ids)
+def predict(net: M.Net, task: Task, split: str, ids: np.ndarray | None = None) -> dict:
+    """Eval-mode predictions on a split (or the given ids of it): ``{"id", "label", "pred"}``."""
+    data = task.arrays(split)
+    if ids is not None:
+        rows = np.searchsorted(data["id"], ids)
+        if not np.array_equal(data["id"][np.minimum(rows, len(data["id"]) - 1)], ids):
+            raise ValueError(f"some ids are not in the {task.name} {split} split.")
+        data = {k: v[rows] for k, v in data.items()}
+    pred = logits(net, data["image"]).argmax(-1)
+    return {"id": data["id"], "label": data["label"], "pred": pred}
+
+
+def accuracy(net: M.Net, task: Task, split: str) -> float:
+    """Eval-mode top-1 accuracy on a split of ``task``."""
+    p = predict(net, task, split)
     return float(np.mean(p["pred"] == p["label"]))
 
 
-def swap_task_parts(finetuned: M.Net, pretrained: M.Net, task_specific: M.Net) -> M.Net:
-    """The fine-tuned model with every task-specific array taken from ``pretrained``.
+def restore_task_parts(finetuned: M.Net, pretrained: M.Net) -> M.Net:
+    """``flowjax.swap_task_parts``: the pre-trained head and BatchNorm put back into the fine-tuned body.
 
-    ``task_specific`` is a :class:`Net` of booleans (``model.task_specific_mask``):
-    True takes the pre-trained array (head, BatchNorm scale / bias / running
-    statistics), False keeps the fine-tuned one (the shared body).
+    Head, BatchNorm scale / bias and running statistics come from
+    ``pretrained``, the shared body (convolutions, dense layer) from
+    ``finetuned``. Returns a model with the pre-trained structure.
     """
-
-    def pick(tree_mask, ft, pre):
-        return jax.tree.map(lambda m, f, p: p if m else f, tree_mask, ft, pre)
-
-    return finetuned._replace(
-        params=pick(task_specific.params, finetuned.params, pretrained.params),
-        stats=pick(task_specific.stats, finetuned.stats, pretrained.stats),
+    state = flowjax.swap_task_parts(
+        M.state(finetuned), M.state(pretrained), M.task_specific(pretrained)
     )
+    return M.from_state(pretrained.graphdef, state)
 
 
 def pretraining_accuracy(finetuned: M.Net, pretrained: M.Net, task: Task) -> float:
-    """Accuracy on ``task.test`` (digits 0-4) after swapping back the task-specific parts."""
-    restored = swap_task_parts(finetuned, pretrained, M.task_specific_mask(pretrained))
-    return accuracy(restored, task, task.test)
+    """Accuracy on ``task``'s test split (digits 0-4) after :func:`restore_task_parts`."""
+    return accuracy(restore_task_parts(finetuned, pretrained), task, "test")
 
 
 @functools.cache
 def _example_loss(graphdef: Any):
-    """``loss(arrays, example)``: eval-mode CE of ONE example (for the pre-pass)."""
+    """``loss(arrays, example)``: eval-mode CE of ONE example (pre-pass, Fisher)."""
 
     def loss(arrays, example):
         params, stats = arrays
@@ -422,12 +486,25 @@ def _example_loss(graphdef: Any):
     return loss
 
 
-def example_losses(net: M.Net, task: Task, ids: np.ndarray) -> flowjax.LossTable:
-    """Eval-mode per-example CE of ``net`` on ``ids``: ``flowjax.per_example_losses``."""
-    rows = (
-        {"id": b["id"], "image": b["image"], "label": b["label"]}
-        for b in task.batches(ids, 128)
-    )
+def example_losses(net: M.Net, task: Task, split: str) -> flowjax.LossTable:
+    """Eval-mode per-example CE of ``net`` on a split: ``flowjax.per_example_losses``."""
     return flowjax.per_example_losses(
-        _example_loss(net.graphdef), net.arrays, rows, progress=False
+        _example_loss(net.graphdef),
+        net.arrays,
+        task.batches(split, 128),
+        progress=False,
     )
+
+
+def fisher(net: M.Net, task: Task, split: str = "train") -> dict:
+    """Empirical diagonal Fisher of ``net.params`` (eval mode) on a split: ``flowjax.diagonal_fisher``."""
+    f = flowjax.diagonal_fisher(
+        _example_loss(net.graphdef),
+        net.arrays,
+        task.batches(split, 128),
+        kind="empirical",
+        progress=False,
+    )
+    # Plain host arrays: the optimizer state then has the parameters' (default)
+    # placement and the compiled steps are reused.
+    return jax.tree.map(np.asarray, f[0])
