@@ -88,8 +88,8 @@ example's own generator); see :mod:`experiments.digits.protocol`.
 * Seeds (default 10) change the pre-training init, the head init, the LoRA
   init, shuffling and augmentation; the split is fixed.
 
-Numbers the default command produced (10 seeds; 4 min 21 s wall, 3 min 45 s
-user CPU, on the shared 2-core CPU at load average ~5; the numbers repeat
+Numbers the default command produced (10 seeds; 3 min 40 s wall, 3 min 27 s
+user CPU, on the shared 2-core CPU at load average ~5.8; the numbers repeat
 exactly from run to run). Accuracies in %, mean ± std over seeds; the
 pre-trained model scores 99.8 ± 0.3 on the 0-4 test split::
 
@@ -113,8 +113,8 @@ the paper's effect (much less forgetting, paid for on the hard examples).
 But FLOW does NOT beat the stronger baselines here: FLOW − LP-FT = −1.4 ±
 1.1 average (its own control, same start, no weights), and LwF (98.9), LP-FT
 (98.6), LoRA (98.6) and EWC (98.4) all have a higher mean average than FLOW
-(97.2); FLOW keeps the most pre-training accuracy of the trained methods
-after FLOW + WiSE-FT but gives up 3-4 points of target accuracy. FLOW on top
+(97.2); FLOW keeps 99.1 % pre-training accuracy (LoRA 99.3, FLOW + WiSE-FT
+99.4) but gives up 3-4 points of target accuracy against them. FLOW on top
 of LoRA does not help (−2.2 ± 2.4 average); on top of WiSE-FT it trades
 target for pre-training accuracy (+0.3 ± 2.0 average). DRO at FLOW's τ
 (0.03 ± 0.01, so the tilt puts almost all of a batch's weight on its hardest
