@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flowjax-installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: install test demo theory bench lint clean
+.PHONY: install test demo theory digits bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,20 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The main job: the linear-model theory of the paper's section 7, regenerated into results/theory/.
-demo: theory
+# The main job: FLOW and the baselines on real data (digits), then the linear-model theory of the
+# paper's section 7; prints the digits table and where every output is.
+demo: digits theory
+	@echo "digits: results/digits/results.md (table), results/digits/pareto.png, results/digits/weights.png"
+	@echo "theory: results/theory/"
 
 theory: $(STAMP)
 	$(PY) -m experiments.theory.linear_theory --out results/theory
+
+# FLOW's forgetting result on real data (scikit-learn's digits through TFDS, built once into
+# .cache/tfds or $$FLOWJAX_DATA_DIR): LP, FT, LP-FT, L2-SP, EWC, LoRA, WiSE-FT, LwF, DRO, FLOW,
+# FLOW + LoRA, FLOW + WiSE-FT over 10 seeds; prints the table.
+digits: $(STAMP)
+	$(PY) -m experiments.digits.run --out results/digits
 
 # Pre-pass throughput against a plain jitted forward (not a test: timings vary by machine).
 bench: $(STAMP)

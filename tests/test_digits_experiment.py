@@ -1,0 +1,321 @@
+"""The digits experiment: a --quick smoke run, the split, and the task-part swap."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+import flowjax
+from experiments.digits import model as M
+from experiments.digits import protocol as P
+from experiments.digits import run
+from experiments.digits.dataset import split_ids
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    results = run.main(["--quick", "--out", str(out)])
+    return out, results
+
+
+@pytest.fixture(scope="module")
+def seed_run():
+    """A quick-config seed: pre-trained model, LP model at LR 0.1."""
+    r = run.SeedRun(run.Config.quick(), P.make_tasks(), seed=3, lrs={"LP": 0.1})
+    return r
+
+
+def test_writes_every_output(quick_run):
+    out, results = quick_run
+    assert json.loads((out / "results.json").read_text()) == results
+    for name in ("pareto.png", "weights.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG and len(data) > 10_000, name
+    md = (out / "results.md").read_text()
+    for name in run.Config.quick().methods:
+        assert f"\n| {name} | " in md
+    assert "Hard examples" in md and "FLOW minus" in md and "WiSE-FT sweep" in md
+
+
+def test_results_are_well_formed(quick_run):
+    _, res = quick_run
+    cfg = run.Config.quick()
+    assert res["config"]["seeds"] == 1 and len(res["per_seed"]) == 1
+    assert set(res["selected_lr"]) == set(cfg.methods) == set(run.METHODS)
+    for name, lr in res["selected_lr"].items():
+        if run.METHODS[name].lr_grid == ():  # WiSE-FT: no LR of its own
+            assert lr is None and name not in res["lr_selection"]
+            continue
+        assert lr in cfg.lr_grid
+        grid = res["lr_selection"][name]
+        assert lr == grid["lr"][int(np.argmax(grid["val_target_acc"]))]
+    row = res["per_seed"][0]
+    n_hard = math.ceil(0.1 * res["split"]["finetune_test"])
+    assert row["flow"]["num_hard"] == n_hard
+    assert set(row["methods"]) == set(cfg.methods)
+    for name, m in row["methods"].items():
+        for k in (
+            "target_acc",
+            "pretrain_acc",
+            "average",
+            "val_target_acc",
+            "hard_acc",
+        ):
+            assert 0.0 <= m[k] <= 1.0, (name, k)
+        assert m["average"] == (m["target_acc"] + m["pretrain_acc"]) / 2
+        # accuracies are counts over the split sizes
+        n_test = res["split"]["finetune_test"]
+        assert abs(m["target_acc"] * n_test - round(m["target_acc"] * n_test)) < 1e-6
+        assert res["summary"][name]["average"]["mean"] == pytest.approx(m["average"])
+    # LP changes only the head and BN running statistics, which the swap restores:
+    # its pre-training accuracy is exactly the pre-trained model's, its body unchanged.
+    lp = row["methods"]["LP"]
+    assert lp["pretrain_acc"] == row["pretrained"]["pretrain_test_acc"]
+    assert lp["body_distance"] == 0.0
+    assert row["methods"]["FT"]["body_distance"] > 0.1
+    assert 0 < row["flow"]["weight_min"] <= math.exp(-1) + 1e-6
+    # split sizes: 20 % test, 20 % of the rest validation, of 1,797 records
+    sizes = res["split"]
+    assert sum(sizes.values()) == 1797
+    assert sizes["pretrain_test"] + sizes["finetune_test"] == 359
+
+
+def test_wise_ft_rows_match_the_sweep(quick_run):
+    """WiSE-FT (α = 0.5) is the sweep's α = 0.5 point; α = 0 is the fine-tuned model, α = 1 θ₀."""
+    _, res = quick_run
+    row = res["per_seed"][0]
+    for base, wise in (("FT", "WiSE-FT"), ("FLOW", "FLOW + WiSE-FT")):
+        curve = row["wise_ft_curve"][base]
+        assert curve["alpha"] == list(run.WISE_ALPHAS)
+        i = curve["alpha"].index(run.WISE_ALPHA)
+        for k in ("target_acc", "pretrain_acc"):
+            assert curve[k][i] == row["methods"][wise][k]
+            assert curve[k][0] == row["methods"][base][k]
+        assert curve["pretrain_acc"][-1] == row["pretrained"]["pretrain_test_acc"]
+        summary = res["summary"]["wise_ft_curve"][base]
+        assert summary["target_acc"]["mean"] == curve["target_acc"]
+    # LoRA: the convolutions are frozen and fc moves only by the merged low-rank update
+    assert 0 < row["methods"]["LoRA"]["body_distance"]
+    pairs = res["summary"]["pairs"]
+    assert set(pairs) == {"FLOW + LoRA − LoRA", "FLOW + WiSE-FT − WiSE-FT"}
+    d = pairs["FLOW + LoRA − LoRA"]["average"]["mean"]
+    m = row["methods"]
+    assert d == pytest.approx(m["FLOW + LoRA"]["average"] - m["LoRA"]["average"])
+
+
+def test_split_is_disjoint_stratified_and_deterministic():
+    t = P.make_tasks()
+    again = P.make_tasks()
+    all_ids = []
+    for task, digits in (
+        (t.pretrain, P.PRETRAIN_DIGITS),
+        (t.finetune, P.FINETUNE_DIGITS),
+    ):
+        for split in ("train", "val", "test"):
+            ids = task.ids(split)
+            np.testing.assert_array_equal(ids, getattr(again, task.name).ids(split))
+            labels = task.arrays(split)["label"] + task.offset
+            assert set(labels.tolist()) == set(digits)
+            all_ids.append(ids)
+    ids = np.concatenate(all_ids)
+    assert len(np.unique(ids)) == len(ids) == 1797
+    # test = the dataset's fixed stratified test split; validation: 20 % of train
+    digits = load_digits().target
+    test = np.concatenate([t.pretrain.test, t.finetune.test])
+    np.testing.assert_array_equal(np.sort(test), split_ids(digits)["test"])
+    val = np.concatenate([t.pretrain.val, t.finetune.val])
+    for d in range(10):
+        n_train = np.sum(digits == d) - np.sum(digits[test] == d)
+        assert abs(np.sum(digits[val] == d) - 0.2 * n_train) <= 1
+
+
+def test_data_goes_through_tfds_and_flowjax_batches():
+    """Images and labels equal load_digits() row by id; shift augmentation is a translation."""
+    d = load_digits()
+    task = P.make_tasks().finetune
+    data = task.arrays("val")  # read with flowjax.batches + normalise
+    np.testing.assert_array_equal(
+        data["image"][..., 0], (d.images[data["id"]] / 16).astype(np.float32)
+    )
+    np.testing.assert_array_equal(data["label"], d.target[data["id"]] - 5)
+    stream = P.train_stream(task, 3, 2, P.Optim(batch_size=32, max_shift=1))
+    assert P.train_stream(task, 3, 2, P.Optim(batch_size=32, max_shift=1)) is stream
+    n = len(task.train)
+    assert len(stream) == 2 * (n // 32) and {len(b["id"]) for b in stream} == {32}
+    epoch0 = np.concatenate([b["id"] for b in stream[: n // 32]])
+    assert len(np.unique(epoch0)) == len(epoch0)
+    assert not np.array_equal(epoch0, np.sort(epoch0))  # shuffled
+    shifts = set()
+    for b in stream[:4]:
+        for i, img in zip(b["id"], b["image"], strict=True):
+            raw = (d.images[i] / 16).astype(np.float32)[..., None]
+            found = [
+                (dy, dx)
+                for dy in (-1, 0, 1)
+                for dx in (-1, 0, 1)
+                if np.array_equal(img, P.shift(raw, dy, dx))
+            ]
+            assert found, i
+            shifts.add(found[0])
+    assert len(shifts) > 3
+
+
+def test_shift_is_a_translation():
+    img = np.arange(1, 65, dtype=np.float32).reshape(8, 8, 1)
+    np.testing.assert_array_equal(P.shift(img, 0, 0), img)
+    out = P.shift(img, 1, -1)
+    np.testing.assert_array_equal(out[1:, :-1], img[:-1, 1:])
+    assert (out[0] == 0).all() and (out[:, -1] == 0).all()
+
+
+def test_cosine_schedule_is_per_epoch():
+    assert P.lr_at(0.2, 0, 10, "cosine") == 0.2
+    assert P.lr_at(0.2, 5, 10, "cosine") == pytest.approx(0.1)
+    assert P.lr_at(0.2, 9, 10, "cosine") == pytest.approx(
+        0.1 * (1 + math.cos(0.9 * math.pi))
+    )
+    assert P.lr_at(0.2, 7, 10, "constant") == 0.2
+    with pytest.raises(ValueError, match="schedule"):
+        P.lr_at(0.2, 0, 10, "linear")
+
+
+def _leaves_equal(a, b):
+    return all(
+        np.array_equal(x, y)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def _logits(net, task):
+    return P.logits(net, task.arrays("test")["image"])
+
+
+def _swap(ft, pre, select):
+    """flowjax.swap_task_parts on the whole model state, back to a Net."""
+    return M.from_state(
+        pre.graphdef, flowjax.swap_task_parts(M.state(ft), M.state(pre), select)
+    )
+
+
+def test_swap_restores_pretrained_head_and_batchnorm(seed_run):
+    r = seed_run
+    pre, pretrain = r.pretrained, r.tasks.pretrain
+    assert M.task_specific(pre) == ["bn1", "bn2", "head"]
+    # An unchanged pre-trained body with everything task-specific changed: the LP
+    # model (new head, BN running stats adapted to 5-9), with its BN scale and bias
+    # moved too.
+    lp = r.lp()
+    assert _leaves_equal(lp.params["conv1"], pre.params["conv1"])
+    assert not _leaves_equal(lp.stats, pre.stats)
+    bn = {
+        k: {"scale": v["scale"] * 1.5, "bias": v["bias"] + 0.3}
+        for k, v in lp.params.items()
+        if k.startswith("bn")
+    }
+    ft = lp._replace(params={**lp.params, **bn})
+
+    restored = P.restore_task_parts(ft, pre)
+    assert _leaves_equal(restored.params, pre.params) and _leaves_equal(
+        restored.stats, pre.stats
+    )
+    pre_acc = P.accuracy(pre, pretrain, "test")
+    assert P.pretraining_accuracy(ft, pre, pretrain) == pre_acc
+    np.testing.assert_array_equal(_logits(restored, pretrain), _logits(pre, pretrain))
+
+    # Wrong swaps give different predictions: the test above would catch them.
+    ref = _logits(pre, pretrain)
+    for bad in (
+        _swap(ft, pre, "head"),  # BN not restored
+        _swap(ft, pre, [("params", "head"), ("params", "bn1"), ("params", "bn2")]),
+        _swap(ft, pre, ["bn1", "bn2"]),  # fine-tuned head kept
+    ):
+        assert np.max(np.abs(_logits(bad, pretrain) - ref)) > 1e-2
+    # (the second: BN scale and bias restored, running statistics not)
+    # a 5-9 head on 0-4 images cannot match the pre-trained accuracy
+    assert P.accuracy(_swap(ft, pre, ["bn1", "bn2"]), pretrain, "test") < pre_acc - 0.3
+    # the running statistics alone matter: only they differ here
+    stats_only = pre._replace(stats=lp.stats)
+    assert np.max(np.abs(_logits(stats_only, pretrain) - ref)) > 1e-2
+
+
+def test_swap_keeps_the_finetuned_body(seed_run):
+    pre = seed_run.pretrained
+    moved = jax.tree.map(lambda x: x + 1.0, pre.params)
+    ft = seed_run.lp()._replace(
+        params={**seed_run.lp().params, "conv1": moved["conv1"], "fc": moved["fc"]}
+    )
+    out = P.restore_task_parts(ft, pre)
+    assert _leaves_equal(out.params["conv1"], moved["conv1"])
+    assert _leaves_equal(out.params["fc"], moved["fc"])
+    assert _leaves_equal(out.params["conv2"], pre.params["conv2"])
+    for k in ("head", "bn1", "bn2"):
+        assert _leaves_equal(out.params[k], pre.params[k])
+    assert _leaves_equal(out.stats, pre.stats)
+    assert M.body_distance(out, pre) == pytest.approx(
+        math.sqrt(
+            sum(
+                x.size for x in jax.tree.leaves((pre.params["conv1"], pre.params["fc"]))
+            )
+        ),
+        rel=1e-5,
+    )
+
+
+def test_freeze_masks_match_the_methods(seed_run):
+    net = seed_run.new_head()
+    head = M.trainable(net, "head")
+    assert head["head"] == {"kernel": True, "bias": True}
+    assert not any(jax.tree.leaves({k: v for k, v in head.items() if k != "head"}))
+    assert all(jax.tree.leaves(M.trainable(net, "all")))
+    lora = M.add_lora(net, run.LORA_RANK, jax.random.key(0))
+    assert lora.params["fc"]["lora"]["lora_a"].shape == (512, run.LORA_RANK)
+    np.testing.assert_allclose(
+        _logits(lora, seed_run.tasks.finetune), _logits(net, seed_run.tasks.finetune)
+    )
+    mask = M.trainable(lora, "lora")
+    assert mask["fc"] == {
+        "kernel": False,
+        "bias": False,
+        "lora": {"lora_a": True, "lora_b": True},
+    }
+    assert mask["head"]["kernel"] and not mask["conv1"]["kernel"]
+    # merge_lora folds B = 0 adapters back: the same model again
+    merged = M.merge_lora(lora, seed_run.pretrained)
+    assert _leaves_equal(merged.params, net.params)
+
+
+def test_flow_weights_follow_the_lp_losses(seed_run):
+    table = seed_run.lp_losses("train")
+    np.testing.assert_array_equal(table.ids, seed_run.tasks.finetune.train)
+    # the pre-pass equals a direct eval-mode forward of the LP model
+    lp, ft = seed_run.lp(), seed_run.tasks.finetune
+    data = ft.arrays("train")
+    logits = np.asarray(P.logits(lp, data["image"]), np.float64)
+    labels = data["label"]
+    logz = np.log(
+        np.sum(np.exp(logits - logits.max(1, keepdims=True)), 1)
+    ) + logits.max(1)
+    np.testing.assert_allclose(
+        table.losses,
+        logz - logits[np.arange(len(labels)), labels],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    w = seed_run.flow_weights()
+    tau = float(np.median(table.losses))
+    assert w.temperature == pytest.approx(tau)
+    np.testing.assert_allclose(
+        w.weights, np.exp(-table.losses / tau), rtol=1e-5, atol=1e-12
+    )
+    hard = seed_run.hard_ids()
+    test_losses = seed_run.lp_losses("test")
+    assert len(hard) == math.ceil(0.1 * len(test_losses))
+    assert test_losses.lookup(hard).min() >= np.max(
+        np.delete(test_losses.losses, np.searchsorted(test_losses.ids, hard))
+    )
