@@ -319,3 +319,43 @@ def test_flow_weights_follow_the_lp_losses(seed_run):
     assert test_losses.lookup(hard).min() >= np.max(
         np.delete(test_losses.losses, np.searchsorted(test_losses.ids, hard))
     )
+
+
+def test_replot_redraws_pareto_from_results_json(quick_run):
+    out, results = quick_run
+    before = (out / "results.json").read_bytes()
+    (out / "pareto.png").unlink()
+    again = run.main(["--replot", "--out", str(out)])
+    assert again == results
+    data = (out / "pareto.png").read_bytes()
+    assert data[:8] == PNG and len(data) > 10_000
+    assert (out / "results.json").read_bytes() == before  # nothing else rewritten
+    with pytest.raises(FileNotFoundError, match=r"results\.json"):
+        run.main(["--replot", "--out", str(out / "missing")])
+    with pytest.raises(SystemExit):
+        run.main(["--replot", "--quick", "--out", str(out)])
+
+
+def test_zoom_box_leaves_out_far_means():
+    from experiments.digits.pareto import MIN_MARGIN, zoom_box
+
+    # the fifth point is 99.5 - 30 = 69.5 points below the others' median on y
+    x = [97.0, 98.0, 99.0, 98.5, 89.0]
+    y = [99.0, 98.0, 99.5, 97.0, 30.0]
+    xlim, ylim, inside = zoom_box(x, y)
+    assert inside.tolist() == [True, True, True, True, False]
+    # spans 97..99 and 97..99.5; 12 % of 2 or 2.5 is below the 0.6 floor
+    np.testing.assert_allclose(xlim, (97 - MIN_MARGIN, 99 + MIN_MARGIN))
+    np.testing.assert_allclose(ylim, (97 - MIN_MARGIN, 99.5 + MIN_MARGIN))
+    # wide spread: the margin is 12 % of the span, nothing left out
+    xlim, ylim, inside = zoom_box([80.0, 90.0, 100.0], [50.0, 60.0, 70.0])
+    assert inside.all()
+    np.testing.assert_allclose(xlim, (77.6, 102.4))
+    np.testing.assert_allclose(ylim, (47.6, 72.4))
+    # tied means (MAD 0): the spread floor keeps a point 5 points away in
+    _, _, inside = zoom_box([95.0, 95.0, 95.0, 90.0], [99.0, 99.0, 99.0, 99.0])
+    assert inside.all()
+    # fewer than 3 points: nothing is an outlier
+    assert zoom_box([1.0, 99.0], [1.0, 99.0])[2].all()
+    with pytest.raises(ValueError, match="equal-length"):
+        zoom_box([1.0, 2.0], [1.0])

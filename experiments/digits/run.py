@@ -6,12 +6,14 @@ and the theory experiment)::
     python -m experiments.digits.run            # 10 seeds, writes results/digits/
     python -m experiments.digits.run --out DIR  # elsewhere
     python -m experiments.digits.run --quick    # 1 seed, tiny budget (smoke test)
+    python -m experiments.digits.run --replot   # redraw pareto.png from results.json
 
 Outputs: ``results.json`` (config, selected learning rates with their
 validation grid, per-seed per-method numbers, WiSE-FT sweeps, runtime),
 ``results.md`` (the tables), ``pareto.png`` (target accuracy against
 pre-training accuracy, mean ± std per method plus the WiSE-FT α sweeps, like
-the paper's Figure 2), ``weights.png`` (the FLOW pre-pass losses and weights
+the paper's Figure 2: a panel zoomed on the methods and a full-range one; see
+:mod:`experiments.digits.pareto`), ``weights.png`` (the FLOW pre-pass losses and weights
 with τ marked).
 
 The paper's vision protocol (FLOW_PAPER.md §2.1, steps V1-V5) on
@@ -157,6 +159,7 @@ from tqdm.auto import tqdm
 
 import flowjax
 from experiments.digits import model as M
+from experiments.digits import pareto
 from experiments.digits import protocol as P
 
 # Hyper-parameters of the added methods, fixed a priori (not tuned on this data).
@@ -942,101 +945,29 @@ def markdown(results: dict, names: list[str]) -> str:
 
 
 def plot_pareto(results: dict, names: list[str], path: Path) -> None:
-    """(a) mean ± std per method with per-seed points and the WiSE-FT curves; (b) the first seed's LR grid."""
-    s = results["summary"]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6), constrained_layout=True)
-    ax = axes[0]
-    colors = {name: plt.cm.tab20(i % 20) for i, name in enumerate(names)}
-    for name in names:
-        c, marker = colors[name], METHODS[name].marker
-        xs = [100 * r["methods"][name]["target_acc"] for r in results["per_seed"]]
-        ys = [100 * r["methods"][name]["pretrain_acc"] for r in results["per_seed"]]
-        ax.scatter(xs, ys, color=c, alpha=0.2, s=12, marker=marker)
-        m = s[name]
-        ax.errorbar(
-            100 * m["target_acc"]["mean"],
-            100 * m["pretrain_acc"]["mean"],
-            xerr=100 * m["target_acc"]["std"],
-            yerr=100 * m["pretrain_acc"]["std"],
-            fmt=marker,
-            ms=9,
-            color=c,
-            capsize=3,
-            label=f"{name} (LR {_lr(results['selected_lr'][name])})",
+    """Draws ``pareto.png`` (:mod:`experiments.digits.pareto`) from the results alone."""
+    pareto.plot_pareto(results, names, {n: METHODS[n].marker for n in names}, path)
+
+
+def replot(out: Path) -> dict:
+    """Redraws ``out/pareto.png`` from ``out/results.json`` without training.
+
+    ``weights.png`` needs the per-example losses, which ``results.json`` does
+    not hold, so it is left as it is.
+    """
+    path = out / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--replot reads {path}, which does not exist; run without --replot first."
         )
-        g = results["lr_selection"].get(name)
-        if g:
-            gx, gy = (
-                100 * np.asarray(g["target_acc"]),
-                100 * np.asarray(g["pretrain_acc"]),
-            )
-            axes[1].plot(gx, gy, marker=marker, color=c, lw=1, ms=6, label=name)
-            for lr, x, y in zip(g["lr"], gx, gy, strict=True):
-                axes[1].annotate(
-                    f"{lr:g}",
-                    (x, y),
-                    xytext=(4, -8),
-                    textcoords="offset points",
-                    fontsize=7,
-                    color=c,
-                )
-    for base, curve in s["wise_ft_curve"].items():
-        wise = "WiSE-FT" if base == "FT" else f"{base} + WiSE-FT"
-        c = colors.get(wise, "k")
-        x, y = (
-            100 * np.asarray(curve[k]["mean"]) for k in ("target_acc", "pretrain_acc")
-        )
-        ax.errorbar(
-            x,
-            y,
-            xerr=100 * np.asarray(curve["target_acc"]["std"]),
-            yerr=100 * np.asarray(curve["pretrain_acc"]["std"]),
-            color=c,
-            lw=1,
-            ls="--",
-            elinewidth=0.6,
-            capsize=1.5,
-            label=f"{wise} sweep α = 0…1 (α=0: {base})",
-        )
-        for a, xi, yi in zip(curve["alpha"], x, y, strict=True):
-            if a in (0.0, 0.5, 1.0):
-                ax.annotate(
-                    f"α={a:g}",
-                    (xi, yi),
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                    fontsize=7,
-                    color=c,
-                )
-    n = len(results["per_seed"])
-    ax.set_title(
-        f"mean ± std over {n} seed(s) (faint: single seeds; dashed: WiSE-FT sweeps)",
-        fontsize=10,
+    results = json.loads(path.read_text())
+    names = list(results["per_seed"][0]["methods"])
+    _ordered(names)  # unknown names -> ValueError
+    plot_pareto(results, names, out / "pareto.png")
+    print(
+        f"redrew {out / 'pareto.png'} from {path} (weights.png not redrawn: needs the per-example losses)"
     )
-    axes[1].set_title(
-        f"LR grid on seed {results['config']['seed']} (labels: LR); "
-        "selection used validation only",
-        fontsize=10,
-    )
-    for a in axes:
-        a.axhline(
-            100 * s["pretrained"]["pretrain_test_acc"]["mean"],
-            color="k",
-            ls=":",
-            lw=1,
-            label="pre-trained model",
-        )
-        a.set_xlabel("target accuracy, digits 5-9 test (%)")
-        a.set_ylabel("pre-training accuracy, digits 0-4 test (%)")
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7, loc="lower left")
-    fig.suptitle(
-        "Forgetting vs learning: pre-train on digits 0-4, fine-tune on 5-9 "
-        "(pre-training accuracy with the pre-trained head and BatchNorm swapped back)",
-        fontsize=11,
-    )
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return results
 
 
 def plot_weights(
@@ -1072,7 +1003,16 @@ def main(argv: list[str] | None = None) -> dict:
         "--seed", type=int, default=0, help="first seed (LR selection runs on it)"
     )
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="only redraw pareto.png from --out/results.json (no training)",
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        if args.quick or args.seeds is not None:
+            parser.error("--replot takes only --out")
+        return replot(args.out)
     cfg = Config.quick() if args.quick else Config()
     cfg = dataclasses.replace(cfg, seed=args.seed)
     if args.seeds is not None:
