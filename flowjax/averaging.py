@@ -19,9 +19,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
-from flowjax import _checks
+from flowjax import _checks, _select
 from flowjax._types import ArrayLike, Params, PyTree
 
 __all__ = ["WiseFTCurve", "wise_ft", "wise_ft_sweep"]
@@ -208,11 +209,12 @@ def _plan(pretrained, finetuned, mask):
             "Give both the same structure; leaves with no pre-trained counterpart can be "
             "excluded with mask=..., but need a placeholder of any shape in pretrained."
         )
-    masks = _mask_leaves(mask, finetuned, treedef)
+    masks = _select.mask_leaves(mask, finetuned, what="mask")
+    rngs = _rng_leaves(finetuned)
     plan = []
-    for (path, f), (_, p), m in zip(ft_flat, pre_flat, masks, strict=True):
+    for (path, f), (_, p), m, rng in zip(ft_flat, pre_flat, masks, rngs, strict=True):
         name = jax.tree_util.keystr(path)
-        if not m:
+        if not m or rng:  # RNG state: the fine-tuned stream, never averaged or compared
             plan.append("keep")
             continue
         if jnp.shape(p) != jnp.shape(f):
@@ -243,35 +245,20 @@ def _plan(pretrained, finetuned, mask):
     return [p for _, p in pre_flat], [f for _, f in ft_flat], treedef, tuple(plan)
 
 
-def _mask_leaves(mask, finetuned, treedef) -> list[bool]:
-    if mask is None:
-        return [True] * treedef.num_leaves
-    if callable(mask):
-        mask = mask(finetuned)
-    try:
-        full = jax.tree.map(
-            lambda m, sub: jax.tree.map(lambda _: m, sub), mask, finetuned
-        )
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"mask must be a bool pytree with the structure of finetuned (or a prefix of it): {e}"
-        ) from None
-    leaves, mask_treedef = jax.tree.flatten(full)
-    if mask_treedef != treedef:
-        raise ValueError(
-            "mask must have the structure of finetuned (or a prefix of it)."
-        )
+def _rng_leaves(finetuned) -> list[bool]:
+    """Per array leaf: does it belong to an RNG stream (a PRNG key, or an nnx.RngState)?"""
     out = []
-    for m in leaves:
-        if (
-            not _checks.is_concrete(m)
-            or np.ndim(m) != 0
-            or np.asarray(m).dtype != np.bool_
-        ):
-            raise ValueError(
-                f"mask leaves must be Python or numpy bools; got {type(m).__name__} {m!r}."
+    for v in jax.tree.leaves(finetuned, is_leaf=_select.is_variable):
+        is_rng = isinstance(v, nnx.RngState)
+        for x in jax.tree.leaves(v):
+            dtype = getattr(x, "dtype", None)
+            out.append(
+                is_rng
+                or (
+                    dtype is not None
+                    and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                )
             )
-        out.append(bool(m))
     return out
 
 

@@ -110,19 +110,6 @@ def trainable_mask(params: Params, select) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, mask)
 
 
-def _as_label(leaf) -> bool:
-    if isinstance(leaf, (bool, np.bool_)):
-        return bool(leaf)
-    raise TypeError(
-        "trainable must be a pytree of Python bools (as from flowjax.trainable_mask) or a "
-        f"function returning one; found a leaf of type {type(leaf).__name__}."
-    )
-
-
-def _labels(mask) -> PyTree:
-    return jax.tree.map(_as_label, mask)
-
-
 def freeze(
     tx: optax.GradientTransformation,
     trainable: PyTree | Callable[[Params], PyTree],
@@ -172,27 +159,14 @@ def freeze(
         raise TypeError(
             f"tx must be an optax.GradientTransformation; got {type(tx).__name__}."
         )
-    if callable(trainable) and not isinstance(trainable, Mapping):
+    _select.check_mask_leaves(trainable, "trainable")
 
-        def labels(params):
-            return _labels(trainable(params))
+    def labels(params):
+        return _select.mask_tree(trainable, params, what="trainable")
 
-    else:
-        labels = _labels(trainable)
     inner = optax.partition({True: tx, False: optax.set_to_zero()}, labels)
 
-    def init_fn(params):
-        mask = labels(params) if callable(labels) else labels
-        try:
-            jax.tree.map(lambda _m, _p: None, mask, params)
-        except ValueError as e:
-            raise ValueError(
-                "the trainable mask does not match the params' structure (it must have "
-                f"the params' structure or a prefix of it): {e}"
-            ) from None
-        return inner.init(params)
-
-    return optax.GradientTransformationExtraArgs(init_fn, inner.update)
+    return optax.GradientTransformationExtraArgs(inner.init, inner.update)
 
 
 def _describe(leaf) -> str:
@@ -254,19 +228,17 @@ def swap_task_parts(finetuned: PyTree, pretrained: PyTree, task_specific) -> PyT
     ft = dict(ft_flat)
 
     if isinstance(task_specific, Mapping):
-        try:
-            full = jax.tree.map(
-                lambda m, sub: jax.tree.map(
-                    lambda _: _as_label(m), sub, is_leaf=_select.is_variable
-                ),
-                task_specific,
-                pretrained,
-            )
-        except ValueError as e:
-            raise ValueError(
-                f"task_specific does not match the pre-trained structure: {e}"
-            ) from None
-        is_task = jax.tree.leaves(full)
+        per_array = _select.mask_leaves(task_specific, pretrained, what="task_specific")
+        is_task, i = [], 0
+        for path, leaf in pre_flat:
+            n = len(jax.tree.leaves(leaf))
+            part = per_array[i : i + n]
+            i += n
+            if len(set(part)) > 1:
+                raise ValueError(
+                    f"task_specific selects only part of the variable at {path}."
+                )
+            is_task.append(bool(part) and part[0])
         ft_pred = None
     else:
         pred = _select.to_predicate(task_specific, on="leaf")
