@@ -262,6 +262,7 @@ def test_full_nnx_state_with_rng_streams_keeps_the_finetuned_rng():
     for _ in range(3):  # each call advances the dropout stream's count
         ft(jnp.ones((1, 3)))
     ft_state = nnx.state(ft)
+
     def count(s):
         leaves = jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, nnx.Variable))
         return [int(v[...]) for v in leaves if isinstance(v, nnx.RngCount)]
@@ -272,9 +273,12 @@ def test_full_nnx_state_with_rng_streams_keeps_the_finetuned_rng():
         out["lin"]["kernel"][...], pre_state["lin"]["kernel"][...] + 0.75, rtol=1e-6
     )
     assert count(out) == count(ft_state)
+
     def keys(s):
         leaves = jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        return [jax.random.key_data(v[...]) for v in leaves if isinstance(v, nnx.RngKey)]
+        return [
+            jax.random.key_data(v[...]) for v in leaves if isinstance(v, nnx.RngKey)
+        ]
 
     for a, b in zip(keys(out), keys(ft_state), strict=True):
         np.testing.assert_array_equal(a, b)
