@@ -66,19 +66,25 @@ def wise_ft(
     has the fine-tuned leaf's dtype. Non-float leaves (step counters, integer
     buffers) are not averaged: they must be equal in both trees and the
     fine-tuned value is kept (the check needs concrete values; under
-    ``jax.jit`` it cannot run). Works with any pytree: plain dicts, an
-    ``nnx.State`` from ``nnx.split``, Linen variables.
+    ``jax.jit`` it cannot run). RNG state is never averaged nor compared:
+    PRNG-key leaves and the leaves of ``nnx.RngState`` variables (``RngKey``,
+    ``RngCount``, whose counts differ after training) keep the fine-tuned
+    value, so a full ``nnx.state(model)`` with RNG streams works. Works with
+    any pytree: plain dicts, an ``nnx.State`` from ``nnx.split``, Linen
+    variables.
 
     Args:
       pretrained: the pre-trained parameters θ_pre.
       finetuned: the fine-tuned parameters θ_ft, with the same tree structure.
       alpha: the weight on the pre-trained model, in [0, 1]; may be traced.
-      mask: which leaves to average; False leaves keep the fine-tuned value
+      mask: **True = averaged**; False leaves keep the fine-tuned value
         (task-specific parts such as a new head, which may have a different
-        shape from the pre-trained one). A bool pytree with the structure of
-        ``finetuned`` (or a prefix of it, e.g. ``{"backbone": True, "head":
-        False}``), or a callable ``mask(finetuned) -> bool pytree``, as in
-        ``optax.masked``. Default: every leaf.
+        shape from the pre-trained one). Not a :func:`flowjax.freeze`
+        "trainable" mask: that one is True on the head. A bool pytree (Python,
+        numpy or 0-d bool arrays) with the structure of ``finetuned`` or a
+        prefix of it, e.g. ``{"backbone": True, "head": False}`` (a plain dict
+        works on an ``nnx.State``), or a callable ``mask(finetuned) -> bool
+        pytree``, as in ``optax.masked``. Default: every leaf.
 
     Returns:
       A pytree with the structure of ``finetuned``.
@@ -86,8 +92,9 @@ def wise_ft(
     Raises:
       ValueError: trees of different structure, an averaged leaf whose shapes
         differ (the message names its path), a float leaf paired with a
-        non-float one, unequal non-float leaves, a bad mask, or a concrete
-        ``alpha`` outside [0, 1].
+        non-float one, unequal non-float leaves (RNG state excepted), a mask
+        whose structure does not match, or a concrete ``alpha`` outside [0, 1].
+      TypeError: a mask leaf that is not a bool.
 
     Example:
       >>> import jax.numpy as jnp, flowjax
@@ -136,6 +143,7 @@ def wise_ft_sweep(
       A :class:`WiseFTCurve` (numpy ``alphas`` and ``metrics``).
 
     Raises:
+      TypeError: as in :func:`wise_ft`.
       ValueError: empty or out-of-range ``alphas``, the errors of
         :func:`wise_ft`, or a metric that is not one finite-or-NaN number or
         whose names change between calls.

@@ -24,10 +24,19 @@ Design, shared by all three:
   fresh copy of every unchanged state array on each call.
 * ``init`` accepts abstract parameters (``jax.eval_shape(tx.init, params)``),
   so the state can be planned and sharded before memory is allocated.
-* ``mask`` (a pytree of bools with the structure of, or a prefix of, the
-  parameters, or a callable ``params -> mask``, as in ``optax.masked``)
-  selects the regularised leaves. Masked-out leaves are passed through
-  untouched and hold ``optax.MaskedNode()`` in the state (no memory).
+* ``mask``: **True means regularised**; False leaves are passed through untouched and hold ``optax.MaskedNode()``
+  in the state, no memory). A pytree of bools with the structure of, or a
+  prefix of, the parameters, or a callable ``params -> mask``, as in
+  ``optax.masked`` (the same mask rules as :func:`flowjax.freeze` and
+  :func:`flowjax.wise_ft`). An anchor/Fisher leaf is shape-checked only where
+  selected, so θ₀ may hold an old head of another shape if it is masked out.
+* They compose with ``flowjax.freeze``, ``optax.masked`` and
+  ``optax.partition``: leaves hidden by those (``optax.MaskedNode``) are
+  never regularised, and ``scale="num_params"`` counts only the leaves the
+  regulariser sees (the trainable ones).
+* Only floating-point leaves can be regularised; a selected integer or
+  PRNG-key leaf (a full ``nnx.state(model)`` with RNG streams) is a
+  TypeError naming it: pass ``nnx.state(model, nnx.Param)`` or mask it out.
 * Updates keep their dtype: the added term is computed in at least float32
   and the sum is rounded once to the update's dtype (bfloat16 stays bfloat16).
 * ``strength == 0`` returns the incoming updates unchanged (the same arrays).
@@ -88,9 +97,9 @@ class SIState(NamedTuple):
       prev_params: θ_{t-1}, the parameters seen at the previous update.
       prev_grads: g_{t-1}, the incoming gradient at the previous update.
       omega: the path integral ω = Σ_t -g_{t-1} (θ_t - θ_{t-1}) since the
-        last consolidation (float32).
-      importance: Ω consolidated at task boundaries (float32; zeros until
-        :func:`si_consolidate` is called).
+        last consolidation (float32, or float64 for float64 parameters).
+      importance: Ω consolidated at task boundaries (dtype as ``omega``;
+        zeros until :func:`si_consolidate` is called).
       damping: ξ (a float32 scalar).
     """
 
@@ -133,9 +142,13 @@ def l2sp(
         at θ₀; this also lets ``jax.jit(tx.init)`` take θ₀ as an argument).
       strength: λ >= 0, a finite number (a traced scalar is accepted
         unchecked).
-      mask: which leaves to regularise: a pytree of bools (the structure of
-        the parameters or a prefix of it) or a callable ``params -> mask``.
-        Default: all leaves.
+      mask: **True = regularised** (pulled toward θ₀); False leaves pass
+        through untouched. A pytree of bools (Python, numpy or 0-d bool
+        arrays) with the structure of the parameters or a prefix of it (a
+        plain dict prefix works on an ``nnx.State``), or a callable ``params
+        -> mask``. Default: all leaves. Inside ``flowjax.freeze`` /
+        ``optax.masked`` the frozen leaves are never regularised, and with
+        ``scale="num_params"`` N counts the trainable entries only.
       scale: ``"none"`` (c = 1) or ``"num_params"`` (c = 2/N).
 
     Returns:
@@ -145,9 +158,14 @@ def l2sp(
     Raises:
       ValueError: a negative or non-finite strength; an unknown scale; on
         ``init``/``update``: missing ``params``, an anchor or mask whose tree
-        does not match the parameters (the message names the path), or
-        ``scale="num_params"`` with a mask that selects nothing.
-      TypeError: a mask whose leaves are not bools.
+        does not match the parameters, or an anchor leaf of another shape on a
+        regularised leaf (the message names the path; masked-out leaves, e.g.
+        an old head, may differ in shape), or ``scale="num_params"`` with a
+        mask that selects nothing.
+      TypeError: a mask whose leaves are not bools; a regularised leaf that
+        is not floating point (e.g. the RNG keys and counters of a full
+        ``nnx.state(model)``: pass ``nnx.state(model, nnx.Param)`` or mask
+        them out).
 
     Example:
       >>> import jax.numpy as jnp, optax, flowjax
@@ -225,7 +243,7 @@ def l2sp_penalty(
 
     Raises:
       ValueError: as in :func:`l2sp`.
-      TypeError: a mask whose leaves are not bools.
+      TypeError: as in :func:`l2sp`.
 
     Example:
       >>> import jax.numpy as jnp, flowjax
@@ -283,6 +301,7 @@ def ewc(
       anchor_params: θ₀, or None to anchor at the parameters passed to ``init``.
       fisher: the diagonal Fisher F, a pytree like the parameters with
         finite entries >= 0 (stored in the state; computed in float32).
+        Checked once, here, on device (two scalars per leaf reach the host).
       strength: λ >= 0, a finite number.
       mask: as in :func:`l2sp`.
 
@@ -293,8 +312,9 @@ def ewc(
       ValueError: a negative or non-finite strength; a Fisher with negative,
         NaN or infinite entries (naming the leaf); on ``init``/``update``:
         missing ``params``, or an anchor, Fisher or mask whose tree does not
-        match the parameters (naming the path).
-      TypeError: a mask whose leaves are not bools.
+        match the parameters, or a regularised leaf of another shape (naming
+        the path).
+      TypeError: as in :func:`l2sp`.
 
     Example:
       >>> import jax.numpy as jnp, flowjax
@@ -356,7 +376,8 @@ def ewc_penalty(
     Args:
       params: θ.
       anchor_params: θ₀.
-      fisher: the diagonal Fisher F (entries >= 0).
+      fisher: the diagonal Fisher F (entries >= 0; not re-checked here, on
+        every call: :func:`ewc` checks it once).
       strength: λ >= 0.
       mask: as in :func:`l2sp`.
 
@@ -364,8 +385,8 @@ def ewc_penalty(
       A float32 (or wider) scalar.
 
     Raises:
-      ValueError: as in :func:`ewc`.
-      TypeError: a mask whose leaves are not bools.
+      ValueError: as in :func:`ewc` (except the Fisher's values).
+      TypeError: as in :func:`l2sp`.
 
     Example:
       >>> import jax.numpy as jnp, flowjax
@@ -448,7 +469,7 @@ def synaptic_intelligence(
       damping: ξ > 0, keeps Ω finite for parameters that did not move.
       anchor_params: θ₀; None (default) anchors at the parameters passed to
         ``init``.
-      mask: as in :func:`l2sp`.
+      mask: **True = regularised**, as in :func:`l2sp`.
       online: use the current path's importance (see above); False gives
         Zenke et al.'s penalty from consolidated Ω only.
 
@@ -459,7 +480,7 @@ def synaptic_intelligence(
       ValueError: a negative or non-finite strength; ``damping <= 0``; on
         ``init``/``update``: missing ``params``, an anchor or mask whose tree
         does not match the parameters.
-      TypeError: a mask whose leaves are not bools.
+      TypeError: as in :func:`l2sp`.
 
     Example:
       >>> import jax.numpy as jnp, optax, flowjax
