@@ -19,9 +19,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
-from flowjax import _checks
+from flowjax import _checks, _select
 from flowjax._types import ArrayLike, Params, PyTree
 
 __all__ = ["WiseFTCurve", "wise_ft", "wise_ft_sweep"]
@@ -65,19 +66,25 @@ def wise_ft(
     has the fine-tuned leaf's dtype. Non-float leaves (step counters, integer
     buffers) are not averaged: they must be equal in both trees and the
     fine-tuned value is kept (the check needs concrete values; under
-    ``jax.jit`` it cannot run). Works with any pytree: plain dicts, an
-    ``nnx.State`` from ``nnx.split``, Linen variables.
+    ``jax.jit`` it cannot run). RNG state is never averaged nor compared:
+    PRNG-key leaves and the leaves of ``nnx.RngState`` variables (``RngKey``,
+    ``RngCount``, whose counts differ after training) keep the fine-tuned
+    value, so a full ``nnx.state(model)`` with RNG streams works. Works with
+    any pytree: plain dicts, an ``nnx.State`` from ``nnx.split``, Linen
+    variables.
 
     Args:
       pretrained: the pre-trained parameters θ_pre.
       finetuned: the fine-tuned parameters θ_ft, with the same tree structure.
       alpha: the weight on the pre-trained model, in [0, 1]; may be traced.
-      mask: which leaves to average; False leaves keep the fine-tuned value
+      mask: **True = averaged**; False leaves keep the fine-tuned value
         (task-specific parts such as a new head, which may have a different
-        shape from the pre-trained one). A bool pytree with the structure of
-        ``finetuned`` (or a prefix of it, e.g. ``{"backbone": True, "head":
-        False}``), or a callable ``mask(finetuned) -> bool pytree``, as in
-        ``optax.masked``. Default: every leaf.
+        shape from the pre-trained one). Not a :func:`flowjax.freeze`
+        "trainable" mask: that one is True on the head. A bool pytree (Python,
+        numpy or 0-d bool arrays) with the structure of ``finetuned`` or a
+        prefix of it, e.g. ``{"backbone": True, "head": False}`` (a plain dict
+        works on an ``nnx.State``), or a callable ``mask(finetuned) -> bool
+        pytree``, as in ``optax.masked``. Default: every leaf.
 
     Returns:
       A pytree with the structure of ``finetuned``.
@@ -85,8 +92,9 @@ def wise_ft(
     Raises:
       ValueError: trees of different structure, an averaged leaf whose shapes
         differ (the message names its path), a float leaf paired with a
-        non-float one, unequal non-float leaves, a bad mask, or a concrete
-        ``alpha`` outside [0, 1].
+        non-float one, unequal non-float leaves (RNG state excepted), a mask
+        whose structure does not match, or a concrete ``alpha`` outside [0, 1].
+      TypeError: a mask leaf that is not a bool.
 
     Example:
       >>> import jax.numpy as jnp, flowjax
@@ -135,6 +143,7 @@ def wise_ft_sweep(
       A :class:`WiseFTCurve` (numpy ``alphas`` and ``metrics``).
 
     Raises:
+      TypeError: as in :func:`wise_ft`.
       ValueError: empty or out-of-range ``alphas``, the errors of
         :func:`wise_ft`, or a metric that is not one finite-or-NaN number or
         whose names change between calls.
@@ -208,11 +217,12 @@ def _plan(pretrained, finetuned, mask):
             "Give both the same structure; leaves with no pre-trained counterpart can be "
             "excluded with mask=..., but need a placeholder of any shape in pretrained."
         )
-    masks = _mask_leaves(mask, finetuned, treedef)
+    masks = _select.mask_leaves(mask, finetuned, what="mask")
+    rngs = _rng_leaves(finetuned)
     plan = []
-    for (path, f), (_, p), m in zip(ft_flat, pre_flat, masks, strict=True):
+    for (path, f), (_, p), m, rng in zip(ft_flat, pre_flat, masks, rngs, strict=True):
         name = jax.tree_util.keystr(path)
-        if not m:
+        if not m or rng:  # RNG state: the fine-tuned stream, never averaged or compared
             plan.append("keep")
             continue
         if jnp.shape(p) != jnp.shape(f):
@@ -243,35 +253,20 @@ def _plan(pretrained, finetuned, mask):
     return [p for _, p in pre_flat], [f for _, f in ft_flat], treedef, tuple(plan)
 
 
-def _mask_leaves(mask, finetuned, treedef) -> list[bool]:
-    if mask is None:
-        return [True] * treedef.num_leaves
-    if callable(mask):
-        mask = mask(finetuned)
-    try:
-        full = jax.tree.map(
-            lambda m, sub: jax.tree.map(lambda _: m, sub), mask, finetuned
-        )
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"mask must be a bool pytree with the structure of finetuned (or a prefix of it): {e}"
-        ) from None
-    leaves, mask_treedef = jax.tree.flatten(full)
-    if mask_treedef != treedef:
-        raise ValueError(
-            "mask must have the structure of finetuned (or a prefix of it)."
-        )
+def _rng_leaves(finetuned) -> list[bool]:
+    """Per array leaf: does it belong to an RNG stream (a PRNG key, or an nnx.RngState)?"""
     out = []
-    for m in leaves:
-        if (
-            not _checks.is_concrete(m)
-            or np.ndim(m) != 0
-            or np.asarray(m).dtype != np.bool_
-        ):
-            raise ValueError(
-                f"mask leaves must be Python or numpy bools; got {type(m).__name__} {m!r}."
+    for v in jax.tree.leaves(finetuned, is_leaf=_select.is_variable):
+        is_rng = isinstance(v, nnx.RngState)
+        for x in jax.tree.leaves(v):
+            dtype = getattr(x, "dtype", None)
+            out.append(
+                is_rng
+                or (
+                    dtype is not None
+                    and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                )
             )
-        out.append(bool(m))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import weakref
 from typing import Any, Literal
 
@@ -84,7 +85,8 @@ def diagonal_fisher(
       batches: an iterable of dict batches of host arrays with an integer
         ``"id"`` array of unique example ids.
       kind: ``"empirical"`` or ``"sampled"``.
-      rng: a ``jax.random`` key (or an int seed) for ``kind="sampled"``.
+      rng: a ``jax.random`` key (or an integer seed: Python or numpy) for
+        ``kind="sampled"``.
       mesh: a ``Mesh`` with a ``'data'`` axis; default
         :func:`flowjax.default_mesh`.
       batch_size: rows per step (default: the first batch's size).
@@ -123,7 +125,7 @@ def diagonal_fisher(
             raise ValueError(
                 'kind="sampled" draws labels from the model: pass rng= (a jax.random key).'
             )
-        key = jax.random.key(rng) if isinstance(rng, int) else rng
+        key = jax.random.key(int(rng)) if isinstance(rng, numbers.Integral) else rng
     else:
         if rng is not None:
             raise ValueError(

@@ -77,7 +77,11 @@ def trainable_mask(params: Params, select) -> PyTree:
         nested tuple is a path prefix, e.g. ``[("layers", 3)]``).
 
     Returns:
-      A pytree of Python bools, a prefix of ``params``.
+      A pytree of Python bools, a prefix of ``params``. True = selected:
+      for :func:`freeze` that means *trainable*. Do not pass the same mask to
+      :func:`flowjax.wise_ft`, where True means *averaged with the pre-trained
+      model*: a "trainable" head mask there would average the head and keep
+      the body (usually the opposite of what is meant; negate it).
 
     Raises:
       TypeError: ``params`` is an nnx.Module, or ``select`` is not a selector
@@ -110,19 +114,6 @@ def trainable_mask(params: Params, select) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, mask)
 
 
-def _as_label(leaf) -> bool:
-    if isinstance(leaf, (bool, np.bool_)):
-        return bool(leaf)
-    raise TypeError(
-        "trainable must be a pytree of Python bools (as from flowjax.trainable_mask) or a "
-        f"function returning one; found a leaf of type {type(leaf).__name__}."
-    )
-
-
-def _labels(mask) -> PyTree:
-    return jax.tree.map(_as_label, mask)
-
-
 def freeze(
     tx: optax.GradientTransformation,
     trainable: PyTree | Callable[[Params], PyTree],
@@ -144,9 +135,12 @@ def freeze(
 
     Args:
       tx: the optimiser for the trainable leaves.
-      trainable: a pytree of bools, the structure of the params or a prefix of
-        it (:func:`trainable_mask` builds one), or a function ``params ->`` such
-        a pytree. It must be static (Python bools), as for ``optax.masked``.
+      trainable: **True = trainable** (updated by ``tx``), False = frozen. A
+        pytree of bools (Python, numpy or concrete 0-d bool arrays; static, as
+        for ``optax.masked``) with the structure of the params or a prefix of
+        it (:func:`trainable_mask` builds one; a plain dict prefix such as
+        ``{"body": False, "head": True}`` also works on an ``nnx.State``), or
+        a function ``params ->`` such a pytree.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -154,7 +148,8 @@ def freeze(
     Raises:
       TypeError: ``tx`` is not a GradientTransformation, or a mask leaf is
         not a bool.
-      ValueError: at ``init``, the mask's structure does not match the params.
+      ValueError: at ``init``, the mask's structure does not match the params
+        (the message names the path).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flowjax
@@ -172,27 +167,14 @@ def freeze(
         raise TypeError(
             f"tx must be an optax.GradientTransformation; got {type(tx).__name__}."
         )
-    if callable(trainable) and not isinstance(trainable, Mapping):
+    _select.check_mask_leaves(trainable, "trainable")
 
-        def labels(params):
-            return _labels(trainable(params))
+    def labels(params):
+        return _select.mask_tree(trainable, params, what="trainable")
 
-    else:
-        labels = _labels(trainable)
     inner = optax.partition({True: tx, False: optax.set_to_zero()}, labels)
 
-    def init_fn(params):
-        mask = labels(params) if callable(labels) else labels
-        try:
-            jax.tree.map(lambda _m, _p: None, mask, params)
-        except ValueError as e:
-            raise ValueError(
-                "the trainable mask does not match the params' structure (it must have "
-                f"the params' structure or a prefix of it): {e}"
-            ) from None
-        return inner.init(params)
-
-    return optax.GradientTransformationExtraArgs(init_fn, inner.update)
+    return optax.GradientTransformationExtraArgs(inner.init, inner.update)
 
 
 def _describe(leaf) -> str:
@@ -220,19 +202,21 @@ def swap_task_parts(finetuned: PyTree, pretrained: PyTree, task_specific) -> PyT
       finetuned: the fine-tuned state, e.g. ``nnx.state(finetuned_model)`` (all
         variables, including ``nnx.BatchStat``), or any pytree of arrays.
       pretrained: the pre-trained state, same kind.
-      task_specific: which leaves come from ``pretrained``. A selector on
+      task_specific: **True = taken from the pre-trained model**. A selector on
         ``(path, leaf)``: a path key (``"head"``), a type (``nnx.BatchStat``), a
         predicate, or a list/tuple of those (a nested tuple is a path prefix;
         BatchNorm layers: ``[p for p, m in nnx.iter_modules(model) if
         isinstance(m, nnx.BatchNorm)]``). Or a mapping of bools with the
-        pre-trained structure (or a prefix of it).
+        pre-trained structure (or a prefix of it; a plain dict works on an
+        ``nnx.State``), with the same mask rules as :func:`freeze`.
 
     Returns:
       A pytree with ``pretrained``'s structure: pre-trained leaves where
       task-specific, fine-tuned leaves elsewhere.
 
     Raises:
-      TypeError: an argument is an nnx.Module rather than a state.
+      TypeError: an argument is an nnx.Module rather than a state; a mask
+        leaf that is not a bool.
       ValueError: ``task_specific`` selects nothing; a shared (not
         task-specific) leaf is missing from ``finetuned``, or differs in shape,
         dtype or variable type; or ``finetuned`` has extra shared leaves (e.g.
@@ -254,19 +238,17 @@ def swap_task_parts(finetuned: PyTree, pretrained: PyTree, task_specific) -> PyT
     ft = dict(ft_flat)
 
     if isinstance(task_specific, Mapping):
-        try:
-            full = jax.tree.map(
-                lambda m, sub: jax.tree.map(
-                    lambda _: _as_label(m), sub, is_leaf=_select.is_variable
-                ),
-                task_specific,
-                pretrained,
-            )
-        except ValueError as e:
-            raise ValueError(
-                f"task_specific does not match the pre-trained structure: {e}"
-            ) from None
-        is_task = jax.tree.leaves(full)
+        per_array = _select.mask_leaves(task_specific, pretrained, what="task_specific")
+        is_task, i = [], 0
+        for path, leaf in pre_flat:
+            n = len(jax.tree.leaves(leaf))
+            part = per_array[i : i + n]
+            i += n
+            if len(set(part)) > 1:
+                raise ValueError(
+                    f"task_specific selects only part of the variable at {path}."
+                )
+            is_task.append(bool(part) and part[0])
         ft_pred = None
     else:
         pred = _select.to_predicate(task_specific, on="leaf")

@@ -24,10 +24,19 @@ Design, shared by all three:
   fresh copy of every unchanged state array on each call.
 * ``init`` accepts abstract parameters (``jax.eval_shape(tx.init, params)``),
   so the state can be planned and sharded before memory is allocated.
-* ``mask`` (a pytree of bools with the structure of, or a prefix of, the
-  parameters, or a callable ``params -> mask``, as in ``optax.masked``)
-  selects the regularised leaves. Masked-out leaves are passed through
-  untouched and hold ``optax.MaskedNode()`` in the state (no memory).
+* ``mask``: **True means regularised**; False leaves are passed through untouched and hold ``optax.MaskedNode()``
+  in the state, no memory). A pytree of bools with the structure of, or a
+  prefix of, the parameters, or a callable ``params -> mask``, as in
+  ``optax.masked`` (the same mask rules as :func:`flowjax.freeze` and
+  :func:`flowjax.wise_ft`). An anchor/Fisher leaf is shape-checked only where
+  selected, so θ₀ may hold an old head of another shape if it is masked out.
+* They compose with ``flowjax.freeze``, ``optax.masked`` and
+  ``optax.partition``: leaves hidden by those (``optax.MaskedNode``) are
+  never regularised, and ``scale="num_params"`` counts only the leaves the
+  regulariser sees (the trainable ones).
+* Only floating-point leaves can be regularised; a selected integer or
+  PRNG-key leaf (a full ``nnx.state(model)`` with RNG streams) is a
+  TypeError naming it: pass ``nnx.state(model, nnx.Param)`` or mask it out.
 * Updates keep their dtype: the added term is computed in at least float32
   and the sum is rounded once to the update's dtype (bfloat16 stays bfloat16).
 * ``strength == 0`` returns the incoming updates unchanged (the same arrays).
@@ -45,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flowjax import _checks
+from flowjax import _checks, _select
 from flowjax._types import Array, Params
 
 __all__ = [
@@ -88,9 +97,9 @@ class SIState(NamedTuple):
       prev_params: θ_{t-1}, the parameters seen at the previous update.
       prev_grads: g_{t-1}, the incoming gradient at the previous update.
       omega: the path integral ω = Σ_t -g_{t-1} (θ_t - θ_{t-1}) since the
-        last consolidation (float32).
-      importance: Ω consolidated at task boundaries (float32; zeros until
-        :func:`si_consolidate` is called).
+        last consolidation (float32, or float64 for float64 parameters).
+      importance: Ω consolidated at task boundaries (dtype as ``omega``;
+        zeros until :func:`si_consolidate` is called).
       damping: ξ (a float32 scalar).
     """
 
@@ -133,9 +142,13 @@ def l2sp(
         at θ₀; this also lets ``jax.jit(tx.init)`` take θ₀ as an argument).
       strength: λ >= 0, a finite number (a traced scalar is accepted
         unchecked).
-      mask: which leaves to regularise: a pytree of bools (the structure of
-        the parameters or a prefix of it) or a callable ``params -> mask``.
-        Default: all leaves.
+      mask: **True = regularised** (pulled toward θ₀); False leaves pass
+        through untouched. A pytree of bools (Python, numpy or 0-d bool
+        arrays) with the structure of the parameters or a prefix of it (a
+        plain dict prefix works on an ``nnx.State``), or a callable ``params
+        -> mask``. Default: all leaves. Inside ``flowjax.freeze`` /
+        ``optax.masked`` the frozen leaves are never regularised, and with
+        ``scale="num_params"`` N counts the trainable entries only.
       scale: ``"none"`` (c = 1) or ``"num_params"`` (c = 2/N).
 
     Returns:
@@ -145,9 +158,14 @@ def l2sp(
     Raises:
       ValueError: a negative or non-finite strength; an unknown scale; on
         ``init``/``update``: missing ``params``, an anchor or mask whose tree
-        does not match the parameters (the message names the path), or
-        ``scale="num_params"`` with a mask that selects nothing.
-      TypeError: a mask whose leaves are not bools.
+        does not match the parameters, or an anchor leaf of another shape on a
+        regularised leaf (the message names the path; masked-out leaves, e.g.
+        an old head, may differ in shape), or ``scale="num_params"`` with a
+        mask that selects nothing.
+      TypeError: a mask whose leaves are not bools; a regularised leaf that
+        is not floating point (e.g. the RNG keys and counters of a full
+        ``nnx.state(model)``: pass ``nnx.state(model, nnx.Param)`` or mask
+        them out).
 
     Example:
       >>> import jax.numpy as jnp, optax, flowjax
@@ -164,9 +182,10 @@ def l2sp(
         raise ValueError(f"scale must be one of {_SCALES}; got {scale!r}.")
 
     def init_fn(params):
+        keep = _select.mask_leaves(mask, params)
+        _check_float(params, keep, "l2sp")
         anchor = params if anchor_params is None else anchor_params
-        _check_tree(params, anchor, "anchor_params")
-        keep = _mask_leaves(mask, params)
+        anchor = _check_tree(params, anchor, "anchor_params", keep)
         if scale == "num_params" and _count(params, keep) == 0:
             raise ValueError(
                 'l2sp(scale="num_params") divides by the number of regularised entries, '
@@ -184,7 +203,7 @@ def l2sp(
         if scale == "num_params":
             c = strength * (2.0 / _count_leaves(a))
         out = [
-            gi if _masked(ai) else _add(gi, c * _delta(pi, ai))
+            gi if _skip(gi, pi, ai) else _add(gi, c * _delta(pi, ai))
             for gi, pi, ai in zip(g, p, a, strict=True)
         ]
         return jax.tree.unflatten(treedef, out), state
@@ -224,7 +243,7 @@ def l2sp_penalty(
 
     Raises:
       ValueError: as in :func:`l2sp`.
-      TypeError: a mask whose leaves are not bools.
+      TypeError: as in :func:`l2sp`.
 
     Example:
       >>> import jax.numpy as jnp, flowjax
@@ -235,9 +254,10 @@ def l2sp_penalty(
     strength = _check_strength(strength)
     if scale not in _SCALES:
         raise ValueError(f"scale must be one of {_SCALES}; got {scale!r}.")
-    _check_tree(params, anchor_params, "anchor_params")
-    keep = _mask_leaves(mask, params)
-    p, a = jax.tree.leaves(params), jax.tree.leaves(anchor_params)
+    keep = _select.mask_leaves(mask, params)
+    _check_float(params, keep, "l2sp_penalty")
+    anchor_params = _check_tree(params, anchor_params, "anchor_params", keep)
+    p, a = _leaves(params), _leaves(anchor_params)
     c = strength
     if scale == "num_params":
         n = _count(params, keep)
@@ -281,6 +301,7 @@ def ewc(
       anchor_params: θ₀, or None to anchor at the parameters passed to ``init``.
       fisher: the diagonal Fisher F, a pytree like the parameters with
         finite entries >= 0 (stored in the state; computed in float32).
+        Checked once, here, on device (two scalars per leaf reach the host).
       strength: λ >= 0, a finite number.
       mask: as in :func:`l2sp`.
 
@@ -291,8 +312,9 @@ def ewc(
       ValueError: a negative or non-finite strength; a Fisher with negative,
         NaN or infinite entries (naming the leaf); on ``init``/``update``:
         missing ``params``, or an anchor, Fisher or mask whose tree does not
-        match the parameters (naming the path).
-      TypeError: a mask whose leaves are not bools.
+        match the parameters, or a regularised leaf of another shape (naming
+        the path).
+      TypeError: as in :func:`l2sp`.
 
     Example:
       >>> import jax.numpy as jnp, flowjax
@@ -305,16 +327,17 @@ def ewc(
     """
     strength = _check_strength(strength)
     _check_fisher(fisher)
-    if anchor_params is not None:
-        _check_tree(anchor_params, fisher, "fisher")
+    if anchor_params is not None:  # structure only: shapes are checked where selected
+        _check_tree(anchor_params, fisher, "fisher", keep=[])
 
     def init_fn(params):
+        keep = _select.mask_leaves(mask, params)
+        _check_float(params, keep, "ewc")
         anchor = params if anchor_params is None else anchor_params
-        _check_tree(params, anchor, "anchor_params")
-        _check_tree(params, fisher, "fisher")
-        keep = _mask_leaves(mask, params)
+        anchor = _check_tree(params, anchor, "anchor_params", keep)
+        masked_fisher = _check_tree(params, fisher, "fisher", keep)
         return EWCState(
-            anchor=_masked_copy(anchor, keep), fisher=_masked_copy(fisher, keep)
+            anchor=_masked_copy(anchor, keep), fisher=_masked_copy(masked_fisher, keep)
         )
 
     def update_fn(updates, state, params=None):
@@ -325,7 +348,9 @@ def ewc(
             return updates, state
         f = _state_leaves(state.fisher, treedef)
         out = [
-            gi if _masked(ai) else _add(gi, strength * (_f32(fi) * _delta(pi, ai)))
+            gi
+            if _skip(gi, pi, ai)
+            else _add(gi, strength * (_f32(fi) * _delta(pi, ai)))
             for gi, pi, ai, fi in zip(g, p, a, f, strict=True)
         ]
         return jax.tree.unflatten(treedef, out), state
@@ -351,7 +376,8 @@ def ewc_penalty(
     Args:
       params: θ.
       anchor_params: θ₀.
-      fisher: the diagonal Fisher F (entries >= 0).
+      fisher: the diagonal Fisher F (entries >= 0; not re-checked here, on
+        every call: :func:`ewc` checks it once).
       strength: λ >= 0.
       mask: as in :func:`l2sp`.
 
@@ -359,8 +385,8 @@ def ewc_penalty(
       A float32 (or wider) scalar.
 
     Raises:
-      ValueError: as in :func:`ewc`.
-      TypeError: a mask whose leaves are not bools.
+      ValueError: as in :func:`ewc` (except the Fisher's values).
+      TypeError: as in :func:`l2sp`.
 
     Example:
       >>> import jax.numpy as jnp, flowjax
@@ -368,14 +394,14 @@ def ewc_penalty(
       4.0
     """
     strength = _check_strength(strength)
-    _check_fisher(fisher)
-    _check_tree(params, anchor_params, "anchor_params")
-    _check_tree(params, fisher, "fisher")
-    keep = _mask_leaves(mask, params)
+    keep = _select.mask_leaves(mask, params)
+    _check_float(params, keep, "ewc_penalty")
+    anchor_params = _check_tree(params, anchor_params, "anchor_params", keep)
+    fisher = _check_tree(params, fisher, "fisher", keep)
     leaves = zip(
-        jax.tree.leaves(params),
-        jax.tree.leaves(anchor_params),
-        jax.tree.leaves(fisher),
+        _leaves(params),
+        _leaves(anchor_params),
+        _leaves(fisher),
         keep,
         strict=True,
     )
@@ -443,7 +469,7 @@ def synaptic_intelligence(
       damping: ξ > 0, keeps Ω finite for parameters that did not move.
       anchor_params: θ₀; None (default) anchors at the parameters passed to
         ``init``.
-      mask: as in :func:`l2sp`.
+      mask: **True = regularised**, as in :func:`l2sp`.
       online: use the current path's importance (see above); False gives
         Zenke et al.'s penalty from consolidated Ω only.
 
@@ -454,7 +480,7 @@ def synaptic_intelligence(
       ValueError: a negative or non-finite strength; ``damping <= 0``; on
         ``init``/``update``: missing ``params``, an anchor or mask whose tree
         does not match the parameters.
-      TypeError: a mask whose leaves are not bools.
+      TypeError: as in :func:`l2sp`.
 
     Example:
       >>> import jax.numpy as jnp, optax, flowjax
@@ -472,11 +498,12 @@ def synaptic_intelligence(
     damping = _check_positive(damping, "damping")
 
     def init_fn(params):
+        keep = _select.mask_leaves(mask, params)
+        _check_float(params, keep, "synaptic_intelligence")
         anchor = params if anchor_params is None else anchor_params
-        _check_tree(params, anchor, "anchor_params")
-        keep = _mask_leaves(mask, params)
-        leaves, treedef = jax.tree.flatten(params)
-        a = jax.tree.leaves(anchor)
+        anchor = _check_tree(params, anchor, "anchor_params", keep)
+        leaves, treedef = _flatten(params)
+        a = _leaves(anchor)
 
         def field(make):
             return jax.tree.unflatten(
@@ -487,8 +514,10 @@ def synaptic_intelligence(
                 ],
             )
 
-        # zeros_like and copies keep the parameters' sharding.
-        zeros32 = lambda x, _: jnp.zeros_like(x, dtype=jnp.float32)  # noqa: E731
+        # zeros_like and copies keep the parameters' sharding. ω and Ω are kept in
+        # the computation dtype (float32, or float64 for float64 parameters), so
+        # the state's dtypes do not change across updates (jit, scan carries).
+        zeros32 = lambda x, _: jnp.zeros_like(x, dtype=_compute_dtype(x))  # noqa: E731
         return SIState(
             anchor=field(lambda _, ai: jnp.array(ai, copy=True)),
             prev_params=field(lambda x, _: jnp.array(x, copy=True)),
@@ -515,12 +544,12 @@ def synaptic_intelligence(
         ]
         out, new = [], {k: [] for k in SIState._fields[1:5]}
         for gi, pi, ai, pp, pg, om, imp in zip(g, p, a, *fields, strict=True):
-            if _masked(ai):
+            if _skip(gi, pi, ai):
                 out.append(gi)
                 for k in new:
                     new[k].append(optax.MaskedNode())
                 continue
-            om = om - _f32(pg) * (_f32(pi) - _f32(pp))
+            om = (om - _f32(pg) * (_f32(pi) - _f32(pp))).astype(om.dtype)
             if _is_zero(strength):
                 out.append(gi)
             else:
@@ -579,19 +608,24 @@ def si_consolidate(state: Any, params: Params) -> Any:
         if not isinstance(s, SIState):
             return s
         found.append(True)
-        p, treedef = jax.tree.flatten(params)
+        # Inside optax.masked / flowjax.freeze the state holds MaskedNode where
+        # the parameters were hidden from SI: hide them here too.
+        restricted = _restrict(s.anchor, params)
+        p, treedef = _flatten(restricted)
         a, g, pps, oms, imps = (
             _state_leaves(x, treedef)
             for x in (s.anchor, s.prev_grads, s.prev_params, s.omega, s.importance)
         )
         new = {k: [] for k in SIState._fields[:5]}
         for gi, pi, ai, pp, om, imp in zip(g, p, a, pps, oms, imps, strict=True):
-            if _masked(ai):
+            if _masked(ai) or _masked(pi):
                 for k in new:
                     new[k].append(optax.MaskedNode())
                 continue
             om = om - _f32(gi) * (_f32(pi) - _f32(pp))
-            imp = imp + jax.nn.relu(om) / (jnp.square(_delta(pi, ai)) + s.damping)
+            imp = (
+                imp + jax.nn.relu(om) / (jnp.square(_delta(pi, ai)) + s.damping)
+            ).astype(imp.dtype)
             new["anchor"].append(jnp.array(pi, dtype=ai.dtype, copy=True))
             new["prev_params"].append(jnp.array(pi, copy=True))
             new["prev_grads"].append(jnp.zeros_like(gi))
@@ -636,26 +670,73 @@ def _is_zero(strength) -> bool:
 
 
 def _check_fisher(fisher) -> None:
-    for path, f in jax.tree_util.tree_flatten_with_path(fisher)[0]:
-        if not _checks.is_concrete(f) or isinstance(f, jax.ShapeDtypeStruct):
+    """Finite and >= 0, checked on device: two scalars per leaf come to the host."""
+    for path, f in _with_path(fisher):
+        if (
+            _masked(f)
+            or isinstance(f, jax.ShapeDtypeStruct)
+            or not _checks.is_concrete(f)
+            or np.size(f) == 0
+        ):
             continue
-        v = np.asarray(f, np.float64)
+        x = jnp.asarray(f)
+        finite, low = jax.device_get((jnp.all(jnp.isfinite(x)), jnp.min(x)))
         where = jax.tree_util.keystr(path) or "(root)"
-        if not np.isfinite(v).all():
+        if not finite:
+            bad = ~jnp.isfinite(x)
             raise ValueError(
-                f"fisher{where} has NaN or infinite entries at {_checks.describe(~np.isfinite(v), values=v)}."
+                f"fisher{where} has NaN or infinite entries: {int(jnp.sum(bad))} of "
+                f"{x.size}, the first at index {_first(bad)}."
             )
-        if (v < 0).any():
+        if low < 0:
+            bad = x < 0
             raise ValueError(
-                f"fisher{where} must be >= 0 (a diagonal Fisher is a mean of squares); negative at "
-                f"{_checks.describe(v < 0, values=v)}."
+                f"fisher{where} must be >= 0 (a diagonal Fisher is a mean of squares): "
+                f"min {float(low)}, {int(jnp.sum(bad))} negative entries, the first at "
+                f"index {_first(bad)}."
             )
 
 
-def _check_tree(params, other, what: str) -> None:
-    """Raises a ValueError naming the first path where ``other`` differs from ``params``."""
-    p_leaves, p_def = jax.tree.flatten(params)
-    o_leaves, o_def = jax.tree.flatten(other)
+def _first(bad) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.unravel_index(int(jnp.argmax(bad)), bad.shape))
+
+
+def _flatten(tree):
+    """Leaves and treedef, with ``optax.MaskedNode`` kept as a leaf."""
+    return jax.tree.flatten(tree, is_leaf=_is_masked_node)
+
+
+def _leaves(tree) -> list:
+    return _flatten(tree)[0]
+
+
+def _with_path(tree):
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked_node)[0]
+
+
+def _restrict(params, other):
+    """``other`` with ``MaskedNode`` wherever ``params`` holds one (inside ``optax.masked``,
+    where a frozen subtree of the parameters is a single ``MaskedNode``)."""
+    if not any(_masked(x) for x in _leaves(params)):
+        return other
+    try:
+        return jax.tree.map(
+            lambda p, o: optax.MaskedNode() if _masked(p) else o,
+            params,
+            other,
+            is_leaf=_is_masked_node,
+        )
+    except (ValueError, TypeError):
+        return other  # _check_tree names the mismatch
+
+
+def _check_tree(params, other, what: str, keep: list[bool] | None = None):
+    """``other`` restricted to ``params``' MaskedNodes; a ValueError naming the first
+    path where its tree differs, or where a selected leaf (``keep``; default: all)
+    differs in shape."""
+    other = _restrict(params, other)
+    p_leaves, p_def = _flatten(params)
+    o_leaves, o_def = _flatten(other)
     if p_def != o_def:
         p_paths = [jax.tree_util.keystr(k) for k, _ in _with_path(params)]
         o_paths = [jax.tree_util.keystr(k) for k, _ in _with_path(other)]
@@ -668,47 +749,44 @@ def _check_tree(params, other, what: str) -> None:
         else:
             why = f"{what} and params have the same paths in different containers ({o_def} vs {p_def})"
         raise ValueError(f"{why}: the trees must match.")
+    if keep is None:
+        keep = [True] * len(p_leaves)
     for i, (x, y) in enumerate(zip(p_leaves, o_leaves, strict=True)):
+        if i >= len(keep) or not keep[i] or _masked(x) or _masked(y):
+            continue
         if np.shape(x) != np.shape(y):
             path = jax.tree_util.keystr(_with_path(params)[i][0])
             raise ValueError(
                 f"{what}{path} has shape {np.shape(y)}; params{path} has shape {np.shape(x)}."
             )
+    return other
 
 
-def _with_path(tree):
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
-
-
-def _mask_leaves(mask, params) -> list[bool]:
-    """One Python bool per leaf of ``params``."""
-    n = len(jax.tree.leaves(params))
-    if mask is None:
-        return [True] * n
-    m = mask(params) if callable(mask) else mask
-    try:
-        full = jax.tree.map(lambda k, sub: jax.tree.map(lambda _: k, sub), m, params)
-    except ValueError as e:
-        raise ValueError(
-            f"mask does not match params (it must have their structure or a prefix of it): {e}"
-        ) from None
-    keep = jax.tree.leaves(full)
-    for k in keep:
-        if not isinstance(k, bool | np.bool_):
-            raise TypeError(
-                f"mask leaves must be Python bools, one per parameter leaf or subtree; got {type(k).__name__}."
-            )
-    if len(keep) != n:  # a subtree without leaves in params cannot happen; a safety net
-        raise ValueError("mask does not match params.")
-    return [bool(k) for k in keep]
+def _check_float(params, keep: list[bool], fn: str) -> None:
+    """A TypeError naming the selected leaves that are not floating point."""
+    bad = []
+    for (path, x), k in zip(_with_path(params), keep, strict=True):
+        if not k or _masked(x):
+            continue
+        dtype = getattr(x, "dtype", None)
+        dtype = np.result_type(x) if dtype is None else dtype
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            bad.append(f"params{jax.tree_util.keystr(path)} ({dtype})")
+    if bad:
+        raise TypeError(
+            f"{fn} regularises floating-point parameters, but {', '.join(bad[:5])} "
+            f"{'is' if len(bad) == 1 else 'are'} not (RNG keys and counters of a full "
+            "nnx.state(model), step counters, integer buffers). Pass the parameters only, "
+            "e.g. nnx.state(model, nnx.Param), or leave such leaves out with mask=."
+        )
 
 
 def _masked_copy(tree, keep: list[bool]):
-    leaves, treedef = jax.tree.flatten(tree)
+    leaves, treedef = _flatten(tree)
     return jax.tree.unflatten(
         treedef,
         [
-            jnp.array(x, copy=True) if k else optax.MaskedNode()
+            jnp.array(x, copy=True) if k and not _masked(x) else optax.MaskedNode()
             for x, k in zip(leaves, keep, strict=True)
         ],
     )
@@ -721,20 +799,28 @@ def _is_masked_node(x) -> bool:
 _masked = _is_masked_node
 
 
+def _skip(*leaves) -> bool:
+    """A leaf position the regulariser does not touch (masked out here or by optax.masked)."""
+    return any(_masked(x) for x in leaves)
+
+
 def _align(updates, params, anchor):
     """Flat leaves of updates, params and the state's anchor, checked to match."""
-    g, treedef = jax.tree.flatten(updates)
-    if jax.tree.structure(params) != treedef or any(
+    g, treedef = _flatten(updates)
+    p, p_def = _flatten(params)
+    if p_def != treedef or any(
         np.shape(x) != np.shape(y)
-        for x, y in zip(g, jax.tree.leaves(params), strict=True)
+        for x, y in zip(g, p, strict=True)
+        if not (_masked(x) or _masked(y))
     ):
         _check_tree(updates, params, "params")  # raises, naming the path
-    return g, jax.tree.leaves(params), _state_leaves(anchor, treedef), treedef
+        raise ValueError("params do not match the updates' tree.")
+    return g, p, _state_leaves(anchor, treedef), treedef
 
 
 def _state_leaves(tree, treedef) -> list:
     """Leaves of a state field (``MaskedNode`` where masked out), checked against the params' tree."""
-    leaves, state_def = jax.tree.flatten(tree, is_leaf=_is_masked_node)
+    leaves, state_def = _flatten(tree)
     if state_def != treedef:
         raise ValueError(
             "the optimiser state was initialised for a different parameter tree: "
@@ -746,8 +832,8 @@ def _state_leaves(tree, treedef) -> list:
 def _count(params, keep: list[bool]) -> int:
     return sum(
         int(np.prod(np.shape(x)))
-        for x, k in zip(jax.tree.leaves(params), keep, strict=True)
-        if k
+        for x, k in zip(_leaves(params), keep, strict=True)
+        if k and not _masked(x)
     )
 
 

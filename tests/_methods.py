@@ -167,6 +167,22 @@ METHODS: list[Method] = [
         ),
         strength=1.0,
     ),
+    # L2-SP inside freeze, on the trainable head only (N = its 27 entries): the
+    # regulariser sees the head and nothing else. strength > 0: head-only with
+    # λ = strength; 0: all trainable and λ = 0, i.e. plain fine-tuning.
+    Method(
+        "freeze-l2sp",
+        lambda s, t0: (
+            plain_objective,
+            flowjax.freeze(
+                _chain(flowjax.l2sp(None, s, scale="num_params")),
+                {"w1": s == 0, "b1": s == 0, "w2": True, "b2": True},
+            ),
+            None,
+            t0,
+        ),
+        strength=5.0,
+    ),
     Method("lora", lambda s, t0: _lora(t0), zero=None),
     Method("lwf", lambda s, t0: _lwf(s, t0), strength=2.0),
     # Dynamic DRO has no strength that is plain fine-tuning (τ must be finite).

@@ -107,8 +107,12 @@ def test_mask_keeps_a_new_head_of_another_shape(rng, variant):
             {"alpha": -0.1},
             r"alpha must be in \[0, 1\]",
         ),
-        ({"a": jnp.ones(2)}, {"a": jnp.ones(2)}, {"mask": {"b": True}}, "mask must"),
-        ({"a": jnp.ones(2)}, {"a": jnp.ones(2)}, {"mask": {"a": 1.0}}, "bools"),
+        (
+            {"a": jnp.ones(2)},
+            {"a": jnp.ones(2)},
+            {"mask": {"b": True}},
+            r"mask does not match the params.*\['b'\]",
+        ),
     ],
 )
 def test_wise_ft_errors(pre, ft, kw, match):
@@ -234,3 +238,52 @@ def test_flow_fine_tuned_model_averaged_in_one_jitted_step(rng):
         np.testing.assert_allclose(
             float(evaluate(pre, ft, a, batch)), expected, rtol=1e-5
         )
+
+
+def test_bad_mask_leaf_is_a_type_error():
+    with pytest.raises(TypeError, match=r"mask leaves must be bools.*float"):
+        flowjax.wise_ft({"a": jnp.ones(2)}, {"a": jnp.ones(2)}, 0.5, mask={"a": 1.0})
+
+
+class _Dropout(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 2, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(self.lin(x))
+
+
+def test_full_nnx_state_with_rng_streams_keeps_the_finetuned_rng():
+    pre = _Dropout(nnx.Rngs(0, dropout=1))
+    pre_state = jax.tree.map(jnp.copy, nnx.state(pre))
+    ft = _Dropout(nnx.Rngs(0, dropout=1))
+    ft.lin.kernel[...] = ft.lin.kernel[...] + 1.0
+    for _ in range(3):  # each call advances the dropout stream's count
+        ft(jnp.ones((1, 3)))
+    ft_state = nnx.state(ft)
+
+    def count(s):
+        leaves = jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return [int(v[...]) for v in leaves if isinstance(v, nnx.RngCount)]
+
+    assert count(ft_state) != count(pre_state)
+    out = flowjax.wise_ft(pre_state, ft_state, 0.25)
+    np.testing.assert_allclose(
+        out["lin"]["kernel"][...], pre_state["lin"]["kernel"][...] + 0.75, rtol=1e-6
+    )
+    assert count(out) == count(ft_state)
+
+    def keys(s):
+        leaves = jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return [
+            jax.random.key_data(v[...]) for v in leaves if isinstance(v, nnx.RngKey)
+        ]
+
+    for a, b in zip(keys(out), keys(ft_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    model = nnx.merge(nnx.graphdef(ft), out)
+    assert model(jnp.ones((1, 3))).shape == (1, 2)
+    # Other integer leaves are still checked.
+    with pytest.raises(ValueError, match=r"non-float leaf \['n'\] differs"):
+        flowjax.wise_ft({"n": jnp.array(1)}, {"n": jnp.array(2)}, 0.5)

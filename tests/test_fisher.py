@@ -227,3 +227,15 @@ def test_eight_devices_equal_one_device(tmp_path):
             np.testing.assert_allclose(
                 got[k], one[k], rtol=1e-5, atol=1e-8, err_msg=f"{name} {k}"
             )
+
+
+def test_numpy_integer_seed_is_a_seed():
+    data, p = dataset(), params()
+    kw = dict(kind="sampled", progress=False)
+    want = flowjax.diagonal_fisher(logits, p, batches(data, 16), rng=3, **kw)
+    for seed in (np.int64(3), np.int32(3), np.uint8(3)):
+        got = flowjax.diagonal_fisher(logits, p, batches(data, 16), rng=seed, **kw)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    other = flowjax.diagonal_fisher(logits, p, batches(data, 16), rng=4, **kw)
+    assert not np.array_equal(other["W"], want["W"])

@@ -106,7 +106,7 @@ def test_callable_mask_prefix_mask_and_dtype(rng):
 
 def test_freeze_rejects_bad_masks(rng):
     params = _tree(rng)
-    with pytest.raises(TypeError, match="pytree of Python bools"):
+    with pytest.raises(TypeError, match=r"trainable leaves must be bools.*float32"):
         flowjax.freeze(optax.sgd(0.1), params)  # params passed instead of a mask
     with pytest.raises(ValueError, match="does not match the params"):
         flowjax.freeze(optax.sgd(0.1), {"body": True}).init(params)
@@ -333,3 +333,74 @@ def test_swap_rejects_mismatched_shared_parts():
     merged = flowjax.merge_lora(lora_ft)
     out = flowjax.swap_task_parts(nnx.state(merged), pre_state, ["head", "bn"])
     np.testing.assert_array_equal(out["body"]["kernel"][...], merged.body.kernel[...])
+
+
+# ----------------------------------------------------------------------------- one mask helper
+
+
+def _state_net():
+    class TwoPart(nnx.Module):
+        def __init__(self, rngs):
+            self.body = nnx.Linear(2, 3, rngs=rngs)
+            self.head = nnx.Linear(3, 2, rngs=rngs)
+
+    return nnx.state(TwoPart(nnx.Rngs(0)), nnx.Param)
+
+
+@pytest.mark.parametrize(
+    "head", [True, np.bool_(True), jnp.array(True), np.array(True)], ids=repr
+)
+def test_freeze_accepts_numpy_and_zero_d_bool_array_leaves(head, rng):
+    params = _tree(rng)
+    grads = [_tree(rng) for _ in range(2)]
+    want = _run(flowjax.freeze(WD_MOMENTUM, HEAD_ONLY), params, grads, jax.jit)[0]
+    mask = {"body": jnp.array(False), "head": head}
+    got = _run(flowjax.freeze(WD_MOMENTUM, mask), params, grads, jax.jit)[0]
+    chex.assert_trees_all_equal(got, want)
+    chex.assert_trees_all_equal(got["body"], params["body"])
+    assert not np.array_equal(got["head"]["w"], params["head"]["w"])
+
+
+@pytest.mark.parametrize("bad", [1, 1.0, jnp.ones(2, bool), "yes", None], ids=repr)
+def test_bad_mask_leaves_are_the_same_type_error_everywhere(bad, rng):
+    params = _tree(rng)
+    mask = {"body": bad, "head": True}
+    match = r"leaves must be bools \(Python, numpy or 0-d bool arrays\)"
+    with pytest.raises(TypeError, match=match):
+        flowjax.freeze(optax.sgd(0.1), mask).init(params)
+    with pytest.raises(TypeError, match=match):
+        flowjax.l2sp(None, 0.1, mask=mask).init(params)
+    with pytest.raises(TypeError, match=match):
+        flowjax.wise_ft(params, params, 0.5, mask=mask)
+    with pytest.raises(TypeError, match=match):
+        flowjax.swap_task_parts(params, params, mask)
+
+
+def test_plain_dict_prefix_masks_on_an_nnx_state():
+    params = _state_net()
+    moved = jax.tree.map(lambda x: x + 1.0, params)
+    prefix = {"body": False, "head": True}
+    tx = flowjax.freeze(optax.sgd(1.0), prefix)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["body"]["kernel"][...], 0.0)
+    np.testing.assert_array_equal(updates["head"]["kernel"][...], -1.0)
+    # swap_task_parts: True = taken from the pre-trained state.
+    out = flowjax.swap_task_parts(moved, params, prefix)
+    chex.assert_trees_all_equal(out["head"], params["head"])
+    chex.assert_trees_all_equal(out["body"], moved["body"])
+    # wise_ft: True = averaged.
+    avg = flowjax.wise_ft(params, moved, 0.5, mask=prefix)
+    chex.assert_trees_all_equal(avg["body"], moved["body"])
+    np.testing.assert_allclose(
+        avg["head"]["kernel"][...], params["head"]["kernel"][...] + 0.5, rtol=1e-6
+    )
+    # A key the state lacks: a clear error naming it and pointing to trainable_mask.
+    bad = {"body": False, "tail": True}
+    for call in (
+        lambda: flowjax.freeze(optax.sgd(1.0), bad).init(params),
+        lambda: flowjax.wise_ft(params, moved, 0.5, mask=bad),
+        lambda: flowjax.swap_task_parts(moved, params, bad),
+    ):
+        with pytest.raises(ValueError, match=r"'tail'.*flowjax\.trainable_mask"):
+            call()

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flowjax
+
 from . import _methods, _subprocess
 
 NAMES = [m.name for m in _methods.METHODS]
@@ -104,3 +106,31 @@ def test_sharding_kept_on_eight_devices(name, eight_devices):
         np.testing.assert_allclose(
             eight_devices[f"{name}/{k}"], p[k], rtol=1e-5, atol=1e-6, err_msg=k
         )
+
+
+def test_l2sp_inside_freeze_is_l2sp_on_the_head_with_n_trainable():
+    """The battery's freeze-l2sp equals L2-SP (N = 27 head entries) with the body frozen."""
+    m = _methods.BY_NAME["freeze-l2sp"]
+    got, _, _ = _methods.train(m, m.strength)
+    theta0 = _methods.params()
+    head = ("w2", "b2")
+
+    def objective(h, frozen, b):
+        return _methods.plain_objective({**theta0, **h}, frozen, b)
+
+    ref = _methods.Method(
+        "ref",
+        lambda s, t0: (
+            objective,
+            _methods._chain(flowjax.l2sp(None, s, scale="num_params")),
+            None,
+            {k: t0[k] for k in head},
+        ),
+    )
+    want, _, _ = _methods.train(ref, m.strength)
+    for k in head:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    for k in ("w1", "b1"):
+        np.testing.assert_array_equal(got[k], theta0[k])
+    plain_head, _, _ = _methods.train(ref, 0.0)
+    assert max(np.abs(np.asarray(want[k] - plain_head[k])).max() for k in head) > 1e-4
