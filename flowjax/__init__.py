@@ -34,6 +34,7 @@ from flowjax.lm import (
 )
 from flowjax.lm_prepass import (
     TokenLosses,
+    TokenWeights,
     bucket_batches,
     lm_sequence_losses,
     lm_token_losses,
@@ -66,6 +67,7 @@ __all__ = [
     "ReplayBuffer",
     "SIState",
     "TokenLosses",
+    "TokenWeights",
     "WeightTable",
     "WiseFTCurve",
     "add_lora",

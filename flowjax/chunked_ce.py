@@ -17,6 +17,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from flowjax import _checks
 from flowjax._types import Array, ArrayLike
@@ -53,7 +54,10 @@ def chunked_token_nll(
         (\\mathrm{softmax}(c_n)_v - [v = y_n])\\,(1 - (c_{nv}/s)^2)
 
     (the last factor is 1 without a cap) into ``dh`` and ``dW`` chunk by
-    chunk, so the backward pass is memory-lean as well. Logits and the
+    chunk, so the backward pass is memory-lean as well. A gradient that is not
+    asked for is never computed: differentiating only w.r.t. ``hidden`` (a
+    frozen ``lm_head`` or tied embedding table, as with LoRA, or ``W`` under
+    ``stop_gradient``) allocates no ``[D, V]`` float32 ``dW`` buffer. Logits and the
     logsumexp are computed in float32 whatever the input dtype; gradients come
     back in the inputs' dtypes. A vocabulary that is not a multiple of
     ``chunk_size`` is handled without copying ``W``: the last chunk is shifted
@@ -81,7 +85,8 @@ def chunked_token_nll(
 
     Raises:
       ValueError: wrong ranks or mismatched ``N``/``D``; a non-integer
-        ``targets``; ``chunk_size < 1``; ``logit_softcap <= 0``; an unknown
+        ``targets``; ``chunk_size < 1``; a ``logit_softcap`` that is not a
+        finite number > 0; an unknown
         ``layout``; concrete unmasked targets outside ``[0, V)`` (under
         ``jax.jit`` they cannot be checked: mask them).
 
@@ -124,8 +129,16 @@ def chunked_token_nll(
         )
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
-    if logit_softcap is not None and not float(logit_softcap) > 0:
-        raise ValueError(f"logit_softcap must be > 0 or None; got {logit_softcap!r}.")
+    if logit_softcap is not None:
+        try:
+            cap_value = float(logit_softcap)
+        except (TypeError, ValueError):
+            cap_value = np.nan
+        if not (np.isfinite(cap_value) and cap_value > 0):
+            raise ValueError(
+                f"logit_softcap must be a finite number > 0 or None; got {logit_softcap!r} "
+                "(use None for no cap; an infinite cap would give NaN)."
+            )
     if mask is None:
         mask = jnp.ones((n,), bool)
     else:
@@ -201,9 +214,16 @@ def _nll(c, cap, layout, h, w, targets, mask):
 
 
 def _nll_fwd(c, cap, layout, h, w, targets, mask):
+    # symbolic_zeros=True: each array argument arrives as a CustomVJPPrimal whose
+    # static ``perturbed`` bit says whether its gradient is needed at all.
+    need = (h.perturbed, w.perturbed)
+    h, w, targets, mask = h.value, w.value, targets.value, mask.value
     lse = _lse(c, cap, layout, h, w)
     _, zt = _target_logits(h, w, targets, layout)
-    return jnp.where(mask, lse - _cap(zt, cap), 0.0), (h, w, targets, mask, lse)
+    out = jnp.where(mask, lse - _cap(zt, cap), 0.0)
+    # The flags travel in the residuals' tree structure (None vs ()), so bwd sees them statically.
+    flags = tuple(() if n else None for n in need)
+    return out, (h, w, targets, mask, lse, flags)
 
 
 def _dcap(ccap, cap):
@@ -212,7 +232,10 @@ def _dcap(ccap, cap):
 
 
 def _nll_bwd(c, cap, layout, res, g):
-    h, w, targets, mask, lse = res
+    h, w, targets, mask, lse, flags = res
+    need_dh, need_dw = (f is not None for f in flags)
+    if isinstance(g, SymbolicZero) or not (need_dh or need_dw):
+        return None, None, None, None
     g = jnp.where(mask, g, 0.0).astype(jnp.float32)
     v = w.shape[1] if layout == "dv" else w.shape[0]
     k, starts = _chunks(v, c)
@@ -225,36 +248,40 @@ def _nll_bwd(c, cap, layout, res, g):
         fresh = start + jnp.arange(c) >= i * c
         p = jnp.where(fresh, jnp.exp(cz - lse[:, None]), 0.0)
         gz = g[:, None] * p * _dcap(cz, cap)  # [N, C], softmax part only
-        if layout == "dv":
-            dh = dh + jnp.einsum(
-                "nc,dc->nd", gz, wk, preferred_element_type=jnp.float32
-            )
-            dwk = jnp.einsum("nd,nc->dc", h, gz, preferred_element_type=jnp.float32)
-            old = jax.lax.dynamic_slice_in_dim(dw, start, c, axis=1)
-            dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dwk, start, axis=1)
-        else:
-            dh = dh + jnp.einsum(
-                "nc,cd->nd", gz, wk, preferred_element_type=jnp.float32
-            )
-            dwk = jnp.einsum("nd,nc->cd", h, gz, preferred_element_type=jnp.float32)
-            old = jax.lax.dynamic_slice_in_dim(dw, start, c, axis=0)
-            dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dwk, start, axis=0)
+        if need_dh:
+            spec = "nc,dc->nd" if layout == "dv" else "nc,cd->nd"
+            dh = dh + jnp.einsum(spec, gz, wk, preferred_element_type=jnp.float32)
+        if need_dw:
+            spec = "nd,nc->dc" if layout == "dv" else "nd,nc->cd"
+            dwk = jnp.einsum(spec, h, gz, preferred_element_type=jnp.float32)
+            axis = 1 if layout == "dv" else 0
+            old = jax.lax.dynamic_slice_in_dim(dw, start, c, axis=axis)
+            dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dwk, start, axis=axis)
         return (dh, dw), None
 
-    init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
+    # An unneeded gradient is never allocated: for a frozen W (LoRA, tied
+    # embeddings) this saves the [D, V] float32 dW buffer.
+    init = (
+        jnp.zeros(h.shape, jnp.float32) if need_dh else None,
+        jnp.zeros(w.shape, jnp.float32) if need_dw else None,
+    )
     (dh, dw), _ = jax.lax.scan(body, init, (jnp.arange(k), starts))
     # The one-hot part: -g (1 - (c_y/s)^2) at each target column.
     wt, zt = _target_logits(h, w, targets, layout)
     gt = g * _dcap(_cap(zt, cap), cap)  # [N]
-    if layout == "dv":
-        dh = dh - gt[:, None] * wt.T.astype(jnp.float32)
-        dw = dw.at[:, targets].add(-(h.astype(jnp.float32) * gt[:, None]).T)
-    else:
-        dh = dh - gt[:, None] * wt.astype(jnp.float32)
-        dw = dw.at[targets, :].add(-(h.astype(jnp.float32) * gt[:, None]))
-    return dh.astype(h.dtype), dw.astype(w.dtype), None, None
+    if need_dh:
+        wt_nd = wt.T if layout == "dv" else wt
+        dh = (dh - gt[:, None] * wt_nd.astype(jnp.float32)).astype(h.dtype)
+    if need_dw:
+        upd = -(h.astype(jnp.float32) * gt[:, None])  # [N, D]
+        if layout == "dv":
+            dw = dw.at[:, targets].add(upd.T)
+        else:
+            dw = dw.at[targets, :].add(upd)
+        dw = dw.astype(w.dtype)
+    return dh, dw, None, None
 
 
-_nll.defvjp(_nll_fwd, _nll_bwd)
+_nll.defvjp(_nll_fwd, _nll_bwd, symbolic_zeros=True)
 # Jitted, so an eager call compiles the chunk loop once per shape instead of dispatching op by op.
 _nll_jit = jax.jit(_nll, static_argnums=(0, 1, 2))

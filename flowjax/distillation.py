@@ -177,8 +177,9 @@ def lwf_objective(
       valid_key: optional boolean batch field marking real (non-padding) rows.
       distill_mask_key: optional boolean batch field ``[B, T]`` for token-level
         logits ``[T, C]``: the per-example distillation loss is the mean over
-        the marked tokens (0 for a row with none). Without it, the mean over
-        all tokens.
+        the marked tokens (0 for a row with none); NaN or inf logits at
+        unmarked tokens reach neither the value nor the gradient. Without it,
+        the mean over all tokens.
       weight_distillation: multiply the distillation term by the weights too.
 
     Returns:
@@ -192,7 +193,9 @@ def lwf_objective(
     Raises:
       ValueError: an unknown ``reduction``, a concrete negative or non-finite
         ``strength`` or bad temperature; when called, a batch without the weight
-        field, or a ``task_loss`` that does not give one scalar per example.
+        field, a ``task_loss`` that does not give one scalar per example, or a
+        ``distill_mask_key`` field whose per-example shape is not the logits'
+        shape without the class axis.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, flowjax, optax
@@ -231,13 +234,21 @@ def lwf_objective(
             return loss, None
         student_logits = pick(outputs)
         teacher_logits = teacher(teacher_params, example)
-        d = lwf_loss(student_logits, teacher_logits, temperature=temperature)
-        if token_mask is not None:
-            m = jnp.asarray(token_mask, bool)
-            d = jnp.sum(jnp.where(m, d, 0)) / jnp.maximum(jnp.sum(m), 1)
-        else:
-            d = jnp.mean(d)
-        return loss, d
+        if token_mask is None:
+            d = lwf_loss(student_logits, teacher_logits, temperature=temperature)
+            return loss, jnp.mean(d)
+        m = jnp.asarray(token_mask, bool)
+        token_shape = jnp.shape(student_logits)[:-1]
+        if m.shape != token_shape:
+            raise ValueError(
+                f"batch[{distill_mask_key!r}] has per-example shape {m.shape}; it must be "
+                f"the per-example distillation logits' shape without the class axis, "
+                f"{token_shape} (a [B, T] mask needs [T, C] logits per example)."
+            )
+        # where= inside lwf_loss: NaN/inf logits at masked tokens give exactly 0
+        # in both the value and the gradient (masking afterwards would not).
+        d = lwf_loss(student_logits, teacher_logits, temperature=temperature, where=m)
+        return loss, jnp.sum(d) / jnp.maximum(jnp.sum(m), 1)
 
     def objective(params: Params, teacher_params: Params, batch: Mapping[str, Any]):
         if weight_key is not None and weight_key not in batch:

@@ -59,7 +59,11 @@ def dro_loss(
     :math:`\\sum w\\ell/\\sum w`); as :math:`\\tau\\to 0` it selects the worst
     example. :math:`p` is computed in log space (no overflow); masked entries
     and entries with weight 0 get :math:`p=0`; NaN in masked entries does
-    not leak (NaN in a counted entry does, even with weight 0). No counted entry gives 0.
+    not leak (NaN in a counted entry does, even with weight 0). No counted
+    entry at all (a padding-only batch) gives 0; counted entries whose
+    weights are all 0 give NaN (value and gradient), as
+    ``flowjax.weighted_loss(..., reduction="normalized")`` does: there is no
+    reference distribution to reweight, and 0 would hide that.
 
     Args:
       losses: per-example ``[B]`` (or per-token ``[B, T]``) losses at the
@@ -69,7 +73,8 @@ def dro_loss(
       where: optional boolean mask with the shape of ``losses``.
 
     Returns:
-      A scalar in the losses' dtype.
+      A scalar in the losses' dtype: 0 with no counted entry, NaN when the
+      counted entries' weights are all 0.
 
     Raises:
       ValueError: a concrete ``temperature`` that is not a finite number > 0
@@ -131,6 +136,9 @@ def dro_loss(
     top = jnp.max(jnp.where(counted, logits, jnp.finfo(dtype).min))
     unnorm = jnp.where(counted, jnp.exp(logits - top), 0)
     p = unnorm / jnp.maximum(jnp.sum(unnorm), jnp.finfo(dtype).tiny)
-    p = jax.lax.stop_gradient(jnp.where(tau_ok, p, jnp.nan))
+    # Counted entries that all have weight 0 leave no distribution to reweight:
+    # NaN, as weighted_loss(..., "normalized") gives, never a silent 0.
+    no_mass = jnp.any(where) & ~jnp.any(counted)
+    p = jax.lax.stop_gradient(jnp.where(tau_ok & ~no_mass, p, jnp.nan))
     value = jnp.sum(jnp.where(where, p * safe.astype(dtype), 0))
     return value.astype(losses.dtype)

@@ -67,8 +67,8 @@ def response_mask(
 
     Raises:
       ValueError: shapes that differ or are not 1-D, non-integer values,
-        ``prompt_lengths < 1``, ``prompt_lengths > lengths`` or
-        ``lengths > max_len``.
+        ``prompt_lengths < 1``, ``prompt_lengths > lengths``,
+        ``lengths > max_len``, or a ``max_len`` that is not an int >= 0.
 
     Example:
       >>> import flowjax
@@ -76,6 +76,14 @@ def response_mask(
       array([[0, 0, 1, 1, 0],
              [0, 1, 1, 0, 0]])
     """
+    if (
+        isinstance(max_len, bool)
+        or not isinstance(max_len, int | np.integer)
+        or max_len < 0
+    ):
+        raise ValueError(
+            f"max_len must be an int >= 0 (the padded length T); got {max_len!r}."
+        )
     lengths = np.asarray(lengths)
     prompt = np.asarray(prompt_lengths)
     if lengths.ndim != 1 or prompt.shape != lengths.shape:
@@ -204,7 +212,8 @@ def sequence_nll(
       float32 ``[...]``: one mean NLL per sequence.
 
     Raises:
-      ValueError: mismatched shapes, an unknown ``on_empty``, or (with
+      ValueError: mismatched shapes (``ids`` must be ``mask.shape[:-1]``),
+        an unknown ``on_empty``, or (with
         ``on_empty="raise"`` and a concrete mask) a sequence without target
         tokens.
 
@@ -223,6 +232,11 @@ def sequence_nll(
     if nll.shape != mask.shape or nll.ndim < 1:
         raise ValueError(
             f"nll {nll.shape} and mask {mask.shape} must have one shape [..., T]."
+        )
+    if ids is not None and jnp.shape(ids) != mask.shape[:-1]:
+        raise ValueError(
+            f"ids has shape {jnp.shape(ids)}; it must be the mask's shape without the "
+            f"token axis, {mask.shape[:-1]} (one id per sequence)."
         )
     mask = mask.astype(bool)
     count = jnp.sum(mask, axis=-1)

@@ -23,6 +23,7 @@ causal, so the right padding cannot change the logits of real positions.
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 import os
 import weakref
@@ -34,10 +35,16 @@ import numpy as np
 
 from flowjax import _checks
 from flowjax import lm as _lm
-from flowjax.prepass import per_example_losses
+from flowjax.prepass import _IN_FLIGHT, per_example_losses
 from flowjax.tables import LossTable
 
-__all__ = ["TokenLosses", "bucket_batches", "lm_sequence_losses", "lm_token_losses"]
+__all__ = [
+    "TokenLosses",
+    "TokenWeights",
+    "bucket_batches",
+    "lm_sequence_losses",
+    "lm_token_losses",
+]
 
 LogitsFn = Callable[[Any, jax.Array], jax.Array]
 Example = Mapping[str, Any]
@@ -281,6 +288,8 @@ class TokenLosses(NamedTuple):
     Row ``r`` belongs to example ``ids[r]``; column ``t`` is the NLL of that
     example's token ``t + 1`` (the shifted convention of
     :func:`flowjax.token_nll`), padded to the longest bucket minus one.
+    :meth:`weights` turns the table into token-level FLOW weights
+    (:class:`TokenWeights`) that a training step looks up by example id.
 
     Attributes:
       ids: int64 ``[n]``, sorted, unique.
@@ -294,6 +303,8 @@ class TokenLosses(NamedTuple):
       >>> w, tau = flowjax.token_flow_weights(tl.losses, tl.mask)
       >>> tau, tl.rows([5])[1].tolist()
       (1.0, [[True, False]])
+      >>> tl.weights().rows([5], length=4)[0].round(4).tolist()  # by id, padded to T - 1 = 3
+      [[0.3679, 0.0, 0.0]]
     """
 
     ids: np.ndarray
@@ -307,29 +318,110 @@ class TokenLosses(NamedTuple):
         shifted losses have ``T - 1`` columns.
 
         Raises:
-          ValueError: an id not in the table, or a ``length`` that would cut
-            off target tokens.
+          ValueError: an id not in the table, a ``length`` that is not an int
+            >= 2, or a ``length`` that would cut off target tokens.
         """
-        query = _checks.as_ids(ids)
-        pos = np.minimum(np.searchsorted(self.ids, query), max(len(self.ids) - 1, 0))
-        found = (
-            (self.ids[pos] == query) if len(self.ids) else np.zeros(len(query), bool)
+        return _rows(self.ids, self.losses, self.mask, ids, length, "TokenLosses")
+
+    def weights(self, temperature: str | float = "median") -> TokenWeights:
+        """Token-level FLOW weights of this table, to look up by example id.
+
+        .. math::
+            \\tau_{tok} = \\mathrm{median}\\{\\ell_{it} : m_{it}\\}, \\qquad
+            w_{it} = m_{it} \\exp(-\\ell_{it} / \\tau_{tok})
+
+        computed with :func:`flowjax.token_flow_weights` over every target
+        token of the whole table (not per batch).
+
+        Args:
+          temperature: ``"median"`` (τ_tok, the paper's choice) or a number > 0.
+
+        Returns:
+          A :class:`TokenWeights` with the same ids and mask; fetch a training
+          batch's weights with ``.rows(batch["id"], length=T)``.
+
+        Raises:
+          ValueError: anything :func:`flowjax.token_flow_weights` raises (no
+            target token, NaN/inf or negative losses, a bad temperature).
+        """
+        w, tau = _lm.token_flow_weights(self.losses, self.mask, temperature)
+        return TokenWeights(self.ids, np.asarray(w, np.float32), self.mask, float(tau))
+
+
+class TokenWeights(NamedTuple):
+    """Token-level FLOW weights of every example, keyed by id (from :meth:`TokenLosses.weights`).
+
+    .. math:: w_{it} = m_{it} \\exp(-\\ell_{it} / \\tau_{tok})
+
+    Row ``r`` belongs to example ``ids[r]``; column ``t`` is the weight of
+    that example's token ``t + 1`` (the shifted convention of
+    :func:`flowjax.token_nll`); 0 where ``mask`` is False. Look rows up by id
+    with :meth:`rows`, so a shuffled training batch gets its own examples'
+    weights.
+
+    Attributes:
+      ids: int64 ``[n]``, sorted, unique.
+      weights: float32 ``[n, T_max - 1]``.
+      mask: bool ``[n, T_max - 1]``, True at target tokens.
+      tau: the temperature used (τ_tok for ``"median"``).
+
+    Example:
+      >>> import numpy as np, flowjax
+      >>> tl = flowjax.TokenLosses(np.array([3, 5]), np.array([[0.5, 2.0], [1.0, 0.0]], np.float32),
+      ...                          np.array([[True, True], [True, False]]))
+      >>> tw = tl.weights()  # τ_tok = median(0.5, 2, 1) = 1
+      >>> tw.tau, tw.rows([5, 3])[0].round(4).tolist()
+      (1.0, [[0.3679, 0.0], [0.6065, 0.1353]])
+    """
+
+    ids: np.ndarray
+    weights: np.ndarray
+    mask: np.ndarray
+    tau: float
+
+    def rows(self, ids, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(weights, mask)`` rows of the given ids, optionally cut or padded to ``length - 1`` columns.
+
+        ``length`` is the padded token length ``T`` of a training batch, whose
+        shifted losses (:func:`flowjax.token_nll`) have ``T - 1`` columns:
+        the result multiplies them position by position.
+
+        Raises:
+          ValueError: an id not in the table, a ``length`` that is not an int
+            >= 2, or a ``length`` that would cut off target tokens.
+        """
+        return _rows(self.ids, self.weights, self.mask, ids, length, "TokenWeights")
+
+
+def _rows(table_ids, values, mask, ids, length, what):
+    """Rows of ``values`` and ``mask`` by id, re-padded to ``length - 1`` columns."""
+    if length is not None and (
+        isinstance(length, bool)
+        or not isinstance(length, int | np.integer)
+        or length < 2
+    ):
+        raise ValueError(
+            f"length must be an int >= 2 (a batch's padded token length T, giving T - 1 "
+            f"shifted columns); got {length!r}."
         )
-        if not found.all():
+    query = _checks.as_ids(ids)
+    pos = np.minimum(np.searchsorted(table_ids, query), max(len(table_ids) - 1, 0))
+    found = (table_ids[pos] == query) if len(table_ids) else np.zeros(len(query), bool)
+    if not found.all():
+        raise ValueError(
+            f"{_checks.describe(~found, query)} are not in this {what} table."
+        )
+    values, mask = values[pos], mask[pos]
+    if length is not None:
+        cols = int(length) - 1
+        if mask[:, cols:].any():
             raise ValueError(
-                f"{_checks.describe(~found, query)} are not in this TokenLosses table."
+                f"length {length} cuts off target tokens of some of these examples."
             )
-        losses, mask = self.losses[pos], self.mask[pos]
-        if length is not None:
-            cols = length - 1
-            if mask[:, cols:].any():
-                raise ValueError(
-                    f"length {length} cuts off target tokens of some of these examples."
-                )
-            pad = max(cols - losses.shape[1], 0)
-            losses = np.pad(losses[:, :cols], ((0, 0), (0, pad)))
-            mask = np.pad(mask[:, :cols], ((0, 0), (0, pad)))
-        return losses, mask
+        pad = max(cols - values.shape[1], 0)
+        values = np.pad(values[:, :cols], ((0, 0), (0, pad)))
+        mask = np.pad(mask[:, :cols], ((0, 0), (0, pad)))
+    return values, mask
 
 
 def _make_token_step(fn_ref):
@@ -357,8 +449,14 @@ def lm_token_losses(
     Batches from :func:`bucket_batches` go through one jitted step (traced
     once per bucket length; a bucket's ragged last batch is padded by
     repeating a row and the copies are dropped). Runs on the default device
-    in this process; for sharded or resumable runs use the sequence-level
-    :func:`lm_sequence_losses`. Feed the result to
+    in this process: ``params`` are placed there once and a few steps are
+    kept in flight ahead of the one being read. For sharded or resumable runs
+    use the sequence-level :func:`lm_sequence_losses`.
+
+    The result is dense: ``losses`` and ``mask`` are ``[n, T_max - 1]`` host
+    arrays (``T_max`` the longest bucket), 5 bytes per cell, e.g. 100k
+    examples at ``T_max = 2048`` take about 1 GB of host memory however short
+    most examples are. Feed the result to
     :func:`flowjax.token_flow_weights` (``τ_tok`` = median over all target
     tokens).
 
@@ -372,7 +470,8 @@ def lm_token_losses(
       on_empty: ``"raise"`` or ``"skip"`` for examples with no target token.
 
     Returns:
-      A :class:`TokenLosses` sorted by id.
+      A :class:`TokenLosses` sorted by id (``.weights()`` gives the token
+      FLOW weights, looked up by id with ``.rows``).
 
     Raises:
       ValueError: from :func:`bucket_batches`; NaN/inf token losses (naming
@@ -393,13 +492,12 @@ def lm_token_losses(
         examples, buckets, batch_size, pad_id=pad_id, on_empty=on_empty
     )
     width = buckets[-1] - 1
+    params = jax.device_put(params)  # once, not a host-to-device copy every step
     ids, losses, masks = [], [], []
-    for batch in batches:
+
+    def read(out, batch):
         n = len(batch["id"])
-        index = np.minimum(
-            np.arange(batch_size), n - 1
-        )  # pad the ragged batch: one shape per bucket
-        nll = np.asarray(step(params, batch["tokens"][index], batch["mask"][index]))[:n]
+        nll = np.asarray(out)[:n]
         mask = batch["mask"][:, 1:]
         bad = ~np.isfinite(np.where(mask, nll, 0.0)).all(axis=1)
         if bad.any():
@@ -410,6 +508,21 @@ def lm_token_losses(
         ids.append(batch["id"])
         losses.append(np.pad(np.where(mask, nll, 0.0).astype(np.float32), pad))
         masks.append(np.pad(mask, pad))
+
+    # Dispatch up to _IN_FLIGHT steps ahead of the one being read, so the
+    # device does not wait while the host copies and checks a result.
+    in_flight: collections.deque = collections.deque()
+    for batch in batches:
+        n = len(batch["id"])
+        index = np.minimum(
+            np.arange(batch_size), n - 1
+        )  # pad the ragged batch: one shape per bucket
+        out = step(params, batch["tokens"][index], batch["mask"][index])
+        in_flight.append((out, batch))
+        if len(in_flight) > _IN_FLIGHT:
+            read(*in_flight.popleft())
+    while in_flight:
+        read(*in_flight.popleft())
     if not ids:
         raise ValueError(
             "examples is empty (or every example was skipped): nothing to compute."

@@ -154,9 +154,19 @@ def add_lora(
     weights). Because buffers are shared, do not donate the result's base
     kernels to a jitted function while ``model`` is alive.
 
-    The LoRA factors take the base kernel's dtype and the layer's computation
-    ``dtype`` (so a bf16 model stays bf16); ``lora_param_dtype`` / ``lora_dtype``
-    in ``lora_kwargs`` override this.
+    **Adapter precision.** By default the LoRA factors take the base kernel's
+    dtype and the layer's computation ``dtype``, so on a bf16 base model the
+    adapters are stored, and updated by the optimiser, in pure bf16. bf16 has an
+    8-bit mantissa: small updates to a factor are rounded away, which hurts
+    with the small learning rates of fine-tuning. PEFT keeps adapters in
+    float32 for this reason; to do the same, pass
+    ``lora_param_dtype=jnp.float32``: :math:`A, B` (hence their gradients and
+    optimiser state) are float32, the frozen base stays bf16, the layer still
+    computes in its ``dtype`` (override with ``lora_dtype``), and the model
+    still starts exactly at the base model's outputs::
+
+        model = flowjax.add_lora(base, rank=64, rngs=nnx.Rngs(0),
+                                 lora_param_dtype=jnp.float32)
 
     Args:
       model: an NNX module (or a single ``nnx.Linear``).

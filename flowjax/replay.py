@@ -177,7 +177,9 @@ def replay_batches(
     dropped, so an epoch still visits every new example once and FLOW weights
     stay attached to them. The fraction is exact when ``r B / (1-r)`` is an
     integer (e.g. r = 1/4 with B divisible by 3; r = 1/2 appends B rows, as DER
-    does). ``batch[key]`` (bool ``[B + k]``) is False for new rows, True for
+    does). A batch so small that ``k`` rounds to 0 while ``r > 0`` (e.g.
+    r = 1/4 with B = 1, or a small ragged last batch) is an error rather than a
+    batch silently without replay: use larger batches or drop the remainder. ``batch[key]`` (bool ``[B + k]``) is False for new rows, True for
     replayed ones. Ids are kept as they are: a replayed row carries its
     original id and ``replay=True``, so ``(replay, id)`` identifies a row even
     where the old and new id ranges overlap; look up per-example values of
@@ -211,7 +213,9 @@ def replay_batches(
       ValueError: ``ratio`` outside [0, 1), an empty buffer with ``ratio > 0``
         (raised at the call), and, while iterating, a batch that already has
         ``key``, a field missing on one side without ``fill``, mismatched
-        per-row shapes or dtypes, or a buffer too small for ``k`` rows.
+        per-row shapes or dtypes, a buffer too small for ``k`` rows, or a batch
+        too small to get any replayed row (``k = 0`` with ``ratio > 0``; the
+        message gives the smallest batch size that works).
 
     Example:
       >>> import numpy as np, flowjax
@@ -243,7 +247,17 @@ def replay_batches(
                     f"the batch already has a {key!r} field; pass key=... another name."
                 )
             b = len(rows["id"])
-            k = int(np.floor(r * b / (1 - r) + 0.5))
+            k = _n_replayed(r, b)
+            if k == 0 and r > 0:
+                smallest = b + 1
+                while _n_replayed(r, smallest) == 0:
+                    smallest += 1
+                raise ValueError(
+                    f"a batch of {b} rows at ratio={r} gets no replayed row "
+                    f"(round({r} * {b} / (1 - {r})) = 0), so replay would be silently "
+                    f"dropped for it: use batches of at least {smallest} rows (drop or "
+                    "merge a small ragged last batch) or a larger ratio."
+                )
             if k == 0:
                 out = dict(rows)
                 out[key] = np.zeros(b, bool)
@@ -360,6 +374,11 @@ def der_loss(
     if where is not None:
         d = jnp.where(where, d, 0)
     return d.astype(out_dtype)
+
+
+def _n_replayed(r: float, b: int) -> int:
+    """k = round(r b / (1 - r)), halves rounded up: replayed rows for a batch of b new rows."""
+    return int(np.floor(r * b / (1 - r) + 0.5))
 
 
 def _host_batch(batch: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:

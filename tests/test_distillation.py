@@ -246,6 +246,62 @@ def test_lwf_objective_token_logits_mask_and_unit_weights(rng):
     assert "weight_mean" not in metrics
 
 
+def test_lwf_objective_token_mask_keeps_nan_at_masked_tokens_out_of_gradients(rng):
+    # A NaN/inf logit at a masked token must not reach the value or the gradient.
+    w = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+    wt = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+    x = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    # The logits are x @ w + offset: offset is NaN/inf at masked tokens only, so
+    # the gradient w.r.t. w is finite iff the cotangent there is exactly 0.
+    offset = np.zeros((2, 4, 5), np.float32)
+    offset[0, 3] = np.nan
+    offset[1, 2, 0] = np.inf
+    offset[1, 2, 1] = -np.inf
+    mask = np.array([[True, True, True, False], [True, True, False, True]])
+    batch = {"id": np.arange(2), "x": x, "offset": offset, "tokens": mask}
+    objective = flowjax.lwf_objective(
+        lambda p, ex: ex["x"] @ p + ex["offset"],
+        lambda logits, ex: jnp.zeros((), logits.dtype),
+        strength=1.0,
+        weight_key=None,
+        distill_mask_key="tokens",
+    )
+    (value, _), grad = jax.value_and_grad(objective, has_aux=True)(w, wt, batch)
+    (ref_value, _), ref_grad = jax.value_and_grad(objective, has_aux=True)(
+        w, wt, dict(batch, offset=np.zeros_like(offset))
+    )
+    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-5)
+
+
+def test_lwf_objective_token_mask_of_the_wrong_shape_is_an_error(rng):
+    w = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+    x = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    objective = flowjax.lwf_objective(
+        lambda p, ex: ex["x"] @ p,
+        lambda logits, ex: jnp.zeros((), logits.dtype),
+        strength=1.0,
+        weight_key=None,
+        distill_mask_key="tokens",
+    )
+    # [B, C] = [2, 5] mask against per-example [T, C] = [4, 5] logits: would broadcast.
+    bad = {"id": np.arange(2), "x": x, "tokens": np.ones((2, 5), bool)}
+    with pytest.raises(ValueError, match=r"'tokens'.*\(5,\).*\(4,\)"):
+        objective(w, w, bad)
+    # [T] mask against per-example [C] logits (no token axis).
+    flat = flowjax.lwf_objective(
+        lambda p, ex: ex["x"] @ p,
+        lambda logits, ex: jnp.zeros((), logits.dtype),
+        strength=1.0,
+        weight_key=None,
+        distill_mask_key="tokens",
+    )
+    bad = {"id": np.arange(2), "x": x[:, 0], "tokens": np.ones((2, 5), bool)}
+    with pytest.raises(ValueError, match=r"'tokens'.*\(5,\).*\(\)"):
+        flat(w, w, bad)
+
+
 def test_lwf_objective_errors(rng):
     params, teacher, batch = _problem(rng)
     with pytest.raises(ValueError, match="reduction must be one of"):

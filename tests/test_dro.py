@@ -108,6 +108,29 @@ def test_masked_entries_are_excluded_and_their_nan_does_not_leak(variant):
     )
 
 
+def test_counted_entries_with_all_weights_zero_give_nan_like_normalized(variant):
+    # Like weighted_loss(..., reduction="normalized"): Σw = 0 over counted entries
+    # has no distribution to reweight; NaN (value and gradient), never a silent 0.
+    losses = jnp.array([1.0, 2.0, 3.0])
+    weights = jnp.array([0.0, 0.0, 5.0])
+    mask = jnp.array([True, True, False])  # the only positive weight is masked out
+    fn = variant(lambda ls, w, m: flowjax.dro_loss(ls, 1.0, weights=w, where=m))
+    assert np.isnan(float(fn(losses, weights, mask)))
+    assert np.isnan(
+        float(
+            flowjax.weighted_loss(losses, weights, where=mask, reduction="normalized")
+        )
+    )
+    assert np.isnan(np.asarray(jax.grad(fn)(losses, weights, mask))[:2]).all()
+    assert np.isnan(float(fn(losses, jnp.zeros(3), jnp.ones(3, bool))))
+    # With no counted entry at all (a padding-only batch) both give 0, as before.
+    assert float(fn(losses, weights, jnp.zeros(3, bool))) == 0.0
+    # One positive counted weight: p puts all mass on it.
+    np.testing.assert_allclose(
+        float(fn(losses, jnp.array([0.0, 2.0, 0.0]), mask)), 2.0, rtol=1e-6
+    )
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_dro_loss_keeps_the_dtype(dtype):
     losses = jnp.array([0.5, 1.0, 2.0], dtype)

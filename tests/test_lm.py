@@ -46,6 +46,26 @@ def test_response_mask_keeps_response_and_eos_only(rng):
         flowjax.response_mask([2], [3], 4)
 
 
+@pytest.mark.parametrize("bad", [-1, 2.5, "4", None, True, np.array([4, 5])])
+def test_response_mask_rejects_a_bad_max_len(bad):
+    with pytest.raises(ValueError, match=r"max_len must be an int >= 0"):
+        flowjax.response_mask([1], [1], bad)
+    # numpy integers are fine; 0 works for empty batches only
+    assert flowjax.response_mask([3], [1], np.int64(4)).shape == (1, 4)
+    assert flowjax.response_mask(np.zeros(0, int), np.zeros(0, int), 0).shape == (0, 0)
+
+
+def test_sequence_nll_ids_of_the_wrong_shape_are_a_clear_error():
+    nll = jnp.array([[1.0, 3.0], [2.0, 2.0], [5.0, 1.0]])
+    mask = jnp.array([[True, True], [False, False], [True, False]])
+    for ids in (np.array([11, 12]), np.array([[11, 12, 13]]), np.arange(6)):
+        with pytest.raises(ValueError, match=r"ids has shape .* must be .*\(3,\)"):
+            flowjax.sequence_nll(nll, mask, ids=ids)
+    # checked even when nothing is empty, so a wrong ids never waits for a bad batch
+    with pytest.raises(ValueError, match="ids has shape"):
+        flowjax.sequence_nll(nll[:1], mask[:1], ids=np.array([1, 2]))
+
+
 def test_token_nll_matches_reference_shift_and_mask(rng, variant):
     logits, tokens, mask, *_ = _random_batch(rng)
     nll, m = variant(flowjax.token_nll)(logits, tokens, mask)

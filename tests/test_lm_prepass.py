@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -146,6 +147,102 @@ def test_token_prepass_traces_once_per_bucket_and_gives_token_weights(rng):
         tl.rows([long["id"]], length=6)
     with pytest.raises(ValueError, match="not in this TokenLosses"):
         tl.rows([99999])
+
+
+def _token_table(rng):
+    ex = _examples(rng, [int(n) for n in rng.integers(2, 13, size=17)])
+    params = _params(rng)
+    return ex, flowjax.lm_token_losses(
+        CountingLM(), params, ex, bucket_lengths=(6, 12), batch_size=4
+    )
+
+
+@pytest.mark.parametrize("temperature", ["median", 0.7])
+def test_token_weights_rows_line_up_by_id_with_a_shuffled_batch(rng, temperature):
+    ex, tl = _token_table(rng)
+    tw = tl.weights(temperature)
+    assert isinstance(tw, flowjax.TokenWeights)
+    # numpy reference: τ over every target token of every example, w = m exp(-nll/τ)
+    flat = tl.losses[tl.mask]
+    tau = np.median(flat) if temperature == "median" else temperature
+    assert tw.tau == pytest.approx(tau, rel=1e-6)
+    ref = np.where(tl.mask, np.exp(-tl.losses.astype(np.float64) / tau), 0.0)
+    np.testing.assert_allclose(tw.weights, ref, rtol=1e-6)
+    np.testing.assert_array_equal(tw.ids, tl.ids)
+    np.testing.assert_array_equal(tw.mask, tl.mask)
+    # A training batch in shuffled order, padded to its own length T = 12.
+    order = rng.permutation(len(ex))
+    batch_ids = np.array([ex[i]["id"] for i in order])
+    w, m = tw.rows(batch_ids, length=12)
+    assert w.shape == m.shape == (len(ex), 11)
+    for r, i in enumerate(order):
+        e = ex[i]
+        n = len(e["tokens"]) - 1
+        np.testing.assert_array_equal(m[r, :n], e["mask"][1:])  # its own target mask
+        row = ref[np.searchsorted(tl.ids, e["id"])]
+        np.testing.assert_allclose(w[r], row[:11], rtol=1e-6)
+        assert (w[r, n:] == 0).all() and (w[r][~m[r]] == 0).all()
+    # the same rows as TokenLosses.rows, and weights is a no-argument default
+    _, lm = tl.rows(batch_ids, length=12)
+    np.testing.assert_array_equal(lm, m)
+    np.testing.assert_array_equal(tl.weights().weights, tl.weights("median").weights)
+    with pytest.raises(ValueError, match="not in this TokenWeights"):
+        tw.rows([99999])
+    with pytest.raises(ValueError, match="temperature"):
+        tl.weights(-1.0)
+
+
+@pytest.mark.parametrize("bad", [1, 0, -3, 2.5, True])
+def test_rows_rejects_a_length_below_two_or_not_an_int(rng, bad):
+    _, tl = _token_table(rng)
+    for table in (tl, tl.weights()):
+        with pytest.raises(ValueError, match=r"length must be an int >= 2"):
+            table.rows(tl.ids[:2], length=bad)
+
+
+def test_token_prepass_puts_params_on_device_once_and_pipelines(rng, monkeypatch):
+    """Params are placed on the device once (not sent from host numpy every step), and the
+    host reads step k only after step k + _IN_FLIGHT is dispatched."""
+    from flowjax import lm_prepass
+
+    ex = _examples(rng, [5] * 9)
+    params = jax.tree.map(np.asarray, _params(rng))  # host numpy params
+    events, seen = [], []
+    lm = CountingLM()
+    step = lm_prepass._per_fn(lm_prepass._TOK_FNS, lm, lm_prepass._make_token_step)
+
+    def spy_step(p, tokens, mask):
+        seen.append([leaf for leaf in jax.tree.leaves(p)])
+        out = step(p, tokens, mask)
+        events.append(("dispatch", len(events)))
+        return _Fetch(out, events)
+
+    monkeypatch.setitem(lm_prepass._TOK_FNS, lm, lambda *a: spy_step(*a))
+    tl = flowjax.lm_token_losses(lm, params, ex, bucket_lengths=[8], batch_size=1)
+    # device arrays, and the very same ones every step (put on the device once)
+    assert all(isinstance(leaf, jax.Array) for leaf in seen[0])
+    assert all(a is b for leaves in seen for a, b in zip(leaves, seen[0], strict=True))
+    kinds = [k for k, _ in events]
+    assert kinds.count("dispatch") == kinds.count("read") == 9
+    # the first read comes only after _IN_FLIGHT + 1 dispatches
+    assert kinds[: lm_prepass._IN_FLIGHT + 1] == ["dispatch"] * (
+        lm_prepass._IN_FLIGHT + 1
+    )
+    ref = flowjax.lm_token_losses(
+        CountingLM(), params, ex, bucket_lengths=[8], batch_size=1
+    )
+    np.testing.assert_array_equal(tl.losses, ref.losses)
+
+
+class _Fetch:
+    """Wraps a step's output; records when the host reads it."""
+
+    def __init__(self, out, events):
+        self.out, self.events = out, events
+
+    def __array__(self, dtype=None, copy=None):
+        self.events.append(("read", len(self.events)))
+        return np.asarray(self.out, dtype)
 
 
 def test_prepass_names_examples_with_nan_losses(rng):

@@ -267,6 +267,35 @@ def test_dtype_is_kept_bf16():
     )
 
 
+@pytest.mark.parametrize("alpha", [None, 6.0])
+def test_fp32_adapters_on_a_bf16_base(alpha):
+    """lora_param_dtype=jnp.float32: f32 factors (and f32 gradients) on a bf16 base model."""
+    base = _bf16_net()
+    model = flowjax.add_lora(
+        base,
+        2,
+        rngs=nnx.Rngs(1),
+        select="q_proj",
+        alpha=alpha,
+        lora_param_dtype=jnp.float32,
+    )
+    lora_state = nnx.state(model, nnx.LoRAParam)
+    assert {a.dtype for a in jax.tree.leaves(lora_state)} == {jnp.dtype(jnp.float32)}
+    base_leaves = jax.tree.leaves(nnx.state(model, nnx.Not(nnx.LoRAParam)))
+    assert {a.dtype for a in base_leaves} == {jnp.dtype(jnp.bfloat16)}
+    x = _x(dtype=jnp.bfloat16)
+    out = _forward(model, x, jax.jit)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out, _forward(base, x, jax.jit))  # B = 0: exact
+    # The gradient w.r.t. the adapters is float32 and not zero for A's partner B.
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    grads = jax.grad(
+        lambda lo: jnp.sum(nnx.merge(graphdef, lo, rest)(x).astype(jnp.float32) ** 2)
+    )(lora)
+    assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+    assert float(jnp.abs(grads["layers"][0]["q_proj"]["lora"]["lora_b"][...]).max()) > 0
+
+
 def _ce(logits, label):
     return -jax.nn.log_softmax(logits)[label]
 

@@ -227,6 +227,29 @@ def test_replay_batches_errors_while_iterating():
         )
 
 
+@pytest.mark.parametrize(
+    ("ratio", "sizes", "smallest"), [(0.25, [1], 2), (0.1, [24, 4], 5)]
+)
+def test_a_batch_too_small_for_one_replayed_row_is_an_error(ratio, sizes, smallest):
+    # k = round(r B / (1 - r)) = 0 would silently drop replay for that batch
+    # (r = 0.25, B = 1; or a ragged last batch of 4 at r = 0.1).
+    fill = {"weight": 1.0, "logits": 0.0}
+    it = flowjax.replay_batches(_new_batches(sizes), _full_buffer(), ratio, fill=fill)
+    for _ in sizes[:-1]:
+        assert next(it)["replay"].sum() == round(ratio * sizes[0] / (1 - ratio))
+    with pytest.raises(
+        ValueError,
+        match=rf"batch of {sizes[-1]} rows.*ratio={ratio}.*no replayed row.*at least "
+        rf"{smallest} rows",
+    ):
+        next(it)
+    # the smallest batch that gets a row does get exactly one
+    one = flowjax.replay_batches(
+        _new_batches([smallest]), _full_buffer(), ratio, fill=fill
+    )
+    assert next(one)["replay"].sum() == 1
+
+
 # ------------------------------------------------------------------- der_loss
 def test_der_loss_matches_numpy_masks_and_keeps_dtype(rng, variant):
     z = rng.normal(size=(2, 5, 4)).astype(np.float32)
