@@ -1,12 +1,19 @@
 """Computes diagonal Fishers in a fresh process (own device count) and saves them; also the shared model.
 
 python tests/_fisher_worker.py OUT.npz [--devices N] [--batch-size B] [--shard-params]
+    [--num-processes P --process-id I --port PORT [--errors]]
+
+With two processes (jax.distributed on loopback, gloo collectives) each process feeds
+its own, unevenly sized share of the data set. ``--errors`` then runs the bad-input
+cases (saving a JAX start-up): each must raise on every process; the last one
+(duplicate ids across processes) is left uncaught, so the process exits with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import jax
@@ -51,12 +58,21 @@ def batches(data, batch_size: int, order=None):
         yield {k: v[j] for k, v in data.items()}
 
 
-def fishers(batch_size: int = 16, mesh=None, shardings=None) -> dict[str, np.ndarray]:
-    """Empirical and sampled Fishers of the shared model, fed in a shuffled order."""
+def share(data, process: int, nproc: int) -> dict[str, np.ndarray]:
+    """This process's part of ``data``: 3/5 of it on process 0 and 2/5 on process 1."""
+    n = len(data["id"])
+    cut = [0, n * 3 // 5, n] if nproc == 2 else [0, n]
+    return {k: v[cut[process] : cut[process + 1]] for k, v in data.items()}
+
+
+def fishers(
+    batch_size: int = 16, mesh=None, shardings=None, process: int = 0, nproc: int = 1
+) -> dict[str, np.ndarray]:
+    """Empirical and sampled Fishers of the shared model, each process feeding its share shuffled."""
     import flowjax
 
-    data = dataset()
-    order = np.random.default_rng(7).permutation(N)
+    data = share(dataset(), process, nproc)
+    order = np.random.default_rng(7 + process).permutation(len(data["id"]))
     out = {}
     for kind, fn, rng in (
         ("empirical", nll, None),
@@ -99,6 +115,38 @@ def check_regularizer_shardings(flowjax, shardings) -> None:
                 )
 
 
+def bad_inputs(flowjax, process: int) -> None:
+    """Two processes: every bad input raises on every process, none hangs."""
+    data, p = share(dataset(), process, 2), params()
+
+    def expect(error, match, feed):
+        try:
+            flowjax.diagonal_fisher(nll, p, feed, progress=False)
+        except error as e:
+            assert re.search(match, str(e)), e
+            print(f"raised {error.__name__}: {e}", flush=True)
+        else:
+            raise AssertionError(f"no {error.__name__} for {match!r}")
+
+    expect(ValueError, "batches is empty on every process", [])
+    expect(
+        ValueError,
+        r"batches is empty on process\(es\) \[1\]",
+        [] if process == 1 else batches(data, 16),
+    )
+    # Process 1's third batch is malformed: it raises its own error, process 0 stops too.
+    feed = list(batches(data, 16))
+    if process == 1:
+        feed[2] = {k: v[:-1] if k == "x" else v for k, v in feed[2].items()}
+        expect(ValueError, "has 15 rows but the batch has 16 ids", feed)
+    else:
+        expect(RuntimeError, r"process\(es\) \[1\] failed while reading", feed)
+    # The same id on both processes: every process raises (uncaught: the process exits).
+    if process == 1:
+        data["id"][5] = share(dataset(), 0, 2)["id"][17]
+    flowjax.diagonal_fisher(nll, p, batches(data, 16), progress=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -107,15 +155,28 @@ def main() -> None:
     ap.add_argument(
         "--shard-params", action="store_true", help="shard W's rows over 'data'"
     )
+    ap.add_argument("--num-processes", type=int, default=1)
+    ap.add_argument("--process-id", type=int, default=0)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument(
+        "--errors", action="store_true", help="then run the bad-input cases"
+    )
     args = ap.parse_args()
     jax.config.update("jax_num_cpu_devices", args.devices)
+    if args.num_processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            f"localhost:{args.port}",
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import flowjax
 
-    assert len(jax.devices()) == args.devices, jax.devices()
+    assert len(jax.devices()) == args.devices * args.num_processes, jax.devices()
     mesh = flowjax.default_mesh()
     shardings = None
     if args.shard_params:
@@ -123,11 +184,16 @@ def main() -> None:
             "W": NamedSharding(mesh, P("data", None)),
             "b": NamedSharding(mesh, P("data")),
         }
-    out = fishers(args.batch_size, mesh, shardings)
+    out = fishers(args.batch_size, mesh, shardings, args.process_id, args.num_processes)
     if shardings is not None:
         check_regularizer_shardings(flowjax, shardings)
     np.savez(args.out, **out)
-    print(f"fisher on {len(jax.devices())} devices")
+    print(
+        f"fisher on {len(jax.devices())} devices in {jax.process_count()} processes",
+        flush=True,
+    )
+    if args.errors:
+        bad_inputs(flowjax, args.process_id)
 
 
 if __name__ == "__main__":

@@ -239,3 +239,86 @@ def test_numpy_integer_seed_is_a_seed():
             np.testing.assert_array_equal(got[k], want[k])
     other = flowjax.diagonal_fisher(logits, p, batches(data, 16), rng=4, **kw)
     assert not np.array_equal(other["W"], want["W"])
+    # A legacy raw uint32 key is the same key as jax.random.key(3).
+    legacy = flowjax.diagonal_fisher(
+        logits, p, batches(data, 16), rng=jax.random.PRNGKey(3), **kw
+    )
+    for k in want:
+        np.testing.assert_array_equal(legacy[k], want[k])
+    with pytest.raises(TypeError, match=r"rng must be a jax\.random key"):
+        flowjax.diagonal_fisher(logits, p, batches(data, 16), rng=0.5, **kw)
+
+
+def _two_processes(tmp_path, tag: str, *args: str) -> list[subprocess.Popen]:
+    port = str(_subprocess.free_port())
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                WORKER,
+                str(tmp_path / f"{tag}-{i}.npz"),
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--port",
+                port,
+                *args,
+            ],
+            env=_subprocess._env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_and_bad_inputs_raise_on_every_process(
+    tmp_path,
+):
+    """2 processes x 1 and x 2 devices, uneven shares (3/5, 2/5), ragged steps: the 1-process Fisher.
+
+    The 1-device pair then runs the bad inputs (empty everywhere, empty on one process,
+    a malformed batch on one, duplicate ids across processes): each raises on every
+    process, none hangs (``finish`` times out), and the last exits both processes.
+    """
+    runs = {
+        # 13 rows per process -> 14, so the global step of 28 rows divides 4 devices.
+        "2dev": _two_processes(
+            tmp_path, "2dev", "--devices", "2", "--batch-size", "13"
+        ),
+        "1dev": _two_processes(tmp_path, "1dev", "--devices", "1", "--errors"),
+    }
+    one = fishers()
+    outputs = {}
+    for name, procs in runs.items():
+        rc = 1 if name == "1dev" else 0
+        outputs[name] = [_subprocess.finish(p, expect_rc=rc) for p in procs]
+        first, second = (dict(np.load(tmp_path / f"{name}-{i}.npz")) for i in range(2))
+        assert first.keys() == one.keys()
+        for k in one:
+            np.testing.assert_array_equal(first[k], second[k])  # replicated: identical
+            np.testing.assert_allclose(
+                first[k], one[k], rtol=1e-5, atol=1e-8, err_msg=f"{name} {k}"
+            )
+    for output in outputs["2dev"] + outputs["1dev"]:
+        assert "devices in 2 processes" in output
+    for output in outputs["1dev"]:
+        assert output.count("raised ValueError: batches is empty on every process") == 1
+        assert "raised ValueError: batches is empty on process(es) [1]" in output
+        assert (
+            output.rstrip()
+            .splitlines()[-1]
+            .startswith("ValueError: duplicate example ids: [5000")
+        ), output
+    # The process with the malformed batch reports it; the other stops with a RuntimeError.
+    assert (
+        "raised RuntimeError: diagonal_fisher stopped on every process: process(es) [1]"
+        in outputs["1dev"][0]
+    )
+    assert (
+        "raised ValueError: field ['x'] has 15 rows but the batch has 16 ids"
+        in outputs["1dev"][1]
+    )
