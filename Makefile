@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flowjax-installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: install test demo theory digits bench lint clean
+.PHONY: install test demo theory digits bench lm lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ digits: $(STAMP)
 # Pre-pass throughput against a plain jitted forward (not a test: timings vary by machine).
 bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.prepass --repeats 21 --out results/benchmarks/prepass.json
+
+# FLOW on a small byte-level LM (pydoc pre-training, addition fine-tuning) into results/lm/;
+# the pre-trained model is cached with orbax in .cache/lm/ (git-ignored).
+lm: $(STAMP)
+	$(PY) -m experiments.lm.run --out results/lm
 
 lint: $(STAMP)
 	$(PY) -m pip install $(PIP_FLAGS) 'ruff>=0.6'

@@ -1,0 +1,1 @@
+"""FLOW on language models: a small real-text reproduction and fine-tuning of checkpoints."""
