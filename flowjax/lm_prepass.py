@@ -11,7 +11,10 @@ pre-pass compiles once per bucket:
   whose median is ``τ_seq``.
 * :func:`lm_token_losses`: every target token's NLL, as a padded
   :class:`TokenLosses` array keyed by example id, for token-level FLOW with
-  :func:`flowjax.token_flow_weights`.
+  :func:`flowjax.token_flow_weights`. Each bucket of length ``T`` runs on the
+  same machinery as :func:`flowjax.per_example_losses` with a per-example
+  output of shape ``[T - 1]`` (sharded, multi-process, resumable with
+  ``cache_dir``).
 
 An example is a dict ``{"id": int, "tokens": int [L], "mask": bool [L]}``:
 ``tokens`` unpadded (prompt, response, EOS), ``mask`` True at the target

@@ -29,6 +29,11 @@ How it works (one process's view):
    every few seconds. On a restart, examples whose ids are cached are skipped
    (not recomputed), and the cached rows of all processes are shared with one
    ``process_allgather`` at the end.
+
+The machinery (``_per_example_values``) handles per-example outputs of any
+fixed shape, not only scalars: :func:`flowjax.lm_token_losses` runs it once
+per bucket length ``T`` with outputs ``[2, T - 1]`` (token NLLs and target
+mask).
 """
 
 from __future__ import annotations
