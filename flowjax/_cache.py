@@ -2,7 +2,9 @@
 
 Layout: ``cache_dir/process-<i>-of-<n>/`` holds ``manifest.json`` (what the
 results depend on) and ``chunk-<k>.npz`` files of finished ``(ids, losses)``
-rows of the examples *this process fed*. Chunks are written to a temporary
+rows of the examples *this process fed*: ``ids`` int64 ``[n]`` and ``losses``
+float32 ``[n, *shape]`` (``shape`` is ``()`` for scalar losses; other shapes
+are recorded in the manifest as ``output_shape``). Chunks are written to a temporary
 file and renamed into place, so a kill mid-write leaves no half chunk; an
 unreadable chunk (e.g. after a machine crash) is reported and its examples are
 simply computed again.
@@ -42,7 +44,9 @@ class PrepassCache:
         process_index: int,
         process_count: int,
         manifest: dict,
+        shape: tuple[int, ...] = (),
     ):
+        self.shape = tuple(shape)
         self.dir = os.path.join(
             os.fspath(cache_dir), f"process-{process_index:05d}-of-{process_count:05d}"
         )
@@ -71,13 +75,20 @@ class PrepassCache:
         return sorted(glob.glob(os.path.join(self.dir, "chunk-*.npz")))
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
-        """All cached rows, sorted by id: ``(ids int64, losses float32)``."""
-        ids, losses = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+        """All cached rows, sorted by id: ``(ids int64 [n], losses float32 [n, *shape])``."""
+        ids, losses = [np.zeros(0, np.int64)], [np.zeros((0, *self.shape), np.float32)]
         for path in self._chunk_paths():
             try:
                 with np.load(path, allow_pickle=False) as data:
-                    ids.append(np.asarray(data["ids"], np.int64))
-                    losses.append(np.asarray(data["losses"], np.float32))
+                    chunk_ids = np.asarray(data["ids"], np.int64)
+                    chunk_losses = np.asarray(data["losses"], np.float32)
+                if chunk_losses.shape != (len(chunk_ids), *self.shape):
+                    raise ValueError(
+                        f"rows of shape {chunk_losses.shape} for {len(chunk_ids)} ids; "
+                        f"expected {(len(chunk_ids), *self.shape)}"
+                    )
+                ids.append(chunk_ids)
+                losses.append(chunk_losses)
             except Exception as e:  # a truncated file after a crash: recompute its rows
                 warnings.warn(
                     f"ignoring unreadable pre-pass cache chunk {path}: {e}",
@@ -134,7 +145,7 @@ def _chunk_number(path: str) -> int:
 
 def _manifest_difference(old: dict, new: dict) -> str:
     """Empty when the two manifests describe the same pre-pass, else what differs."""
-    for key in ("format", "loss_fn", "example_spec"):
+    for key in ("format", "loss_fn", "example_spec", "output_shape"):
         if old.get(key) != new.get(key):
             return f"{key}: {old.get(key)!r} != {new.get(key)!r}"
     a, b = old.get("params", []), new.get("params", [])

@@ -11,7 +11,10 @@ pre-pass compiles once per bucket:
   whose median is ``τ_seq``.
 * :func:`lm_token_losses`: every target token's NLL, as a padded
   :class:`TokenLosses` array keyed by example id, for token-level FLOW with
-  :func:`flowjax.token_flow_weights`.
+  :func:`flowjax.token_flow_weights`. Each bucket of length ``T`` runs on the
+  same machinery as :func:`flowjax.per_example_losses` with a per-example
+  output of shape ``[T - 1]`` (sharded, multi-process, resumable with
+  ``cache_dir``).
 
 An example is a dict ``{"id": int, "tokens": int [L], "mask": bool [L]}``:
 ``tokens`` unpadded (prompt, response, EOS), ``mask`` True at the target
@@ -23,19 +26,23 @@ causal, so the right padding cannot change the logits of real positions.
 from __future__ import annotations
 
 import bisect
-import collections
 import itertools
 import os
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from flowjax import _checks
+from flowjax import _checks, prepass
 from flowjax import lm as _lm
-from flowjax.prepass import _IN_FLIGHT, per_example_losses
+from flowjax.prepass import per_example_losses
 from flowjax.tables import LossTable
 
 __all__ = [
@@ -98,6 +105,20 @@ def bucket_batches(
       >>> [(b["id"].tolist(), b["tokens"].shape) for b in flowjax.bucket_batches(ex, [4, 8], 2)]
       [([0, 2], (2, 4)), ([3], (1, 4)), ([1], (1, 8))]
     """
+    return _batches(
+        _bucket_groups(examples, bucket_lengths, batch_size, on_empty),
+        batch_size,
+        pad_id,
+    )
+
+
+def _bucket_groups(
+    examples: Iterable[Example],
+    bucket_lengths: Iterable[int],
+    batch_size: int,
+    on_empty: str,
+) -> dict[int, list[tuple[int, np.ndarray, np.ndarray]]]:
+    """Validated examples ``(id, tokens, mask)`` by bucket length, every bucket present, shortest first."""
     buckets = sorted({int(b) for b in bucket_lengths})
     if not buckets or buckets[0] < 2:
         raise ValueError(f"bucket_lengths must be integers >= 2; got {buckets}.")
@@ -136,7 +157,7 @@ def bucket_batches(
             f"examples with no target token (ids {empty[:5]}{' ...' if len(empty) > 5 else ''}): their "
             'sequence loss is 0/0. Drop them (also from training), or pass on_empty="skip".'
         )
-    return _batches(groups, batch_size, pad_id)
+    return groups
 
 
 def _check_example(ex) -> tuple[int, np.ndarray, np.ndarray]:
@@ -424,12 +445,48 @@ def _rows(table_ids, values, mask, ids, length, what):
     return values, mask
 
 
-def _make_token_step(fn_ref):
-    def token_step(params, tokens, mask):
-        logits = jax.vmap(lambda t: fn_ref()(params, t))(tokens)
-        return _lm.token_nll(logits, tokens, mask)[0]
+def _make_token_loss(fn_ref):
+    def token_loss(params, example):
+        """``[2, T - 1]``: target-token NLLs (0 elsewhere) and the target mask, of ONE example."""
+        logits = fn_ref()(params, example["tokens"])
+        nll, mask = _lm.token_nll(logits, example["tokens"], example["mask"])
+        # token_nll selects with where: NaN at a non-target position becomes 0, at a target stays.
+        return jnp.stack([nll, mask.astype(jnp.float32)])
 
-    return jax.jit(token_step)
+    return token_loss
+
+
+def _token_spec(length: int) -> prepass._Spec:
+    """The structure of every batch of bucket ``length`` (known without seeing one)."""
+    return prepass._Spec.from_batch(
+        {
+            "id": np.zeros(0, np.int64),
+            "tokens": np.zeros((0, length), np.int32),
+            "mask": np.zeros((0, length), bool),
+        }
+    )
+
+
+def _global_counts(buckets: list[int], counts: list[int], batch_size: int) -> list[int]:
+    """Examples per bucket over all processes; checks that the processes agree on the buckets."""
+    if jax.process_count() == 1:
+        return counts
+    key = zlib.crc32(repr((buckets, batch_size)).encode()) & 0x7FFFFFFF
+    keys = np.asarray(multihost_utils.process_allgather(np.array([key], np.int32)))
+    if len(set(keys.reshape(-1).tolist())) != 1:
+        raise ValueError(
+            "processes passed different bucket_lengths or batch_size; they must agree."
+        )
+    every = np.asarray(multihost_utils.process_allgather(np.array(counts, np.int64)))
+    return every.reshape(-1, len(buckets)).sum(axis=0).tolist()
+
+
+def _nonfinite_tokens(bad, ids, values) -> str:
+    return (
+        f"logits_fn gave NaN or infinite token losses at target positions for example "
+        f"{_checks.describe(bad, ids)}. flowjax never sets them to 0: fix the model or leave "
+        "those examples out."
+    )
 
 
 def lm_token_losses(
@@ -441,92 +498,122 @@ def lm_token_losses(
     batch_size: int,
     pad_id: int = 0,
     on_empty: Literal["raise", "skip"] = "raise",
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    cache_dir: str | None = None,
+    param_shardings: Any = None,
 ) -> TokenLosses:
     """Token-level pre-pass: the NLL of every target token of every example, keyed by id.
 
     .. math:: \\ell_{it} = -\\log p_{\\theta^*}(x_{i,t+1} \\mid x_{i,\\le t}), \\qquad t + 1 \\in R_i
 
-    Batches from :func:`bucket_batches` go through one jitted step (traced
-    once per bucket length; a bucket's ragged last batch is padded by
-    repeating a row and the copies are dropped). Runs on the default device
-    in this process: ``params`` are placed there once and a few steps are
-    kept in flight ahead of the one being read. For sharded or resumable runs
-    use the sequence-level :func:`lm_sequence_losses`.
+    Examples are bucketed with :func:`bucket_batches`, and each bucket of
+    length ``T`` goes through the same machinery as
+    :func:`flowjax.per_example_losses`, with a per-example output of shape
+    ``[T - 1]`` instead of a scalar: the batch axis is sharded over the mesh's
+    ``'data'`` axis, every process of a multi-process run feeds its own
+    examples and gets the complete table, a few steps are kept in flight, and
+    the per-example function is traced once per bucket length (every step of
+    a bucket has ``batch_size`` rows per process; short batches are padded and
+    the copies dropped). A process need not hold examples of every bucket.
 
     The result is dense: ``losses`` and ``mask`` are ``[n, T_max - 1]`` host
     arrays (``T_max`` the longest bucket), 5 bytes per cell, e.g. 100k
     examples at ``T_max = 2048`` take about 1 GB of host memory however short
-    most examples are. Feed the result to
+    most examples are (on every process). Feed the result to
     :func:`flowjax.token_flow_weights` (``τ_tok`` = median over all target
-    tokens).
+    tokens), or use :meth:`TokenLosses.weights`.
 
     Args:
       logits_fn: ``logits_fn(params, tokens [T]) -> logits [T, V]``, causal.
-      params: the frozen pre-trained parameters.
-      examples: tokenised examples (see :func:`bucket_batches`).
-      bucket_lengths: padded lengths.
-      batch_size: rows per step.
+      params: the frozen pre-trained parameters (a jit argument, not a
+        closure constant).
+      examples: tokenised examples (see :func:`bucket_batches`); in a
+        multi-process run, this process's examples.
+      bucket_lengths: padded lengths (the same on every process).
+      batch_size: rows per step per process (the same on every process).
       pad_id: padding token.
       on_empty: ``"raise"`` or ``"skip"`` for examples with no target token.
+      mesh: a mesh with a ``'data'`` axis (default: all devices), as in
+        :func:`flowjax.per_example_losses`.
+      progress: show a progress bar per bucket on process 0.
+      cache_dir: optional; bucket ``T`` is cached in ``cache_dir/bucket_T``,
+        so a pre-pass killed part-way and started again with the same
+        arguments (and number of processes) skips the examples already done
+        and returns the same table (see :func:`flowjax.per_example_losses`).
+        Caches ``2 (T - 1)`` floats per example.
+      param_shardings: optional shardings for ``params`` (default:
+        replicated over ``mesh``).
 
     Returns:
-      A :class:`TokenLosses` sorted by id (``.weights()`` gives the token
-      FLOW weights, looked up by id with ``.rows``).
+      A :class:`TokenLosses` sorted by id, of every (not skipped) example of
+      every process (``.weights()`` gives the token FLOW weights, looked up
+      by id with ``.rows``).
 
     Raises:
-      ValueError: from :func:`bucket_batches`; NaN/inf token losses (naming
-        the example ids); duplicate ids; no examples.
+      ValueError: from :func:`bucket_batches`; NaN/inf token losses at target
+        positions (naming the example ids; non-target positions are never
+        read); duplicate ids; no examples on any process; processes that
+        disagree on ``bucket_lengths`` or ``batch_size``; anything
+        :func:`flowjax.per_example_losses` raises for its shared arguments
+        (``mesh``, ``cache_dir``).
 
     Example:
       >>> import jax.numpy as jnp, numpy as np, flowjax
       >>> logits_fn = lambda table, tokens: table[tokens]
       >>> table = jnp.log(jnp.array([[0.5, 0.5], [0.25, 0.75]]))
       >>> ex = [{"id": 1, "tokens": np.array([0, 1, 0]), "mask": np.array([False, True, True])}]
-      >>> tl = flowjax.lm_token_losses(logits_fn, table, ex, bucket_lengths=[4], batch_size=1)
+      >>> tl = flowjax.lm_token_losses(logits_fn, table, ex, bucket_lengths=[4], batch_size=1,
+      ...                              progress=False)
       >>> tl.losses.round(4).tolist(), tl.mask.tolist()  # -log 0.5, -log 0.25, padding
       ([[0.6931, 1.3863, 0.0]], [[True, True, False]])
     """
-    step = _per_fn(_TOK_FNS, logits_fn, _make_token_step)
-    buckets = sorted({int(b) for b in bucket_lengths})
-    batches = bucket_batches(
-        examples, buckets, batch_size, pad_id=pad_id, on_empty=on_empty
-    )
-    width = buckets[-1] - 1
-    params = jax.device_put(params)  # once, not a host-to-device copy every step
-    ids, losses, masks = [], [], []
-
-    def read(out, batch):
-        n = len(batch["id"])
-        nll = np.asarray(out)[:n]
-        mask = batch["mask"][:, 1:]
-        bad = ~np.isfinite(np.where(mask, nll, 0.0)).all(axis=1)
-        if bad.any():
-            raise ValueError(
-                f"logits_fn gave NaN or infinite token losses for example {_checks.describe(bad, batch['id'])}."
-            )
-        pad = ((0, 0), (0, width - nll.shape[1]))
-        ids.append(batch["id"])
-        losses.append(np.pad(np.where(mask, nll, 0.0).astype(np.float32), pad))
-        masks.append(np.pad(mask, pad))
-
-    # Dispatch up to _IN_FLIGHT steps ahead of the one being read, so the
-    # device does not wait while the host copies and checks a result.
-    in_flight: collections.deque = collections.deque()
-    for batch in batches:
-        n = len(batch["id"])
-        index = np.minimum(
-            np.arange(batch_size), n - 1
-        )  # pad the ragged batch: one shape per bucket
-        out = step(params, batch["tokens"][index], batch["mask"][index])
-        in_flight.append((out, batch))
-        if len(in_flight) > _IN_FLIGHT:
-            read(*in_flight.popleft())
-    while in_flight:
-        read(*in_flight.popleft())
-    if not ids:
+    loss_fn = _per_fn(_TOK_FNS, logits_fn, _make_token_loss)
+    groups = _bucket_groups(examples, bucket_lengths, batch_size, on_empty)
+    buckets = list(groups)
+    counts = _global_counts(buckets, [len(groups[b]) for b in buckets], batch_size)
+    if not sum(counts):
         raise ValueError(
             "examples is empty (or every example was skipped): nothing to compute."
         )
+    mesh = prepass.default_mesh() if mesh is None else mesh
+    if "data" not in mesh.axis_names:
+        raise ValueError(
+            f"the mesh needs a 'data' axis to shard the batch over; its axes are {mesh.axis_names}."
+        )
+    # Placed once here, so each bucket's pass finds them in place.
+    replicated = NamedSharding(mesh, P())
+    params = prepass._place_params(
+        params, replicated if param_shardings is None else param_shardings
+    )
+    width = buckets[-1] - 1
+    ids, losses, masks = [], [], []
+    for length, count in zip(buckets, counts, strict=True):
+        if not count:  # no process holds an example of this length
+            continue
+        cache = (
+            None if cache_dir is None else os.path.join(cache_dir, f"bucket_{length}")
+        )
+        got, values = prepass._per_example_values(
+            loss_fn,
+            params,
+            _batches({length: groups[length]}, batch_size, pad_id),
+            shape=(2, length - 1),
+            spec=_token_spec(length),
+            batch_size=batch_size,
+            mesh=mesh,
+            progress=progress,
+            cache_dir=cache,
+            param_shardings=param_shardings,
+            total=count,
+            desc=f"token pre-pass T={length}",
+            fn_name=f"token_nll of {prepass._describe_fn(logits_fn)}",
+            nonfinite=_nonfinite_tokens,
+        )
+        pad = ((0, 0), (0, width - (length - 1)))
+        ids.append(got)
+        losses.append(np.pad(values[:, 0], pad))
+        masks.append(np.pad(values[:, 1] == 1, pad))
     all_ids = np.concatenate(ids)
     order = np.argsort(all_ids, kind="stable")
     all_ids = all_ids[order]

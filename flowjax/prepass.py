@@ -29,6 +29,11 @@ How it works (one process's view):
    every few seconds. On a restart, examples whose ids are cached are skipped
    (not recomputed), and the cached rows of all processes are shared with one
    ``process_allgather`` at the end.
+
+The machinery (``_per_example_values``) handles per-example outputs of any
+fixed shape, not only scalars: :func:`flowjax.lm_token_losses` runs it once
+per bucket length ``T`` with outputs ``[2, T - 1]`` (token NLLs and target
+mask).
 """
 
 from __future__ import annotations
@@ -131,6 +136,62 @@ def per_example_losses(
       >>> table.ids.tolist(), table.losses.tolist()
       ([2, 4, 9], [9.0, 9.0, 36.0])
     """
+    ids, losses = _per_example_values(
+        loss_fn,
+        params,
+        batches,
+        mesh=mesh,
+        progress=progress,
+        cache_dir=cache_dir,
+        param_shardings=param_shardings,
+        total=total,
+    )
+    return LossTable(ids, losses)
+
+
+def _nonfinite_losses(bad: np.ndarray, ids: np.ndarray, values: np.ndarray) -> str:
+    return (
+        f"loss_fn returned NaN or infinite losses for example {_checks.describe(bad, ids, values)}. "
+        "flowjax never sets them to 0: fix the loss (a sequence with no target tokens gives 0/0) "
+        "or leave those examples out of the fine-tuning set."
+    )
+
+
+def _per_example_values(
+    fn,
+    params: Params,
+    batches: Batches,
+    *,
+    shape: tuple[int, ...] = (),
+    spec: _Spec | None = None,
+    batch_size: int | None = None,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    cache_dir: str | None = None,
+    param_shardings: Any = None,
+    total: int | None = None,
+    desc: str = "pre-pass",
+    fn_name: str | None = None,
+    nonfinite=_nonfinite_losses,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pre-pass machinery for per-example outputs of one fixed shape.
+
+    ``fn(params, example)`` returns an array of ``shape`` for ONE example
+    (``()`` for :func:`per_example_losses`); the result is ``(ids int64 [n],
+    values float32 [n, *shape])`` of every example fed by every process, in no
+    particular order (duplicates are the caller's to check).
+
+    Args:
+      spec: the batches' structure, when known without looking at a batch;
+        then a process may feed no batch at all (it feeds padding in step
+        with the others). Default: taken from the first non-empty batch.
+      batch_size: per-process rows per step. Default: the first batch's.
+      desc: the progress bar's label.
+      fn_name: what the cache manifest records for ``fn`` (default: its name).
+      nonfinite: ``nonfinite(bad_rows, ids, values) -> message`` for the
+        ValueError raised when a row has a NaN or infinite value.
+      (the rest as in :func:`per_example_losses`)
+    """
     mesh = default_mesh() if mesh is None else mesh
     if "data" not in mesh.axis_names:
         raise ValueError(
@@ -141,72 +202,74 @@ def per_example_losses(
     replicated = NamedSharding(mesh, P())
 
     it = iter(batches)
-    # The first non-empty batch fixes the batch size (an empty one cannot).
-    first = next((b for b in it if _rows(b) != 0), None)
-    if first is None:
-        where = (
-            f" on process {me} (every process needs at least one batch)"
-            if nproc > 1
-            else ""
-        )
-        raise ValueError(f"batches is empty{where}: there is nothing to compute.")
-    spec = _Spec.from_batch(first)
+    if spec is None:
+        # The first non-empty batch fixes the batch size (an empty one cannot).
+        first = next((b for b in it if _rows(b) != 0), None)
+        if first is None:
+            where = (
+                f" on process {me} (every process needs at least one batch)"
+                if nproc > 1
+                else ""
+            )
+            raise ValueError(f"batches is empty{where}: there is nothing to compute.")
+        spec = _Spec.from_batch(first)
+        it = itertools.chain([first], it)
+    if batch_size is not None:
+        spec = spec._replace(size=batch_size)
     batch_size = _agree_batch_size(spec, mesh.shape["data"], nproc)
     global_batch = batch_size * nproc
 
     params = _place_params(
         params, replicated if param_shardings is None else param_shardings
     )
-    step = _make_step(loss_fn, global_batch, mesh, nproc > 1)
+    step = _make_step(fn, global_batch, mesh, nproc > 1, shape)
 
     cache = served = None
     if cache_dir is not None:
         manifest = {
-            "loss_fn": _describe_fn(loss_fn),
+            "loss_fn": _describe_fn(fn) if fn_name is None else fn_name,
             "example_spec": spec.describe(),
             "params": _fingerprint(params, replicated),
         }
-        cache = _cache.PrepassCache(cache_dir, me, nproc, manifest)
+        if shape:  # absent for scalar losses: per_example_losses' manifest is unchanged
+            manifest["output_shape"] = list(shape)
+        cache = _cache.PrepassCache(cache_dir, me, nproc, manifest, shape)
         served = _Served(*cache.load())
 
     bar = tqdm(
         total=total,
         unit="ex",
         unit_scale=True,
-        desc="pre-pass",
+        desc=desc,
         disable=not progress or me != 0,
         dynamic_ncols=True,
     )
     found_ids: list[np.ndarray] = []
-    found_losses: list[np.ndarray] = []
+    found_values: list[np.ndarray] = []
 
     def read(out, ids: np.ndarray) -> int:
         """Reads one finished step: checks, records, caches. Returns its global count of real rows."""
         if nproc == 1:
-            losses = np.asarray(out)[: len(ids)]
+            values = np.asarray(out)[: len(ids)]
             mine = slice(None)
         else:
-            meta, losses, _ = (np.asarray(x) for x in out)
+            meta, values, _ = (np.asarray(x) for x in out)
             real = meta[:, 3] == 1
-            ids, losses = _ids_from_pairs(meta[real, :2]), losses[real]
+            ids, values = _ids_from_pairs(meta[real, :2]), values[real]
             mine = meta[real, 2] == me
-        bad = ~np.isfinite(losses)
+        bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
         if bad.any():
             if cache is not None:
                 cache.flush()
-            raise ValueError(
-                f"loss_fn returned NaN or infinite losses for example {_checks.describe(bad, ids, losses)}. "
-                "flowjax never sets them to 0: fix the loss (a sequence with no target tokens gives 0/0) "
-                "or leave those examples out of the fine-tuning set."
-            )
+            raise ValueError(nonfinite(bad, ids, values))
         found_ids.append(ids)
-        found_losses.append(losses)
+        found_values.append(values)
         if cache is not None:
-            cache.add(ids[mine], losses[mine])
+            cache.add(ids[mine], values[mine])
         bar.update(len(ids))
         return len(ids)
 
-    steps = _local_steps(itertools.chain([first], it), spec, batch_size, served, bar)
+    steps = _local_steps(it, spec, batch_size, served, bar)
     padding = None  # multi-process only: what a process with no data left feeds
     in_flight: collections.deque = collections.deque()  # dispatched, not yet read
     try:
@@ -235,15 +298,15 @@ def per_example_losses(
             cache.flush()
         bar.close()
 
-    ids, losses = found_ids, found_losses
+    ids, values = found_ids, found_values
     if served is not None:
-        s_ids, s_losses = served.used()
+        s_ids, s_values = served.used()
         if nproc > 1:
-            s_ids, s_losses = _allgather_rows(s_ids, s_losses)
-        ids, losses = [*ids, s_ids], [*losses, s_losses]
-    return LossTable(
+            s_ids, s_values = _allgather_rows(s_ids, s_values)
+        ids, values = [*ids, s_ids], [*values, s_values]
+    return (
         np.concatenate([np.zeros(0, np.int64), *ids]),
-        np.concatenate([np.zeros(0, np.float32), *losses]),
+        np.concatenate([np.zeros((0, *shape), np.float32), *values]),
     )
 
 
@@ -253,9 +316,13 @@ _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _make_step(
-    loss_fn: PerExampleLoss, global_batch: int, mesh: Mesh, multiprocess: bool
+    loss_fn: PerExampleLoss,
+    global_batch: int,
+    mesh: Mesh,
+    multiprocess: bool,
+    shape: tuple[int, ...] = (),
 ):
-    """The jitted step: the vmapped losses of one fixed-shape global batch.
+    """The jitted step: the vmapped outputs (each of ``shape``) of one fixed-shape global batch.
 
     Single process: ``step(params, leaves, treedef) -> losses``; the host keeps
     the ids. Multi-process: ``step(params, leaves, meta, treedef) -> (meta,
@@ -266,7 +333,7 @@ def _make_step(
         per_fn = _STEPS.setdefault(loss_fn, {})
     except TypeError:  # not weak-referenceable: compile for this call only
         per_fn = {}
-    key = (global_batch, mesh, multiprocess)
+    key = (global_batch, mesh, multiprocess, shape)
     if key in per_fn:
         return per_fn[key]
     fn_ref = _ref(loss_fn)  # the cached step must not keep its own key alive
@@ -275,10 +342,11 @@ def _make_step(
     def losses_of(params, leaves, treedef):
         example = jax.tree.unflatten(treedef, leaves)
         losses = jax.vmap(fn_ref(), in_axes=(None, 0))(params, example)
-        if not isinstance(losses, jax.Array) or losses.shape != (global_batch,):
+        if not isinstance(losses, jax.Array) or losses.shape != (global_batch, *shape):
+            what = "ONE scalar" if not shape else f"an array of shape {shape}"
             raise ValueError(
-                "loss_fn must return ONE scalar per example; vmapped over the batch it returned "
-                f"{getattr(losses, 'shape', type(losses))} instead of ({global_batch},)."
+                f"loss_fn must return {what} per example; vmapped over the batch it returned "
+                f"{getattr(losses, 'shape', type(losses))} instead of {(global_batch, *shape)}."
             )
         return losses.astype(jnp.float32)
 
@@ -549,14 +617,17 @@ class _Served:
 def _allgather_rows(
     ids: np.ndarray, losses: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every process's rows on every process (ids travel as int32 pairs: exact without x64)."""
+    """Every process's rows ``(ids [n], values [n, ...])`` on every process.
+
+    Ids travel as int32 pairs: exact without x64.
+    """
     counts = np.asarray(
         multihost_utils.process_allgather(np.array([len(ids)], np.int32))
     ).reshape(-1)
     width = max(int(counts.max()), 1)
     pairs = np.zeros((width, 2), np.int32)
     pairs[: len(ids)] = _ids_to_pairs(ids)
-    values = np.zeros(width, np.float32)
+    values = np.zeros((width, *losses.shape[1:]), np.float32)
     values[: len(ids)] = losses
     all_pairs = np.asarray(multihost_utils.process_allgather(pairs))
     all_values = np.asarray(multihost_utils.process_allgather(values))

@@ -1,4 +1,4 @@
-"""Starts tests/_prepass_worker.py processes (fresh JAX runtimes) and reads their tables."""
+"""Starts tests/_prepass_worker.py (or another worker) processes (fresh JAX runtimes) and reads their tables."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def start(out: str, *args: str) -> subprocess.Popen:
+def start(out: str, *args: str, worker: str = WORKER) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, WORKER, out, *args],
+        [sys.executable, worker, out, *args],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

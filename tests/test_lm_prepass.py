@@ -203,35 +203,41 @@ def test_rows_rejects_a_length_below_two_or_not_an_int(rng, bad):
 def test_token_prepass_puts_params_on_device_once_and_pipelines(rng, monkeypatch):
     """Params are placed on the device once (not sent from host numpy every step), and the
     host reads step k only after step k + _IN_FLIGHT is dispatched."""
-    from flowjax import lm_prepass
+    from flowjax import prepass
 
     ex = _examples(rng, [5] * 9)
     params = jax.tree.map(np.asarray, _params(rng))  # host numpy params
     events, seen = [], []
-    lm = CountingLM()
-    step = lm_prepass._per_fn(lm_prepass._TOK_FNS, lm, lm_prepass._make_token_step)
+    make_step = prepass._make_step
 
-    def spy_step(p, tokens, mask):
-        seen.append([leaf for leaf in jax.tree.leaves(p)])
-        out = step(p, tokens, mask)
-        events.append(("dispatch", len(events)))
-        return _Fetch(out, events)
+    def spy_make_step(*args, **kwargs):
+        step = make_step(*args, **kwargs)
 
-    monkeypatch.setitem(lm_prepass._TOK_FNS, lm, lambda *a: spy_step(*a))
-    tl = flowjax.lm_token_losses(lm, params, ex, bucket_lengths=[8], batch_size=1)
+        def spy_step(p, *rest):
+            seen.append([leaf for leaf in jax.tree.leaves(p)])
+            out = step(p, *rest)
+            events.append(("dispatch", len(events)))
+            return _Fetch(out, events)
+
+        return spy_step
+
+    monkeypatch.setattr(prepass, "_make_step", spy_make_step)
+    tl = flowjax.lm_token_losses(
+        CountingLM(), params, ex, bucket_lengths=[8], batch_size=1, progress=False
+    )
     # device arrays, and the very same ones every step (put on the device once)
     assert all(isinstance(leaf, jax.Array) for leaf in seen[0])
     assert all(a is b for leaves in seen for a, b in zip(leaves, seen[0], strict=True))
     kinds = [k for k, _ in events]
     assert kinds.count("dispatch") == kinds.count("read") == 9
     # the first read comes only after _IN_FLIGHT + 1 dispatches
-    assert kinds[: lm_prepass._IN_FLIGHT + 1] == ["dispatch"] * (
-        lm_prepass._IN_FLIGHT + 1
-    )
+    assert kinds[: prepass._IN_FLIGHT + 1] == ["dispatch"] * (prepass._IN_FLIGHT + 1)
+    monkeypatch.undo()
     ref = flowjax.lm_token_losses(
-        CountingLM(), params, ex, bucket_lengths=[8], batch_size=1
+        CountingLM(), params, ex, bucket_lengths=[8], batch_size=1, progress=False
     )
     np.testing.assert_array_equal(tl.losses, ref.losses)
+    np.testing.assert_array_equal(tl.mask, ref.mask)
 
 
 class _Fetch:

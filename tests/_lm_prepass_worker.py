@@ -1,0 +1,88 @@
+"""Runs flowjax.lm_token_losses in a fresh process (own device count / jax.distributed).
+
+    python tests/_lm_prepass_worker.py OUT.npz [--devices N] [--batch-size B]
+        [--process-id I --num-processes P --port PORT] [--cache DIR]
+
+Saves ``ids``, ``losses``, ``mask`` and ``traces`` (how often the model was traced).
+With ``--cache``, runs twice: the second run resumes from the first's cache after
+process 1 (if any) deleted its last chunk of every bucket; it saves ``resumed_*`` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--process-id", type=int, default=0)
+    ap.add_argument("--num-processes", type=int, default=1)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=3)
+    ap.add_argument("--cache", default=None)
+    args = ap.parse_args()
+
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    if args.num_processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            f"localhost:{args.port}",
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    import _lm_data
+    import numpy as np
+
+    import flowjax
+    from flowjax import _cache
+
+    _cache.FLUSH_SECONDS = 0.0  # a chunk per finished step
+    assert len(jax.devices()) == args.devices * args.num_processes, jax.devices()
+    lm = _lm_data.LM()
+    mine = _lm_data.split(_lm_data.examples(), args.process_id, args.num_processes)
+
+    def run(examples):
+        return flowjax.lm_token_losses(
+            lm,
+            _lm_data.params(),
+            examples[::-1],  # another order than the reference's
+            bucket_lengths=_lm_data.BUCKETS,
+            batch_size=args.batch_size,
+            progress=False,
+            cache_dir=args.cache,
+        )
+
+    tl = run(mine)
+    out = {"ids": tl.ids, "losses": tl.losses, "mask": tl.mask, "traces": lm.traces}
+    if args.cache:
+        # Process 1 loses its last chunk of every bucket; process 0 serves all from its cache.
+        lost = []
+        for b in _lm_data.BUCKETS if args.process_id == 1 else ():
+            own = f"bucket_{b}/process-00001-of-{args.num_processes:05d}"
+            for c in sorted(glob.glob(os.path.join(args.cache, own, "chunk-*")))[-1:]:
+                lost += np.load(c)["ids"].tolist()
+                os.remove(c)
+        assert bool(lost) == (args.process_id == 1)
+        # Cached examples get tokens with NaN logits: recomputing one would raise.
+        poisoned = [
+            e if e["id"] in lost else {**e, "tokens": np.full_like(e["tokens"], -1)}
+            for e in mine
+        ]
+        again = run(poisoned)
+        out |= {"resumed_ids": again.ids, "resumed_losses": again.losses}
+        out |= {"resumed_mask": again.mask}
+    np.savez(args.out, **out)
+    print(f"process {args.process_id}: {len(tl.ids)} examples, {lm.traces} traces")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The token-level pre-pass sharded like the core one: 8 devices and 2 processes give the
+1-device table; NaN handling; resume from a cache. Multi-device runs are own processes."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flowjax
+from flowjax import _cache
+
+from . import _lm_data, _subprocess
+
+WORKER = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "_lm_prepass_worker.py"
+)
+
+
+def _single(batch_size: int = 3) -> tuple[flowjax.TokenLosses, int]:
+    lm = _lm_data.LM()
+    tl = flowjax.lm_token_losses(
+        lm,
+        _lm_data.params(),
+        _lm_data.examples(),
+        bucket_lengths=_lm_data.BUCKETS,
+        batch_size=batch_size,
+        progress=False,
+    )
+    return tl, lm.traces
+
+
+def _load(path: str) -> tuple[flowjax.TokenLosses, int]:
+    with np.load(path) as f:
+        return flowjax.TokenLosses(f["ids"], f["losses"], f["mask"]), int(f["traces"])
+
+
+def _assert_same(tl: flowjax.TokenLosses, ref: flowjax.TokenLosses) -> None:
+    np.testing.assert_array_equal(tl.ids, ref.ids)  # exact: nothing lost or doubled
+    np.testing.assert_array_equal(tl.mask, ref.mask)
+    np.testing.assert_allclose(tl.losses, ref.losses, rtol=1e-5, atol=1e-6)
+
+
+def test_single_device_matches_the_numpy_reference():
+    tl, traces = _single()
+    assert traces == len(
+        _lm_data.BUCKETS
+    )  # once per bucket, ragged last batches included
+    ex = _lm_data.examples()
+    assert tl.ids.tolist() == sorted(e["id"] for e in ex)
+    assert tl.losses.shape == tl.mask.shape == (len(ex), _lm_data.BUCKETS[-1] - 1)
+    for e in ex:
+        nll, m = _lm_data.reference(_lm_data.params(), e)
+        row = np.searchsorted(tl.ids, e["id"])
+        n = len(m)
+        np.testing.assert_array_equal(tl.mask[row, :n], m)
+        assert not tl.mask[row, n:].any() and (tl.losses[row][~tl.mask[row]] == 0).all()
+        np.testing.assert_allclose(tl.losses[row, :n][m], nll[m], rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_eight_devices_and_two_processes_equal_one_device(tmp_path):
+    # Started together (the machine is small; they run in parallel).
+    port = str(_subprocess.free_port())
+    eight = _subprocess.start(
+        str(tmp_path / "eight.npz"),
+        "--devices",
+        "8",
+        "--batch-size",
+        "5",
+        worker=WORKER,
+    )
+    two = [
+        _subprocess.start(
+            str(tmp_path / f"mp-{i}.npz"),
+            *("--devices", "2", "--num-processes", "2", "--process-id", str(i)),
+            *("--port", port, "--batch-size", "3", "--cache", str(tmp_path / "cache")),
+            worker=WORKER,
+        )
+        for i in range(2)
+    ]
+    one, _ = _single(batch_size=5)
+    for p in [eight, *two]:
+        _subprocess.finish(p)
+    # 8 devices, 5 rows per step padded to 8 (one per device)
+    tl, traces = _load(str(tmp_path / "eight.npz"))
+    _assert_same(tl, one)
+    assert traces == len(_lm_data.BUCKETS)
+    # 2 processes x 2 devices; process 1 has no example of the longest bucket
+    assert (
+        max(len(e["tokens"]) for e in _lm_data.split(_lm_data.examples(), 1, 2)) <= 12
+    )
+    (first, t0), (second, t1) = (_load(str(tmp_path / f"mp-{i}.npz")) for i in range(2))
+    for a, b in [(first.ids, second.ids), (first.losses, second.losses)]:
+        np.testing.assert_array_equal(a, b)  # identical on every process
+    _assert_same(first, one)
+    assert t0 == t1 == len(_lm_data.BUCKETS)
+    # Resumed from per-process caches with different progress: the same complete table.
+    for i in range(2):
+        with np.load(tmp_path / f"mp-{i}.npz") as f:
+            for k in ("ids", "losses", "mask"):
+                np.testing.assert_array_equal(f[f"resumed_{k}"], f[k])
+
+
+SPECIAL = 3  # the token whose logits are NaN in _nan_model
+
+
+def _nan_model(table, tokens):
+    """A bigram model whose logits after token SPECIAL are NaN."""
+    return jnp.where((tokens == SPECIAL)[:, None], jnp.nan, table[tokens])
+
+
+def _nan_params():
+    return jnp.log(jnp.full((5, 5), 0.2)).at[:, 4].set(jnp.log(0.2 / 3))  # not uniform
+
+
+def test_nan_at_a_target_position_raises_naming_the_id_elsewhere_it_does_not_matter():
+    table = _nan_params()
+    ok = [
+        # SPECIAL at position 1 predicts position 2, a prompt token: not a target.
+        {
+            "id": 11,
+            "tokens": np.array([1, SPECIAL, 2, 4]),
+            "mask": np.array([0, 0, 0, 1], bool),
+        },
+        # Padding is SPECIAL (pad_id): its NaN logits are never targets either.
+        {"id": 12, "tokens": np.array([0, 4, 1]), "mask": np.array([0, 1, 1], bool)},
+    ]
+    bad = {
+        "id": 13,
+        "tokens": np.array([0, SPECIAL, 1]),
+        "mask": np.array([0, 1, 1], bool),
+    }
+    kw = {"bucket_lengths": [6], "batch_size": 2, "pad_id": SPECIAL, "progress": False}
+    tl = flowjax.lm_token_losses(_nan_model, table, ok, **kw)
+    p = np.exp(np.asarray(table, np.float64))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(tl.losses[0], [0, 0, -np.log(p[2, 4]), 0, 0], rtol=1e-5)
+    np.testing.assert_allclose(
+        tl.losses[1], [-np.log(p[0, 4]), -np.log(p[4, 1]), 0, 0, 0], rtol=1e-5
+    )
+    assert np.isfinite(tl.losses).all()
+    with pytest.raises(ValueError, match=r"NaN or infinite token losses .*ids \[13\]"):
+        flowjax.lm_token_losses(_nan_model, table, [*ok, bad], **kw)
+
+
+def test_killed_token_prepass_resumes_from_its_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(_cache, "FLUSH_SECONDS", 0.0)  # a chunk per finished step
+    cache = str(tmp_path / "cache")
+    kw = {"bucket_lengths": _lm_data.BUCKETS, "batch_size": 3, "progress": False}
+    ex = _lm_data.examples()
+    full = flowjax.lm_token_losses(
+        _lm_data.LM(), _lm_data.params(), ex, cache_dir=cache, **kw
+    )
+    _assert_same(full, _single()[0])
+    # Lose the last chunk of each bucket (as if killed): only those rows are recomputed.
+    lost = []
+    for b in _lm_data.BUCKETS:
+        chunks = sorted(
+            glob.glob(os.path.join(cache, f"bucket_{b}", "*", "chunk-*.npz"))
+        )
+        assert len(chunks) > 1
+        lost += np.load(chunks[-1])["ids"].tolist()
+        os.remove(chunks[-1])
+    # Every cached example gets tokens that give NaN logits: recomputing one would raise.
+    poisoned = [
+        e if e["id"] in lost else {**e, "tokens": np.full_like(e["tokens"], -1)}
+        for e in ex
+    ]
+    lm = _lm_data.LM()
+    with pytest.raises(ValueError, match="written by a different pre-pass"):
+        flowjax.lm_token_losses(
+            lambda p, t: lm(p, t), _lm_data.params(), ex, cache_dir=cache, **kw
+        )
+    resumed = flowjax.lm_token_losses(
+        lm, _lm_data.params(), poisoned, cache_dir=cache, **kw
+    )
+    for a, b in [
+        (resumed.ids, full.ids),
+        (resumed.mask, full.mask),
+        (resumed.losses, full.losses),
+    ]:
+        np.testing.assert_array_equal(a, b)
+    assert lm.traces == len(
+        _lm_data.BUCKETS
+    )  # the lost rows were recomputed, per bucket
+    with pytest.raises(ValueError, match="NaN or infinite token losses"):
+        flowjax.lm_token_losses(lm, _lm_data.params(), poisoned, **kw)  # poison works
