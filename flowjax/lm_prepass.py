@@ -6,15 +6,17 @@ padded to one of a few **bucket lengths** (:func:`bucket_batches`), so the
 pre-pass compiles once per bucket:
 
 * :func:`lm_sequence_losses`: the sequence loss (mean target-token NLL) of
-  every example, through :func:`flowjax.per_example_losses` once per bucket
-  (sharded, resumable with ``cache_dir``); returns a :class:`flowjax.LossTable`
-  whose median is ``τ_seq``.
+  every example; returns a :class:`flowjax.LossTable` whose median is
+  ``τ_seq``.
 * :func:`lm_token_losses`: every target token's NLL, as a padded
   :class:`TokenLosses` array keyed by example id, for token-level FLOW with
-  :func:`flowjax.token_flow_weights`. Each bucket of length ``T`` runs on the
-  same machinery as :func:`flowjax.per_example_losses` with a per-example
-  output of shape ``[T - 1]`` (sharded, multi-process, resumable with
-  ``cache_dir``).
+  :func:`flowjax.token_flow_weights`.
+
+Both run each bucket of length ``T`` on the machinery of
+:func:`flowjax.per_example_losses` (a scalar per example for the sequence
+pass, ``[2, T - 1]`` for the token pass): sharded over ``'data'``,
+multi-process (a process need not hold examples of every bucket), traced once
+per bucket, resumable with ``cache_dir``.
 
 An example is a dict ``{"id": int, "tokens": int [L], "mask": bool [L]}``:
 ``tokens`` unpadded (prompt, response, EOS), ``mask`` True at the target
@@ -26,7 +28,6 @@ causal, so the right padding cannot change the logits of real positions.
 from __future__ import annotations
 
 import bisect
-import itertools
 import os
 import weakref
 import zlib
@@ -42,7 +43,6 @@ from jax.sharding import PartitionSpec as P
 
 from flowjax import _checks, prepass
 from flowjax import lm as _lm
-from flowjax.prepass import per_example_losses
 from flowjax.tables import LossTable
 
 __all__ = [
@@ -196,6 +196,8 @@ def _batches(groups, batch_size: int, pad_id: int) -> Iterator[dict[str, np.ndar
             }
 
 
+_PREPASS_KWARGS = frozenset({"mesh", "progress", "param_shardings"})
+
 # One loss function / jitted step per logits_fn, so every call and bucket reuses them.
 _SEQ_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TOK_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -220,6 +222,113 @@ def _make_sequence_loss(fn_ref):
     return sequence_loss
 
 
+def _bucket_spec(length: int) -> prepass._Spec:
+    """The structure of every batch of bucket ``length`` (known without seeing one)."""
+    return prepass._Spec.from_batch(
+        {
+            "id": np.zeros(0, np.int64),
+            "tokens": np.zeros((0, length), np.int32),
+            "mask": np.zeros((0, length), bool),
+        }
+    )
+
+
+def _global_counts(buckets: list[int], counts: list[int], batch_size: int) -> list[int]:
+    """Examples per bucket over all processes; checks that the processes agree on the buckets."""
+    if jax.process_count() == 1:
+        return counts
+    key = zlib.crc32(repr((buckets, batch_size)).encode()) & 0x7FFFFFFF
+    keys = np.asarray(multihost_utils.process_allgather(np.array([key], np.int32)))
+    if len(set(keys.reshape(-1).tolist())) != 1:
+        raise ValueError(
+            "processes passed different bucket_lengths or batch_size; they must agree."
+        )
+    every = np.asarray(multihost_utils.process_allgather(np.array(counts, np.int64)))
+    return every.reshape(-1, len(buckets)).sum(axis=0).tolist()
+
+
+def _bucket_passes(
+    loss_fn,
+    logits_fn: LogitsFn,
+    params: Any,
+    examples: Iterable[Example],
+    *,
+    bucket_lengths: Iterable[int],
+    batch_size: int,
+    pad_id: int,
+    on_empty: str,
+    mesh: Mesh | None,
+    progress: bool,
+    cache_dir: str | None,
+    param_shardings: Any,
+    shape: Callable[[int], tuple[int, ...]],
+    level: str,
+    nonfinite: Callable[[np.ndarray, np.ndarray, np.ndarray], str],
+) -> tuple[int, list[tuple[int, np.ndarray, np.ndarray]]]:
+    """The pre-pass of every bucket some process holds examples of: ``(T_max, [(T, ids, values)])``.
+
+    ``loss_fn(params, example)`` gives an array of ``shape(T)`` for one example
+    of bucket ``T``. One allgather checks that the processes agree on the
+    buckets and counts each bucket's examples over all of them; buckets empty
+    everywhere are skipped, the others run on
+    :func:`flowjax.prepass._per_example_values` with the batch layout given up
+    front (a process without examples of a bucket feeds padding in step) and
+    ``batch_size`` rows per step (one trace per bucket). Bucket ``T`` caches
+    in ``cache_dir/bucket_T``, its manifest naming ``level`` and ``logits_fn``.
+    """
+    groups = _bucket_groups(examples, bucket_lengths, batch_size, on_empty)
+    buckets = list(groups)
+    counts = _global_counts(buckets, [len(groups[b]) for b in buckets], batch_size)
+    if not sum(counts):
+        raise ValueError(
+            "examples is empty (or every example was skipped): nothing to compute."
+        )
+    mesh = prepass.default_mesh() if mesh is None else mesh
+    if "data" not in mesh.axis_names:
+        raise ValueError(
+            f"the mesh needs a 'data' axis to shard the batch over; its axes are {mesh.axis_names}."
+        )
+    # Placed once here, so each bucket's pass finds them in place.
+    replicated = NamedSharding(mesh, P())
+    params = prepass._place_params(
+        params, replicated if param_shardings is None else param_shardings
+    )
+    fn_name = f"{level}_nll of {prepass._describe_fn(logits_fn)}"
+    out = []
+    for length, count in zip(buckets, counts, strict=True):
+        if not count:  # no process holds an example of this length
+            continue
+        cache = (
+            None if cache_dir is None else os.path.join(cache_dir, f"bucket_{length}")
+        )
+        ids, values = prepass._per_example_values(
+            loss_fn,
+            params,
+            _batches({length: groups[length]}, batch_size, pad_id),
+            shape=shape(length),
+            spec=_bucket_spec(length),
+            batch_size=batch_size,
+            mesh=mesh,
+            progress=progress,
+            cache_dir=cache,
+            param_shardings=param_shardings,
+            total=count,
+            desc=f"{level} pre-pass T={length}",
+            fn_name=fn_name,
+            nonfinite=nonfinite,
+        )
+        out.append((length, ids, values))
+    return buckets[-1], out
+
+
+def _nonfinite_sequences(bad, ids, values) -> str:
+    return (
+        f"logits_fn gave NaN or infinite sequence losses for example "
+        f"{_checks.describe(bad, ids, values)}. flowjax never sets them to 0: fix the model or "
+        "leave those examples out."
+    )
+
+
 def lm_sequence_losses(
     logits_fn: LogitsFn,
     params: Any,
@@ -238,36 +347,51 @@ def lm_sequence_losses(
 
     with :math:`R_i` the example's target positions (response and EOS): the
     official sequence loss, whose median is ``τ_seq``. Examples are bucketed
-    with :func:`bucket_batches` and each bucket goes through
-    :func:`flowjax.per_example_losses` (sharded over the mesh's ``'data'``
-    axis), which traces the per-example loss once per bucket length (plus
-    once for a bucket holding fewer than ``batch_size`` examples, whose only
-    batch has its own shape). Later calls with the same ``logits_fn`` reuse
-    the compiled steps.
+    with :func:`bucket_batches`, and each bucket goes through the machinery of
+    :func:`flowjax.per_example_losses`: the batch axis is sharded over the
+    mesh's ``'data'`` axis, every process of a multi-process run feeds its own
+    examples and gets the complete table, and the per-example loss is traced
+    once per bucket length (every step of a bucket has ``batch_size`` rows per
+    process; short batches, including a bucket smaller than ``batch_size``,
+    are padded and the copies dropped). A process need not hold examples of
+    every bucket. Later calls with the same ``logits_fn`` reuse the compiled
+    steps.
 
     Args:
       logits_fn: ``logits_fn(params, tokens [T]) -> logits [T, V]`` for one
         sequence; causal (right padding must not change real positions).
       params: the frozen pre-trained parameters (a jit argument, not a
         closure constant).
-      examples: tokenised examples (see :func:`bucket_batches`).
-      bucket_lengths: padded lengths, e.g. ``(256, 512, 1024)``.
-      batch_size: rows per pre-pass step.
+      examples: tokenised examples (see :func:`bucket_batches`); in a
+        multi-process run, this process's examples.
+      bucket_lengths: padded lengths, e.g. ``(256, 512, 1024)`` (the same on
+        every process).
+      batch_size: rows per step per process (the same on every process).
       pad_id: padding token.
       on_empty: ``"raise"`` or ``"skip"`` for examples with no target token.
-      cache_dir: optional; bucket ``T`` is cached in ``cache_dir/bucket_T`` so
-        a killed pre-pass resumes (see :func:`flowjax.per_example_losses`).
-      **prepass_kwargs: ``mesh``, ``progress``, ``param_shardings`` for
-        :func:`flowjax.per_example_losses`. In a multi-process run every
-        process must hold examples of every bucket.
+      cache_dir: optional; bucket ``T`` is cached in ``cache_dir/bucket_T``,
+        so a pre-pass killed part-way and started again with the same
+        arguments (and number of processes) skips the examples already done
+        and returns the same table (see :func:`flowjax.per_example_losses`).
+        The cache records ``logits_fn``'s name and the parameters'
+        fingerprint: another model in the same ``cache_dir`` raises.
+      **prepass_kwargs: ``mesh`` (with a ``'data'`` axis; default all
+        devices), ``progress`` (a progress bar per bucket on process 0;
+        default True) and ``param_shardings`` (default: replicated), as in
+        :func:`flowjax.per_example_losses`.
 
     Returns:
-      A :class:`flowjax.LossTable` of every (not skipped) example.
+      A :class:`flowjax.LossTable` of every (not skipped) example of every
+      process, on every process.
 
     Raises:
       ValueError: from :func:`bucket_batches` (malformed, too long or empty
         examples); NaN/inf sequence losses (naming the ids); duplicate ids;
-        anything :func:`flowjax.per_example_losses` raises.
+        no examples on any process; processes that disagree on
+        ``bucket_lengths`` or ``batch_size``; anything
+        :func:`flowjax.per_example_losses` raises for its shared arguments
+        (``mesh``, ``cache_dir``, e.g. a cache written by another model).
+      TypeError: a keyword argument other than those above.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, flowjax
@@ -279,27 +403,32 @@ def lm_sequence_losses(
       >>> losses.ids.tolist(), losses.losses.round(4).tolist()  # log 3
       ([7], [1.0986])
     """
-    loss_fn = _per_fn(_SEQ_FNS, logits_fn, _make_sequence_loss)
-    batches = bucket_batches(
-        examples, bucket_lengths, batch_size, pad_id=pad_id, on_empty=on_empty
+    unknown = sorted(set(prepass_kwargs) - _PREPASS_KWARGS)
+    if unknown:
+        raise TypeError(
+            f"lm_sequence_losses got unexpected keyword arguments {unknown}; the pre-pass "
+            f"takes {sorted(_PREPASS_KWARGS)} (it counts each bucket's examples itself)."
+        )
+    _, passes = _bucket_passes(
+        _per_fn(_SEQ_FNS, logits_fn, _make_sequence_loss),
+        logits_fn,
+        params,
+        examples,
+        bucket_lengths=bucket_lengths,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        on_empty=on_empty,
+        mesh=prepass_kwargs.get("mesh"),
+        progress=prepass_kwargs.get("progress", True),
+        cache_dir=cache_dir,
+        param_shardings=prepass_kwargs.get("param_shardings"),
+        shape=lambda length: (),
+        level="sequence",
+        nonfinite=_nonfinite_sequences,
     )
-    tables = []
-    for length, group in itertools.groupby(batches, key=lambda b: b["tokens"].shape[1]):
-        cache = (
-            None if cache_dir is None else os.path.join(cache_dir, f"bucket_{length}")
-        )
-        tables.append(
-            per_example_losses(
-                loss_fn, params, group, cache_dir=cache, **prepass_kwargs
-            )
-        )
-    if not tables:
-        raise ValueError(
-            "examples is empty (or every example was skipped): nothing to compute."
-        )
-    return LossTable(
-        np.concatenate([t.ids for t in tables]),
-        np.concatenate([t.losses for t in tables]),
+    return LossTable(  # sorts by id, refuses duplicates
+        np.concatenate([ids for _, ids, _ in passes]),
+        np.concatenate([values for _, _, values in passes]),
     )
 
 
@@ -456,31 +585,6 @@ def _make_token_loss(fn_ref):
     return token_loss
 
 
-def _token_spec(length: int) -> prepass._Spec:
-    """The structure of every batch of bucket ``length`` (known without seeing one)."""
-    return prepass._Spec.from_batch(
-        {
-            "id": np.zeros(0, np.int64),
-            "tokens": np.zeros((0, length), np.int32),
-            "mask": np.zeros((0, length), bool),
-        }
-    )
-
-
-def _global_counts(buckets: list[int], counts: list[int], batch_size: int) -> list[int]:
-    """Examples per bucket over all processes; checks that the processes agree on the buckets."""
-    if jax.process_count() == 1:
-        return counts
-    key = zlib.crc32(repr((buckets, batch_size)).encode()) & 0x7FFFFFFF
-    keys = np.asarray(multihost_utils.process_allgather(np.array([key], np.int32)))
-    if len(set(keys.reshape(-1).tolist())) != 1:
-        raise ValueError(
-            "processes passed different bucket_lengths or batch_size; they must agree."
-        )
-    every = np.asarray(multihost_utils.process_allgather(np.array(counts, np.int64)))
-    return every.reshape(-1, len(buckets)).sum(axis=0).tolist()
-
-
 def _nonfinite_tokens(bad, ids, values) -> str:
     return (
         f"logits_fn gave NaN or infinite token losses at target positions for example "
@@ -568,48 +672,26 @@ def lm_token_losses(
       >>> tl.losses.round(4).tolist(), tl.mask.tolist()  # -log 0.5, -log 0.25, padding
       ([[0.6931, 1.3863, 0.0]], [[True, True, False]])
     """
-    loss_fn = _per_fn(_TOK_FNS, logits_fn, _make_token_loss)
-    groups = _bucket_groups(examples, bucket_lengths, batch_size, on_empty)
-    buckets = list(groups)
-    counts = _global_counts(buckets, [len(groups[b]) for b in buckets], batch_size)
-    if not sum(counts):
-        raise ValueError(
-            "examples is empty (or every example was skipped): nothing to compute."
-        )
-    mesh = prepass.default_mesh() if mesh is None else mesh
-    if "data" not in mesh.axis_names:
-        raise ValueError(
-            f"the mesh needs a 'data' axis to shard the batch over; its axes are {mesh.axis_names}."
-        )
-    # Placed once here, so each bucket's pass finds them in place.
-    replicated = NamedSharding(mesh, P())
-    params = prepass._place_params(
-        params, replicated if param_shardings is None else param_shardings
+    longest, passes = _bucket_passes(
+        _per_fn(_TOK_FNS, logits_fn, _make_token_loss),
+        logits_fn,
+        params,
+        examples,
+        bucket_lengths=bucket_lengths,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        on_empty=on_empty,
+        mesh=mesh,
+        progress=progress,
+        cache_dir=cache_dir,
+        param_shardings=param_shardings,
+        shape=lambda length: (2, length - 1),
+        level="token",
+        nonfinite=_nonfinite_tokens,
     )
-    width = buckets[-1] - 1
+    width = longest - 1
     ids, losses, masks = [], [], []
-    for length, count in zip(buckets, counts, strict=True):
-        if not count:  # no process holds an example of this length
-            continue
-        cache = (
-            None if cache_dir is None else os.path.join(cache_dir, f"bucket_{length}")
-        )
-        got, values = prepass._per_example_values(
-            loss_fn,
-            params,
-            _batches({length: groups[length]}, batch_size, pad_id),
-            shape=(2, length - 1),
-            spec=_token_spec(length),
-            batch_size=batch_size,
-            mesh=mesh,
-            progress=progress,
-            cache_dir=cache,
-            param_shardings=param_shardings,
-            total=count,
-            desc=f"token pre-pass T={length}",
-            fn_name=f"token_nll of {prepass._describe_fn(logits_fn)}",
-            nonfinite=_nonfinite_tokens,
-        )
+    for length, got, values in passes:
         pad = ((0, 0), (0, width - (length - 1)))
         ids.append(got)
         losses.append(np.pad(values[:, 0], pad))

@@ -31,9 +31,10 @@ How it works (one process's view):
    ``process_allgather`` at the end.
 
 The machinery (``_per_example_values``) handles per-example outputs of any
-fixed shape, not only scalars: :func:`flowjax.lm_token_losses` runs it once
-per bucket length ``T`` with outputs ``[2, T - 1]`` (token NLLs and target
-mask).
+fixed shape, not only scalars, and takes the batch layout up front when the
+caller knows it: :func:`flowjax.lm_sequence_losses` and
+:func:`flowjax.lm_token_losses` run it once per bucket length ``T``, with
+scalar outputs and outputs ``[2, T - 1]`` (token NLLs and target mask).
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
-"""Runs flowjax.lm_token_losses in a fresh process (own device count / jax.distributed).
+"""Runs flowjax.lm_token_losses and flowjax.lm_sequence_losses in a fresh process (own
+device count / jax.distributed).
 
     python tests/_lm_prepass_worker.py OUT.npz [--devices N] [--batch-size B]
         [--process-id I --num-processes P --port PORT] [--cache DIR]
 
-Saves ``ids``, ``losses``, ``mask`` and ``traces`` (how often the model was traced).
-With ``--cache``, runs twice: the second run resumes from the first's cache after
-process 1 (if any) deleted its last chunk of every bucket; it saves ``resumed_*`` too.
+Saves the token table's ``ids``, ``losses``, ``mask`` and ``traces`` (how often the
+model was traced), and the sequence table's ``seq_ids``, ``seq_losses``, ``seq_traces``.
+With ``--cache`` (token pass in DIR/token, sequence pass in DIR/sequence), runs each
+twice: the second run resumes from the first's cache after process 1 (if any) deleted
+its last chunk of every bucket; it saves ``resumed_*`` and ``resumed_seq_*`` too.
 """
 
 from __future__ import annotations
@@ -47,41 +50,51 @@ def main() -> None:
 
     _cache.FLUSH_SECONDS = 0.0  # a chunk per finished step
     assert len(jax.devices()) == args.devices * args.num_processes, jax.devices()
-    lm = _lm_data.LM()
     mine = _lm_data.split(_lm_data.examples(), args.process_id, args.num_processes)
+    passes = {
+        "token": (flowjax.lm_token_losses, _lm_data.LM()),
+        "sequence": (flowjax.lm_sequence_losses, _lm_data.LM()),
+    }
 
-    def run(examples):
-        return flowjax.lm_token_losses(
+    def run(level, examples):
+        fn, lm = passes[level]
+        return fn(
             lm,
             _lm_data.params(),
             examples[::-1],  # another order than the reference's
             bucket_lengths=_lm_data.BUCKETS,
             batch_size=args.batch_size,
             progress=False,
-            cache_dir=args.cache,
+            cache_dir=args.cache and os.path.join(args.cache, level),
         )
 
-    tl = run(mine)
-    out = {"ids": tl.ids, "losses": tl.losses, "mask": tl.mask, "traces": lm.traces}
+    tl, seq = run("token", mine), run("sequence", mine)
+    out = {"ids": tl.ids, "losses": tl.losses, "mask": tl.mask}
+    out |= {"seq_ids": seq.ids, "seq_losses": seq.losses}
+    out |= {"traces": passes["token"][1].traces}
+    out |= {"seq_traces": passes["sequence"][1].traces}
     if args.cache:
-        # Process 1 loses its last chunk of every bucket; process 0 serves all from its cache.
-        lost = []
-        for b in _lm_data.BUCKETS if args.process_id == 1 else ():
-            own = f"bucket_{b}/process-00001-of-{args.num_processes:05d}"
-            for c in sorted(glob.glob(os.path.join(args.cache, own, "chunk-*")))[-1:]:
-                lost += np.load(c)["ids"].tolist()
-                os.remove(c)
-        assert bool(lost) == (args.process_id == 1)
-        # Cached examples get tokens with NaN logits: recomputing one would raise.
-        poisoned = [
-            e if e["id"] in lost else {**e, "tokens": np.full_like(e["tokens"], -1)}
-            for e in mine
-        ]
-        again = run(poisoned)
-        out |= {"resumed_ids": again.ids, "resumed_losses": again.losses}
-        out |= {"resumed_mask": again.mask}
+        for level, prefix in [("token", "resumed_"), ("sequence", "resumed_seq_")]:
+            # Process 1 loses its last chunk of every bucket; process 0 serves all from its cache.
+            lost = []
+            for b in _lm_data.BUCKETS if args.process_id == 1 else ():
+                own = f"bucket_{b}/process-00001-of-{args.num_processes:05d}"
+                pattern = os.path.join(args.cache, level, own, "chunk-*")
+                for c in sorted(glob.glob(pattern))[-1:]:
+                    lost += np.load(c)["ids"].tolist()
+                    os.remove(c)
+            assert bool(lost) == (args.process_id == 1)
+            # Cached examples get tokens with NaN logits: recomputing one would raise.
+            poisoned = [
+                e if e["id"] in lost else {**e, "tokens": np.full_like(e["tokens"], -1)}
+                for e in mine
+            ]
+            again = run(level, poisoned)
+            out |= {f"{prefix}ids": again.ids, f"{prefix}losses": again.losses}
+            if level == "token":
+                out |= {"resumed_mask": again.mask}
     np.savez(args.out, **out)
-    print(f"process {args.process_id}: {len(tl.ids)} examples, {lm.traces} traces")
+    print(f"process {args.process_id}: {len(tl.ids)} examples, {out['traces']} traces")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def test_bucket_batches_groups_pads_and_validates(rng):
 
 def test_sequence_prepass_traces_once_per_bucket_and_matches_reference(rng):
     lengths = [int(n) for n in rng.integers(2, 17, size=40)]
-    lengths += [3, 3, 3, 7, 7, 7, 15, 15, 15]  # every bucket holds a full batch
+    lengths += [3, 7, 15]  # every bucket holds examples
     ex = _examples(rng, lengths)
     params, lm = _params(rng), CountingLM()
     table = flowjax.lm_sequence_losses(

@@ -1,5 +1,6 @@
-"""The token-level pre-pass sharded like the core one: 8 devices and 2 processes give the
-1-device table; NaN handling; resume from a cache. Multi-device runs are own processes."""
+"""The token- and sequence-level pre-passes sharded like the core one: 8 devices and 2
+processes give the 1-device tables; one trace per bucket; NaN handling; resume from a cache,
+refused for another model. Multi-device runs are own processes."""
 
 from __future__ import annotations
 
@@ -31,6 +32,39 @@ def _single(batch_size: int = 3) -> tuple[flowjax.TokenLosses, int]:
         progress=False,
     )
     return tl, lm.traces
+
+
+def _single_seq(batch_size: int = 3) -> tuple[flowjax.LossTable, int]:
+    lm = _lm_data.LM()
+    table = flowjax.lm_sequence_losses(
+        lm,
+        _lm_data.params(),
+        _lm_data.examples(),
+        bucket_lengths=_lm_data.BUCKETS,
+        batch_size=batch_size,
+        progress=False,
+    )
+    return table, lm.traces
+
+
+def _seq_reference(examples) -> dict[int, float]:
+    """float64 numpy sequence losses: the mean NLL of each example's target tokens."""
+    out = {}
+    for e in examples:
+        nll, m = _lm_data.reference(_lm_data.params(), e)
+        out[e["id"]] = nll[m].mean()
+    return out
+
+
+def _load_seq(path: str, prefix: str = "seq_") -> tuple[flowjax.LossTable, int]:
+    with np.load(path) as f:
+        traces = int(f["seq_traces"])
+        return flowjax.LossTable(f[f"{prefix}ids"], f[f"{prefix}losses"]), traces
+
+
+def _assert_same_seq(table: flowjax.LossTable, ref: flowjax.LossTable) -> None:
+    np.testing.assert_array_equal(table.ids, ref.ids)  # exact: nothing lost or doubled
+    np.testing.assert_allclose(table.losses, ref.losses, rtol=1e-5, atol=1e-6)
 
 
 def _load(path: str) -> tuple[flowjax.TokenLosses, int]:
@@ -83,12 +117,21 @@ def test_eight_devices_and_two_processes_equal_one_device(tmp_path):
         for i in range(2)
     ]
     one, _ = _single(batch_size=5)
+    one_seq, one_seq_traces = _single_seq(batch_size=5)
+    expect = _seq_reference(_lm_data.examples())
+    np.testing.assert_allclose(
+        one_seq.losses, [expect[i] for i in one_seq.ids], rtol=2e-5
+    )
+    assert one_seq_traces == len(_lm_data.BUCKETS)
     for p in [eight, *two]:
         _subprocess.finish(p)
     # 8 devices, 5 rows per step padded to 8 (one per device)
     tl, traces = _load(str(tmp_path / "eight.npz"))
     _assert_same(tl, one)
     assert traces == len(_lm_data.BUCKETS)
+    seq, seq_traces = _load_seq(str(tmp_path / "eight.npz"))
+    _assert_same_seq(seq, one_seq)
+    assert seq_traces == len(_lm_data.BUCKETS)
     # 2 processes x 2 devices; process 1 has no example of the longest bucket
     assert (
         max(len(e["tokens"]) for e in _lm_data.split(_lm_data.examples(), 1, 2)) <= 12
@@ -98,11 +141,18 @@ def test_eight_devices_and_two_processes_equal_one_device(tmp_path):
         np.testing.assert_array_equal(a, b)  # identical on every process
     _assert_same(first, one)
     assert t0 == t1 == len(_lm_data.BUCKETS)
+    (s0, st0), (s1, st1) = (_load_seq(str(tmp_path / f"mp-{i}.npz")) for i in range(2))
+    assert s0 == s1  # identical on every process
+    _assert_same_seq(s0, one_seq)
+    # process 1 traced (and fed padding to) the bucket it holds no example of
+    assert st0 == st1 == len(_lm_data.BUCKETS)
     # Resumed from per-process caches with different progress: the same complete table.
     for i in range(2):
         with np.load(tmp_path / f"mp-{i}.npz") as f:
             for k in ("ids", "losses", "mask"):
                 np.testing.assert_array_equal(f[f"resumed_{k}"], f[k])
+            for k in ("ids", "losses"):
+                np.testing.assert_array_equal(f[f"resumed_seq_{k}"], f[f"seq_{k}"])
 
 
 SPECIAL = 3  # the token whose logits are NaN in _nan_model
@@ -189,3 +239,76 @@ def test_killed_token_prepass_resumes_from_its_cache(tmp_path, monkeypatch):
     )  # the lost rows were recomputed, per bucket
     with pytest.raises(ValueError, match="NaN or infinite token losses"):
         flowjax.lm_token_losses(lm, _lm_data.params(), poisoned, **kw)  # poison works
+
+
+def _bucket_sizes(examples) -> list[int]:
+    return [
+        sum(
+            min(b for b in _lm_data.BUCKETS if b >= len(e["tokens"])) == n
+            for e in examples
+        )
+        for n in _lm_data.BUCKETS
+    ]
+
+
+def test_sequence_prepass_traces_once_per_bucket_even_with_a_bucket_below_batch_size():
+    ex = _lm_data.examples()
+    # Keep one example of the middle bucket: its only batch is shorter than batch_size.
+    middle = [e for e in ex if 6 < len(e["tokens"]) <= 12]
+    ex = [e for e in ex if not 6 < len(e["tokens"]) <= 12] + middle[:1]
+    sizes = _bucket_sizes(ex)
+    assert sizes[1] == 1 and all(n > 5 and n % 5 for n in (sizes[0], sizes[2]))
+    lm = _lm_data.LM()
+    kw = {"bucket_lengths": _lm_data.BUCKETS, "batch_size": 5, "progress": False}
+    table = flowjax.lm_sequence_losses(lm, _lm_data.params(), ex, **kw)
+    assert lm.traces == len(_lm_data.BUCKETS)  # not one more for the short bucket
+    expect = _seq_reference(ex)
+    assert table.ids.tolist() == sorted(expect)
+    np.testing.assert_allclose(table.losses, [expect[i] for i in table.ids], rtol=2e-5)
+    # Only the middle bucket: still one trace (the step is per batch_size, not per bucket size).
+    again = flowjax.lm_sequence_losses(lm, _lm_data.params(), middle[1:3], **kw)
+    assert lm.traces == len(_lm_data.BUCKETS)
+    np.testing.assert_allclose(
+        again.losses, [_seq_reference(middle[1:3])[i] for i in again.ids], rtol=2e-5
+    )
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['total'\]"):
+        flowjax.lm_sequence_losses(lm, _lm_data.params(), ex, total=3, **kw)
+
+
+def _other_lm(p, tokens):
+    """Another causal model with the same parameters: mean instead of sum of embeddings."""
+    h = jnp.cumsum(p["E"][tokens], axis=0) / jnp.arange(1, len(tokens) + 1)[:, None]
+    return h @ p["W"]
+
+
+def test_sequence_cache_resumes_for_its_model_and_refuses_another(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_cache, "FLUSH_SECONDS", 0.0)  # a chunk per finished step
+    cache = str(tmp_path / "cache")
+    kw = {"bucket_lengths": _lm_data.BUCKETS, "batch_size": 3, "progress": False}
+    ex, params = _lm_data.examples(), _lm_data.params()
+    full = flowjax.lm_sequence_losses(_lm_data.LM(), params, ex, cache_dir=cache, **kw)
+    _assert_same_seq(full, _single_seq()[0])
+    # Another logits_fn, same parameters: its losses differ, so its cache must not be served.
+    other = flowjax.lm_sequence_losses(_other_lm, params, ex, **kw)
+    assert not np.allclose(other.losses, full.losses, rtol=1e-3)
+    with pytest.raises(
+        ValueError,
+        match=r"written by a different pre-pass \(loss_fn: .*sequence_nll of .*LM",
+    ):
+        flowjax.lm_sequence_losses(_other_lm, params, ex, cache_dir=cache, **kw)
+    # The token pass in the same cache_dir is refused too (another loss and output shape).
+    with pytest.raises(ValueError, match="written by a different pre-pass"):
+        flowjax.lm_token_losses(_lm_data.LM(), params, ex, cache_dir=cache, **kw)
+    # The same model (a new instance) resumes: every example served from the cache, so
+    # poisoned tokens (NaN logits) are never recomputed.
+    poisoned = [{**e, "tokens": np.full_like(e["tokens"], -1)} for e in ex]
+    resumed = flowjax.lm_sequence_losses(
+        _lm_data.LM(), params, poisoned, cache_dir=cache, **kw
+    )
+    assert resumed == full
+    with pytest.raises(
+        ValueError, match="NaN or infinite sequence losses for example ids"
+    ):
+        flowjax.lm_sequence_losses(_lm_data.LM(), params, poisoned, **kw)
