@@ -11,6 +11,7 @@ from __future__ import annotations
 import numbers
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 _SHOW = 5  # How many offending ids an error message lists.
@@ -38,6 +39,16 @@ def describe(
     if more > 0:
         names += f" and {more} more"
     return names
+
+
+def as_where(where, shape: tuple[int, ...]):
+    """``where`` as a boolean jax array of exactly ``shape`` (None stays None)."""
+    if where is None:
+        return None
+    where = jnp.asarray(where)
+    if where.shape != shape:
+        raise ValueError(f"where has shape {where.shape}; losses have shape {shape}.")
+    return where.astype(bool)
 
 
 def check_not_empty(x: np.ndarray, what: str) -> None:

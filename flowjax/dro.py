@@ -100,14 +100,8 @@ def dro_loss(
     losses = jnp.asarray(losses)
     if not jnp.issubdtype(losses.dtype, jnp.floating):
         losses = losses.astype(jnp.float32)
-    if where is not None:
-        where = jnp.asarray(where)
-        if where.shape != losses.shape:
-            raise ValueError(
-                f"where has shape {where.shape}; losses have shape {losses.shape}."
-            )
-        where = where.astype(bool)
-    else:
+    where = _checks.as_where(where, losses.shape)
+    if where is None:
         where = jnp.ones(losses.shape, bool)
     if weights is not None:
         weights = jnp.asarray(weights, losses.dtype)

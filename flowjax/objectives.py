@@ -87,13 +87,7 @@ def weighted_loss(
             "(the batch and its weights must have the same length)."
         )
     weights = jnp.broadcast_to(weights, losses.shape)
-    if where is not None:
-        where = jnp.asarray(where)
-        if where.shape != losses.shape:
-            raise ValueError(
-                f"where has shape {where.shape}; losses have shape {losses.shape}."
-            )
-        where = where.astype(bool)
+    where = _checks.as_where(where, losses.shape)
     if _checks.is_concrete(weights) and (where is None or _checks.is_concrete(where)):
         counted = np.ones(losses.shape, bool) if where is None else np.asarray(where)
         w = np.asarray(weights)[counted]
