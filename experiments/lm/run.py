@@ -29,8 +29,19 @@ L2-SP (λ=0.1)                    3e-3   8.21 ± 0.08          0.059 ± 0.008
 Read with care. **No method learns the task well in this budget** (best
 validation exact match 0.12; more steps did not help in a side check:
 standard FT at lr 3e-3 reached 0.12 after 400 and 0.117 after 800 steps of
-batch 16), so the learning axis separates the methods little and the
-validation rule picks large learning rates (3e-3, 1e-2 for LoRA).
+batch 16, and 0.07-0.09 with batch 32), so the learning axis separates the
+methods little and the validation rule picks large learning rates (3e-3,
+1e-2 for LoRA). Side checks (standard FT, lr 1e-3, seed 0, validation set;
+not part of the default run): the fine-tuned model writes the scaffold,
+the right number of digits (99 %) and the right first digit (90 %), but its
+last digit is right only 10 % of the time (chance): it copies ``a`` and has
+not learned the units-digit sum. The previous format (``Q: 437+8=\\nA: 445``)
+gives the same 0.087 at 400 steps of batch 16, so the scaffold is not what
+keeps accuracy low. The previous run (500 steps of batch 32 at lr 1e-3,
+2.5 times the examples) reached about 0.7, so the units-digit sum is
+learned only beyond this budget, abruptly (400 steps of batch 32 still give
+0.07 here); a budget that learns it does not fit the time target on this
+CPU.
 The forgetting axis is informative: at the chosen learning rates the full
 fine-tunes (standard, both FLOW sequence variants) forget catastrophically
 (perplexity 1,600-2,100 vs. 5.76), LoRA and FLOW + LoRA at 1e-2 strongly
