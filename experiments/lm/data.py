@@ -6,17 +6,24 @@ name; every ``HELDOUT_EVERY``-th one (indices 2, 7, 12, ...) is held out for
 perplexity, the others are pre-training text. Each topic is encoded as
 ``BOS + utf-8 bytes + EOS`` and the topics of a split are concatenated.
 
-**Fine-tuning task.** ``Q: {a}+{b}=\\nA: {a+b}<EOS>`` for ``0 <= a, b < 100``
-(10,000 problems). The prompt is ``BOS + "Q: {a}+{b}=\\nA: "``; the response
-(the target) is the digits of the sum and ``EOS``. The problems are permuted
-with ``numpy.random.default_rng(0)``: the first 1,000 are the test set, the
-next 500 the validation set (learning-rate choice), the rest (8,500) the
-training set. Example ids are ``100 * a + b``.
+**Fine-tuning task.** Addition of ``0 <= a < 1000`` and ``0 <= b < 10``
+(10,000 problems) in words. The prompt is ``BOS + "What is {a} plus {b}?\\n"``;
+the response (the target, prompt masked) is ``"The result is {a+b}." + EOS``.
+The response has an English scaffold (``"The result is "``, ``"."``) whose
+bytes and words are common in the pydoc text (``"result"`` 108 times,
+``" is "`` 2,000 times, ``"the result is"`` 11 times), so the pre-trained
+model already predicts part of it, and the digits it has never seen in this
+role: some target tokens are easy and some hard, as in the paper's token
+weights (Figure 3). The problems are permuted with
+``numpy.random.default_rng(0)``: the first ``N_TEST`` (500) are the test
+set, the next ``N_VAL`` (300) the validation set (learning-rate choice), the
+rest (9,200) the training set. Example ids are ``10 * a + b``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 
@@ -25,8 +32,14 @@ from experiments.lm.model import BOS, EOS, PAD, encode
 HELDOUT_EVERY = 5
 HELDOUT_OFFSET = 2
 TASK_SEED = 0
-N_TEST, N_VAL = 1000, 500
-SEQ_LEN = 20  # longest example: BOS + "Q: 999+9=\nA: " (13) + "1008" + EOS = 19
+N_TEST, N_VAL = 500, 300
+PROMPT = "What is {a} plus {b}?\n"
+SCAFFOLD = "The result is "
+RESPONSE = SCAFFOLD + "{s}."
+# Longest example: BOS + "What is 999 plus 9?\n" (21) + "The result is 1008." (19) + EOS
+# = 41 tokens; SEQ_LEN leaves one more column of padding (a causal model: no effect).
+SEQ_LEN = 42
+_ANSWER_RE = re.compile(re.escape(SCAFFOLD) + r"(\d+)")
 
 
 def pydoc_streams() -> tuple[np.ndarray, np.ndarray, str]:
@@ -62,8 +75,8 @@ def sample_windows(stream: np.ndarray, length: int, batch: int, rng) -> np.ndarr
 def addition_task() -> dict[str, dict[str, np.ndarray]]:
     """The train/val/test splits: ``{"id", "tokens" [n, SEQ_LEN], "mask", "prompt_len", "answer"}``.
 
-    ``mask`` is True on the response digits and the EOS; ``tokens`` are
-    right-padded with ``PAD``.
+    ``mask`` is True on the response (scaffold, digits, ``"."``) and the EOS;
+    ``tokens`` are right-padded with ``PAD``.
     """
     pairs = np.array([(a, b) for a in range(1000) for b in range(10)])
     order = np.random.default_rng(TASK_SEED).permutation(len(pairs))
@@ -81,8 +94,8 @@ def _encode_pairs(pairs: np.ndarray) -> dict[str, np.ndarray]:
     mask = np.zeros((n, SEQ_LEN), bool)
     prompt_len = np.zeros(n, np.int32)
     for r, (a, b) in enumerate(pairs):
-        prompt = np.concatenate([[BOS], encode(f"Q: {a}+{b}=\nA: ")])
-        response = np.concatenate([encode(str(a + b)), [EOS]])
+        prompt = np.concatenate([[BOS], encode(PROMPT.format(a=a, b=b))])
+        response = np.concatenate([encode(RESPONSE.format(s=a + b)), [EOS]])
         p, length = len(prompt), len(prompt) + len(response)
         tokens[r, :length] = np.concatenate([prompt, response])
         mask[r, p:length] = True
@@ -94,6 +107,17 @@ def _encode_pairs(pairs: np.ndarray) -> dict[str, np.ndarray]:
         "prompt_len": prompt_len,
         "answer": pairs.sum(axis=1),
     }
+
+
+def parse_answer(text: str) -> int | None:
+    """The number after the first ``"The result is "`` in ``text`` (None if there is none).
+
+    Exact match counts a greedy completion as correct when this number equals
+    ``a + b``: the scaffold must be produced up to the number, what follows
+    the number (the ``"."`` and ``EOS``) is not checked.
+    """
+    m = _ANSWER_RE.search(text)
+    return None if m is None else int(m.group(1))
 
 
 def examples(split: dict[str, np.ndarray]) -> list[dict]:

@@ -54,22 +54,31 @@ class Block(nnx.Module):
         self.up_proj = nnx.Linear(d, cfg.d_ff, rngs=rngs)
         self.down_proj = nnx.Linear(cfg.d_ff, d, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values ``[..., T, heads, d_head]`` of the block input ``x``."""
         *lead, t, d = x.shape
-        h, dh = self.num_heads, d // self.num_heads
         y = self.ln1(x)
-        q, k, v = (
-            p(y).reshape(*lead, t, h, dh)
+        return tuple(
+            p(y).reshape(*lead, t, self.num_heads, d // self.num_heads)
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
-        scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(dh)
+
+    def finish(self, x: jax.Array, att: jax.Array) -> jax.Array:
+        """Residual output projection and MLP, given the attention output ``[..., T, d]``."""
+        x = x + self.o_proj(att)
+        return x + self.down_proj(nnx.gelu(self.up_proj(self.ln2(x))))
+
+    def __call__(self, x: jax.Array, return_kv: bool = False):
+        *lead, t, d = x.shape
+        q, k, v = self.qkv(x)
+        scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(q.shape[-1])
         causal = jnp.tril(jnp.ones((t, t), bool)).reshape(
             (1,) * (scores.ndim - 2) + (t, t)
         )
         probs = jax.nn.softmax(jnp.where(causal, scores, -1e30), axis=-1)
         att = jnp.einsum("...hqk,...khd->...qhd", probs, v).reshape(*lead, t, d)
-        x = x + self.o_proj(att)
-        return x + self.down_proj(nnx.gelu(self.up_proj(self.ln2(x))))
+        out = self.finish(x, att)
+        return (out, (k, v)) if return_kv else out
 
 
 class TinyLM(nnx.Module):
@@ -138,26 +147,50 @@ def make_logits_fn(graphdef):
 
 
 def make_greedy_decode(graphdef, max_new: int):
-    """Jitted greedy decoding of right-padded prompts.
+    """Jitted greedy decoding of right-padded prompts with a key/value cache.
 
     ``decode(state, buf [N, T], prompt_len [N]) -> buf`` writes up to
-    ``max_new`` generated tokens after each prompt (``PAD`` after an ``EOS``),
-    recomputing the full forward pass each step (sequences are short).
+    ``max_new`` generated tokens after each prompt (``PAD`` after an ``EOS``).
+    One causal forward pass over ``buf`` fills the per-layer key/value cache
+    (prompt positions are exact: they attend only to earlier positions); each
+    further step runs the one new token per row at its own position
+    ``prompt_len + s`` and attends to cache positions ``<=`` it, so the result
+    equals recomputing the full forward pass at every step.
     """
 
     @jax.jit
     def greedy(state, buf, prompt_len):
         model = nnx.merge(graphdef, *state)
-        rows = jnp.arange(buf.shape[0])
+        n, t = buf.shape
+        rows = jnp.arange(n)
+        x = model.embed(buf) + model.pos(jnp.arange(t))[None]
+        cache = []
+        for block in model.blocks:
+            x, kv = block(x, return_kv=True)
+            cache.append(kv)
+        logits = model.lm_head(model.ln_f(x[rows, prompt_len - 1]))
+        first = jnp.argmax(logits, axis=-1).astype(buf.dtype)
+        buf = buf.at[rows, prompt_len].set(first)
 
         def body(s, carry):
-            buf, done = carry
-            pos = prompt_len + s - 1
-            nxt = jnp.argmax(model(buf)[rows, pos], axis=-1).astype(buf.dtype)
+            buf, cache, done = carry
+            pos = prompt_len + s - 1  # position of the token fed in
+            x = model.embed(buf[rows, pos]) + model.pos(pos)  # [N, d]
+            visible = jnp.arange(t)[None, None, :] <= pos[:, None, None]  # [N, 1, T]
+            new_cache = []
+            for block, (kc, vc) in zip(model.blocks, cache, strict=True):
+                q, k, v = (a[:, 0] for a in block.qkv(x[:, None]))  # [N, h, dh]
+                kc, vc = kc.at[rows, pos].set(k), vc.at[rows, pos].set(v)
+                scores = jnp.einsum("nhd,nthd->nht", q, kc) / math.sqrt(q.shape[-1])
+                probs = jax.nn.softmax(jnp.where(visible, scores, -1e30), axis=-1)
+                att = jnp.einsum("nht,nthd->nhd", probs, vc).reshape(x.shape)
+                x = block.finish(x, att)
+                new_cache.append((kc, vc))
+            nxt = jnp.argmax(model.lm_head(model.ln_f(x)), axis=-1).astype(buf.dtype)
             nxt = jnp.where(done, PAD, nxt)
-            return buf.at[rows, pos + 1].set(nxt), done | (nxt == EOS)
+            return buf.at[rows, pos + 1].set(nxt), new_cache, done | (nxt == EOS)
 
-        done = jnp.zeros(buf.shape[0], bool)
-        return jax.lax.fori_loop(0, max_new, body, (buf, done))[0]
+        done = first == EOS
+        return jax.lax.fori_loop(1, max_new, body, (buf, cache, done))[0]
 
     return greedy

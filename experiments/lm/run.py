@@ -4,33 +4,67 @@ Run (from the repository root; ``make lm`` does the same)::
 
     python -m experiments.lm.run --out results/lm
 
-Measured (this repository's ``results/lm/``; shared 2-core CPU at load ~5,
-no cache: wall 657 s, user 517 s, of which pre-training 69 s; with the
-cache about 70 s less; ``--quick`` about 30 s). Seeds 0, 1, 2; 1,000 test
-problems; mean ± std:
+Measured (this repository's ``results/lm/``, from an empty cache, command
+``python -m experiments.lm.run --out results/lm --no_progress``; shared
+2-core CPU, 1-minute load average 2.0 at the start and about 5 during the
+run, part of it from a concurrent diagnostic job of the author: wall 723 s,
+user 714 s (the process used about 1.04 cores on average), of which
+pre-training 31 s; ``--quick`` about 25 s). 400 steps of batch 16; lr grid
+{3e-4, 1e-3, 3e-3, 1e-2} on seed 0, seeds 0, 1, 2 at the chosen lr; 500
+test problems; mean ± std:
 
-=================  =====  ===================  ===============
-method             lr     held-out perplexity  test exact match
-=================  =====  ===================  ===============
-pre-trained        --     5.760                0.000
-Standard FT        1e-3   60.2 ± 27.4          0.636 ± 0.071
-FLOW (sequence)    3e-3   10667 ± 4575         0.535 ± 0.315
-FLOW (token)       1e-3   38.4 ± 4.4           0.768 ± 0.086
-LoRA (r=8)         1e-3   8.23 ± 0.54          0.062 ± 0.006
-FLOW + LoRA        3e-3   17.1 ± 1.0           0.068 ± 0.015
-L2-SP (λ=0.1)      1e-3   6.51 ± 0.12          0.185 ± 0.159
-=================  =====  ===================  ===============
+===============================  =====  ===================  ================
+method                           lr     held-out perplexity  test exact match
+===============================  =====  ===================  ================
+pre-trained                      --     5.76                 0.000
+Standard FT                      3e-3   2073 ± 464           0.096 ± 0.024
+FLOW (sequence)                  3e-3   1579 ± 60            0.065 ± 0.002
+FLOW (sequence, mean-1 weights)  3e-3   1738 ± 308           0.047 ± 0.022
+FLOW (token)                     1e-3   67.0 ± 2.1           0.017 ± 0.010
+LoRA (r=8)                       1e-2   193 ± 57             0.062 ± 0.007
+FLOW + LoRA                      1e-2   200 ± 17             0.057 ± 0.008
+L2-SP (λ=0.1)                    3e-3   8.21 ± 0.08          0.059 ± 0.008
+===============================  =====  ===================  ================
 
-Read with care: FLOW (token) beats standard FT on both axes here. FLOW
-(sequence) shrinks the step size (mean weight 0.36), so the validation rule
-picks lr 3e-3 for it, and at that learning rate every full fine-tune
-forgets catastrophically. At a fixed lr 1e-3 (seed 0; see the grid table
-in ``results.md``), FLOW (sequence) forgets less than standard FT
-(perplexity 36 vs 92) and learns less (validation 0.30 vs 0.71). LoRA
-(rank 8) and L2-SP barely learn the task in 500 steps. The weights are not
-nearly binary (paper, Figure 3): the pre-trained model has never seen
-arithmetic, so every response token is about equally hard (τ_tok = 4.23
-nats; all token weights lie in [0.1, 0.9]).
+Read with care. **No method learns the task well in this budget** (best
+validation exact match 0.12; more steps did not help in a side check:
+standard FT at lr 3e-3 reached 0.12 after 400 and 0.117 after 800 steps of
+batch 16, and 0.07-0.09 with batch 32), so the learning axis separates the
+methods little and the validation rule picks large learning rates (3e-3,
+1e-2 for LoRA). Side checks (standard FT, lr 1e-3, seed 0, validation set;
+not part of the default run): the fine-tuned model writes the scaffold,
+the right number of digits (99 %) and the right first digit (90 %), but its
+last digit is right only 10 % of the time (chance): it copies ``a`` and has
+not learned the units-digit sum. The previous format (``Q: 437+8=\\nA: 445``)
+gives the same 0.087 at 400 steps of batch 16, so the scaffold is not what
+keeps accuracy low. The previous run (500 steps of batch 32 at lr 1e-3,
+2.5 times the examples) reached about 0.7, so the units-digit sum is
+learned only beyond this budget, abruptly (400 steps of batch 32 still give
+0.07 here); a budget that learns it does not fit the time target on this
+CPU.
+The forgetting axis is informative: at the chosen learning rates the full
+fine-tunes (standard, both FLOW sequence variants) forget catastrophically
+(perplexity 1,600-2,100 vs. 5.76), LoRA and FLOW + LoRA at 1e-2 strongly
+(about 200), FLOW (token) at 1e-3 moderately (67) and L2-SP hardly (8.2),
+at similar exact match (0.02-0.10). At the same learning rate (grid table
+in ``results.md``) FLOW (sequence) forgets slightly less than standard FT
+(1e-3: 84 vs. 93; 3e-3: 1519 vs. 1616) and its mean-1 variant about as much
+as standard FT (94; 2006): FLOW (sequence)'s small advantage here comes
+from its implicit step-size shrink (mean weight 0.365), not from the
+reweighting, which is expected because the sequence weights are almost
+constant (almost all in [0.3, 0.475]: every example has the same scaffold
+and similarly unfamiliar digits). FLOW (token) forgets less than standard
+FT at every learning rate up to 3e-3 (1e-3: 65 vs. 93) but also learns less (validation 0.02
+vs. 0.07): it down-weights exactly the digit and EOS tokens that carry the
+task.
+
+Token weights (``weights.png``) now separate easy from hard tokens, the
+mechanism behind the paper's Figure 3: scaffold tokens (``"The result is
+"``) have mean weight 0.56 (8.1 % > 0.9), digits 0.09 (61 % < 0.1), EOS
+0.05 (100 % < 0.1). Over all target tokens 15.4 % of the weights are below
+0.1 and 6.0 % above 0.9: the histogram is multi-modal (near 0, around
+0.15-0.4, around 0.75-0.95), not nearly binary as in the paper, whose
+models are far stronger on their pre-training distribution.
 
 What it does:
 
@@ -50,24 +84,30 @@ What it does:
    ``w = exp(-loss / τ)``.
 3. **Fine-tuning** with :func:`flowjax.weighted_lm_loss`
    (``normalizer="tokens"``, the official normalisation), Adam, 3 % warm-up +
-   cosine, grad-norm clip 1, batch 32. Methods: standard FT (weights 1),
-   FLOW (sequence), FLOW (token), LoRA (rank 8, α = r, on
+   cosine, grad-norm clip 1, batch 16, 400 steps. Methods: standard FT
+   (weights 1), FLOW (sequence), FLOW (sequence, mean-1 weights) (the FLOW
+   sequence weights divided by their training-set mean,
+   ``flow_weights(normalize="mean")``: same reweighting, same average step
+   as standard FT), FLOW (token), LoRA (rank 8, α = r, on
    q/k/v/o/up/down projections), FLOW (sequence) + LoRA, and L2-SP
    (:func:`flowjax.l2sp` first in the chain, λ = 0.1, fixed in advance, not
    tuned).
-4. **Learning rate**: the same rule for every method: for each learning rate
-   of the grid, fine-tune with seed 0 and measure exact match on the
+4. **Learning rate**: the same grid {3e-4, 1e-3, 3e-3, 1e-2} and the same
+   rule for every method: for each learning rate of the grid, fine-tune with seed 0 and measure exact match on the
    *validation* problems; keep the best (ties: the smaller learning rate).
    Seeds 1, 2 are then run at that learning rate; the seed-0 run of the grid
    is reused. The test set is never used for the choice.
 5. **Metrics**: perplexity (exp of mean NLL per byte, nats) on held-out pydoc
-   topics, and exact match by greedy decoding on the 1,000 test problems.
-   Mean ± sample standard deviation (ddof=1) over seeds. Seeds change the
+   topics (512 windows of 64 bytes), and exact match on the 500 test
+   problems: batched greedy decoding (jitted, key/value cache, 20 new
+   tokens at most) and the number after ``"The result is "`` compared with
+   ``a + b`` (:func:`experiments.lm.data.parse_answer`); ``exact_response``
+   in ``results.json`` is the stricter whole-completion match. Mean ± sample standard deviation (ddof=1) over seeds. Seeds change the
    batch order and the LoRA initialisation.
 
 Outputs in ``--out``: ``results.json``, ``results.md``, ``tradeoff.png`` and
 ``weights.png`` (histograms of sequence and token weights, the paper's
-Figure 3).
+Figure 3; token weights stacked by token kind: scaffold, digit, ".", EOS).
 """
 
 from __future__ import annotations
@@ -76,6 +116,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -91,12 +132,20 @@ from tqdm.auto import tqdm
 import flowjax
 from experiments.lm import data as lm_data
 from experiments.lm import train as lm_train
-from experiments.lm.model import LORA_TARGETS, PAD, LMConfig, build, make_logits_fn
+from experiments.lm.model import (
+    EOS,
+    LORA_TARGETS,
+    PAD,
+    LMConfig,
+    build,
+    make_logits_fn,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = {
     "standard": "Standard FT",
     "flow_seq": "FLOW (sequence)",
+    "flow_seq_mean1": "FLOW (sequence, mean-1 weights)",
     "flow_tok": "FLOW (token)",
     "lora": "LoRA",
     "flow_lora": "FLOW + LoRA",
@@ -116,14 +165,14 @@ class PretrainConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     pretrain: PretrainConfig = PretrainConfig()
-    ft_steps: int = 500
-    ft_batch: int = 32
-    lr_grid: tuple[float, ...] = (1e-3, 3e-3)
+    ft_steps: int = 400
+    ft_batch: int = 16
+    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
     seeds: tuple[int, ...] = (0, 1, 2)
     lora_rank: int = 8
     l2sp_strength: float = 0.1
     ppl_windows: int | None = 512  # None: every held-out window
-    n_train: int | None = None  # None: all 8,500 training problems
+    n_train: int | None = None  # None: all 9,200 training problems
     n_eval: int | None = None  # None: all validation / test problems
 
 
@@ -237,6 +286,7 @@ def flow_weights(params, graphdef, train: dict, cfg: Config) -> dict:
         logits_fn, (params,), examples, progress=False, **kw
     )
     seq_w = seq_table.flow_weights()  # τ_seq = median
+    seq_w1 = seq_table.flow_weights(normalize="mean")  # same, rescaled to mean 1
     tok = flowjax.lm_token_losses(logits_fn, (params,), examples, **kw)
     tok_w, tau_tok = flowjax.token_flow_weights(tok.losses, tok.mask)
     rows = np.searchsorted(tok.ids, train["id"])
@@ -244,13 +294,22 @@ def flow_weights(params, graphdef, train: dict, cfg: Config) -> dict:
         tok.mask[rows], train["mask"][:, 1:]
     ):
         raise AssertionError("token pre-pass rows do not line up with the training set")
+    tokens = train["tokens"][rows][:, 1:][tok.mask[rows]]  # the target tokens
+    kind = np.where(
+        (tokens >= ord("0")) & (tokens <= ord("9")),
+        "digit",
+        np.where(tokens == EOS, "EOS", np.where(tokens == ord("."), "'.'", "scaffold")),
+    )
     return {
         "sequence": seq_w.lookup(train["id"]).astype(np.float32),
+        "sequence_mean1": seq_w1.lookup(train["id"]).astype(np.float32),
         "token": tok_w[rows].astype(np.float32),
         "tau_seq": seq_w.temperature,
         "tau_tok": float(tau_tok),
         "seq_losses": seq_table.lookup(train["id"]),
         "tok_losses": tok.losses[rows][tok.mask[rows]],
+        "tok_weights": tok_w[rows][tok.mask[rows]],
+        "tok_kind": kind,
     }
 
 
@@ -278,6 +337,8 @@ class FineTuner:
     def _weights(self, method: str, rows: np.ndarray) -> np.ndarray:
         if method in ("flow_seq", "flow_lora"):
             return self.weights["sequence"][rows]
+        if method == "flow_seq_mean1":
+            return self.weights["sequence_mean1"][rows]
         if method == "flow_tok":
             return self.weights["token"][rows]
         return np.ones(len(rows), np.float32)
@@ -331,7 +392,8 @@ class FineTuner:
 
     def evaluate(self, kind, state, split: str, windows=None) -> dict:
         ev = self.evaluators[kind]
-        out = {"exact_match": ev.exact_match(state, self.task[split])}
+        em = ev.exact_match(state, self.task[split])
+        out = {"exact_match": em["answer"], "exact_response": em["response"]}
         if windows is not None:
             out["perplexity"] = ev.perplexity(state, windows)
         return out
@@ -349,6 +411,7 @@ def _mean_std(xs) -> dict:
 def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
     """The whole experiment; writes the outputs into ``out`` and returns the results dict."""
     wall0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    load0 = os.getloadavg()
     out.mkdir(parents=True, exist_ok=True)
     train_stream, heldout_stream, sha = lm_data.pydoc_streams()
     windows = lm_data.heldout_windows(
@@ -370,10 +433,7 @@ def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
     weights = flow_weights(params, graphdef, task["train"], cfg)
     tuner = FineTuner(params, graphdef, task, weights, cfg, progress)
     kind, pre_state = tuner.state("standard", 0)  # also compiles the shared evaluator
-    pre_metrics = {
-        "perplexity": tuner.evaluators[kind].perplexity(pre_state, windows),
-        "exact_match": tuner.evaluators[kind].exact_match(pre_state, task["test"]),
-    }
+    pre_metrics = tuner.evaluate(kind, pre_state, "test", windows)
     print(f"pre-trained: {pre_metrics}")
 
     results = {}
@@ -401,6 +461,7 @@ def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
             "perplexity_by_lr_seed0": {f"{k:g}": v for k, v in grid_ppl.items()},
             "perplexity": _mean_std([r["perplexity"] for r in per_seed]),
             "exact_match": _mean_std([r["exact_match"] for r in per_seed]),
+            "exact_response": _mean_std([r["exact_response"] for r in per_seed]),
         }
         print(
             f"{METHODS[method]:16s} lr={lr:g} ppl={results[method]['perplexity']['mean']:.3f} "
@@ -424,6 +485,9 @@ def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
             "wall_s": time.perf_counter() - wall0,
             "user_s": cpu1.ru_utime - cpu0.ru_utime,
             "sys_s": cpu1.ru_stime - cpu0.ru_stime,
+            "loadavg_start": list(load0),
+            "loadavg_end": list(os.getloadavg()),
+            "cpus": os.cpu_count(),
         },
     }
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -433,12 +497,20 @@ def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
 
 
 def _weight_stats(w: dict) -> dict:
-    tok = w["token"][w["token"] > 0]
+    tok = w["tok_weights"]
     return {
         "tau_seq": w["tau_seq"],
         "tau_tok": w["tau_tok"],
         "sequence": _hist_stats(w["sequence"]),
+        "sequence_mean1": _hist_stats(w["sequence_mean1"]),
         "token": _hist_stats(tok),
+        "token_by_kind": {
+            k: {
+                **_hist_stats(tok[w["tok_kind"] == k]),
+                "mean_loss": float(w["tok_losses"][w["tok_kind"] == k].mean()),
+            }
+            for k in ("scaffold", "digit", "'.'", "EOS")
+        },
     }
 
 
@@ -453,49 +525,80 @@ def _hist_stats(x) -> dict:
 
 
 def _markdown(r: dict) -> str:
-    seeds = r["config"]["seeds"]
+    seeds, d = r["config"]["seeds"], r["data"]
     lines = [
         "# FLOW on a byte-level LM: pydoc pre-training, addition fine-tuning",
         "",
-        f"Held-out pydoc perplexity (nats per byte, exp) and exact match on "
-        f"{r['data']['test_problems']} test problems; mean ± std over seeds {seeds} "
-        "(one shared pre-trained model). LR chosen per method on validation exact match.",
+        "Task: prompt `What is {a} plus {b}?\\n` (masked), response "
+        "`The result is {a+b}.<EOS>` (the target). Held-out pydoc perplexity (exp of the "
+        "mean NLL per byte, nats) measures forgetting; exact match is the fraction of "
+        f"{d['test_problems']} test problems whose greedy completion has the number "
+        "`a+b` right after `The result is ` (exact response: the whole completion equals "
+        f"the reference, EOS included). Mean ± std over seeds {seeds}, one shared "
+        "pre-trained model. The learning rate of every method is chosen from the same "
+        "grid by the same rule: best validation exact match on seed 0 "
+        f"({d['val_problems']} validation problems), ties to the smaller learning rate.",
         "",
-        "| method | lr | held-out pydoc perplexity | target exact match |",
-        "|---|---|---|---|",
+        "| method | lr | held-out pydoc perplexity | test exact match | exact response |",
+        "|---|---|---|---|---|",
         f"| pre-trained | – | {r['pretrained']['perplexity']:.3f} | "
-        f"{r['pretrained']['exact_match']:.3f} |",
+        f"{r['pretrained']['exact_match']:.3f} | {r['pretrained']['exact_response']:.3f} |",
     ]
     for m in r["methods"].values():
-        p, e = m["perplexity"], m["exact_match"]
+        p, e, x = m["perplexity"], m["exact_match"], m["exact_response"]
         lines.append(
-            f"| {m['name']} | {m['lr']:g} | {p['mean']:.3f} ± {p['std']:.3f} | "
-            f"{e['mean']:.3f} ± {e['std']:.3f} |"
+            f"| {m['name']} | {m['lr']:g} | {p['mean']:.2f} ± {p['std']:.2f} | "
+            f"{e['mean']:.3f} ± {e['std']:.3f} | {x['mean']:.3f} ± {x['std']:.3f} |"
         )
+    grid = r["config"]["lr_grid"]
     lines += [
         "",
-        "Learning-rate grid (seed 0): validation exact match (the selection criterion) and "
-        "held-out pydoc perplexity (reported only).",
+        "Learning-rate grid (seed 0): validation exact match (the selection criterion) / "
+        "held-out pydoc perplexity (reported, never used for the choice).",
         "",
-        "| method | " + " | ".join(f"lr {k}" for k in r["config"]["lr_grid"]) + " |",
-        "|---|" + "---|" * len(r["config"]["lr_grid"]),
+        "| method | " + " | ".join(f"lr {k:g}" for k in grid) + " |",
+        "|---|" + "---|" * len(grid),
     ]
     for m in r["methods"].values():
         cells = [
-            f"{m['val_exact_match_by_lr'][f'{k:g}']:.3f} / {m['perplexity_by_lr_seed0'][f'{k:g}']:.1f}"
-            for k in r["config"]["lr_grid"]
+            f"{m['val_exact_match_by_lr'][f'{k:g}']:.3f} / "
+            f"{m['perplexity_by_lr_seed0'][f'{k:g}']:.1f}"
+            for k in grid
         ]
         lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
     w = r["weights"]
     lines += [
         "",
-        f"τ_seq = {w['tau_seq']:.4f}, τ_tok = {w['tau_tok']:.4f}. Sequence weights: "
-        f"{w['sequence']['frac_below_0.1']:.1%} < 0.1, {w['sequence']['frac_above_0.9']:.1%} > 0.9; "
-        f"token weights: {w['token']['frac_below_0.1']:.1%} < 0.1, "
-        f"{w['token']['frac_above_0.9']:.1%} > 0.9.",
+        "**FLOW (sequence, mean-1 weights)** uses the FLOW sequence weights divided by "
+        f"their mean over the training set ({w['sequence']['mean']:.3f}), i.e. "
+        '`flow_weights(normalize="mean")`: the same relative weighting as FLOW '
+        "(sequence), but the same average step size as standard FT at the same learning "
+        "rate. Plain FLOW's weights (mean < 1) also shrink the effective learning rate; "
+        "comparing the two rows separates the reweighting from that shrink.",
+        "",
+        "## FLOW weights of the training set (pre-trained model)",
+        "",
+        f"τ_seq = {w['tau_seq']:.4f}, τ_tok = {w['tau_tok']:.4f} (medians of the "
+        "sequence / token losses, nats).",
+        "",
+        "| weights | n | mean | < 0.1 | > 0.9 | mean loss (nats) |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = [("sequence", w["sequence"]), ("token (all)", w["token"])]
+    rows += [(f"token: {k}", v) for k, v in w["token_by_kind"].items()]
+    for name, h in rows:
+        loss = f"{h['mean_loss']:.3f}" if "mean_loss" in h else "–"
+        lines.append(
+            f"| {name} | {h['n']} | {h['mean']:.3f} | {h['frac_below_0.1']:.1%} | "
+            f"{h['frac_above_0.9']:.1%} | {loss} |"
+        )
+    t = r["time"]
+    lines += [
         "",
         f"Pre-training: cache hit = {r['pretrain']['cache_hit']}. Run time: wall "
-        f"{r['time']['wall_s']:.0f} s, user {r['time']['user_s']:.0f} s.",
+        f"{t['wall_s']:.0f} s, user {t['user_s']:.0f} s (load average "
+        f"{t['loadavg_start'][0]:.1f} at start, {t['loadavg_end'][0]:.1f} at end, "
+        f"{t['cpus']} CPUs).",
         "",
     ]
     return "\n".join(lines)
@@ -515,29 +618,39 @@ def _pyplot():
     return plt
 
 
+MARKERS = "osDv^Ph"
+
+
 def tradeoff_plot(r: dict, out: Path) -> None:
     """``tradeoff.png`` from a results dict (``results.json``): exact match vs. perplexity."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5))
     pre = r["pretrained"]
-    ax.scatter([pre["perplexity"]], [pre["exact_match"]], marker="*", s=150, c="k")
-    ax.annotate("pre-trained", (pre["perplexity"], pre["exact_match"]))
-    for m in r["methods"].values():
+    ax.scatter([pre["perplexity"]], [pre["exact_match"]], marker="*", s=200, c="k")
+    ax.annotate(
+        "pre-trained", (pre["perplexity"], pre["exact_match"]),
+        xytext=(6, 6), textcoords="offset points",
+    )  # fmt: skip
+    for i, m in enumerate(r["methods"].values()):
         p, e = m["perplexity"], m["exact_match"]
         ax.errorbar(
             p["mean"],
             e["mean"],
             xerr=p["std"],
             yerr=e["std"],
-            fmt="o",
+            fmt=MARKERS[i % len(MARKERS)],
+            markersize=8,
             capsize=3,
-            label=m["name"],
+            label=f"{m['name']} (lr {m['lr']:g})",
         )
     ax.set_xscale("log")
     ax.set_xlabel("held-out pydoc perplexity, log scale (lower = less forgetting)")
     ax.set_ylabel("test exact match (addition)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    ax.set_ylim(-0.03, 1.03)
+    n = len(r["config"]["seeds"])
+    ax.set_title(f"Forgetting vs. learning: mean ± std over {n} seeds", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(out / "tradeoff.png", dpi=120)
     plt.close(fig)
@@ -545,14 +658,28 @@ def tradeoff_plot(r: dict, out: Path) -> None:
 
 def _weights_plot(w: dict, out: Path) -> None:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     bins = np.linspace(0, 1, 41)
+    at_tau = float(np.exp(-1.0))
     axes[0].hist(w["sequence"], bins=bins, color="tab:blue")
-    axes[0].set_title(f"sequence weights (τ_seq = {w['tau_seq']:.3f})")
-    axes[1].hist(w["token"][w["token"] > 0], bins=bins, color="tab:orange")
-    axes[1].set_title(f"token weights (τ_tok = {w['tau_tok']:.3f})")
-    for a in axes:
-        a.set_xlabel("weight exp(-loss/τ)")
+    axes[0].set_title(f"sequence weights ({len(w['sequence'])} examples)")
+    kinds = ("scaffold", "digit", "'.'", "EOS")
+    axes[1].hist(
+        [w["tok_weights"][w["tok_kind"] == k] for k in kinds],
+        bins=bins,
+        stacked=True,
+        label=[f"{k} tokens" for k in kinds],
+        color=["tab:green", "tab:red", "tab:purple", "tab:gray"],
+    )
+    axes[1].set_title(f"token weights ({len(w['tok_weights'])} target tokens)")
+    axes[1].legend(fontsize=8, loc="upper center")
+    for a, tau in zip(axes, (w["tau_seq"], w["tau_tok"]), strict=True):
+        a.axvline(at_tau, color="k", ls="--", lw=1)
+        a.text(
+            at_tau, 0.97, f" loss = τ = {tau:.2f}\n (w = 1/e)",
+            transform=a.get_xaxis_transform(), va="top", fontsize=8,
+        )  # fmt: skip
+        a.set_xlabel("weight exp(-loss/τ), τ = median pre-trained loss")
         a.set_ylabel("count")
     fig.tight_layout()
     fig.savefig(out / "weights.png", dpi=120)

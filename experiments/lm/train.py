@@ -15,7 +15,8 @@ import optax
 from flax import nnx
 
 import flowjax
-from experiments.lm.model import EOS, PAD, make_greedy_decode
+from experiments.lm.data import parse_answer
+from experiments.lm.model import EOS, PAD, decode, make_greedy_decode
 
 
 def schedule(total_steps: int, warmup_frac: float = 0.03, floor: float = 0.0):
@@ -83,9 +84,13 @@ def make_mean_nll(graphdef):
 
 
 class Evaluator:
-    """Held-out perplexity and exact-match accuracy, compiled once per model structure."""
+    """Held-out perplexity and exact-match accuracy, compiled once per model structure.
 
-    def __init__(self, graphdef, *, chunk: int = 128, max_new: int = 5):
+    Greedy decoding runs on the whole split at once (one jitted call per
+    ``chunk`` rows, fixed shapes, ``max_new`` steps).
+    """
+
+    def __init__(self, graphdef, *, chunk: int = 512, max_new: int = 20):
         self.nll_sum = make_mean_nll(graphdef)
         self.greedy = make_greedy_decode(graphdef, max_new)
         self.chunk, self.max_new = chunk, max_new
@@ -98,17 +103,39 @@ class Evaluator:
             total, count = total + float(t), count + int(c)
         return float(np.exp(total / count))
 
-    def exact_match(self, state, split: dict[str, np.ndarray]) -> float:
-        """Fraction of problems whose greedy answer (up to and with EOS) equals the reference."""
-        tokens, mask, plen = split["tokens"], split["mask"], split["prompt_len"]
+    def completions(self, state, split: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The greedy completion tokens of each prompt (up to and with the first EOS)."""
+        tokens, plen = split["tokens"], split["prompt_len"]
         t = tokens.shape[1]
+        if int(plen.max()) + self.max_new > t:
+            raise ValueError(
+                f"prompt length {int(plen.max())} + max_new {self.max_new} exceeds {t}."
+            )
         prompt = np.where(np.arange(t) < plen[:, None], tokens, PAD).astype(np.int32)
-        hits = []
+        out = []
         for s in range(0, len(tokens), self.chunk):
             sl = slice(s, s + self.chunk)
-            out = np.asarray(self.greedy(state, prompt[sl], plen[sl]))
-            for row, ref, m, p in zip(out, tokens[sl], mask[sl], plen[sl], strict=True):
-                want = ref[m]  # digits + EOS
-                got = row[p : p + len(want)]
-                hits.append(bool(np.array_equal(got, want)) and want[-1] == EOS)
-        return float(np.mean(hits))
+            buf = np.asarray(self.greedy(state, prompt[sl], plen[sl]))
+            for row, p in zip(buf, plen[sl], strict=True):
+                gen = row[p : p + self.max_new]
+                stop = np.flatnonzero(gen == EOS)
+                out.append(gen if not len(stop) else gen[: stop[0] + 1])
+        return out
+
+    def exact_match(self, state, split: dict[str, np.ndarray]) -> dict[str, float]:
+        """Exact match of greedy completions.
+
+        Returns ``{"answer": ..., "response": ...}``: ``answer`` is the
+        fraction whose number after ``"The result is "``
+        (:func:`experiments.lm.data.parse_answer`) equals ``a + b``;
+        ``response`` the fraction whose completion is the reference response
+        token for token, EOS included (stricter).
+        """
+        comps = self.completions(state, split)
+        ans, resp = [], []
+        for gen, ref, m, want in zip(
+            comps, split["tokens"], split["mask"], split["answer"], strict=True
+        ):
+            ans.append(parse_answer(decode(gen)) == int(want))
+            resp.append(np.array_equal(gen, ref[m]))
+        return {"answer": float(np.mean(ans)), "response": float(np.mean(resp))}
