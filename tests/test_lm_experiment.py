@@ -104,9 +104,10 @@ def test_pretraining_cache_is_reused(quick, capsys):
 
 def test_task_and_split():
     task = lm_data.addition_task()
-    assert [len(task[s]["id"]) for s in ("train", "val", "test")] == [9200, 300, 500]
+    assert [len(task[s]["id"]) for s in ("train", "val", "test")] == [2200, 300, 500]
     ids = np.concatenate([task[s]["id"] for s in task])
-    assert len(np.unique(ids)) == 10000  # disjoint and complete
+    assert len(np.unique(ids)) == 3000  # disjoint and complete
+    assert set(ids.tolist()) == {10 * a + b for a in range(1000) for b in (1, 2, 3)}
     tr = task["train"]
     for r in (0, 1, len(tr["id"]) - 1):
         a, b = divmod(int(tr["id"][r]), 10)
@@ -118,7 +119,7 @@ def test_task_and_split():
         assert decode(target) == f"The result is {a + b}." and target[-1] == EOS
         assert not tr["mask"][r, :p].any() and tr["mask"][r, p]
         assert (tr["tokens"][r][~tr["mask"][r]][p:] == PAD).all()  # only padding after
-    # The longest example is 41 tokens (SEQ_LEN - 1); the shortest, "0 plus 0", 19 + 17.
+    # The longest example is 41 tokens (SEQ_LEN - 1); the shortest, "0 plus 1", 19 + 17.
     full = np.concatenate(
         [task[s]["mask"].sum(1) + task[s]["prompt_len"] for s in task]
     )

@@ -6,8 +6,8 @@ name; every ``HELDOUT_EVERY``-th one (indices 2, 7, 12, ...) is held out for
 perplexity, the others are pre-training text. Each topic is encoded as
 ``BOS + utf-8 bytes + EOS`` and the topics of a split are concatenated.
 
-**Fine-tuning task.** Addition of ``0 <= a < 1000`` and ``0 <= b < 10``
-(10,000 problems) in words. The prompt is ``BOS + "What is {a} plus {b}?\\n"``;
+**Fine-tuning task.** Addition of ``0 <= a < 1000`` and a small second
+operand ``b`` in ``B_VALUES = (1, 2, 3)`` (3,000 problems) in words. The prompt is ``BOS + "What is {a} plus {b}?\\n"``;
 the response (the target, prompt masked) is ``"The result is {a+b}." + EOS``.
 The response has an English scaffold (``"The result is "``, ``"."``) whose
 bytes and words are common in the pydoc text (``"result"`` 108 times,
@@ -17,7 +17,15 @@ role: some target tokens are easy and some hard, as in the paper's token
 weights (Figure 3). The problems are permuted with
 ``numpy.random.default_rng(0)``: the first ``N_TEST`` (500) are the test
 set, the next ``N_VAL`` (300) the validation set (learning-rate choice), the
-rest (9,200) the training set. Example ids are ``10 * a + b``.
+rest (2,200) the training set. Example ids are ``10 * a + b``.
+
+Why ``b`` in {1, 2, 3} and not ``0 <= b < 10``: with ``b < 10`` the units
+digit of the answer is a 100-entry table (``a % 10``, ``b``), which this
+model does not learn within the fine-tuning budget of the experiment (400
+steps of batch 16: every method copied ``a`` and stayed at exact match
+<= 0.12). With ``b`` in {1, 2, 3} it is a 30-entry table plus the carry,
+learned within that budget (side check: standard FT, seed 0, validation
+exact match 0.91 at lr 1e-3, 0.29 at lr 3e-3).
 """
 
 from __future__ import annotations
@@ -33,10 +41,11 @@ HELDOUT_EVERY = 5
 HELDOUT_OFFSET = 2
 TASK_SEED = 0
 N_TEST, N_VAL = 500, 300
+B_VALUES = (1, 2, 3)
 PROMPT = "What is {a} plus {b}?\n"
 SCAFFOLD = "The result is "
 RESPONSE = SCAFFOLD + "{s}."
-# Longest example: BOS + "What is 999 plus 9?\n" (21) + "The result is 1008." (19) + EOS
+# Longest example: BOS + "What is 999 plus 3?\n" (21) + "The result is 1002." (19) + EOS
 # = 41 tokens; SEQ_LEN leaves one more column of padding (a causal model: no effect).
 SEQ_LEN = 42
 _ANSWER_RE = re.compile(re.escape(SCAFFOLD) + r"(\d+)")
@@ -78,7 +87,7 @@ def addition_task() -> dict[str, dict[str, np.ndarray]]:
     ``mask`` is True on the response (scaffold, digits, ``"."``) and the EOS;
     ``tokens`` are right-padded with ``PAD``.
     """
-    pairs = np.array([(a, b) for a in range(1000) for b in range(10)])
+    pairs = np.array([(a, b) for a in range(1000) for b in B_VALUES])
     order = np.random.default_rng(TASK_SEED).permutation(len(pairs))
     cut = {
         "test": order[:N_TEST],

@@ -5,66 +5,75 @@ Run (from the repository root; ``make lm`` does the same)::
     python -m experiments.lm.run --out results/lm
 
 Measured (this repository's ``results/lm/``, from an empty cache, command
-``python -m experiments.lm.run --out results/lm --no_progress``; shared
-2-core CPU, 1-minute load average 2.0 at the start and about 5 during the
-run, part of it from a concurrent diagnostic job of the author: wall 723 s,
-user 714 s (the process used about 1.04 cores on average), of which
-pre-training 31 s; ``--quick`` about 25 s). 400 steps of batch 16; lr grid
-{3e-4, 1e-3, 3e-3, 1e-2} on seed 0, seeds 0, 1, 2 at the chosen lr; 500
-test problems; mean ± std:
+``rm -rf .cache/lm; python -m experiments.lm.run --out results/lm
+--no_progress`` under ``/usr/bin/time``; shared 2-core CPU, 1-minute load
+average 1.7 at the start and 2.1 at the end: wall 473 s, user 790 s (about
+1.7 cores on average), of which pre-training 38 s; ``--quick`` about 25 s).
+Task: ``a`` in 0..999, ``b`` in {1, 2, 3} (2,200 training, 300 validation,
+500 test problems). 400 steps of batch 16; lr grid {3e-4, 1e-3, 3e-3, 1e-2}
+on seed 0, seeds 0, 1, 2 at the chosen lr; mean ± std:
 
 ===============================  =====  ===================  ================
 method                           lr     held-out perplexity  test exact match
 ===============================  =====  ===================  ================
 pre-trained                      --     5.76                 0.000
-Standard FT                      3e-3   2073 ± 464           0.096 ± 0.024
-FLOW (sequence)                  3e-3   1579 ± 60            0.065 ± 0.002
-FLOW (sequence, mean-1 weights)  3e-3   1738 ± 308           0.047 ± 0.022
-FLOW (token)                     1e-3   67.0 ± 2.1           0.017 ± 0.010
-LoRA (r=8)                       1e-2   193 ± 57             0.062 ± 0.007
-FLOW + LoRA                      1e-2   200 ± 17             0.057 ± 0.008
-L2-SP (λ=0.1)                    3e-3   8.21 ± 0.08          0.059 ± 0.008
+Standard FT                      1e-3   78.5 ± 2.7           0.664 ± 0.338
+FLOW (sequence)                  1e-3   65.5 ± 4.0           0.433 ± 0.121
+FLOW (sequence, mean-1 weights)  1e-3   80.1 ± 2.4           0.636 ± 0.283
+FLOW (token)                     3e-3   796 ± 95             0.348 ± 0.175
+LoRA (r=8)                       1e-2   143 ± 23             0.463 ± 0.323
+FLOW + LoRA                      3e-3   25.9 ± 1.1           0.201 ± 0.078
+L2-SP (λ=0.1)                    1e-3   8.20 ± 0.03          0.254 ± 0.018
 ===============================  =====  ===================  ================
 
-Read with care. **No method learns the task well in this budget** (best
-validation exact match 0.12; more steps did not help in a side check:
-standard FT at lr 3e-3 reached 0.12 after 400 and 0.117 after 800 steps of
-batch 16, and 0.07-0.09 with batch 32), so the learning axis separates the
-methods little and the validation rule picks large learning rates (3e-3,
-1e-2 for LoRA). Side checks (standard FT, lr 1e-3, seed 0, validation set;
-not part of the default run): the fine-tuned model writes the scaffold,
-the right number of digits (99 %) and the right first digit (90 %), but its
-last digit is right only 10 % of the time (chance): it copies ``a`` and has
-not learned the units-digit sum. The previous format (``Q: 437+8=\\nA: 445``)
-gives the same 0.087 at 400 steps of batch 16, so the scaffold is not what
-keeps accuracy low. The previous run (500 steps of batch 32 at lr 1e-3,
-2.5 times the examples) reached about 0.7, so the units-digit sum is
-learned only beyond this budget, abruptly (400 steps of batch 32 still give
-0.07 here); a budget that learns it does not fit the time target on this
-CPU.
-The forgetting axis is informative: at the chosen learning rates the full
-fine-tunes (standard, both FLOW sequence variants) forget catastrophically
-(perplexity 1,600-2,100 vs. 5.76), LoRA and FLOW + LoRA at 1e-2 strongly
-(about 200), FLOW (token) at 1e-3 moderately (67) and L2-SP hardly (8.2),
-at similar exact match (0.02-0.10). At the same learning rate (grid table
-in ``results.md``) FLOW (sequence) forgets slightly less than standard FT
-(1e-3: 84 vs. 93; 3e-3: 1519 vs. 1616) and its mean-1 variant about as much
-as standard FT (94; 2006): FLOW (sequence)'s small advantage here comes
-from its implicit step-size shrink (mean weight 0.365), not from the
-reweighting, which is expected because the sequence weights are almost
-constant (almost all in [0.3, 0.475]: every example has the same scaffold
-and similarly unfamiliar digits). FLOW (token) forgets less than standard
-FT at every learning rate up to 3e-3 (1e-3: 65 vs. 93) but also learns less (validation 0.02
-vs. 0.07): it down-weights exactly the digit and EOS tokens that carry the
-task.
+Read with care. **The task is now learned, but abruptly and seed-dependently
+at this budget**: per-seed test exact match is 0.91 / 0.28 / 0.80 for
+standard FT, 0.89 / 0.33 / 0.68 for the mean-1 control, 0.28 / 0.27 / 0.84
+for LoRA (seeds 0 / 1 / 2; ``results.json``), so the standard deviations
+are large and differences in exact match below about 0.3 between methods
+are not resolved by 3 seeds. (The previous task, ``0 <= b < 10``, was not
+learned by any method at this budget, exact match <= 0.12: the units digit
+was a 100-entry table; with ``b`` in {1, 2, 3} it is a 30-entry table plus
+the carry; see :mod:`experiments.lm.data`.)
 
-Token weights (``weights.png``) now separate easy from hard tokens, the
+* **Who learns**: the full fine-tunes at lr 1e-3 (standard FT 0.66, mean-1
+  control 0.64, FLOW (sequence) 0.43), then LoRA at 1e-2 (0.46), FLOW
+  (token) at 3e-3 (0.35); L2-SP (0.25) and FLOW + LoRA (0.20) learn least.
+* **Who forgets** (held-out perplexity, pre-trained 5.76): FLOW (token)
+  catastrophically (796, because it needs lr 3e-3 to learn at all), LoRA
+  strongly (143), the full fine-tunes at 1e-3 substantially (65-80), FLOW +
+  LoRA moderately (26), L2-SP hardly (8.2). Of the chosen rows
+  (``tradeoff.png``), L2-SP, FLOW (sequence) and standard FT form the
+  trade-off front (less forgetting, less learning, in that order); L2-SP
+  beats FLOW + LoRA on both axes, and the full fine-tunes beat LoRA and
+  FLOW (token) on both axes (means; the seed spread is large).
+* **FLOW (sequence) vs. its mean-1 control at equal lr** (seed-0 grid,
+  validation exact match / perplexity): 1e-3: 0.63 / 69 vs. 0.89 / 81;
+  3e-3: 0.42 / 1060 vs. 0.69 / 1250; standard FT 0.91 / 78 and 0.29 / 1704.
+  The mean-1 control behaves like standard FT (test 0.64 / 80 vs. 0.66 /
+  79), so reweighting alone changes nothing measurable; FLOW (sequence)'s
+  lower forgetting (65.5 vs. 78.5) comes with lower learning (0.43 vs.
+  0.66) and is explained by its implicit step-size shrink (mean weight
+  0.364), as expected with sequence weights that are almost constant (the
+  histogram spans about 0.28-0.44: every example has the same scaffold and
+  similarly unfamiliar digits).
+* **FLOW (token)** down-weights exactly the tokens that carry the task
+  (digits: mean weight 0.09, EOS 0.05). At lr 1e-3 it forgets slightly less
+  than standard FT (64 vs. 78) but barely learns (validation 0.12 vs.
+  0.91); the validation rule therefore picks 3e-3, where it forgets most of
+  all methods.
+* **FLOW + LoRA vs. LoRA** at equal lr (seed-0 grid): 3e-3: 0.16 / 24.8 vs.
+  0.20 / 23.6; 1e-2: 0.12 / 184 vs. 0.26 / 163. The rule picks 3e-3 for FLOW
+  + LoRA and 1e-2 for LoRA, which is why its row forgets far less: again a
+  step-size effect, not an advantage of the reweighting.
+
+Token weights (``weights.png``) separate easy from hard tokens, the
 mechanism behind the paper's Figure 3: scaffold tokens (``"The result is
-"``) have mean weight 0.56 (8.1 % > 0.9), digits 0.09 (61 % < 0.1), EOS
-0.05 (100 % < 0.1). Over all target tokens 15.4 % of the weights are below
-0.1 and 6.0 % above 0.9: the histogram is multi-modal (near 0, around
-0.15-0.4, around 0.75-0.95), not nearly binary as in the paper, whose
-models are far stronger on their pre-training distribution.
+"``) have mean weight 0.56 (7.7 % > 0.9), digits 0.09 (62 % < 0.1), ``"."``
+0.32, EOS 0.05 (100 % < 0.1). Over all target tokens 14.9 % of the weights
+are below 0.1 and 5.7 % above 0.9: the histogram is multi-modal (near 0,
+around 0.15-0.4, around 0.75-0.95), not nearly binary as in the paper,
+whose models are far stronger on their pre-training distribution.
 
 What it does:
 
@@ -172,7 +181,7 @@ class Config:
     lora_rank: int = 8
     l2sp_strength: float = 0.1
     ppl_windows: int | None = 512  # None: every held-out window
-    n_train: int | None = None  # None: all 9,200 training problems
+    n_train: int | None = None  # None: all 2,200 training problems
     n_eval: int | None = None  # None: all validation / test problems
 
 
