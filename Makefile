@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# Test files run in parallel, one file per worker (the subprocess tests start their own JAX
+# runtimes); TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The main job: FLOW and the baselines on real data (digits), then the linear-model theory of the
 # paper's section 7; prints the digits table and where every output is.
