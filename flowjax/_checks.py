@@ -51,6 +51,38 @@ def as_where(where, shape: tuple[int, ...]):
     return where.astype(bool)
 
 
+def zero_masked_rows(where, *logits):
+    """Checks a row mask against logits ``[..., C]`` and zeroes the masked rows.
+
+    Returns ``(where, logits)``: ``where`` as a boolean array of the logits' shape
+    without the class axis (None stays None) and the logits with masked rows set
+    to 0, so NaN or inf there cannot reach values or gradients.
+    """
+    if where is None:
+        return None, logits
+    where = jnp.asarray(where, bool)
+    shape = logits[0].shape[:-1]
+    if where.shape != shape:
+        raise ValueError(
+            f"where has shape {where.shape}; it must be the logits' shape without the "
+            f"class axis, {shape}."
+        )
+    return where, tuple(jnp.where(where[..., None], z, 0) for z in logits)
+
+
+def check_counted_weights(weights, where=None) -> None:
+    """Concrete weights must be finite and >= 0 where ``where`` counts them (traced: no check)."""
+    if not is_concrete(weights) or (where is not None and not is_concrete(where)):
+        return
+    w = np.asarray(weights)
+    w = w.reshape(-1) if where is None else w[np.asarray(where)]
+    check_finite(w, "weights")
+    if (w < 0).any():
+        raise ValueError(
+            f"weights must be >= 0; negative at {describe(w < 0, values=w)}."
+        )
+
+
 def check_not_empty(x: np.ndarray, what: str) -> None:
     if np.size(x) == 0:
         raise ValueError(f"{what} is empty: FLOW needs at least one example.")

@@ -94,15 +94,7 @@ def lwf_loss(
     dtype = jnp.promote_types(out_dtype, jnp.float32)
     student, teacher = student.astype(dtype), teacher.astype(dtype)
     teacher = jax.lax.stop_gradient(teacher)
-    if where is not None:
-        where = jnp.asarray(where, bool)
-        if where.shape != student.shape[:-1]:
-            raise ValueError(
-                f"where has shape {where.shape}; it must be the logits' shape without "
-                f"the class axis, {student.shape[:-1]}."
-            )
-        student = jnp.where(where[..., None], student, 0)
-        teacher = jnp.where(where[..., None], teacher, 0)
+    where, (student, teacher) = _checks.zero_masked_rows(where, student, teacher)
     t = jnp.asarray(temperature, dtype)
     t_ok = jnp.isfinite(t) & (t > 0)
     t = jnp.where(t_ok, t, jnp.nan)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flowjax import _checks
 from flowjax._types import Array, ArrayLike
@@ -109,13 +108,7 @@ def dro_loss(
             raise ValueError(
                 f"weights of shape {weights.shape} do not match losses of shape {losses.shape}."
             )
-        if _checks.is_concrete(weights) and _checks.is_concrete(where):
-            w = np.asarray(weights)[np.asarray(where)]
-            _checks.check_finite(w, "weights")
-            if (w < 0).any():
-                raise ValueError(
-                    f"weights must be >= 0; negative at {_checks.describe(w < 0, values=w)}."
-                )
+        _checks.check_counted_weights(weights, where)
     dtype = jnp.promote_types(losses.dtype, jnp.float32)
     tau = jnp.asarray(temperature, dtype)
     tau_ok = jnp.isfinite(tau) & (tau > 0)

@@ -431,13 +431,7 @@ def weighted_lm_loss(
             )
         if level == "sequence":
             w = jnp.broadcast_to(w[:, None], nll.shape)
-        if _checks.is_concrete(w) and _checks.is_concrete(mask):
-            counted = np.asarray(w)[np.asarray(mask)]
-            _checks.check_finite(counted, "weights")
-            if (counted < 0).any():
-                raise ValueError(
-                    f"weights must be >= 0; negative at {_checks.describe(counted < 0, values=counted)}."
-                )
+        _checks.check_counted_weights(w, mask)
     if denominator is not None and _checks.is_concrete(denominator):
         if np.ndim(denominator) != 0 or not float(np.asarray(denominator)) > 0:
             raise ValueError(f"denominator must be a scalar > 0; got {denominator!r}.")

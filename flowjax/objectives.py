@@ -88,14 +88,7 @@ def weighted_loss(
         )
     weights = jnp.broadcast_to(weights, losses.shape)
     where = _checks.as_where(where, losses.shape)
-    if _checks.is_concrete(weights) and (where is None or _checks.is_concrete(where)):
-        counted = np.ones(losses.shape, bool) if where is None else np.asarray(where)
-        w = np.asarray(weights)[counted]
-        _checks.check_finite(w, "weights")
-        if (w < 0).any():
-            raise ValueError(
-                f"weights must be >= 0; negative at {_checks.describe(w < 0, values=w)}."
-            )
+    _checks.check_counted_weights(weights, where)
 
     wl = weights * losses
     if where is None:

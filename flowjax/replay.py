@@ -360,15 +360,7 @@ def der_loss(
     if not jnp.issubdtype(out_dtype, jnp.floating):
         out_dtype = jnp.float32
     stored = jax.lax.stop_gradient(stored)
-    if where is not None:
-        where = jnp.asarray(where, bool)
-        if where.shape != z.shape[:-1]:
-            raise ValueError(
-                f"where has shape {where.shape}; it must be the logits' shape without the "
-                f"class axis, {z.shape[:-1]}."
-            )
-        z = jnp.where(where[..., None], z, 0)
-        stored = jnp.where(where[..., None], stored, 0)
+    where, (z, stored) = _checks.zero_masked_rows(where, z, stored)
     dtype = jnp.promote_types(out_dtype, jnp.float32)
     d = jnp.mean(jnp.square(z.astype(dtype) - stored.astype(dtype)), axis=-1)
     if where is not None:

@@ -148,28 +148,20 @@ def bad_inputs(flowjax, process: int) -> None:
 
 
 def main() -> None:
+    import _runtime  # run as a script: tests/ is on sys.path
+
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--devices", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument(
         "--shard-params", action="store_true", help="shard W's rows over 'data'"
     )
-    ap.add_argument("--num-processes", type=int, default=1)
-    ap.add_argument("--process-id", type=int, default=0)
-    ap.add_argument("--port", type=int, default=0)
+    _runtime.add_arguments(ap)
     ap.add_argument(
         "--errors", action="store_true", help="then run the bad-input cases"
     )
     args = ap.parse_args()
-    jax.config.update("jax_num_cpu_devices", args.devices)
-    if args.num_processes > 1:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            f"localhost:{args.port}",
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
+    _runtime.start(args)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P

@@ -14,15 +14,13 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _runtime
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--devices", type=int, default=1)
-    ap.add_argument("--process-id", type=int, default=0)
-    ap.add_argument("--num-processes", type=int, default=1)
-    ap.add_argument("--port", type=int, default=0)
+    _runtime.add_arguments(ap)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--cache", default=None)
     ap.add_argument(
@@ -45,17 +43,9 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", args.devices)
-    if args.num_processes > 1:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            f"localhost:{args.port}",
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
+    _runtime.start(args)
     import _data
+    import jax
     import numpy as np
 
     import flowjax

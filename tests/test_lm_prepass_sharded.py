@@ -21,9 +21,10 @@ WORKER = os.path.join(
 )
 
 
-def _single(batch_size: int = 3) -> tuple[flowjax.TokenLosses, int]:
+def _single(batch_size: int = 3, prepass=flowjax.lm_token_losses):
+    """One in-process pass (token level by default) and its number of traces."""
     lm = _lm_data.LM()
-    tl = flowjax.lm_token_losses(
+    result = prepass(
         lm,
         _lm_data.params(),
         _lm_data.examples(),
@@ -31,20 +32,11 @@ def _single(batch_size: int = 3) -> tuple[flowjax.TokenLosses, int]:
         batch_size=batch_size,
         progress=False,
     )
-    return tl, lm.traces
+    return result, lm.traces
 
 
-def _single_seq(batch_size: int = 3) -> tuple[flowjax.LossTable, int]:
-    lm = _lm_data.LM()
-    table = flowjax.lm_sequence_losses(
-        lm,
-        _lm_data.params(),
-        _lm_data.examples(),
-        bucket_lengths=_lm_data.BUCKETS,
-        batch_size=batch_size,
-        progress=False,
-    )
-    return table, lm.traces
+def _single_seq(batch_size: int = 3):
+    return _single(batch_size, prepass=flowjax.lm_sequence_losses)
 
 
 def _seq_reference(examples) -> dict[int, float]:
