@@ -30,6 +30,25 @@ def start(out: str, *args: str, worker: str = WORKER) -> subprocess.Popen:
     )
 
 
+def start_two(outs, *args: str, worker: str = WORKER) -> list[subprocess.Popen]:
+    """Starts two workers as the two processes of one jax.distributed run on loopback."""
+    port = str(free_port())
+    return [
+        start(
+            out,
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+            "--port",
+            port,
+            *args,
+            worker=worker,
+        )
+        for i, out in enumerate(outs)
+    ]
+
+
 def finish(proc: subprocess.Popen, expect_rc: int = 0) -> str:
     try:
         output, _ = proc.communicate(timeout=TIMEOUT)

@@ -225,6 +225,17 @@ def test_zero_strength_is_exactly_the_weighted_objective_and_teacher_gets_no_gra
     chex.assert_trees_all_equal(g_teacher3, jax.tree.map(jnp.zeros_like, teacher))
 
 
+def _token_distillation(apply_fn=lambda p, ex: ex["x"] @ p):
+    """LwF on per-example token logits [T, C] masked by batch["tokens"]; no task loss."""
+    return flowjax.lwf_objective(
+        apply_fn,
+        lambda logits, ex: jnp.zeros((), logits.dtype),
+        strength=1.0,
+        weight_key=None,
+        distill_mask_key="tokens",
+    )
+
+
 def test_lwf_objective_token_logits_mask_and_unit_weights(rng):
     # Per-example logits [T, C]; distillation is the mean over marked tokens.
     w = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
@@ -232,13 +243,7 @@ def test_lwf_objective_token_logits_mask_and_unit_weights(rng):
     x = rng.normal(size=(2, 4, 3)).astype(np.float32)
     mask = np.array([[True, True, False, False], [True, True, True, True]])
     batch = {"id": np.arange(2), "x": x, "tokens": mask}
-    objective = flowjax.lwf_objective(
-        lambda p, ex: ex["x"] @ p,
-        lambda logits, ex: jnp.zeros((), logits.dtype),
-        strength=1.0,
-        weight_key=None,
-        distill_mask_key="tokens",
-    )
+    objective = _token_distillation()
     value, metrics = objective(w, wt, batch)
     d = _np_lwf(x @ np.asarray(w), x @ np.asarray(wt), 2.0)  # [2, 4]
     expected = np.mean([d[0, :2].mean(), d[1].mean()])
@@ -259,13 +264,7 @@ def test_lwf_objective_token_mask_keeps_nan_at_masked_tokens_out_of_gradients(rn
     offset[1, 2, 1] = -np.inf
     mask = np.array([[True, True, True, False], [True, True, False, True]])
     batch = {"id": np.arange(2), "x": x, "offset": offset, "tokens": mask}
-    objective = flowjax.lwf_objective(
-        lambda p, ex: ex["x"] @ p + ex["offset"],
-        lambda logits, ex: jnp.zeros((), logits.dtype),
-        strength=1.0,
-        weight_key=None,
-        distill_mask_key="tokens",
-    )
+    objective = _token_distillation(lambda p, ex: ex["x"] @ p + ex["offset"])
     (value, _), grad = jax.value_and_grad(objective, has_aux=True)(w, wt, batch)
     (ref_value, _), ref_grad = jax.value_and_grad(objective, has_aux=True)(
         w, wt, dict(batch, offset=np.zeros_like(offset))
@@ -278,13 +277,7 @@ def test_lwf_objective_token_mask_keeps_nan_at_masked_tokens_out_of_gradients(rn
 def test_lwf_objective_token_mask_of_the_wrong_shape_is_an_error(rng):
     w = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
     x = rng.normal(size=(2, 4, 3)).astype(np.float32)
-    objective = flowjax.lwf_objective(
-        lambda p, ex: ex["x"] @ p,
-        lambda logits, ex: jnp.zeros((), logits.dtype),
-        strength=1.0,
-        weight_key=None,
-        distill_mask_key="tokens",
-    )
+    objective = _token_distillation()
     # [B, C] = [2, 5] mask against per-example [T, C] = [4, 5] logits: would broadcast.
     bad = {"id": np.arange(2), "x": x, "tokens": np.ones((2, 5), bool)}
     with pytest.raises(ValueError, match=r"'tokens'.*\(5,\).*\(4,\)"):

@@ -250,28 +250,8 @@ def test_numpy_integer_seed_is_a_seed():
 
 
 def _two_processes(tmp_path, tag: str, *args: str) -> list[subprocess.Popen]:
-    port = str(_subprocess.free_port())
-    return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                WORKER,
-                str(tmp_path / f"{tag}-{i}.npz"),
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-                "--port",
-                port,
-                *args,
-            ],
-            env=_subprocess._env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    outs = [str(tmp_path / f"{tag}-{i}.npz") for i in range(2)]
+    return _subprocess.start_two(outs, *args, worker=WORKER)
 
 
 @pytest.mark.slow

@@ -90,7 +90,6 @@ def test_single_device_matches_the_numpy_reference():
 @pytest.mark.slow
 def test_eight_devices_and_two_processes_equal_one_device(tmp_path):
     # Started together (the machine is small; they run in parallel).
-    port = str(_subprocess.free_port())
     eight = _subprocess.start(
         str(tmp_path / "eight.npz"),
         "--devices",
@@ -99,15 +98,11 @@ def test_eight_devices_and_two_processes_equal_one_device(tmp_path):
         "5",
         worker=WORKER,
     )
-    two = [
-        _subprocess.start(
-            str(tmp_path / f"mp-{i}.npz"),
-            *("--devices", "2", "--num-processes", "2", "--process-id", str(i)),
-            *("--port", port, "--batch-size", "3", "--cache", str(tmp_path / "cache")),
-            worker=WORKER,
-        )
-        for i in range(2)
-    ]
+    two = _subprocess.start_two(
+        [str(tmp_path / f"mp-{i}.npz") for i in range(2)],
+        *("--devices", "2", "--batch-size", "3", "--cache", str(tmp_path / "cache")),
+        worker=WORKER,
+    )
     one, _ = _single(batch_size=5)
     one_seq, one_seq_traces = _single_seq(batch_size=5)
     expect = _seq_reference(_lm_data.examples())

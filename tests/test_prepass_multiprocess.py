@@ -16,23 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def _two_processes(tmp_path, tag: str, *extra: str):
-    port = str(_subprocess.free_port())
     outs = [str(tmp_path / f"{tag}-{i}.npz") for i in range(2)]
-    procs = [
-        _subprocess.start(
-            outs[i],
-            "--devices",
-            "2",
-            "--num-processes",
-            "2",
-            "--process-id",
-            str(i),
-            "--port",
-            port,
-            *extra,
-        )
-        for i in range(2)
-    ]
+    procs = _subprocess.start_two(outs, "--devices", "2", *extra)
     for p in procs:
         _subprocess.finish(p)
     return [flowjax.LossTable.load(o) for o in outs]
