@@ -144,10 +144,11 @@ def check_unique(sorted_ids: np.ndarray, what: str = "ids") -> None:
 
 
 def check_temperature(temperature) -> None:
-    """A concrete temperature must be a finite number > 0."""
+    """A concrete temperature must be a finite number > 0 (None, the median, is checked by callers)."""
     if isinstance(temperature, str):
         raise ValueError(
-            f'temperature must be "median" or a positive number; got {temperature!r}.'
+            "temperature must be None (the median of the losses) or a finite number > 0; "
+            f"got {temperature!r}."
         )
     if isinstance(temperature, numbers.Number) or (
         is_concrete(temperature) and np.ndim(temperature) == 0
