@@ -422,9 +422,7 @@ def weighted_lm_loss(
     else:
         total = jnp.sum(contrib)
         own = (
-            jnp.sum(mask)
-            if reduction == "tokens"
-            else jnp.sum(jnp.where(mask, w, 0.0))
+            jnp.sum(mask) if reduction == "tokens" else jnp.sum(jnp.where(mask, w, 0.0))
         )
     if denominator is not None:
         return total / jnp.asarray(denominator, jnp.float32)

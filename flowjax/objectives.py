@@ -251,13 +251,15 @@ def attach_weights(
     out = dict(batch)
     if isinstance(weights, WeightTable):
         if length is not None:
-            raise ValueError("length= is only for token weights (a flowjax.TokenWeights).")
+            raise ValueError(
+                "length= is only for token weights (a flowjax.TokenWeights)."
+            )
         out[key] = weights.lookup(batch_ids)
         return out
     if length is None:
         if "tokens" not in batch or np.ndim(batch["tokens"]) != 2:
             raise ValueError(
-                'token weights need the batch\'s padded token length T: pass length= or a '
+                "token weights need the batch's padded token length T: pass length= or a "
                 f'batch with "tokens" [B, T] (fields: {sorted(batch)}).'
             )
         length = int(np.shape(batch["tokens"])[-1])

@@ -120,7 +120,10 @@ class _IdTable:
                 f"mask has shape {mask.shape}; {self._values_name} have shape {shape}."
             )
         if mask.dtype != np.bool_:
-            if not np.issubdtype(mask.dtype, np.integer) or not np.isin(mask, (0, 1)).all():
+            if (
+                not np.issubdtype(mask.dtype, np.integer)
+                or not np.isin(mask, (0, 1)).all()
+            ):
                 raise ValueError(
                     f"mask must be boolean (or 0/1 integers); got dtype {mask.dtype}."
                 )
@@ -207,7 +210,9 @@ class _IdTable:
             else "no counted values"
         )
         shape = "" if self.values.ndim == 1 else f", width={self.values.shape[1:]}"
-        tau = "" if self.temperature is None else f", temperature={self.temperature:.4g}"
+        tau = (
+            "" if self.temperature is None else f", temperature={self.temperature:.4g}"
+        )
         return (
             f"{name}(n={len(self)}, ids=[{self.ids[0]}..{self.ids[-1]}]{shape}, "
             f"{self._values_name}: {stats}{tau})"
@@ -220,9 +225,7 @@ class _IdTable:
         query = _checks.as_ids(ids)
         pos = np.searchsorted(self.ids, query)
         pos = np.minimum(pos, max(len(self.ids) - 1, 0))
-        found = (
-            self.ids[pos] == query if len(self.ids) else np.zeros(len(query), bool)
-        )
+        found = self.ids[pos] == query if len(self.ids) else np.zeros(len(query), bool)
         if not found.all():
             raise ValueError(
                 f"{_checks.describe(~found, query)} are not in this {type(self).__name__} "
@@ -356,7 +359,11 @@ class _IdTable:
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        arrays = {"format": np.array(self._format()), "ids": self.ids, "values": self.values}
+        arrays = {
+            "format": np.array(self._format()),
+            "ids": self.ids,
+            "values": self.values,
+        }
         if self._masked:
             arrays["mask"] = self.mask
         if self._has_temperature:
@@ -427,7 +434,11 @@ class _IdTable:
             f.seek(0)
             arrays = cls._read(f, path, what)
         fmt = arrays.get("format")
-        fmt = str(fmt) if fmt is not None and fmt.ndim == 0 and fmt.dtype.kind == "U" else ""
+        fmt = (
+            str(fmt)
+            if fmt is not None and fmt.ndim == 0 and fmt.dtype.kind == "U"
+            else ""
+        )
         kind, _, version = fmt.partition("/")
         if kind != f"flowjax.{cls.__name__}":
             found = (

@@ -104,7 +104,9 @@ def test_weight_table_rejects_negative_weights():
 def test_weight_table_range_checks_run_after_the_float32_cast():
     with pytest.raises(ValueError, match=r"weights overflow float32.*ids \[7\]"):
         flowjax.WeightTable([7, 8], [1e39, 0.5])
-    with pytest.raises(ValueError, match=r"weights underflow to 0 in float32.*ids \[8\]"):
+    with pytest.raises(
+        ValueError, match=r"weights underflow to 0 in float32.*ids \[8\]"
+    ):
         flowjax.WeightTable([7, 8], [1.0, 1e-46])
     # A float32 subnormal survives the cast: stored, not refused, not zeroed.
     assert flowjax.WeightTable([7], [1e-40]).weights[0] > 0
@@ -161,7 +163,9 @@ def test_token_lookup_repads_to_a_batch_length_and_names_ids():
         [[1.0, 0, 0, 0, 0], [0.5, 2.0, 0, 0, 0]],
     )
     np.testing.assert_array_equal(tl.lookup([10, 30], length=3), [[1.0, 0], [0.5, 2.0]])
-    with pytest.raises(ValueError, match=r"length 3 cuts off target tokens of ids \[20\]"):
+    with pytest.raises(
+        ValueError, match=r"length 3 cuts off target tokens of ids \[20\]"
+    ):
         tl.lookup([10, 20], length=3)
     with pytest.raises(
         ValueError, match=r"ids \[11, 12\] are not in this TokenLosses \(3 examples\)"
@@ -179,11 +183,31 @@ def test_token_lookup_repads_to_a_batch_length_and_names_ids():
 @pytest.mark.parametrize(
     ("ids", "losses", "mask", "match"),
     [
-        ([1, 2], [[0.5, np.nan], [1.0, 0.0]], [[1, 1], [1, 0]], r"NaN or infinite.*ids \[1\]"),
-        ([1, 1], [[0.5, 0.0], [1.0, 0.0]], [[1, 0], [1, 0]], r"duplicate example ids: \[1\]"),
-        ([1, 2], [[0.5, 0.0], [1e300, 0.0]], [[1, 0], [1, 0]], r"overflow float32.*ids \[2\]"),
+        (
+            [1, 2],
+            [[0.5, np.nan], [1.0, 0.0]],
+            [[1, 1], [1, 0]],
+            r"NaN or infinite.*ids \[1\]",
+        ),
+        (
+            [1, 1],
+            [[0.5, 0.0], [1.0, 0.0]],
+            [[1, 0], [1, 0]],
+            r"duplicate example ids: \[1\]",
+        ),
+        (
+            [1, 2],
+            [[0.5, 0.0], [1e300, 0.0]],
+            [[1, 0], [1, 0]],
+            r"overflow float32.*ids \[2\]",
+        ),
         ([1, 2], [[0.5, 1e-50], [1.0, 0.0]], [[1, 1], [1, 0]], r"underflow.*ids \[1\]"),
-        ([1, 2], [[0.5, 3.0], [1.0, 0.0]], [[1, 0], [1, 0]], r"0 where the mask is False.*ids \[1\]"),
+        (
+            [1, 2],
+            [[0.5, 3.0], [1.0, 0.0]],
+            [[1, 0], [1, 0]],
+            r"0 where the mask is False.*ids \[1\]",
+        ),
         ([1, 2], [[0.5, 0.0], [1.0, 0.0]], [[1, 0]], "mask has shape"),
         ([1, 2], [[0.5, 0.0], [1.0, 0.0]], [[2, 0], [1, 0]], "mask must be boolean"),
         ([1, 2], [0.5, 1.0], [1, 1], "must be 2-D"),
@@ -196,7 +220,9 @@ def test_token_tables_are_validated(ids, losses, mask, match):
 
 
 def test_token_weights_are_validated_and_nan_outside_the_mask_is_refused_too():
-    with pytest.raises(ValueError, match=r"weights must be >= 0; negative at ids \[2\]"):
+    with pytest.raises(
+        ValueError, match=r"weights must be >= 0; negative at ids \[2\]"
+    ):
         flowjax.TokenWeights([1, 2], [[0.5], [-0.5]], [[True], [True]], 1.0)
     with pytest.raises(ValueError, match=r"0 where the mask is False.*ids \[1\]"):
         flowjax.TokenWeights([1, 2], [[np.nan], [0.5]], [[False], [True]])
@@ -233,7 +259,9 @@ def test_corrupted_table_file_is_a_value_error_naming_the_path(tmp_path):
     with pytest.raises(ValueError, match=rf"{path} is truncated or corrupted.*CRC"):
         flowjax.LossTable.load(path)
     path.write_bytes(b"id,loss\n1,0.5\n")
-    with pytest.raises(ValueError, match=rf"{path} is not a saved LossTable: it is not an \.npz"):
+    with pytest.raises(
+        ValueError, match=rf"{path} is not a saved LossTable: it is not an \.npz"
+    ):
         flowjax.LossTable.load(path)
     with pytest.raises(FileNotFoundError):
         flowjax.LossTable.load(tmp_path / "missing.npz")
@@ -243,18 +271,74 @@ def test_table_file_with_wrong_keys_pickles_or_version_is_refused(tmp_path):
     path = tmp_path / "t.npz"
     fmt = np.array("flowjax.LossTable/1")
     np.savez(path, format=fmt, ids=np.arange(2), losses=np.ones(2))
-    with pytest.raises(ValueError, match=r"t\.npz is not a saved LossTable: it has arrays.*"
-                       r"missing \['values'\], unexpected \['losses'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"t\.npz is not a saved LossTable: it has arrays.*"
+        r"missing \['values'\], unexpected \['losses'\]",
+    ):
         flowjax.LossTable.load(path)
     np.savez(path, format=fmt, ids=np.arange(2), values=np.array([{"a": 1}, None]))
-    with pytest.raises(ValueError, match=r"t\.npz is not a saved LossTable: it holds pickled"):
+    with pytest.raises(
+        ValueError, match=r"t\.npz is not a saved LossTable: it holds pickled"
+    ):
         flowjax.LossTable.load(path)
-    np.savez(path, format=np.array("flowjax.LossTable/2"), ids=np.arange(2), values=np.ones(2))
-    with pytest.raises(ValueError, match=r"format version '2'; this flowjax reads version '1'"):
+    np.savez(
+        path,
+        format=np.array("flowjax.LossTable/2"),
+        ids=np.arange(2),
+        values=np.ones(2),
+    )
+    with pytest.raises(
+        ValueError, match=r"format version '2'; this flowjax reads version '1'"
+    ):
         flowjax.LossTable.load(path)
     np.savez(path, ids=np.arange(2), values=np.ones(2))
     with pytest.raises(ValueError, match="no flowjax table format tag"):
         flowjax.LossTable.load(path)
     np.savez(path, format=fmt, ids=np.arange(2), values=np.array([0.5, np.nan]))
-    with pytest.raises(ValueError, match=r"t\.npz holds an invalid LossTable: losses contain NaN.*ids \[1\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"t\.npz holds an invalid LossTable: losses contain NaN.*ids \[1\]",
+    ):
         flowjax.LossTable.load(path)
+
+
+def test_attach_weights_attaches_token_weights_by_id_at_the_batch_length(rng):
+    tl = _token_losses()  # ids 10, 20, 30; width 3 (the longest bucket, T_max = 4)
+    tw = tl.flow_weights()
+    # A shuffled training batch padded to T = 5: rows of [B, T - 1] = [3, 4].
+    ids = np.array([30, 10, 20])
+    mask = np.zeros((3, 5), bool)
+    mask[:, 1:4] = tl.lookup_mask(ids)
+    batch = {"id": ids, "tokens": np.ones((3, 5), np.int32), "mask": mask}
+    out = flowjax.attach_weights(batch, tw)
+    assert out["weight"].shape == (3, 4) and "weight" not in batch
+    for r, i in enumerate(ids):
+        row = tw.weights[np.searchsorted(tw.ids, i)]
+        np.testing.assert_array_equal(out["weight"][r], np.pad(row, (0, 1)))
+    # The attached weights feed weighted_lm_loss(level="token") directly.
+    nll = rng.exponential(size=(3, 4)).astype(np.float32)
+    got = flowjax.weighted_lm_loss(nll, mask[:, 1:], out["weight"], level="token")
+    ref = np.sum(out["weight"] * nll * mask[:, 1:]) / mask[:, 1:].sum()
+    assert float(got) == pytest.approx(ref, rel=1e-6)
+    # length= overrides the batch's tokens; without either there is no T to pad to.
+    assert flowjax.attach_weights({"id": ids}, tw, length=7)["weight"].shape == (3, 6)
+    with pytest.raises(ValueError, match="pass length="):
+        flowjax.attach_weights({"id": ids}, tw)
+    with pytest.raises(ValueError, match=r"ids \[11\] are not in this TokenWeights"):
+        flowjax.attach_weights(
+            {"id": np.array([10, 11]), "tokens": np.ones((2, 5))}, tw
+        )
+    with pytest.raises(ValueError, match=r"cuts off target tokens of ids \[20\]"):
+        flowjax.attach_weights({"id": ids, "tokens": np.ones((3, 3))}, tw)
+    # A batch whose target mask is not the table's: weights for other tokens.
+    other = mask.copy()
+    other[1, 1] = False  # second row, id 10
+    with pytest.raises(
+        ValueError, match=r"target tokens differ from the batch's mask at ids \[10\]"
+    ):
+        flowjax.attach_weights({**batch, "mask": other}, tw)
+    with pytest.raises(ValueError, match="only for token weights"):
+        flowjax.attach_weights(
+            {"id": ids}, flowjax.WeightTable(ids, [1.0, 1.0, 1.0]), length=5
+        )
