@@ -128,7 +128,7 @@ class _IdTable:
                     f"mask must be boolean (or 0/1 integers); got dtype {mask.dtype}."
                 )
             mask = mask.astype(bool)
-        return mask.copy()
+        return mask
 
     def _check_values(self, ids, values, counted) -> np.ndarray:
         """The float32 values; every range check runs on the cast values."""
@@ -142,10 +142,11 @@ class _IdTable:
                 f"{name} {problem} at {_checks.describe(rows, ids, shown)}{why}."
             )
 
+        # Checks compare the given values (any dtype, never widened: a token table can
+        # be a gigabyte) with their float32 cast, the values the table stores.
         with np.errstate(over="ignore", invalid="ignore"):
-            v32 = values.astype(np.float32)
-            wide = values.astype(np.float64) if values.dtype != np.float64 else values
-        finite = np.isfinite(wide)
+            v32 = values.astype(np.float32, copy=False)
+        finite = np.isfinite(values)
         if (cells & ~finite).any():
             fail(
                 cells & ~finite,
@@ -159,7 +160,7 @@ class _IdTable:
                 "overflow float32",
                 f" (|value| > {_F32.max:.3g}; a table stores float32)",
             )
-        under = cells & (wide != 0) & (v32 == 0)
+        under = cells & (values != 0) & (v32 == 0)
         if under.any():
             fail(
                 under,
@@ -223,9 +224,7 @@ class _IdTable:
     def _positions(self, ids: ArrayLike) -> np.ndarray:
         """Row of each queried id; raises naming the ids that are not in the table."""
         query = _checks.as_ids(ids)
-        pos = np.searchsorted(self.ids, query)
-        pos = np.minimum(pos, max(len(self.ids) - 1, 0))
-        found = self.ids[pos] == query if len(self.ids) else np.zeros(len(query), bool)
+        pos, found = _checks.find_sorted(self.ids, query)
         if not found.all():
             raise ValueError(
                 f"{_checks.describe(~found, query)} are not in this {type(self).__name__} "
