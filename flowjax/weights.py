@@ -207,6 +207,11 @@ def _host_selected(losses, where, *, non_negative: bool, ids=None):
 
 def _median(x: np.ndarray) -> float:
     tau = float(np.median(x))
+    if tau < 0.0:  # only DRO's losses may be negative
+        raise ValueError(
+            f"the median loss is {tau:.4g} < 0, which is no temperature: pass an explicit "
+            "temperature > 0."
+        )
     if tau == 0.0:
         raise ValueError(
             "the median pre-trained loss is 0: the pre-trained model fits at least half of the "

@@ -264,6 +264,12 @@ def test_under_jit_dro_weights_give_nan_for_nan_or_inf_but_accept_negative_losse
     np.testing.assert_allclose(w, ref, rtol=1e-6)
     w = np.asarray(jax.jit(flowjax.dro_weights)(jnp.array([0.0, 0.0, 1.0])))  # median 0
     assert np.isnan(w).all()
+    # A negative median is no temperature either: NaN under jit, an error concretely.
+    negative = jnp.array([-2.0, -1.0, 1.0])
+    assert np.isnan(np.asarray(jax.jit(flowjax.dro_weights)(negative))).all()
+    for x in (negative, np.asarray(negative)):
+        with pytest.raises(ValueError, match=r"the median loss is -1 < 0"):
+            flowjax.dro_weights(x)
 
 
 def test_empty_losses_raise_with_and_without_jit():
