@@ -369,7 +369,7 @@ def weighted_lm_loss(
     Raises:
       ValueError: an unknown ``level`` or ``reduction``; shapes that do not
         match; for concrete input, NaN/inf or negative weights on counted
-        entries or a ``denominator <= 0``.
+        entries or a ``denominator <= 0`` (under ``jax.jit`` these give NaN).
 
     Example:
       >>> import jax.numpy as jnp, flowjax
@@ -415,6 +415,12 @@ def weighted_lm_loss(
         if np.ndim(denominator) != 0 or not float(np.asarray(denominator)) > 0:
             raise ValueError(f"denominator must be a scalar > 0; got {denominator!r}.")
     contrib = jnp.where(mask, w * nll, 0.0)  # masked NaN/inf cannot leak
+    # Under jit the checks above cannot run: a negative counted weight or a denominator
+    # <= 0 makes the loss NaN (NaN and inf weights already give NaN or inf).
+    ok = ~jnp.any(mask & (w < 0))
+    if denominator is not None:
+        ok = ok & (jnp.asarray(denominator, jnp.float32) > 0)
+    contrib = jnp.where(ok, contrib, jnp.nan)
     if reduction == "sequences":
         count = jnp.sum(mask, axis=1)
         per_seq = jnp.sum(contrib, axis=1) / jnp.maximum(count, 1)

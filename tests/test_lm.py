@@ -224,6 +224,26 @@ def test_weighted_lm_loss_validates():
     )
 
 
+@pytest.mark.parametrize("reduction", ["tokens", "sequences", "weights"])
+def test_weighted_lm_loss_under_jit_gives_nan_for_negative_weights_or_denominator(
+    reduction,
+):
+    nll = jnp.array([[1.0, 2.0, 0.0], [3.0, 1.0, 0.0]])
+    mask = jnp.array([[True, True, False], [True, True, False]])
+    f = jax.jit(
+        lambda w, d: flowjax.weighted_lm_loss(
+            nll, mask, w, level="token", reduction=reduction, denominator=d
+        )
+    )
+    w = jnp.array([[1.0, 0.5, 0.0], [1.0, 1.0, 0.0]])
+    assert np.isfinite(float(f(w, 4.0)))
+    assert np.isnan(float(f(w.at[1, 0].set(-1.0), 4.0)))
+    assert np.isnan(float(f(w, -4.0)))
+    assert np.isfinite(float(f(w.at[1, 2].set(-1.0), 4.0)))  # not counted: not read
+    with pytest.raises(ValueError, match="negative"):
+        flowjax.weighted_lm_loss(nll, mask, w.at[1, 0].set(-1.0), level="token")
+
+
 @pytest.mark.parametrize(
     ("level", "reduction"),
     [
