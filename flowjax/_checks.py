@@ -130,6 +130,20 @@ def as_ids(ids, what: str = "ids") -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def find_sorted(
+    sorted_ids: np.ndarray, query: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where each ``query`` id sits in ``sorted_ids``: ``(positions, found)``.
+
+    The one id lookup of flowjax (tables, cached pre-pass rows). ``positions``
+    is valid only where ``found`` is True.
+    """
+    if not len(sorted_ids):
+        return np.zeros(len(query), np.int64), np.zeros(len(query), bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, query), len(sorted_ids) - 1)
+    return pos, sorted_ids[pos] == query
+
+
 def check_unique(sorted_ids: np.ndarray, what: str = "ids") -> None:
     """Raises on duplicates in an already *sorted* id array."""
     dup = sorted_ids[1:] == sorted_ids[:-1]
@@ -144,10 +158,11 @@ def check_unique(sorted_ids: np.ndarray, what: str = "ids") -> None:
 
 
 def check_temperature(temperature) -> None:
-    """A concrete temperature must be a finite number > 0."""
+    """A concrete temperature must be a finite number > 0 (None, the median, is checked by callers)."""
     if isinstance(temperature, str):
         raise ValueError(
-            f'temperature must be "median" or a positive number; got {temperature!r}.'
+            "temperature must be None (the median of the losses) or a finite number > 0; "
+            f"got {temperature!r}."
         )
     if isinstance(temperature, numbers.Number) or (
         is_concrete(temperature) and np.ndim(temperature) == 0

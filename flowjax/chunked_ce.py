@@ -87,8 +87,10 @@ def chunked_token_nll(
       ValueError: wrong ranks or mismatched ``N``/``D``; a non-integer
         ``targets``; ``chunk_size < 1``; a ``logit_softcap`` that is not a
         finite number > 0; an unknown
-        ``layout``; concrete unmasked targets outside ``[0, V)`` (under
-        ``jax.jit`` they cannot be checked: mask them).
+        ``layout``; concrete unmasked targets outside ``[0, V)``. Under
+        ``jax.jit`` they cannot be checked: their NLL is NaN, and so is the
+        gradient they reach (their row of ``dh``, all of ``dW``), never the
+        loss of a clamped token. Mask ignored positions.
 
     Example:
       >>> import jax, jax.numpy as jnp, flowjax
@@ -155,8 +157,13 @@ def chunked_token_nll(
                 "mask ignored positions (e.g. label -100) with mask=."
             )
     cap = None if logit_softcap is None else float(logit_softcap)
-    safe = jnp.where(mask, targets, 0).astype(jnp.int32)
-    return _nll_jit(min(chunk_size, v), cap, layout, hidden, unembedding, safe, mask)
+    # Under jit an unmasked target outside [0, V) cannot raise: its NLL is NaN (and
+    # so is every gradient it reaches), never the loss of some clamped token.
+    bad = mask & ((targets < 0) | (targets >= v))
+    safe = jnp.where(mask & ~bad, targets, 0).astype(jnp.int32)
+    return _nll_jit(
+        min(chunk_size, v), cap, layout, hidden, unembedding, safe, mask, bad
+    )
 
 
 def _cap(z: Array, cap: float | None) -> Array:
@@ -207,23 +214,23 @@ def _lse(c, cap, layout, h, w):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _nll(c, cap, layout, h, w, targets, mask):
+def _nll(c, cap, layout, h, w, targets, mask, bad):
     lse = _lse(c, cap, layout, h, w)
     _, zt = _target_logits(h, w, targets, layout)
-    return jnp.where(mask, lse - _cap(zt, cap), 0.0)
+    return jnp.where(bad, jnp.nan, jnp.where(mask, lse - _cap(zt, cap), 0.0))
 
 
-def _nll_fwd(c, cap, layout, h, w, targets, mask):
+def _nll_fwd(c, cap, layout, h, w, targets, mask, bad):
     # symbolic_zeros=True: each array argument arrives as a CustomVJPPrimal whose
     # static ``perturbed`` bit says whether its gradient is needed at all.
     need = (h.perturbed, w.perturbed)
-    h, w, targets, mask = h.value, w.value, targets.value, mask.value
+    h, w, targets, mask, bad = h.value, w.value, targets.value, mask.value, bad.value
     lse = _lse(c, cap, layout, h, w)
     _, zt = _target_logits(h, w, targets, layout)
-    out = jnp.where(mask, lse - _cap(zt, cap), 0.0)
+    out = jnp.where(bad, jnp.nan, jnp.where(mask, lse - _cap(zt, cap), 0.0))
     # The flags travel in the residuals' tree structure (None vs ()), so bwd sees them statically.
     flags = tuple(() if n else None for n in need)
-    return out, (h, w, targets, mask, lse, flags)
+    return out, (h, w, targets, mask, bad, lse, flags)
 
 
 def _dcap(ccap, cap):
@@ -232,11 +239,12 @@ def _dcap(ccap, cap):
 
 
 def _nll_bwd(c, cap, layout, res, g):
-    h, w, targets, mask, lse, flags = res
+    h, w, targets, mask, bad, lse, flags = res
     need_dh, need_dw = (f is not None for f in flags)
     if isinstance(g, SymbolicZero) or not (need_dh or need_dw):
-        return None, None, None, None
-    g = jnp.where(mask, g, 0.0).astype(jnp.float32)
+        return None, None, None, None, None
+    # A target outside the vocabulary has no gradient: NaN reaches its row of dh and all of dW.
+    g = jnp.where(bad, jnp.nan, jnp.where(mask, g, 0.0)).astype(jnp.float32)
     v = w.shape[1] if layout == "dv" else w.shape[0]
     k, starts = _chunks(v, c)
 
@@ -279,7 +287,7 @@ def _nll_bwd(c, cap, layout, res, g):
         else:
             dw = dw.at[targets, :].add(upd)
         dw = dw.astype(w.dtype)
-    return dh, dw, None, None
+    return dh, dw, None, None, None
 
 
 _nll.defvjp(_nll_fwd, _nll_bwd, symbolic_zeros=True)

@@ -76,9 +76,12 @@ def dro_loss(
       counted entries' weights are all 0.
 
     Raises:
-      ValueError: a concrete ``temperature`` that is not a finite number > 0
-        (under ``jax.jit`` a bad τ gives NaN), shapes that do not match, or
-        concrete weights with NaN/inf or negative counted entries.
+      ValueError: an empty batch (no entries at all; a batch whose entries
+        are all masked is not empty and gives 0), a concrete ``temperature``
+        that is not a finite number > 0 (under ``jax.jit`` a bad τ gives NaN),
+        shapes that do not match, or concrete weights with NaN/inf or negative
+        counted entries (under ``jax.jit``: NaN). NaN or inf in a counted loss
+        gives NaN, with or without jit.
 
     Example:
       >>> import jax, jax.numpy as jnp, flowjax
@@ -90,13 +93,20 @@ def dro_loss(
       >>> jax.grad(lambda s: flowjax.dro_loss(s * losses, 1.0))(1.0)  # Σ p_i ℓ_i
       Array(1.5752..., dtype=float32, weak_type=True)
     """
-    if isinstance(temperature, str):
+    if temperature is None or isinstance(temperature, str):
         raise ValueError(
             f"temperature must be a finite number > 0; got {temperature!r}. "
-            "(flowjax.dro_weights accepts 'median'; the dynamic DRO loss needs a fixed τ.)"
+            "(flowjax.dro_weights takes temperature=None for the median; the dynamic DRO "
+            "loss needs a fixed τ.)"
         )
     _checks.check_temperature(temperature)
     losses = jnp.asarray(losses)
+    if losses.size == 0:
+        raise ValueError(
+            f"dro_loss got an empty batch (losses of shape {losses.shape}): the worst-case "
+            "reweighting of no examples is undefined. Skip empty batches, or pad them and "
+            "mask the padding with where=."
+        )
     if not jnp.issubdtype(losses.dtype, jnp.floating):
         losses = losses.astype(jnp.float32)
     where = _checks.as_where(where, losses.shape)
@@ -126,6 +136,11 @@ def dro_loss(
     # Counted entries that all have weight 0 leave no distribution to reweight:
     # NaN, as weighted_loss(..., "normalized") gives, never a silent 0.
     no_mass = jnp.any(where) & ~jnp.any(counted)
-    p = jax.lax.stop_gradient(jnp.where(tau_ok & ~no_mass, p, jnp.nan))
+    ok = tau_ok & ~no_mass
+    if weights is not None:
+        # Under jit a NaN, infinite or negative counted weight cannot raise: NaN, never
+        # the loss with that example silently dropped.
+        ok = ok & ~jnp.any(where & ~(jnp.isfinite(weights) & (weights >= 0)))
+    p = jax.lax.stop_gradient(jnp.where(ok, p, jnp.nan))
     value = jnp.sum(jnp.where(where, p * safe.astype(dtype), 0))
     return value.astype(losses.dtype)

@@ -29,7 +29,7 @@ import numpy as np
 
 from flowjax import _checks
 from flowjax import weights as _weights
-from flowjax._types import Array, ArrayLike, Temperature
+from flowjax._types import Array, ArrayLike
 
 __all__ = [
     "response_mask",
@@ -41,7 +41,7 @@ __all__ = [
 
 OnEmpty = Literal["raise", "nan"]
 _LEVELS = ("sequence", "token")
-_NORMALIZERS = ("tokens", "sequences", "weights")
+_REDUCTIONS = ("tokens", "sequences", "weights")
 
 
 def response_mask(
@@ -255,8 +255,8 @@ def sequence_nll(
 def token_flow_weights(
     token_losses: ArrayLike,
     mask: ArrayLike,
-    temperature: Temperature | ArrayLike = "median",
-) -> tuple[ArrayLike, float | Array]:
+    temperature: float | ArrayLike | None = None,
+) -> ArrayLike:
     """Token-level FLOW weights: ``exp(-nll_it / τ_tok)`` on target tokens.
 
     .. math::
@@ -264,66 +264,47 @@ def token_flow_weights(
         w_{it} = m_{it} \\exp(-\\mathrm{nll}_{it}/\\tau_{tok})
 
     The median runs over every target token of every sequence (not over
-    sequences), as in the official ``get_dataset_temperature.py``. Positions
-    that are not targets carry no loss and get weight 0 (the official code
-    gives them 1 and masks them later; the training loss is the same).
+    sequences), as in the official ``get_dataset_temperature.py``; get it
+    with ``flowjax.median_temperature(token_losses[mask])`` (or use a
+    :class:`flowjax.TokenLosses` table, whose ``flow_weights()`` records
+    it). Positions that are not targets carry no loss and get weight 0 (the
+    official code gives them 1 and masks them later; the training loss is the
+    same); their values are never read.
 
     Args:
       token_losses: pre-trained token NLLs ``[..., T]`` (numpy or jax).
       mask: boolean target mask of the same shape.
-      temperature: ``"median"`` or a number > 0.
+      temperature: ``None`` (τ_tok, the median) or a number > 0.
 
     Returns:
-      ``(weights, tau)``: weights of the shape of ``token_losses`` (numpy in,
-      numpy out; jax in, jax out), and τ (a float for concrete input, a jax
-      scalar under ``jax.jit``).
+      The weights, of the shape of ``token_losses`` (numpy in, numpy out; jax
+      in, jax out).
 
     Raises:
       ValueError: mismatched shapes, no target token at all, NaN/inf or
         negative losses at target positions, a bad temperature or a median of
-        0 (concrete input). Under ``jax.jit`` these give NaN weights instead.
+        0 (concrete input). Under ``jax.jit`` these give NaN weights at the
+        target positions instead.
 
     Example:
       >>> import numpy as np, flowjax
       >>> losses = np.array([[0.0, 1.0, 2.0], [9.0, 3.0, 7.0]])
       >>> mask = np.array([[True, True, True], [False, True, False]])
-      >>> w, tau = flowjax.token_flow_weights(losses, mask)  # median of 0, 1, 2, 3
-      >>> tau, w.round(4).tolist()
-      (1.5, [[1.0, 0.5134, 0.2636], [0.0, 0.1353, 0.0]])
+      >>> flowjax.median_temperature(losses[mask])  # median of 0, 1, 2, 3
+      1.5
+      >>> flowjax.token_flow_weights(losses, mask).round(4).tolist()
+      [[1.0, 0.5134, 0.2636], [0.0, 0.1353, 0.0]]
     """
-    is_jax = isinstance(token_losses, jax.Array)
-    x, m = (
-        (jnp if is_jax else np).asarray(token_losses),
-        (jnp if is_jax else np).asarray(mask),
-    )
-    if x.shape != m.shape:
+    if jnp.shape(token_losses) != jnp.shape(mask):
         raise ValueError(
-            f"token_losses {x.shape} and mask {m.shape} must have one shape."
+            f"token_losses {jnp.shape(token_losses)} and mask {jnp.shape(mask)} must have "
+            "one shape."
         )
-    if not is_jax or (_checks.is_concrete(x) and _checks.is_concrete(m)):
-        xn, mn = np.asarray(x), np.asarray(m).astype(bool)
-        if not mn.any():
-            raise ValueError(
-                "the mask selects no target token: τ_tok would be the median of nothing."
-            )
-        w_sel, tau = _weights.flow_weights(xn[mn], temperature)
-        dtype = xn.dtype if np.issubdtype(xn.dtype, np.floating) else np.float64
-        w = np.zeros(xn.shape, dtype)
-        w[mn] = w_sel
-        return (jnp.asarray(w) if is_jax else w), tau
-    m = m.astype(bool)
-    x = x.astype(jnp.float32) if not jnp.issubdtype(x.dtype, jnp.floating) else x
-    if isinstance(temperature, str):
-        if temperature != "median":
-            raise ValueError(
-                f'temperature must be "median" or a number > 0; got {temperature!r}.'
-            )
-        tau = jnp.nanmedian(jnp.where(m, x, jnp.nan))
-    else:
-        tau = jnp.asarray(temperature, x.dtype)
-    tau_ok = jnp.isfinite(tau) & (tau > 0)
-    w = jnp.exp(-x / jnp.where(tau_ok, tau, 1))
-    return jnp.where(m, jnp.where(tau_ok, w, jnp.nan), 0.0).astype(x.dtype), tau
+    if not isinstance(token_losses, jax.Array):
+        token_losses, mask = np.asarray(token_losses), np.asarray(mask, bool)
+    return _weights._exp_weights(
+        token_losses, temperature, None, sign=-1.0, where=mask
+    )[0]
 
 
 def weighted_lm_loss(
@@ -332,7 +313,7 @@ def weighted_lm_loss(
     weights: ArrayLike | None = None,
     *,
     level: Literal["sequence", "token"] = "sequence",
-    normalizer: Literal["tokens", "sequences", "weights"] = "tokens",
+    reduction: Literal["tokens", "sequences", "weights"] = "tokens",
     denominator: ArrayLike | None = None,
 ) -> Array:
     """The weighted causal-LM training loss, with an explicit normaliser.
@@ -376,7 +357,7 @@ def weighted_lm_loss(
       weights: ``[B]`` for ``level="sequence"``, ``[B, T]`` for
         ``level="token"``; ``None`` means all 1 (plain SFT loss).
       level: ``"sequence"`` or ``"token"``.
-      normalizer: ``"tokens"`` (official), ``"sequences"`` or ``"weights"``.
+      reduction: ``"tokens"`` (official), ``"sequences"`` or ``"weights"``.
       denominator: optional scalar overriding the micro-batch's own
         normaliser (see gradient accumulation above).
 
@@ -386,9 +367,9 @@ def weighted_lm_loss(
       ``"weights"`` gives NaN if the counted weights sum to 0.
 
     Raises:
-      ValueError: an unknown ``level`` or ``normalizer``; shapes that do not
+      ValueError: an unknown ``level`` or ``reduction``; shapes that do not
         match; for concrete input, NaN/inf or negative weights on counted
-        entries or a ``denominator <= 0``.
+        entries or a ``denominator <= 0`` (under ``jax.jit`` these give NaN).
 
     Example:
       >>> import jax.numpy as jnp, flowjax
@@ -397,17 +378,15 @@ def weighted_lm_loss(
       >>> w = jnp.array([1.0, 0.5])
       >>> float(flowjax.weighted_lm_loss(nll, mask, w))  # (1 + 2 + 0.5 * 3) / 3
       1.5
-      >>> float(flowjax.weighted_lm_loss(nll, mask, w, normalizer="sequences"))  # (1.5 + 1.5) / 2
+      >>> float(flowjax.weighted_lm_loss(nll, mask, w, reduction="sequences"))  # (1.5 + 1.5) / 2
       1.5
       >>> float(flowjax.weighted_lm_loss(nll, mask, w, denominator=6))  # micro-batch of 6 global tokens
       0.75
     """
     if level not in _LEVELS:
         raise ValueError(f"level must be one of {_LEVELS}; got {level!r}.")
-    if normalizer not in _NORMALIZERS:
-        raise ValueError(
-            f"normalizer must be one of {_NORMALIZERS}; got {normalizer!r}."
-        )
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}.")
     nll, mask = jnp.asarray(token_nll, jnp.float32), jnp.asarray(mask)
     if nll.ndim != 2 or mask.shape != nll.shape:
         raise ValueError(
@@ -436,19 +415,23 @@ def weighted_lm_loss(
         if np.ndim(denominator) != 0 or not float(np.asarray(denominator)) > 0:
             raise ValueError(f"denominator must be a scalar > 0; got {denominator!r}.")
     contrib = jnp.where(mask, w * nll, 0.0)  # masked NaN/inf cannot leak
-    if normalizer == "sequences":
+    # Under jit the checks above cannot run: a negative counted weight or a denominator
+    # <= 0 makes the loss NaN (NaN and inf weights already give NaN or inf).
+    ok = ~jnp.any(mask & (w < 0))
+    if denominator is not None:
+        ok = ok & (jnp.asarray(denominator, jnp.float32) > 0)
+    contrib = jnp.where(ok, contrib, jnp.nan)
+    if reduction == "sequences":
         count = jnp.sum(mask, axis=1)
         per_seq = jnp.sum(contrib, axis=1) / jnp.maximum(count, 1)
         total, own = jnp.sum(per_seq), jnp.sum(count > 0)
     else:
         total = jnp.sum(contrib)
         own = (
-            jnp.sum(mask)
-            if normalizer == "tokens"
-            else jnp.sum(jnp.where(mask, w, 0.0))
+            jnp.sum(mask) if reduction == "tokens" else jnp.sum(jnp.where(mask, w, 0.0))
         )
     if denominator is not None:
         return total / jnp.asarray(denominator, jnp.float32)
-    if normalizer == "weights":
+    if reduction == "weights":
         return total / jnp.where(jnp.sum(mask) > 0, own, 1.0)
     return total / jnp.maximum(own, 1)

@@ -32,7 +32,7 @@ import os
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from flowjax import _checks, prepass
 from flowjax import lm as _lm
-from flowjax.tables import LossTable
+from flowjax.tables import LossTable, TokenLosses, TokenWeights
 
 __all__ = [
     "TokenLosses",
@@ -432,148 +432,6 @@ def lm_sequence_losses(
     )
 
 
-class TokenLosses(NamedTuple):
-    """Pre-trained target-token NLLs of every example, keyed by id (from :func:`lm_token_losses`).
-
-    Row ``r`` belongs to example ``ids[r]``; column ``t`` is the NLL of that
-    example's token ``t + 1`` (the shifted convention of
-    :func:`flowjax.token_nll`), padded to the longest bucket minus one.
-    :meth:`weights` turns the table into token-level FLOW weights
-    (:class:`TokenWeights`) that a training step looks up by example id.
-
-    Attributes:
-      ids: int64 ``[n]``, sorted, unique.
-      losses: float32 ``[n, T_max - 1]``, 0 where ``mask`` is False.
-      mask: bool ``[n, T_max - 1]``, True at target tokens.
-
-    Example:
-      >>> import numpy as np, flowjax
-      >>> tl = flowjax.TokenLosses(np.array([3, 5]), np.array([[0.5, 2.0], [1.0, 0.0]], np.float32),
-      ...                          np.array([[True, True], [True, False]]))
-      >>> w, tau = flowjax.token_flow_weights(tl.losses, tl.mask)
-      >>> tau, tl.rows([5])[1].tolist()
-      (1.0, [[True, False]])
-      >>> tl.weights().rows([5], length=4)[0].round(4).tolist()  # by id, padded to T - 1 = 3
-      [[0.3679, 0.0, 0.0]]
-    """
-
-    ids: np.ndarray
-    losses: np.ndarray
-    mask: np.ndarray
-
-    def rows(self, ids, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(losses, mask)`` rows of the given ids, optionally cut or padded to ``length - 1`` columns.
-
-        ``length`` is the padded token length ``T`` of a training batch, whose
-        shifted losses have ``T - 1`` columns.
-
-        Raises:
-          ValueError: an id not in the table, a ``length`` that is not an int
-            >= 2, or a ``length`` that would cut off target tokens.
-        """
-        return _rows(self.ids, self.losses, self.mask, ids, length, "TokenLosses")
-
-    def weights(self, temperature: str | float = "median") -> TokenWeights:
-        """Token-level FLOW weights of this table, to look up by example id.
-
-        .. math::
-            \\tau_{tok} = \\mathrm{median}\\{\\ell_{it} : m_{it}\\}, \\qquad
-            w_{it} = m_{it} \\exp(-\\ell_{it} / \\tau_{tok})
-
-        computed with :func:`flowjax.token_flow_weights` over every target
-        token of the whole table (not per batch).
-
-        Args:
-          temperature: ``"median"`` (τ_tok, the paper's choice) or a number > 0.
-
-        Returns:
-          A :class:`TokenWeights` with the same ids and mask; fetch a training
-          batch's weights with ``.rows(batch["id"], length=T)``.
-
-        Raises:
-          ValueError: anything :func:`flowjax.token_flow_weights` raises (no
-            target token, NaN/inf or negative losses, a bad temperature).
-        """
-        w, tau = _lm.token_flow_weights(self.losses, self.mask, temperature)
-        return TokenWeights(self.ids, np.asarray(w, np.float32), self.mask, float(tau))
-
-
-class TokenWeights(NamedTuple):
-    """Token-level FLOW weights of every example, keyed by id (from :meth:`TokenLosses.weights`).
-
-    .. math:: w_{it} = m_{it} \\exp(-\\ell_{it} / \\tau_{tok})
-
-    Row ``r`` belongs to example ``ids[r]``; column ``t`` is the weight of
-    that example's token ``t + 1`` (the shifted convention of
-    :func:`flowjax.token_nll`); 0 where ``mask`` is False. Look rows up by id
-    with :meth:`rows`, so a shuffled training batch gets its own examples'
-    weights.
-
-    Attributes:
-      ids: int64 ``[n]``, sorted, unique.
-      weights: float32 ``[n, T_max - 1]``.
-      mask: bool ``[n, T_max - 1]``, True at target tokens.
-      tau: the temperature used (τ_tok for ``"median"``).
-
-    Example:
-      >>> import numpy as np, flowjax
-      >>> tl = flowjax.TokenLosses(np.array([3, 5]), np.array([[0.5, 2.0], [1.0, 0.0]], np.float32),
-      ...                          np.array([[True, True], [True, False]]))
-      >>> tw = tl.weights()  # τ_tok = median(0.5, 2, 1) = 1
-      >>> tw.tau, tw.rows([5, 3])[0].round(4).tolist()
-      (1.0, [[0.3679, 0.0], [0.6065, 0.1353]])
-    """
-
-    ids: np.ndarray
-    weights: np.ndarray
-    mask: np.ndarray
-    tau: float
-
-    def rows(self, ids, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(weights, mask)`` rows of the given ids, optionally cut or padded to ``length - 1`` columns.
-
-        ``length`` is the padded token length ``T`` of a training batch, whose
-        shifted losses (:func:`flowjax.token_nll`) have ``T - 1`` columns:
-        the result multiplies them position by position.
-
-        Raises:
-          ValueError: an id not in the table, a ``length`` that is not an int
-            >= 2, or a ``length`` that would cut off target tokens.
-        """
-        return _rows(self.ids, self.weights, self.mask, ids, length, "TokenWeights")
-
-
-def _rows(table_ids, values, mask, ids, length, what):
-    """Rows of ``values`` and ``mask`` by id, re-padded to ``length - 1`` columns."""
-    if length is not None and (
-        isinstance(length, bool)
-        or not isinstance(length, int | np.integer)
-        or length < 2
-    ):
-        raise ValueError(
-            f"length must be an int >= 2 (a batch's padded token length T, giving T - 1 "
-            f"shifted columns); got {length!r}."
-        )
-    query = _checks.as_ids(ids)
-    pos = np.minimum(np.searchsorted(table_ids, query), max(len(table_ids) - 1, 0))
-    found = (table_ids[pos] == query) if len(table_ids) else np.zeros(len(query), bool)
-    if not found.all():
-        raise ValueError(
-            f"{_checks.describe(~found, query)} are not in this {what} table."
-        )
-    values, mask = values[pos], mask[pos]
-    if length is not None:
-        cols = int(length) - 1
-        if mask[:, cols:].any():
-            raise ValueError(
-                f"length {length} cuts off target tokens of some of these examples."
-            )
-        pad = max(cols - values.shape[1], 0)
-        values = np.pad(values[:, :cols], ((0, 0), (0, pad)))
-        mask = np.pad(mask[:, :cols], ((0, 0), (0, pad)))
-    return values, mask
-
-
 def _make_token_loss(fn_ref):
     def token_loss(params, example):
         """``[2, T - 1]``: target-token NLLs (0 elsewhere) and the target mask, of ONE example."""
@@ -626,7 +484,7 @@ def lm_token_losses(
     examples at ``T_max = 2048`` take about 1 GB of host memory however short
     most examples are (on every process). Feed the result to
     :func:`flowjax.token_flow_weights` (``τ_tok`` = median over all target
-    tokens), or use :meth:`TokenLosses.weights`.
+    tokens), or use :meth:`TokenLosses.flow_weights`.
 
     Args:
       logits_fn: ``logits_fn(params, tokens [T]) -> logits [T, V]``, causal.
@@ -651,8 +509,8 @@ def lm_token_losses(
 
     Returns:
       A :class:`TokenLosses` sorted by id, of every (not skipped) example of
-      every process (``.weights()`` gives the token FLOW weights, looked up
-      by id with ``.rows``).
+      every process (``.flow_weights()`` gives the token FLOW weights, looked
+      up by id with ``.lookup``).
 
     Raises:
       ValueError: from :func:`bucket_batches`; NaN/inf token losses at target

@@ -27,7 +27,7 @@ import numpy as np
 
 from flowjax import _checks
 from flowjax._types import Array, ArrayLike, Params, PerExampleLoss, Reduction
-from flowjax.tables import WeightTable
+from flowjax.tables import TokenWeights, WeightTable
 
 __all__ = ["attach_weights", "weighted_loss", "weighted_objective"]
 
@@ -184,23 +184,32 @@ def weighted_objective(
 
 def attach_weights(
     batch: Mapping[str, Any],
-    weights: WeightTable | ArrayLike,
+    weights: WeightTable | TokenWeights | ArrayLike,
     *,
     ids: ArrayLike | None = None,
     key: str = "weight",
+    length: int | None = None,
 ) -> dict[str, Any]:
     """Returns a copy of ``batch`` with ``batch[key]`` looked up by ``batch["id"]``.
 
     Weights are attached by example id, never by position, so shuffled,
     sharded or resumed loaders get the right weight for each example.
+    Sequence-level weights (a :class:`WeightTable`) give ``[B]``; token-level
+    weights (a :class:`TokenWeights`) give ``[B, T - 1]``, aligned with the
+    shifted token losses of :func:`flowjax.token_nll`, for
+    ``flowjax.weighted_lm_loss(..., level="token")``.
 
     Args:
-      batch: a mapping with an integer ``"id"`` array.
-      weights: a :class:`WeightTable` (e.g. ``loss_table.flow_weights()``), or
-        an array of weights aligned with ``ids``. For training loops build the
-        ``WeightTable`` once: an array is re-indexed on every call.
+      batch: a mapping with an integer ``"id"`` array (and, for token
+        weights, ``"tokens"`` ``[B, T]`` unless ``length`` is given).
+      weights: a :class:`WeightTable` (e.g. ``loss_table.flow_weights()``), a
+        :class:`TokenWeights` (e.g. ``token_losses.flow_weights()``), or an
+        array of per-example weights aligned with ``ids``. For training loops
+        build the table once: an array is re-indexed on every call.
       ids: the example ids ``weights`` is aligned with (required for an array).
       key: the field to write (float32 numpy array).
+      length: token weights only: the batch's padded token length ``T``
+        (default: ``batch["tokens"].shape[-1]``).
 
     Returns:
       A new dict; the input batch is not modified.
@@ -208,7 +217,9 @@ def attach_weights(
     Raises:
       ValueError: a batch without ``"id"``, an array without ``ids``, ids and
         weights of different lengths, duplicate ids, or batch ids missing from
-        the table.
+        the table; for token weights: no ``length`` and no ``"tokens"`` field,
+        a length that cuts off target tokens, or a batch ``"mask"`` whose
+        targets differ from the table's (naming the ids).
 
     Example:
       >>> import numpy as np, flowjax
@@ -216,12 +227,16 @@ def attach_weights(
       >>> batch = flowjax.attach_weights({"id": np.array([12, 10])}, table.flow_weights())
       >>> batch["weight"].round(4).tolist()
       [0.1353, 1.0]
+      >>> tw = flowjax.TokenLosses([4], np.float32([[1.0, 2.0]]), [[True, True]]).flow_weights(1.0)
+      >>> batch = {"id": np.array([4]), "tokens": np.array([[5, 6, 7, 0]])}
+      >>> flowjax.attach_weights(batch, tw)["weight"].round(4).tolist()  # [B, T - 1]
+      [[0.3679, 0.1353, 0.0]]
     """
     if "id" not in batch:
         raise ValueError(
             f'the batch has no "id" field (fields: {sorted(batch)}); weights are attached by example id.'
         )
-    if not isinstance(weights, WeightTable):
+    if not isinstance(weights, WeightTable | TokenWeights):
         if ids is None:
             raise ValueError(
                 "weights are attached by example id, never by position: pass ids= (the ids the "
@@ -230,10 +245,37 @@ def attach_weights(
         weights = WeightTable(ids, np.asarray(weights))
     elif ids is not None:
         raise ValueError(
-            "ids= is only for a weights array; a WeightTable carries its own ids."
+            f"ids= is only for a weights array; a {type(weights).__name__} carries its own ids."
         )
+    batch_ids = np.asarray(batch["id"])
     out = dict(batch)
-    out[key] = weights.lookup(np.asarray(batch["id"]))
+    if isinstance(weights, WeightTable):
+        if length is not None:
+            raise ValueError(
+                "length= is only for token weights (a flowjax.TokenWeights)."
+            )
+        out[key] = weights.lookup(batch_ids)
+        return out
+    if length is None:
+        if "tokens" not in batch or np.ndim(batch["tokens"]) != 2:
+            raise ValueError(
+                "token weights need the batch's padded token length T: pass length= or a "
+                f'batch with "tokens" [B, T] (fields: {sorted(batch)}).'
+            )
+        length = int(np.shape(batch["tokens"])[-1])
+    out[key] = weights.lookup(batch_ids, length=length)
+    if "mask" in batch and np.shape(batch["mask"]) == (len(batch_ids), length):
+        differ = np.any(
+            weights.lookup_mask(batch_ids, length=length)
+            != np.asarray(batch["mask"], bool)[:, 1:],
+            axis=1,
+        )
+        if differ.any():
+            raise ValueError(
+                f"the token weights' target tokens differ from the batch's mask at "
+                f"{_checks.describe(differ, batch_ids)}: the weights were computed for other "
+                "tokens (another tokenisation or response mask) of these examples."
+            )
     return out
 
 

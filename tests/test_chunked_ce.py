@@ -217,6 +217,48 @@ def test_validation():
         flowjax.chunked_token_nll(h, w, y.astype(jnp.float32))
 
 
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("bad_target", [103, -100])
+def test_out_of_vocabulary_targets_under_jit_give_nan_never_a_clamped_loss(
+    layout, bad_target
+):
+    """Under jit the check cannot raise: main clamped 103 to token 102 and returned its loss."""
+    h, w, y, _, _ = _data()
+    w = w if layout == "dv" else w.T
+    yy = y.at[3].set(bad_target)
+    kw = {"chunk_size": 16, "layout": layout}
+    out = np.asarray(
+        jax.jit(lambda h, w, y: flowjax.chunked_token_nll(h, w, y, **kw))(h, w, yy)
+    )
+    assert np.isnan(out[3])
+    ref = np.asarray(_plain(h, w, y, True, None, layout))
+    others = np.arange(29) != 3
+    np.testing.assert_allclose(out[others], ref[others], rtol=1e-5, atol=1e-5)
+    # Backward: NaN reaches the bad row of dh and all of dW, nothing else.
+    dh, dw = jax.jit(
+        jax.grad(lambda h, w: flowjax.chunked_token_nll(h, w, yy, **kw).sum(), (0, 1))
+    )(h, w)
+    dh_ref = jax.grad(lambda h: _plain(h, w, y, others, None, layout).sum())(h)
+    assert np.isnan(np.asarray(dh)[3]).all() and np.isnan(np.asarray(dw)).all()
+    np.testing.assert_allclose(
+        np.asarray(dh)[others], np.asarray(dh_ref)[others], rtol=1e-4, atol=1e-5
+    )
+    # Masked, the same target is never read: finite loss 0 and finite gradients.
+    masked = jax.jit(
+        jax.grad(
+            lambda h, w: flowjax.chunked_token_nll(h, w, yy, mask=others, **kw).sum(),
+            (0, 1),
+        )
+    )(h, w)
+    assert all(np.isfinite(np.asarray(g)).all() for g in masked)
+    # Concretely it raises, naming the position.
+    with pytest.raises(
+        ValueError,
+        match=r"outside the vocabulary \[0, 103\) at unmasked positions \[3\]",
+    ):
+        flowjax.chunked_token_nll(h, w, yy, **kw)
+
+
 def test_benchmark_script_runs_and_checks_agreement(tmp_path, capsys):
     from experiments.benchmarks import chunked_ce
 

@@ -37,7 +37,7 @@ def test_dro_loss_matches_numpy_with_weights_and_mask(rng, variant):
 
 def test_dro_loss_reweights_by_the_static_dro_weights_of_the_current_losses(rng):
     losses = rng.gamma(2.0, 1.0, 8)
-    p, _ = flowjax.dro_weights(losses, 1.5, normalize="sum")
+    p = flowjax.dro_weights(losses, 1.5, normalize="sum")
     np.testing.assert_allclose(
         float(flowjax.dro_loss(jnp.asarray(losses, jnp.float32), 1.5)),
         np.sum(p * losses),
@@ -162,6 +162,43 @@ def test_dro_loss_errors(kw, match):
 def test_bad_temperature_under_jit_gives_nan():
     out = jax.jit(lambda t: flowjax.dro_loss(jnp.ones(3), t))(-1.0)
     assert np.isnan(float(out))
+
+
+def test_an_empty_batch_is_an_error_that_says_it_is_empty():
+    for losses in (np.zeros(0, np.float32), jnp.zeros((0, 5))):
+        with pytest.raises(
+            ValueError, match=r"dro_loss got an empty batch \(losses of shape"
+        ):
+            flowjax.dro_loss(losses, 1.0)
+        with pytest.raises(ValueError, match="empty batch"):
+            jax.jit(lambda x: flowjax.dro_loss(x, 1.0))(jnp.asarray(losses))
+    with pytest.raises(ValueError, match="temperature=None for the median"):
+        flowjax.dro_loss(np.ones(3, np.float32), None)
+
+
+@pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf])
+def test_bad_counted_weights_under_jit_give_nan_never_the_loss_without_them(bad):
+    """A negative or NaN weight used to drop its example silently under jit (value 1.0 here)."""
+    f = jax.jit(lambda ls, w: flowjax.dro_loss(ls, 1.0, weights=w))
+    losses, w = jnp.array([1.0, 2.0, 3.0]), jnp.array([1.0, bad, 0.0])
+    assert np.isnan(float(f(losses, w)))
+    assert np.isnan(np.asarray(jax.grad(lambda ls: f(ls, w))(losses))).all()
+    # masked out, the same weight is never read
+    g = jax.jit(
+        lambda ls, w: flowjax.dro_loss(
+            ls, 1.0, weights=w, where=jnp.array([1, 0, 1], bool)
+        )
+    )
+    assert float(g(losses, w)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="weights"):
+        flowjax.dro_loss(losses, 1.0, weights=w)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_counted_losses_give_nan_with_and_without_jit(bad):
+    losses = jnp.array([1.0, bad, 0.5])
+    for fn in (flowjax.dro_loss, jax.jit(flowjax.dro_loss)):
+        assert np.isnan(float(fn(losses, 1.0)))
 
 
 def test_dro_with_flow_weights_in_one_jitted_step(rng):

@@ -125,26 +125,22 @@ def test_token_and_sequence_weights_match_numpy_reference(rng):
     losses = rng.exponential(size=(6, 10))
     mask = rng.random((6, 10)) < 0.6
     mask[:, 0] = True  # every sequence has a target
-    w, tau = flowjax.token_flow_weights(losses, mask)
+    w = flowjax.token_flow_weights(losses, mask)
     tau_ref = np.median(losses[mask])  # over all target tokens, not per sequence
-    assert tau == pytest.approx(tau_ref)
     np.testing.assert_allclose(w, np.where(mask, np.exp(-losses / tau_ref), 0.0))
     # jax input, concrete and under jit
-    wj, _ = flowjax.token_flow_weights(
-        jnp.asarray(losses, jnp.float32), jnp.asarray(mask)
-    )
+    wj = flowjax.token_flow_weights(jnp.asarray(losses, jnp.float32), jnp.asarray(mask))
     np.testing.assert_allclose(wj, w, rtol=1e-5)
-    wt, taut = jax.jit(flowjax.token_flow_weights)(
+    wt = jax.jit(flowjax.token_flow_weights)(
         jnp.asarray(losses, jnp.float32), jnp.asarray(mask)
     )
-    assert float(taut) == pytest.approx(tau_ref, rel=1e-6)
     np.testing.assert_allclose(wt, w, rtol=1e-5, atol=1e-7)
     # sequence level: τ_seq = median of per-sequence means (differs from τ_tok)
     seq = np.asarray(flowjax.sequence_nll(jnp.asarray(losses), jnp.asarray(mask)))
     ref_seq = np.array([losses[i][mask[i]].mean() for i in range(6)])
     np.testing.assert_allclose(seq, ref_seq, rtol=1e-6)
-    sw, stau = flowjax.flow_weights(seq)
-    assert stau == pytest.approx(np.median(ref_seq))
+    sw = flowjax.flow_weights(seq)
+    assert flowjax.median_temperature(seq) == pytest.approx(np.median(ref_seq))
     np.testing.assert_allclose(sw, np.exp(-ref_seq / np.median(ref_seq)), rtol=1e-6)
     with pytest.raises(ValueError, match="no target token"):
         flowjax.token_flow_weights(losses, mask & False)
@@ -152,6 +148,25 @@ def test_token_and_sequence_weights_match_numpy_reference(rng):
     bad[mask] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         flowjax.token_flow_weights(bad, mask)
+    # NaN where the mask is False is never read.
+    off = np.where(mask, losses, np.nan)
+    np.testing.assert_array_equal(flowjax.token_flow_weights(off, mask), w)
+
+
+@pytest.mark.parametrize("temperature", [None, 1.0])
+@pytest.mark.parametrize("bad", [-3.0, np.nan])
+def test_token_flow_weights_under_jit_give_nan_for_bad_target_losses(temperature, bad):
+    losses = jnp.array([[0.5, bad, 7.0], [1.0, 2.0, 0.0]])
+    mask = jnp.array([[True, True, False], [True, True, False]])
+    w = np.asarray(jax.jit(flowjax.token_flow_weights)(losses, mask, temperature))
+    assert np.isnan(w[0, 1])  # exp(+3) = 20 under main: a plausible weight
+    assert (w[:, 2] == 0).all()  # not targets: 0, whatever the loss there
+    if temperature is None:  # the median depends on every target token
+        assert np.isnan(w[mask]).all()
+    else:
+        np.testing.assert_allclose(w[1, :2], np.exp([-1.0, -2.0]), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"positions \[1\]"):
+        flowjax.token_flow_weights(np.asarray(losses), np.asarray(mask), temperature)
 
 
 def _np_official_loss(nll, mask, w, level, n):
@@ -160,16 +175,16 @@ def _np_official_loss(nll, mask, w, level, n):
 
 
 @pytest.mark.parametrize("level", ["sequence", "token"])
-def test_weighted_lm_loss_normalizers(rng, level, variant):
+def test_weighted_lm_loss_reductions(rng, level, variant):
     nll = rng.exponential(size=(4, 7)).astype(np.float32)
     mask = rng.random((4, 7)) < 0.5
     mask[3] = False  # a padding row: no target tokens
     mask[0, 0] = True
     w = rng.random(4) if level == "sequence" else rng.random((4, 7))
 
-    def f(*a, normalizer="tokens"):
+    def f(*a, reduction="tokens"):
         fn = functools.partial(
-            flowjax.weighted_lm_loss, level=level, normalizer=normalizer
+            flowjax.weighted_lm_loss, level=level, reduction=reduction
         )
         return variant(fn)(*a)
 
@@ -180,11 +195,11 @@ def test_weighted_lm_loss_normalizers(rng, level, variant):
     )
     wt = np.broadcast_to(w[:, None], nll.shape) if level == "sequence" else w
     per_seq = [np.sum((wt * nll)[i][mask[i]]) / mask[i].sum() for i in range(3)]
-    assert float(f(nll, mask, w, normalizer="sequences")) == pytest.approx(
+    assert float(f(nll, mask, w, reduction="sequences")) == pytest.approx(
         np.mean(per_seq), rel=1e-5
     )
     wsum = np.sum(wt[mask])
-    assert float(f(nll, mask, w, normalizer="weights")) == pytest.approx(
+    assert float(f(nll, mask, w, reduction="weights")) == pytest.approx(
         np.sum((wt * nll)[mask]) / wsum, rel=1e-5
     )
     # weights None = plain token-mean SFT loss
@@ -199,8 +214,8 @@ def test_weighted_lm_loss_validates():
         flowjax.weighted_lm_loss(nll, mask, jnp.array([1.0, -1.0]))
     with pytest.raises(ValueError, match="denominator"):
         flowjax.weighted_lm_loss(nll, mask, denominator=0)
-    with pytest.raises(ValueError, match="normalizer"):
-        flowjax.weighted_lm_loss(nll, mask, normalizer="mean")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        flowjax.weighted_lm_loss(nll, mask, reduction="mean")
     # NaN in masked-out positions does not leak
     nan_nll = jnp.array([[1.0, jnp.nan, 2.0]])
     assert (
@@ -209,8 +224,28 @@ def test_weighted_lm_loss_validates():
     )
 
 
+@pytest.mark.parametrize("reduction", ["tokens", "sequences", "weights"])
+def test_weighted_lm_loss_under_jit_gives_nan_for_negative_weights_or_denominator(
+    reduction,
+):
+    nll = jnp.array([[1.0, 2.0, 0.0], [3.0, 1.0, 0.0]])
+    mask = jnp.array([[True, True, False], [True, True, False]])
+    f = jax.jit(
+        lambda w, d: flowjax.weighted_lm_loss(
+            nll, mask, w, level="token", reduction=reduction, denominator=d
+        )
+    )
+    w = jnp.array([[1.0, 0.5, 0.0], [1.0, 1.0, 0.0]])
+    assert np.isfinite(float(f(w, 4.0)))
+    assert np.isnan(float(f(w.at[1, 0].set(-1.0), 4.0)))
+    assert np.isnan(float(f(w, -4.0)))
+    assert np.isfinite(float(f(w.at[1, 2].set(-1.0), 4.0)))  # not counted: not read
+    with pytest.raises(ValueError, match="negative"):
+        flowjax.weighted_lm_loss(nll, mask, w.at[1, 0].set(-1.0), level="token")
+
+
 @pytest.mark.parametrize(
-    ("level", "normalizer"),
+    ("level", "reduction"),
     [
         ("sequence", "tokens"),
         ("token", "tokens"),
@@ -219,7 +254,7 @@ def test_weighted_lm_loss_validates():
     ],
 )
 def test_gradient_accumulation_with_global_denominator_equals_big_batch(
-    rng, level, normalizer
+    rng, level, reduction
 ):
     """Σ over micro-batches of grad(loss(micro, denominator=global)) == grad(loss(big batch))."""
     b, t, v, d = 8, 6, 7, 3
@@ -236,7 +271,7 @@ def test_gradient_accumulation_with_global_denominator_equals_big_batch(
     def loss(theta, x, tokens, mask, w, denominator):
         nll, m = flowjax.token_nll(x @ theta, tokens, mask)
         return flowjax.weighted_lm_loss(
-            nll, m, w, level=level, normalizer=normalizer, denominator=denominator
+            nll, m, w, level=level, reduction=reduction, denominator=denominator
         )
 
     grad = jax.jit(jax.grad(loss))  # compiled once per shape (big batch, micro-batch)
@@ -251,7 +286,7 @@ def test_gradient_accumulation_with_global_denominator_equals_big_batch(
         "tokens": m1.sum(),
         "sequences": (m1.sum(1) > 0).sum(),
         "weights": wt[m1].sum(),
-    }[normalizer]
+    }[reduction]
     micro = [slice(0, 4), slice(4, 8)]
     acc = sum(grad_of(sl, global_n) for sl in micro)
     np.testing.assert_allclose(acc, big, rtol=1e-5, atol=1e-6)

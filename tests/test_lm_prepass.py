@@ -125,28 +125,28 @@ def test_token_prepass_traces_once_per_bucket_and_gives_token_weights(rng):
     all_targets = []
     for e in ex:
         nll, m = _np_token_losses(params, e["tokens"], e["mask"])
-        row_l, row_m = tl.rows([e["id"]])
+        row_l, row_m = tl.lookup([e["id"]]), tl.lookup_mask([e["id"]])
         n = len(e["tokens"]) - 1
         np.testing.assert_array_equal(row_m[0, :n], m)
         assert not row_m[0, n:].any()
         np.testing.assert_allclose(row_l[0, :n][m], nll[m], rtol=2e-5, atol=1e-6)
         all_targets.append(nll[m])
-    w, tau = flowjax.token_flow_weights(tl.losses, tl.mask)
+    w, tau = flowjax.token_flow_weights(tl.losses, tl.mask), tl.median_temperature()
     flat = np.concatenate(all_targets)
     assert tau == pytest.approx(np.median(flat), rel=2e-5)
     assert w[tl.mask].size == flat.size and (w[~tl.mask] == 0).all()
     np.testing.assert_allclose(
         np.sort(w[tl.mask]), np.sort(np.exp(-flat / np.median(flat))), rtol=1e-4
     )
-    # rows() re-pads to a training batch's length, and refuses to cut targets
+    # lookup() re-pads to a training batch's length, and refuses to cut targets
     some = [e for e in ex if len(e["tokens"]) <= 6][:2]
-    cut_l, _ = tl.rows([e["id"] for e in some], length=6)
+    cut_l = tl.lookup([e["id"] for e in some], length=6)
     assert cut_l.shape == (len(some), 5)
     long = next(e for e in ex if e["mask"][7:].any())
     with pytest.raises(ValueError, match="cuts off"):
-        tl.rows([long["id"]], length=6)
+        tl.lookup([long["id"]], length=6)
     with pytest.raises(ValueError, match="not in this TokenLosses"):
-        tl.rows([99999])
+        tl.lookup([99999])
 
 
 def _token_table(rng):
@@ -157,15 +157,15 @@ def _token_table(rng):
     )
 
 
-@pytest.mark.parametrize("temperature", ["median", 0.7])
+@pytest.mark.parametrize("temperature", [None, 0.7])
 def test_token_weights_rows_line_up_by_id_with_a_shuffled_batch(rng, temperature):
     ex, tl = _token_table(rng)
-    tw = tl.weights(temperature)
+    tw = tl.flow_weights(temperature)
     assert isinstance(tw, flowjax.TokenWeights)
     # numpy reference: τ over every target token of every example, w = m exp(-nll/τ)
     flat = tl.losses[tl.mask]
-    tau = np.median(flat) if temperature == "median" else temperature
-    assert tw.tau == pytest.approx(tau, rel=1e-6)
+    tau = np.median(flat) if temperature is None else temperature
+    assert tw.temperature == pytest.approx(tau, rel=1e-6)
     ref = np.where(tl.mask, np.exp(-tl.losses.astype(np.float64) / tau), 0.0)
     np.testing.assert_allclose(tw.weights, ref, rtol=1e-6)
     np.testing.assert_array_equal(tw.ids, tl.ids)
@@ -173,7 +173,7 @@ def test_token_weights_rows_line_up_by_id_with_a_shuffled_batch(rng, temperature
     # A training batch in shuffled order, padded to its own length T = 12.
     order = rng.permutation(len(ex))
     batch_ids = np.array([ex[i]["id"] for i in order])
-    w, m = tw.rows(batch_ids, length=12)
+    w, m = tw.lookup(batch_ids, length=12), tw.lookup_mask(batch_ids, length=12)
     assert w.shape == m.shape == (len(ex), 11)
     for r, i in enumerate(order):
         e = ex[i]
@@ -182,22 +182,24 @@ def test_token_weights_rows_line_up_by_id_with_a_shuffled_batch(rng, temperature
         row = ref[np.searchsorted(tl.ids, e["id"])]
         np.testing.assert_allclose(w[r], row[:11], rtol=1e-6)
         assert (w[r, n:] == 0).all() and (w[r][~m[r]] == 0).all()
-    # the same rows as TokenLosses.rows, and weights is a no-argument default
-    _, lm = tl.rows(batch_ids, length=12)
+    # the same mask rows as TokenLosses.lookup_mask; temperature=None is the median
+    lm = tl.lookup_mask(batch_ids, length=12)
     np.testing.assert_array_equal(lm, m)
-    np.testing.assert_array_equal(tl.weights().weights, tl.weights("median").weights)
+    np.testing.assert_array_equal(
+        tl.flow_weights().weights, tl.flow_weights(tl.median_temperature()).weights
+    )
     with pytest.raises(ValueError, match="not in this TokenWeights"):
-        tw.rows([99999])
+        tw.lookup([99999])
     with pytest.raises(ValueError, match="temperature"):
-        tl.weights(-1.0)
+        tl.flow_weights(-1.0)
 
 
 @pytest.mark.parametrize("bad", [1, 0, -3, 2.5, True])
 def test_rows_rejects_a_length_below_two_or_not_an_int(rng, bad):
     _, tl = _token_table(rng)
-    for table in (tl, tl.weights()):
+    for table in (tl, tl.flow_weights()):
         with pytest.raises(ValueError, match=r"length must be an int >= 2"):
-            table.rows(tl.ids[:2], length=bad)
+            table.lookup(tl.ids[:2], length=bad)
 
 
 def test_token_prepass_puts_params_on_device_once_and_pipelines(rng, monkeypatch):

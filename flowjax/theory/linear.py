@@ -67,7 +67,7 @@ import jax.scipy.special as jsp_special
 import numpy as np
 
 from flowjax.objectives import weighted_objective
-from flowjax.weights import flow_weights
+from flowjax.weights import flow_weights, median_temperature
 
 __all__ = [
     "Errors",
@@ -1503,7 +1503,13 @@ def finite_sample_flow(
     k = _check_steps(steps)
     x, y, losses = _sample_ft(setting, key, n)
     # The library's weights on the host copy of the losses (numpy in, float64 out).
-    weights, tau = flow_weights(np.asarray(losses), temperature)
+    host = np.asarray(losses)
+    median = temperature is None or (
+        isinstance(temperature, str) and temperature == "median"
+    )
+    tau = median_temperature(host) if median else temperature
+    weights = flow_weights(host, tau)
+    tau = float(tau)
     if eta is None:
         eta = 0.5 / math.sqrt(tau / (tau + 2.0 * setting.e_norm**2))
     eta = _check_eta(eta)
