@@ -45,8 +45,8 @@ def mean_std(values: Iterable[float], *, keep_values: bool = False) -> dict:
         are named).
 
     Example:
-      >>> mean_std([1.0, 2.0, 4.0])
-      {'mean': 2.3333333333333335, 'std': 1.5275252316519468}
+      >>> mean_std([1.0, 2.0, 6.0])
+      {'mean': 3.0, 'std': 2.6457513110645907}
       >>> mean_std([0.5])
       {'mean': 0.5, 'std': 0.0}
     """
@@ -86,8 +86,8 @@ def paired_differences(a: Mapping[Any, float], b: Mapping[Any, float]) -> dict:
         a difference is not finite.
 
     Example:
-      >>> paired_differences({0: 0.9, 1: 0.8}, {0: 0.7, 1: 0.7})
-      {'mean': 0.15000000000000002, 'std': 0.07071067811865482}
+      >>> paired_differences({0: 3.0, 1: 5.0}, {1: 2.0, 0: 1.0})
+      {'mean': 2.5, 'std': 0.7071067811865476}
     """
     if set(a) != set(b):
         only_a = sorted(set(a) - set(b), key=str)
