@@ -113,7 +113,9 @@ def _row(cells: Sequence[Any]) -> str:
     return "|" + "".join(f" {c} |" if str(c) != "" else " |" for c in cells)
 
 
-def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
+def markdown_table(
+    header: Sequence[Any], rows: Iterable[Sequence[Any]], align: str | None = None
+) -> str:
     """A GitHub Markdown table: a header row, a ``|---|`` separator, one line per row.
 
     Cells are written with ``str``; an empty cell is ``| |``.
@@ -121,12 +123,15 @@ def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
     Args:
       header: the column titles.
       rows: the rows, each with as many cells as ``header``.
+      align: one letter per column, ``l`` (default, ``---``) or ``r`` (``---:``);
+        None: every column ``---``.
 
     Returns:
       The table's lines joined by newlines (no trailing newline).
 
     Raises:
-      ValueError: a row has a different number of cells than the header (its index is named).
+      ValueError: a row has a different number of cells than the header (its index is named),
+        or ``align`` does not have one ``l``/``r`` per column.
 
     Example:
       >>> print(markdown_table(["method", "acc"], [["FT", "98.8 ± 0.5"], ["LP", ""]]))
@@ -136,7 +141,13 @@ def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
       | LP | |
     """
     header = list(header)
-    lines = [_row(header), "|" + "---|" * len(header)]
+    align = "l" * len(header) if align is None else align
+    if len(align) != len(header) or set(align) - {"l", "r"}:
+        raise ValueError(
+            f"markdown_table: align={align!r} needs one of 'l'/'r' per column ({len(header)})."
+        )
+    sep = {"l": "---|", "r": "---:|"}
+    lines = [_row(header), "|" + "".join(sep[a] for a in align)]
     for i, row in enumerate(rows):
         row = list(row)
         if len(row) != len(header):

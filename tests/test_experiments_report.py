@@ -74,6 +74,11 @@ def test_markdown_table_format():
         "| WiSE-FT | | 95.6 |"
     )
     assert report.markdown_table(["", "a"], []) == "| | a |\n|---|---|"
+    assert report.markdown_table(["V", "ms"], [[1, "2.0"]], align="lr") == (
+        "| V | ms |\n|---|---:|\n| 1 | 2.0 |"
+    )
+    with pytest.raises(ValueError, match="one of 'l'/'r' per column"):
+        report.markdown_table(["V", "ms"], [], align="l")
     with pytest.raises(ValueError, match="row 1 has 2 cells, the header has 3"):
         report.markdown_table(["a", "b", "c"], [[1, 2, 3], [1, 2]])
 
