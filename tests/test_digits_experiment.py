@@ -10,10 +10,9 @@ from sklearn.datasets import load_digits
 
 import flowjax
 from experiments import report
-from experiments.digits import methods
+from experiments.digits import methods, run
 from experiments.digits import model as M
 from experiments.digits import protocol as P
-from experiments.digits import run
 from experiments.digits.config import get_config
 from experiments.digits.dataset import split_ids
 
