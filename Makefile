@@ -1,6 +1,7 @@
 # flowjax: `make demo` runs the main job, `make test` runs the tests. Both create .venv
-# (python3 -m venv) when it is missing and install flowjax into it; a second run
-# reinstalls only when pyproject.toml changed.
+# (python3 -m venv) when it is missing and install flowjax into it (the distribution
+# flowjax-ft, editable, with the test and experiments extras); a second run reinstalls only
+# when pyproject.toml changed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -9,9 +9,11 @@ import pytest
 from sklearn.datasets import load_digits
 
 import flowjax
+from experiments import report
+from experiments.digits import methods, run
 from experiments.digits import model as M
 from experiments.digits import protocol as P
-from experiments.digits import run
+from experiments.digits.config import get_config
 from experiments.digits.dataset import split_ids
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -27,7 +29,7 @@ def quick_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def seed_run():
     """A quick-config seed: pre-trained model, LP model at LR 0.1."""
-    r = run.SeedRun(run.Config.quick(), P.make_tasks(), seed=3, lrs={"LP": 0.1})
+    r = methods.SeedRun(get_config(quick=True), P.make_tasks(), seed=3, lrs={"LP": 0.1})
     return r
 
 
@@ -38,18 +40,21 @@ def test_writes_every_output(quick_run):
         data = (out / name).read_bytes()
         assert data[:8] == PNG and len(data) > 10_000, name
     md = (out / "results.md").read_text()
-    for name in run.Config.quick().methods:
+    for name in get_config(quick=True).methods:
         assert f"\n| {name} | " in md
     assert "Hard examples" in md and "FLOW minus" in md and "WiSE-FT sweep" in md
 
 
 def test_results_are_well_formed(quick_run):
     _, res = quick_run
-    cfg = run.Config.quick()
+    cfg = get_config(quick=True)
+    # the whole config, the methods' settings included, is recorded
+    assert res["config"] == report.config_dict(cfg)
+    assert res["config"]["lora_rank"] == 4 and res["config"]["wise_alpha"] == 0.5
     assert res["config"]["seeds"] == 1 and len(res["per_seed"]) == 1
-    assert set(res["selected_lr"]) == set(cfg.methods) == set(run.METHODS)
+    assert set(res["selected_lr"]) == set(cfg.methods) == set(methods.METHODS)
     for name, lr in res["selected_lr"].items():
-        if run.METHODS[name].lr_grid == ():  # WiSE-FT: no LR of its own
+        if methods.METHODS[name].lr_grid == ():  # WiSE-FT: no LR of its own
             assert lr is None and name not in res["lr_selection"]
             continue
         assert lr in cfg.lr_grid
@@ -92,8 +97,9 @@ def test_wise_ft_rows_match_the_sweep(quick_run):
     row = res["per_seed"][0]
     for base, wise in (("FT", "WiSE-FT"), ("FLOW", "FLOW + WiSE-FT")):
         curve = row["wise_ft_curve"][base]
-        assert curve["alpha"] == list(run.WISE_ALPHAS)
-        i = curve["alpha"].index(run.WISE_ALPHA)
+        cfg = get_config(quick=True)
+        assert curve["alpha"] == list(cfg.wise_alphas)
+        i = curve["alpha"].index(cfg.wise_alpha)
         for k in ("target_acc", "pretrain_acc"):
             assert curve[k][i] == row["methods"][wise][k]
             assert curve[k][0] == row["methods"][base][k]
@@ -273,8 +279,9 @@ def test_freeze_masks_match_the_methods(seed_run):
     assert head["head"] == {"kernel": True, "bias": True}
     assert not any(jax.tree.leaves({k: v for k, v in head.items() if k != "head"}))
     assert all(jax.tree.leaves(M.trainable(net, "all")))
-    lora = M.add_lora(net, run.LORA_RANK, jax.random.key(0))
-    assert lora.params["fc"]["lora"]["lora_a"].shape == (512, run.LORA_RANK)
+    rank = seed_run.cfg.lora_rank
+    lora = M.add_lora(net, rank, jax.random.key(0))
+    assert lora.params["fc"]["lora"]["lora_a"].shape == (512, rank)
     np.testing.assert_allclose(
         _logits(lora, seed_run.tasks.finetune), _logits(net, seed_run.tasks.finetune)
     )
@@ -334,6 +341,27 @@ def test_replot_redraws_pareto_from_results_json(quick_run):
         run.main(["--replot", "--out", str(out / "missing")])
     with pytest.raises(SystemExit):
         run.main(["--replot", "--quick", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        run.main(["--replot", "--set", "seeds=2", "--out", str(out)])
+
+
+def test_method_settings_come_from_the_config(quick_run):
+    """The recipe column and the methods read the config: a --set value shows up in both."""
+    _, res = quick_run
+    md_cfg = {**res["config"], "lora_rank": 8, "l2sp_strength": 0.5}
+    assert methods.METHODS["LoRA"].describe(md_cfg).startswith("rank-8 LoRA")
+    assert methods.METHODS["L2-SP"].describe(md_cfg).endswith("λ=0.5")
+    cfg = run.cli.override(get_config(quick=True), ["lora_rank=8", "lr_grid=[0.1]"])
+    assert cfg.lora_rank == 8 and cfg.lr_grid == (0.1,)
+    assert methods.METHODS["LP"].grid(cfg) == (0.1,)
+    assert methods.METHODS["WiSE-FT"].grid(cfg) == ()
+    with pytest.raises(
+        SystemExit
+    ):  # unknown field: an argparse error, before any training
+        run.main(["--quick", "--set", "lora_rnk=8", "--out", "/nonexistent/never"])
+    with pytest.raises(ValueError, match="unknown methods"):
+        methods.ordered(["FLOW", "FLOW++"])
+    assert methods.ordered(["FLOW + WiSE-FT"]) == ["LP", "FLOW", "FLOW + WiSE-FT"]
 
 
 def test_zoom_box_leaves_out_far_means():

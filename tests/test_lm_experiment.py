@@ -3,14 +3,19 @@
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import flowjax
+from experiments import report as rep
 from experiments.lm import data as lm_data
+from experiments.lm import methods as lm_methods
 from experiments.lm import run as lm_run
+from experiments.lm import train as lm_train
+from experiments.lm.config import get_config
 from experiments.lm.model import (
     BOS,
     EOS,
@@ -21,6 +26,7 @@ from experiments.lm.model import (
     decode,
     make_greedy_decode,
 )
+from experiments.lm.pretrain import pretrained_params
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +48,15 @@ def quick(tmp_path_factory):
 def test_outputs_well_formed(quick):
     out = quick / "out"
     report = json.loads((out / "results.json").read_text())
-    assert set(report["methods"]) == set(lm_run.METHODS)
+    quick_cfg = get_config(quick=True)
+    assert report["config"] == rep.config_dict(quick_cfg)
+    assert (
+        report["config"]["lora_rank"] == 2 and report["config"]["l2sp_strength"] == 0.1
+    )
+    assert set(report["methods"]) == set(lm_methods.METHODS) == set(quick_cfg.methods)
     for m in report["methods"].values():
         ppl, em = m["perplexity"], m["exact_match"]
-        assert len(ppl["values"]) == len(em["values"]) == len(lm_run.QUICK.seeds)
+        assert len(ppl["values"]) == len(em["values"]) == len(quick_cfg.seeds)
         assert all(math.isfinite(p) and p > 1 for p in ppl["values"])
         assert all(0 <= e <= 1 for e in em["values"])
         # A completion equal to the reference also has the right number.
@@ -54,7 +65,7 @@ def test_outputs_well_formed(quick):
             for x, e in zip(m["exact_response"]["values"], em["values"], strict=True)
         )
         assert ppl["mean"] == pytest.approx(np.mean(ppl["values"]))
-        assert m["lr"] in lm_run.QUICK.lr_grid
+        assert m["lr"] in quick_cfg.lr_grid
     # LoRA starts at the pre-trained model and moves little in 12 steps; full FT moves more.
     pre = report["pretrained"]["perplexity"]
     assert abs(report["methods"]["lora"]["perplexity"]["mean"] - pre) < abs(
@@ -62,7 +73,7 @@ def test_outputs_well_formed(quick):
     )
     w = report["weights"]
     assert 0 < w["tau_seq"] and 0 < w["tau_tok"]
-    assert w["sequence"]["n"] == lm_run.QUICK.n_train
+    assert w["sequence"]["n"] == quick_cfg.n_train
     assert w["sequence_mean1"]["mean"] == pytest.approx(1.0, rel=1e-5)
     # Every target token is classified: 14 scaffold bytes, the digits, "." and EOS.
     kinds = w["token_by_kind"]
@@ -70,9 +81,9 @@ def test_outputs_well_formed(quick):
     assert kinds["scaffold"]["n"] == 14 * w["sequence"]["n"]
     assert kinds["EOS"]["n"] == kinds["'.'"]["n"] == w["sequence"]["n"]
     assert report["pretrain"]["cache_hit"] is False
-    assert report["pretrain"]["steps_run"] == lm_run.QUICK.pretrain.steps
+    assert report["pretrain"]["steps_run"] == quick_cfg.pretrain.steps
     md = (out / "results.md").read_text()
-    assert all(name in md for name in lm_run.METHODS.values())
+    assert all(f"| {m.name} | " in md for m in lm_methods.METHODS.values())
     for png in ("tradeoff.png", "weights.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -80,26 +91,61 @@ def test_outputs_well_formed(quick):
 def test_pretraining_cache_is_reused(quick, capsys):
     report = json.loads((quick / "out" / "results.json").read_text())
     stream, _, sha = lm_data.pydoc_streams()
-    params, info = lm_run.pretrained_params(
-        lm_run.QUICK.pretrain, quick / "cache", stream, sha, progress=False
+    cfg = get_config(quick=True)
+    params, info = pretrained_params(
+        cfg.pretrain, quick / "cache", stream, sha, progress=False
     )
     assert info["cache_hit"] is True and info["steps_run"] == 0
     assert info["cache_dir"] == report["pretrain"]["cache_dir"]
     assert "pre-training skipped" in capsys.readouterr().out
     # The restored model is the one that was evaluated: same held-out perplexity.
-    graphdef = lm_run.nnx.split(
-        lm_run.nnx.eval_shape(lambda: lm_run.build(lm_run.QUICK.pretrain.model)),
-        lm_run.nnx.Param,
+    graphdef = nnx.split(
+        nnx.eval_shape(lambda: build(cfg.pretrain.model)),
+        nnx.Param,
     )[0]
-    ev = lm_run.lm_train.Evaluator(graphdef)
+    ev = lm_train.Evaluator(graphdef)
     windows = lm_data.heldout_windows(
         lm_data.pydoc_streams()[1],
-        lm_run.QUICK.pretrain.model.max_len,
-        lm_run.QUICK.ppl_windows,
+        cfg.pretrain.model.max_len,
+        cfg.ppl_windows,
     )
     assert ev.perplexity((params,), windows) == pytest.approx(
         report["pretrained"]["perplexity"], rel=1e-5
     )
+
+
+def test_methods_and_settings_come_from_the_config(tmp_path):
+    """Each method is a difference from standard FT; unknown names or fields fail before any work."""
+    m = lm_methods.METHODS
+    assert m["standard"] == lm_methods.Method("Standard FT")
+    assert m["flow_tok"].weights == "token" and not m["flow_tok"].lora
+    assert m["flow_lora"].weights == "sequence" and m["flow_lora"].lora
+    assert m["l2sp"].l2sp and m["l2sp"].weights is None
+    with pytest.raises(ValueError, match=r"unknown methods \['flow_x'\]"):
+        lm_methods.check_methods(["standard", "flow_x"])
+    for bad in (["--set", "lora_rnak=2"], ["--set", "methods=('flow_x',)"]):
+        with pytest.raises(SystemExit):
+            lm_run.main(["--quick", *bad, "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+    cfg = lm_run.cli.override(
+        get_config(quick=True), ["pretrain.steps=5", "lora_rank=3"]
+    )
+    assert cfg.pretrain.steps == 5 and cfg.lora_rank == 3
+    assert cfg.pretrain.model == get_config(quick=True).pretrain.model
+
+
+def test_sft_loss_is_the_official_token_normalisation():
+    """Σ_i w_i Σ_t ℓ_it / #target tokens (sequence weights), by hand."""
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 5)), jnp.float32)
+    tokens = jnp.asarray([[1, 2, 3, 4], [0, 1, 1, 2]])
+    mask = jnp.asarray([[False, True, True, True], [False, False, True, True]])
+    w = jnp.asarray([0.5, 2.0])
+    got = lm_methods.sft_loss(logits, tokens, mask, w, level="sequence")
+    logp = np.asarray(jax.nn.log_softmax(logits[:, :-1], -1))
+    nll = -np.take_along_axis(logp, np.asarray(tokens[:, 1:, None]), -1)[..., 0]
+    m = np.asarray(mask[:, 1:])
+    want = np.sum(np.asarray(w)[:, None] * nll * m) / m.sum()
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
 def test_task_and_split():

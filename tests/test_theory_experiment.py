@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from experiments.theory import linear_theory
+from experiments import report
+from experiments.theory import analysis, linear_theory
+from experiments.theory.config import get_config
 
 FIGURES = (
     "fig_a_errors_vs_steps.png",
@@ -36,6 +38,7 @@ def test_writes_every_output(quick_run):
 def test_summary_numbers_are_sane(quick_run):
     _, s = quick_run
     st = s["setting"]
+    assert s["config"] == report.config_dict(get_config(quick=True))
     assert s["config"]["d"] == 6 and st["rho"] == 0.8
     np.testing.assert_allclose(st["median_chi2_1"], 0.454936423119572, rtol=1e-12)
     assert abs(st["median_mc_over_e2"] - st["median_chi2_1"]) < 0.03
@@ -67,3 +70,14 @@ def test_summary_numbers_are_sane(quick_run):
     assert e["min_gap"] < -0.05
     assert e["frac_on_or_below_1e-3"] == 1.0
     assert e["flow_best_err_tot"] < e["ma_best_err_tot"]
+
+
+def test_config_overrides_reach_the_computations(tmp_path):
+    cfg = linear_theory.cli.override(get_config(quick=True), ["d=4", "rho=0.5"])
+    s = analysis.make_setting(cfg)
+    assert s.sigma.shape == (4, 4) and s.rho == 0.5
+    with pytest.raises(
+        SystemExit
+    ):  # an unknown field is an argparse error, before any work
+        linear_theory.main(["--quick", "--set", "dd=4", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

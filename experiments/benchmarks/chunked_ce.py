@@ -46,7 +46,6 @@ faster (it never writes the ``[N, V]`` logits to memory).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -57,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flowjax
+from experiments import report
 
 _MIB = 2**20
 
@@ -143,15 +143,20 @@ def markdown(rows: list[dict]) -> str:
         "plain_ms",
         "chunked_ms",
     ]
-    head = "| V | pass | plain temp | chunked temp | plain total | chunked total | plain ms | chunked ms |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['V']} | {r['pass']} | "
-            + " | ".join(f"{r[c]:.1f}" for c in cols)
-            + " |"
-        )
-    return "\n".join(lines)
+    return report.markdown_table(
+        [
+            "V",
+            "pass",
+            "plain temp",
+            "chunked temp",
+            "plain total",
+            "chunked total",
+            "plain ms",
+            "chunked ms",
+        ],
+        [[r["V"], r["pass"], *(f"{r[c]:.1f}" for c in cols)] for r in rows],
+        align="llrrrrrr",
+    )
 
 
 def main(argv=None) -> None:
@@ -183,8 +188,7 @@ def main(argv=None) -> None:
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    report.write_json(args.out, result)
     print(markdown(rows))
     print(f"wrote {args.out} in {result['seconds']} s")
 

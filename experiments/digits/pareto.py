@@ -368,7 +368,7 @@ def plot_pareto(
             color=colors[k],
             mec="k" if k == HIGHLIGHT else colors[k],
             ms=8,
-            label=f"{k} (LR {_lr(results['selected_lr'][k])}): {mx[i]:.1f}, {my[i]:.1f}",
+            label=f"{k} (LR {lr_label(results['selected_lr'][k])}): {mx[i]:.1f}, {my[i]:.1f}",
         )
         for i, k in enumerate(names)
     ]
@@ -405,5 +405,6 @@ def plot_pareto(
     plt.close(fig)
 
 
-def _lr(lr) -> str:
+def lr_label(lr) -> str:
+    """A learning rate for a table or legend; "—" for a method without one."""
     return "—" if lr is None else f"{lr:g}"

@@ -1,7 +1,7 @@
 """The mechanics of the digits protocol: data, one training stage, evaluation, the swap.
 
-The driver (:mod:`experiments.digits.run`) composes these into methods. Nothing
-here knows about a particular method.
+The methods (:mod:`experiments.digits.methods`) compose these; nothing here knows about a
+particular method.
 
 * Data: the TFDS ``flowjax_digits`` dataset (:mod:`experiments.digits.dataset`,
   ``array_record``, read without TensorFlow) is built once into a data
@@ -20,7 +20,7 @@ here knows about a particular method.
   ``test`` split (20 %); validation = a stratified 20 % of its ``train``
   split (:func:`make_tasks`), for learning-rate selection only.
 * Training: :func:`train` runs one stage (SGD with momentum and weight decay,
-  PyTorch-style; frozen parameters through ``flowjax.freeze``; per-epoch
+  PyTorch-style, built by the caller's ``make_tx``; per-epoch
   cosine or constant LR), with a per-example weight on every example (1
   unless a ``WeightTable`` is given) and the official vision reduction
   ``Σ w_i ℓ_i / B``. The step is a ``jax.jit``-compiled pure function of
@@ -258,27 +258,10 @@ def lr_at(lr: float, epoch: int, epochs: int, schedule: Schedule) -> float:
     raise ValueError(f"schedule must be 'cosine' or 'constant'; got {schedule!r}.")
 
 
-def sgd(
-    trainable: Any,
-    momentum: float,
-    weight_decay: float,
-    extra: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformation:
-    """PyTorch SGD direction (decay added to the gradient, then momentum), frozen where not trainable.
-
-    The caller multiplies the result by ``-lr``. ``flowjax.freeze`` gives
-    frozen parameters a zero update and no optimizer state. ``extra`` (an
-    L2-SP or EWC pull toward θ₀) comes FIRST in the chain, on the raw
-    gradients of every parameter, so the optimizer sees the regularised
-    gradient (frozen parameters still get a zero update).
-    """
-    body = flowjax.freeze(
-        optax.chain(
-            optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum)
-        ),
-        trainable,
-    )
-    return body if extra is None else optax.chain(extra, body)
+MakeTx = Callable[..., optax.GradientTransformation]
+"""``make_tx(trainable, momentum, weight_decay, extra) -> tx``: the stage's optimizer
+direction (:func:`experiments.digits.methods.optimizer`), frozen where ``trainable`` is
+False, with ``extra`` (a regulariser or None) first in the chain."""
 
 
 def cross_entropy(model, batch: dict, reference: Any) -> tuple[jax.Array, dict]:
@@ -309,6 +292,7 @@ def _compiled_step(
     optim: Optim,
     objective: Objective,
     extra: Extra,
+    make_tx: MakeTx,
 ):
     """``(tx, jitted step)`` for this model structure, mask, objective and regulariser.
 
@@ -319,7 +303,7 @@ def _compiled_step(
     share one compiled step. The optimizer state is donated.
     """
     kind, extra_tx = (None, None) if extra is None else extra
-    tx = sgd(trainable, optim.momentum, optim.weight_decay, extra_tx)
+    tx = make_tx(trainable, optim.momentum, optim.weight_decay, extra_tx)
     key = (
         graphdef,
         tuple(jax.tree.leaves(trainable)),
@@ -328,6 +312,7 @@ def _compiled_step(
         optim.weight_decay,
         objective,
         kind,
+        make_tx,
     )
     if key not in _STEPS:
 
@@ -358,6 +343,7 @@ def train(
     schedule: Schedule,
     seed: int,
     optim: Optim,
+    make_tx: MakeTx,
     weights: flowjax.WeightTable | None = None,
     objective: Objective = cross_entropy,
     extra: Extra = None,
@@ -379,6 +365,8 @@ def train(
       schedule: "cosine" (per epoch, eta_min 0) or "constant".
       seed: the run's seed: it fixes the data stream (:func:`train_stream`).
       optim: batch size, momentum, weight decay, augmentation.
+      make_tx: builds the optimizer direction from the mask, momentum, decay and
+        ``extra`` (:data:`MakeTx`).
       weights: per-example weights by id (FLOW); None means weight 1.
       objective: the loss (see :func:`cross_entropy`).
       extra: ``(kind, transformation)`` chained before weight decay (L2-SP,
@@ -388,7 +376,7 @@ def train(
     Returns:
       ``(net, {"loss": last epoch's mean objective, ...})``.
     """
-    tx, step = _compiled_step(net.graphdef, trainable, optim, objective, extra)
+    tx, step = _compiled_step(net.graphdef, trainable, optim, objective, extra, make_tx)
     stream = train_stream(task, seed, epochs, optim)
     per_epoch = len(stream) // epochs
     params, stats = net.arrays

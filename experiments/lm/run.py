@@ -3,6 +3,16 @@
 Run (from the repository root; ``make lm`` does the same)::
 
     python -m experiments.lm.run --out results/lm
+    python -m experiments.lm.run --quick --out /tmp/lm     # smoke test, about 25 s
+    python -m experiments.lm.run --set lora_rank=4         # any config field
+
+Layout: every hyper-parameter, the methods' settings included, is a field of
+:class:`experiments.lm.config.Config` (``get_config(quick=False)``; ``results.json``
+records it under ``"config"``); the methods (weights, losses, LoRA, L2-SP, the FLOW
+pre-pass) are defined in :mod:`experiments.lm.methods`, pre-training and its orbax cache
+in :mod:`experiments.lm.pretrain`; this module is the driver (learning-rate selection,
+seeds, evaluation; :mod:`experiments.lm.summary` writes the tables through
+:mod:`experiments.report`).
 
 Measured (this repository's ``results/lm/``, from an empty cache, command
 ``rm -rf .cache/lm; python -m experiments.lm.run --out results/lm
@@ -122,299 +132,24 @@ Figure 3; token weights stacked by token kind: scaffold, digit, ".", EOS).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import json
 import os
 import resource
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
-import flowjax
+from experiments import cli, report
 from experiments.lm import data as lm_data
-from experiments.lm import train as lm_train
-from experiments.lm.model import (
-    EOS,
-    LORA_TARGETS,
-    PAD,
-    LMConfig,
-    build,
-    make_logits_fn,
-)
+from experiments.lm import summary
+from experiments.lm.config import Config, get_config
+from experiments.lm.methods import METHODS, FineTuner, check_methods, flow_weights
+from experiments.lm.model import build
+from experiments.lm.pretrain import pretrained_params
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = {
-    "standard": "Standard FT",
-    "flow_seq": "FLOW (sequence)",
-    "flow_seq_mean1": "FLOW (sequence, mean-1 weights)",
-    "flow_tok": "FLOW (token)",
-    "lora": "LoRA",
-    "flow_lora": "FLOW + LoRA",
-    "l2sp": "L2-SP",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainConfig:
-    model: LMConfig = dataclasses.field(default_factory=lambda: LMConfig(d_ff=256))
-    steps: int = 400
-    batch: int = 32
-    lr: float = 3e-3
-    seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    pretrain: PretrainConfig = PretrainConfig()
-    ft_steps: int = 400
-    ft_batch: int = 16
-    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    lora_rank: int = 8
-    l2sp_strength: float = 0.1
-    ppl_windows: int | None = 512  # None: every held-out window
-    n_train: int | None = None  # None: all 2,200 training problems
-    n_eval: int | None = None  # None: all validation / test problems
-
-
-QUICK = Config(
-    pretrain=PretrainConfig(
-        model=LMConfig(d_model=32, num_heads=2, num_layers=1, d_ff=64), steps=30
-    ),
-    ft_steps=12,
-    ft_batch=16,
-    lr_grid=(3e-3,),
-    seeds=(0, 1),
-    lora_rank=2,
-    ppl_windows=32,
-    n_train=256,
-    n_eval=64,
-)
-
-
-# ----------------------------------------------------------------------------- pre-training
-
-
-def fingerprint(cfg: PretrainConfig, text_sha256: str) -> dict:
-    """Everything the pre-trained weights depend on (hashed into the cache directory name)."""
-    return {
-        "format": 1,
-        "pretrain": dataclasses.asdict(cfg),
-        "text_sha256": text_sha256,
-        "heldout_rule": [lm_data.HELDOUT_EVERY, lm_data.HELDOUT_OFFSET],
-        "jax": jax.__version__,
-    }
-
-
-def pretrain(cfg: PretrainConfig, stream: np.ndarray, progress: bool) -> nnx.State:
-    """Next-byte training on random windows of ``stream``; returns the ``nnx.Param`` state."""
-    model = build(cfg.model, cfg.seed)
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.adamw(
-            optax.warmup_cosine_decay_schedule(
-                0.0, cfg.lr, max(1, cfg.steps // 20), cfg.steps, cfg.lr / 10
-            ),
-            weight_decay=0.01,
-        ),
-    )
-    opt_state = tx.init(params)
-    window_mask = np.ones((cfg.batch, cfg.model.max_len), bool)
-    window_mask[:, 0] = False
-
-    @jax.jit
-    def step(params, opt_state, tokens):
-        def loss_fn(p):
-            logits = nnx.merge(graphdef, p)(tokens)
-            nll, m = flowjax.token_nll(logits, tokens, window_mask)
-            return flowjax.weighted_lm_loss(nll, m)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    rng = np.random.default_rng(cfg.seed)
-    bar = tqdm(range(cfg.steps), desc="pre-train", disable=not progress)
-    for i in bar:
-        x = lm_data.sample_windows(stream, cfg.model.max_len, cfg.batch, rng)
-        params, opt_state, loss = step(params, opt_state, x)
-        if i % 25 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    return params
-
-
-def pretrained_params(cfg: PretrainConfig, cache_dir: Path, stream, sha, progress):
-    """Restores the pre-trained params from the orbax cache, or pre-trains and saves them.
-
-    Returns ``(params, info)`` with ``info["cache_hit"]`` and ``info["steps_run"]``.
-    """
-    fp = fingerprint(cfg, sha)
-    key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-    path = (cache_dir / f"pretrain-{key}").resolve()
-    abstract = nnx.split(nnx.eval_shape(lambda: build(cfg.model, cfg.seed)), nnx.Param)[
-        1
-    ]
-    checkpointer = ocp.StandardCheckpointer()
-    info = {"cache_dir": str(path), "fingerprint": fp, "fingerprint_sha256_16": key}
-    cfg_file = path / "config.json"
-    if cfg_file.exists() and json.loads(cfg_file.read_text()) == fp:
-        params = checkpointer.restore(path / "state", abstract)
-        print(f"pre-training skipped: restored {path}")
-        return params, {**info, "cache_hit": True, "steps_run": 0}
-    start = time.perf_counter()
-    params = pretrain(cfg, stream, progress)
-    took = time.perf_counter() - start
-    path.mkdir(parents=True, exist_ok=True)
-    checkpointer.save(path / "state", params, force=True)
-    checkpointer.wait_until_finished()
-    cfg_file.write_text(
-        json.dumps(fp, indent=1, sort_keys=True)
-    )  # written last: marks complete
-    print(f"pre-trained {cfg.steps} steps in {took:.1f} s; saved {path}")
-    return params, {**info, "cache_hit": False, "steps_run": cfg.steps, "seconds": took}
-
-
-# ----------------------------------------------------------------------------- FLOW weights
-
-
-def flow_weights(params, graphdef, train: dict, cfg: Config) -> dict:
-    """Sequence and token FLOW weights of the training rows, from the library pre-pass."""
-    logits_fn = make_logits_fn(graphdef)
-    examples = lm_data.examples(train)
-    kw = {"bucket_lengths": [lm_data.SEQ_LEN], "batch_size": 256, "pad_id": PAD}
-    seq_table = flowjax.lm_sequence_losses(
-        logits_fn, (params,), examples, progress=False, **kw
-    )
-    seq_w = seq_table.flow_weights()  # τ_seq = median
-    seq_w1 = seq_table.flow_weights(normalize="mean")  # same, rescaled to mean 1
-    tok = flowjax.lm_token_losses(logits_fn, (params,), examples, **kw)
-    tok_w, tau_tok = flowjax.token_flow_weights(tok.losses, tok.mask)
-    rows = np.searchsorted(tok.ids, train["id"])
-    if not np.array_equal(tok.ids[rows], train["id"]) or not np.array_equal(
-        tok.mask[rows], train["mask"][:, 1:]
-    ):
-        raise AssertionError("token pre-pass rows do not line up with the training set")
-    tokens = train["tokens"][rows][:, 1:][tok.mask[rows]]  # the target tokens
-    kind = np.where(
-        (tokens >= ord("0")) & (tokens <= ord("9")),
-        "digit",
-        np.where(tokens == EOS, "EOS", np.where(tokens == ord("."), "'.'", "scaffold")),
-    )
-    return {
-        "sequence": seq_w.lookup(train["id"]).astype(np.float32),
-        "sequence_mean1": seq_w1.lookup(train["id"]).astype(np.float32),
-        "token": tok_w[rows].astype(np.float32),
-        "tau_seq": seq_w.temperature,
-        "tau_tok": float(tau_tok),
-        "seq_losses": seq_table.lookup(train["id"]),
-        "tok_losses": tok.losses[rows][tok.mask[rows]],
-        "tok_weights": tok_w[rows][tok.mask[rows]],
-        "tok_kind": kind,
-    }
-
-
-# ----------------------------------------------------------------------------- fine-tuning
-
-
-class FineTuner:
-    """Runs every method; compiles one step per (structure, level, regulariser)."""
-
-    def __init__(self, params, graphdef, task, weights, cfg: Config, progress: bool):
-        self.params, self.graphdef, self.task = params, graphdef, task
-        self.weights, self.cfg, self.progress = weights, cfg, progress
-        self.steps: dict[str, object] = {}
-        self.evaluators: dict[str, lm_train.Evaluator] = {}
-
-    def _model(self, method: str, seed: int):
-        base = nnx.merge(self.graphdef, self.params)
-        if method in ("lora", "flow_lora"):
-            model = flowjax.add_lora(
-                base, self.cfg.lora_rank, rngs=nnx.Rngs(seed), select=LORA_TARGETS
-            )
-            return "lora", nnx.split(model, nnx.LoRAParam, ...)
-        return "full", nnx.split(base, nnx.Param, ...)
-
-    def _weights(self, method: str, rows: np.ndarray) -> np.ndarray:
-        if method in ("flow_seq", "flow_lora"):
-            return self.weights["sequence"][rows]
-        if method == "flow_seq_mean1":
-            return self.weights["sequence_mean1"][rows]
-        if method == "flow_tok":
-            return self.weights["token"][rows]
-        return np.ones(len(rows), np.float32)
-
-    def state(self, method: str, seed: int):
-        """``(kind, (trainable, frozen))`` of the method's model before fine-tuning."""
-        kind, (graphdef, trainable, frozen) = self._model(method, seed)
-        if kind not in self.evaluators:
-            self.evaluators[kind] = lm_train.Evaluator(graphdef)
-        return kind, (trainable, frozen)
-
-    def run(self, method: str, lr: float, seed: int):
-        """Fine-tunes and returns ``(kind, state)``; ``state`` = ``(trainable, frozen)``."""
-        cfg, train = self.cfg, self.task["train"]
-        kind, (graphdef, trainable, frozen) = self._model(method, seed)
-        level = "token" if method == "flow_tok" else "sequence"
-        l2sp = cfg.l2sp_strength if method == "l2sp" else None
-        key = f"{kind}/{level}/{l2sp}"
-        tx = lm_train.make_tx(cfg.ft_steps, l2sp_strength=l2sp)
-        if key not in self.steps:
-            self.steps[key] = lm_train.make_train_step(graphdef, tx, level)
-        if kind not in self.evaluators:
-            self.evaluators[kind] = lm_train.Evaluator(graphdef)
-        step, opt_state = self.steps[key], tx.init(trainable)
-        rng = np.random.default_rng(seed)
-        n, b = len(train["id"]), cfg.ft_batch
-        order = np.array([], np.int64)
-        bar = tqdm(
-            range(cfg.ft_steps),
-            desc=f"{method} lr={lr:g} seed={seed}",
-            leave=False,
-            disable=not self.progress,
-        )
-        for _ in bar:
-            if len(order) < b:
-                order = np.concatenate([order, rng.permutation(n)])
-            rows, order = order[:b], order[b:]
-            trainable, opt_state, loss = step(
-                trainable,
-                frozen,
-                opt_state,
-                jnp.float32(lr),
-                train["tokens"][rows],
-                train["mask"][rows],
-                self._weights(method, rows),
-            )
-        loss = float(loss)
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"{method} lr={lr} seed={seed}: loss {loss}")
-        return kind, (trainable, frozen)
-
-    def evaluate(self, kind, state, split: str, windows=None) -> dict:
-        ev = self.evaluators[kind]
-        em = ev.exact_match(state, self.task[split])
-        out = {"exact_match": em["answer"], "exact_response": em["response"]}
-        if windows is not None:
-            out["perplexity"] = ev.perplexity(state, windows)
-        return out
-
-
-def _mean_std(xs) -> dict:
-    xs = np.asarray(xs, float)
-    return {
-        "mean": float(xs.mean()),
-        "std": float(xs.std(ddof=1)) if len(xs) > 1 else 0.0,
-        "values": xs.tolist(),
-    }
 
 
 def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
@@ -445,8 +180,8 @@ def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
     pre_metrics = tuner.evaluate(kind, pre_state, "test", windows)
     print(f"pre-trained: {pre_metrics}")
 
-    results = {}
-    bar = tqdm(METHODS, desc="methods", disable=not progress)
+    by_method = {}
+    bar = tqdm(check_methods(cfg.methods), desc="methods", disable=not progress)
     for method in bar:
         grid, grid_ppl = {}, {}
         for lr in cfg.lr_grid:
@@ -463,26 +198,27 @@ def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
             else:
                 kind, state = tuner.run(method, lr, seed)
             per_seed.append(tuner.evaluate(kind, state, "test", windows))
-        results[method] = {
-            "name": METHODS[method],
+        by_method[method] = {
+            "name": METHODS[method].name,
             "lr": lr,
             "val_exact_match_by_lr": {f"{k:g}": v[0] for k, v in grid.items()},
             "perplexity_by_lr_seed0": {f"{k:g}": v for k, v in grid_ppl.items()},
-            "perplexity": _mean_std([r["perplexity"] for r in per_seed]),
-            "exact_match": _mean_std([r["exact_match"] for r in per_seed]),
-            "exact_response": _mean_std([r["exact_response"] for r in per_seed]),
+            **{
+                k: report.mean_std([r[k] for r in per_seed], keep_values=True)
+                for k in ("perplexity", "exact_match", "exact_response")
+            },
         }
         print(
-            f"{METHODS[method]:16s} lr={lr:g} ppl={results[method]['perplexity']['mean']:.3f} "
-            f"em={results[method]['exact_match']['mean']:.3f}"
+            f"{METHODS[method].name:16s} lr={lr:g} ppl={by_method[method]['perplexity']['mean']:.3f} "
+            f"em={by_method[method]['exact_match']['mean']:.3f}"
         )
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    report = {
-        "config": dataclasses.asdict(cfg),
+    results = {
+        "config": report.config_dict(cfg),
         "pretrain": pre_info,
         "pretrained": pre_metrics,
-        "weights": _weight_stats(weights),
-        "methods": results,
+        "weights": summary.weight_stats(weights),
+        "methods": by_method,
         "data": {
             "train_problems": len(task["train"]["id"]),
             "val_problems": len(task["val"]["id"]),
@@ -499,118 +235,10 @@ def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
             "cpus": os.cpu_count(),
         },
     }
-    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "results.md").write_text(_markdown(report))
-    _plots(report, weights, out)
-    return report
-
-
-def _weight_stats(w: dict) -> dict:
-    tok = w["tok_weights"]
-    return {
-        "tau_seq": w["tau_seq"],
-        "tau_tok": w["tau_tok"],
-        "sequence": _hist_stats(w["sequence"]),
-        "sequence_mean1": _hist_stats(w["sequence_mean1"]),
-        "token": _hist_stats(tok),
-        "token_by_kind": {
-            k: {
-                **_hist_stats(tok[w["tok_kind"] == k]),
-                "mean_loss": float(w["tok_losses"][w["tok_kind"] == k].mean()),
-            }
-            for k in ("scaffold", "digit", "'.'", "EOS")
-        },
-    }
-
-
-def _hist_stats(x) -> dict:
-    x = np.asarray(x, float)
-    return {
-        "n": len(x),
-        "mean": float(x.mean()),
-        "frac_below_0.1": float(np.mean(x < 0.1)),
-        "frac_above_0.9": float(np.mean(x > 0.9)),
-    }
-
-
-def _markdown(r: dict) -> str:
-    seeds, d = r["config"]["seeds"], r["data"]
-    lines = [
-        "# FLOW on a byte-level LM: pydoc pre-training, addition fine-tuning",
-        "",
-        "Task: prompt `What is {a} plus {b}?\\n` (masked), response "
-        "`The result is {a+b}.<EOS>` (the target). Held-out pydoc perplexity (exp of the "
-        "mean NLL per byte, nats) measures forgetting; exact match is the fraction of "
-        f"{d['test_problems']} test problems whose greedy completion has the number "
-        "`a+b` right after `The result is ` (exact response: the whole completion equals "
-        f"the reference, EOS included). Mean ± std over seeds {seeds}, one shared "
-        "pre-trained model. The learning rate of every method is chosen from the same "
-        "grid by the same rule: best validation exact match on seed 0 "
-        f"({d['val_problems']} validation problems), ties to the smaller learning rate.",
-        "",
-        "| method | lr | held-out pydoc perplexity | test exact match | exact response |",
-        "|---|---|---|---|---|",
-        f"| pre-trained | – | {r['pretrained']['perplexity']:.3f} | "
-        f"{r['pretrained']['exact_match']:.3f} | {r['pretrained']['exact_response']:.3f} |",
-    ]
-    for m in r["methods"].values():
-        p, e, x = m["perplexity"], m["exact_match"], m["exact_response"]
-        lines.append(
-            f"| {m['name']} | {m['lr']:g} | {p['mean']:.2f} ± {p['std']:.2f} | "
-            f"{e['mean']:.3f} ± {e['std']:.3f} | {x['mean']:.3f} ± {x['std']:.3f} |"
-        )
-    grid = r["config"]["lr_grid"]
-    lines += [
-        "",
-        "Learning-rate grid (seed 0): validation exact match (the selection criterion) / "
-        "held-out pydoc perplexity (reported, never used for the choice).",
-        "",
-        "| method | " + " | ".join(f"lr {k:g}" for k in grid) + " |",
-        "|---|" + "---|" * len(grid),
-    ]
-    for m in r["methods"].values():
-        cells = [
-            f"{m['val_exact_match_by_lr'][f'{k:g}']:.3f} / "
-            f"{m['perplexity_by_lr_seed0'][f'{k:g}']:.1f}"
-            for k in grid
-        ]
-        lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
-    w = r["weights"]
-    lines += [
-        "",
-        "**FLOW (sequence, mean-1 weights)** uses the FLOW sequence weights divided by "
-        f"their mean over the training set ({w['sequence']['mean']:.3f}), i.e. "
-        '`flow_weights(normalize="mean")`: the same relative weighting as FLOW '
-        "(sequence), but the same average step size as standard FT at the same learning "
-        "rate. Plain FLOW's weights (mean < 1) also shrink the effective learning rate; "
-        "comparing the two rows separates the reweighting from that shrink.",
-        "",
-        "## FLOW weights of the training set (pre-trained model)",
-        "",
-        f"τ_seq = {w['tau_seq']:.4f}, τ_tok = {w['tau_tok']:.4f} (medians of the "
-        "sequence / token losses, nats).",
-        "",
-        "| weights | n | mean | < 0.1 | > 0.9 | mean loss (nats) |",
-        "|---|---|---|---|---|---|",
-    ]
-    rows = [("sequence", w["sequence"]), ("token (all)", w["token"])]
-    rows += [(f"token: {k}", v) for k, v in w["token_by_kind"].items()]
-    for name, h in rows:
-        loss = f"{h['mean_loss']:.3f}" if "mean_loss" in h else "–"
-        lines.append(
-            f"| {name} | {h['n']} | {h['mean']:.3f} | {h['frac_below_0.1']:.1%} | "
-            f"{h['frac_above_0.9']:.1%} | {loss} |"
-        )
-    t = r["time"]
-    lines += [
-        "",
-        f"Pre-training: cache hit = {r['pretrain']['cache_hit']}. Run time: wall "
-        f"{t['wall_s']:.0f} s, user {t['user_s']:.0f} s (load average "
-        f"{t['loadavg_start'][0]:.1f} at start, {t['loadavg_end'][0]:.1f} at end, "
-        f"{t['cpus']} CPUs).",
-        "",
-    ]
-    return "\n".join(lines)
+    results = report.write_json(out / "results.json", results)
+    report.write_text(out / "results.md", summary.markdown(results))
+    _plots(results, weights, out)
+    return results
 
 
 def _plots(r: dict, w: dict, out: Path) -> None:
@@ -699,17 +327,21 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "results" / "lm"))
     parser.add_argument("--cache_dir", default=str(REPO / ".cache" / "lm"))
-    parser.add_argument("--quick", action="store_true", help="tiny smoke configuration")
+    cli.add_config_args(parser, "tiny smoke configuration")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else Config()
-    report = run(
+    try:
+        cfg = cli.override(get_config(quick=args.quick), args.overrides)
+        check_methods(cfg.methods)
+    except ValueError as e:
+        parser.error(str(e))
+    results = run(
         cfg,
         Path(args.out).resolve(),
         Path(args.cache_dir).resolve(),
         progress=not args.no_progress,
     )
-    t = report["time"]
+    t = results["time"]
     print(f"done: wall {t['wall_s']:.1f} s, user {t['user_s']:.1f} s -> {args.out}")
 
 

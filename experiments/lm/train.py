@@ -27,40 +27,45 @@ def schedule(total_steps: int, warmup_frac: float = 0.03, floor: float = 0.0):
     )
 
 
-def make_tx(total_steps: int, *, l2sp_strength: float | None = None, floor=0.0):
-    """Adam (β=(0.9, 0.999), ε=1e-8, no weight decay) with grad-norm clipping at 1 and the schedule.
+def make_tx(
+    total_steps: int,
+    *,
+    regularizer: optax.GradientTransformation | None = None,
+    warmup_frac: float = 0.03,
+    clip_norm: float = 1.0,
+    floor=0.0,
+):
+    """Adam (β=(0.9, 0.999), ε=1e-8, no weight decay) with grad-norm clipping and the schedule.
 
     The learning rate is applied in the step (``-lr * update``), so one
-    compiled step serves every learning rate of the grid. With
-    ``l2sp_strength``, :func:`flowjax.l2sp` (anchored at the parameters given
-    to ``init``: the pre-trained ones) comes first in the chain.
+    compiled step serves every learning rate of the grid. A ``regularizer``
+    (L2-SP: :func:`flowjax.l2sp`, anchored at the parameters given to
+    ``init``, the pre-trained ones) comes first in the chain.
     """
-    parts = [] if l2sp_strength is None else [flowjax.l2sp(None, l2sp_strength)]
+    parts = [] if regularizer is None else [regularizer]
     parts += [
-        optax.clip_by_global_norm(1.0),
+        optax.clip_by_global_norm(clip_norm),
         optax.scale_by_adam(),
-        optax.scale_by_schedule(schedule(total_steps, floor=floor)),
+        optax.scale_by_schedule(
+            schedule(total_steps, warmup_frac=warmup_frac, floor=floor)
+        ),
     ]
     return optax.chain(*parts)
 
 
-def make_train_step(graphdef, tx, level: str):
+def make_train_step(graphdef, tx, objective):
     """Jitted ``step(trainable, frozen, opt_state, lr, tokens, mask, weights)``.
 
-    The loss is :func:`flowjax.weighted_lm_loss` with the official
-    normaliser (``normalizer="tokens"``: weighted token sum over the
-    unweighted number of target tokens); ``weights`` is ``[B]`` for
-    ``level="sequence"`` (all ones: plain SFT) or ``[B, T-1]`` for ``"token"``.
+    ``objective(logits, tokens, mask, weights) -> scalar`` is the method's loss
+    (:func:`experiments.lm.methods.sft_loss`); ``weights`` is ``[B]`` per
+    sequence or ``[B, T-1]`` per token.
     """
 
     @jax.jit
     def step(trainable, frozen, opt_state, lr, tokens, mask, weights):
         def loss_fn(tr):
             logits = nnx.merge(graphdef, tr, frozen)(tokens)
-            nll, m = flowjax.token_nll(logits, tokens, mask)
-            return flowjax.weighted_lm_loss(
-                nll, m, weights, level=level, normalizer="tokens"
-            )
+            return objective(logits, tokens, mask, weights)
 
         loss, grads = jax.value_and_grad(loss_fn)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)

@@ -5,6 +5,12 @@ Command (from the repository root; about 15-20 s on a 2-core CPU)::
     python -m experiments.theory.linear_theory            # writes results/theory/
     python -m experiments.theory.linear_theory --out DIR  # elsewhere
     python -m experiments.theory.linear_theory --quick    # reduced smoke run (d = 6)
+    python -m experiments.theory.linear_theory --set d=8  # any config field
+
+Layout: every size and setting is a field of :class:`experiments.theory.config.Config`
+(``get_config(quick=False)``; ``summary.json`` records it under ``"config"``); the
+computations, one per figure, are in :mod:`experiments.theory.analysis`; this module draws
+the figures and writes the summaries (through :mod:`experiments.report`).
 
 Outputs: ``fig_a_errors_vs_steps.png`` (err₁, err₂, err_tot against K),
 ``fig_b_stall.png`` (λ₁ against β and τ), ``fig_c_covariance_mc.png``
@@ -33,6 +39,9 @@ Numbers the default command produced (deterministic; copied from summary.md):
   iterates / ‖e‖ = 0.112, 0.065, 0.035, 0.013, 0.0071 at n = 250, 1k, 4k,
   16k, 64k; log-log slope -0.514 (n^-1/2: -0.5). err_tot at K* = 2:
   0.5532 at n = 64k vs 0.5522 in the population.
+  The ± in summary.md is the sample std over the 4 seeds (ddof 1, the
+  shared :func:`experiments.report.mean_std`; before the shared module it was
+  ddof 0, 0.0130 … 0.0013, now 0.0150 … 0.0016; nothing else changed).
 * (e) Fronts: FLOW's front (39,606 points over β × K) is never above model
   averaging's (largest gap in err₂ at equal err₁: 0, at the endpoints θ̃*
   and θ*), is below it by more than 1e-3 on 97.9 % of ω ∈ (0.02, 0.98), and
@@ -43,9 +52,6 @@ Numbers the default command produced (deterministic; copied from summary.md):
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import math
 import time
 from pathlib import Path
 
@@ -56,269 +62,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from experiments import cli, report
+from experiments.theory import analysis
+from experiments.theory.config import Config, get_config
 from flowjax import theory
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Sizes of the run; :meth:`quick` is the reduced smoke-test setting."""
-
-    d: int = 16
-    rho: float = 0.8
-    e_norm: float = 2.0
-    seed: int = 0
-    traj_max_steps: int = 3000  # figure (a)
-    stall_betas: int = 200  # figure (b)
-    mc_samples: int = 400_000  # figure (c)
-    mc_tau_over_e2: tuple[float, ...] = (0.1, 0.45493642311957, 2.0)
-    fs_sizes: tuple[int, ...] = (250, 1000, 4000, 16000, 64000)  # figure (d)
-    fs_seeds: int = 4
-    fs_max_steps: int = 200
-    front_betas: int = 161  # figure (e)
-    front_log10_max_steps: float = 5.3
-    front_steps: int = 300
-    median_samples: int = 200_001
-    dpi: int = 120
-
-    @classmethod
-    def quick(cls) -> Config:
-        return cls(
-            d=6,
-            traj_max_steps=500,
-            stall_betas=40,
-            mc_samples=40_000,
-            fs_sizes=(300, 3000, 30000),
-            fs_seeds=2,
-            fs_max_steps=60,
-            front_betas=41,
-            front_steps=120,
-            median_samples=20_001,
-            dpi=50,
-        )
-
-
-# --------------------------------------------------------------------------
-# Computations
-# --------------------------------------------------------------------------
-
-
-def make_setting(cfg: Config) -> theory.LinearSetting:
-    a = np.random.default_rng(cfg.seed).normal(size=(cfg.d, cfg.d))
-    sigma = np.eye(cfg.d) + a @ a.T / cfg.d
-    return theory.make_setting(
-        jax.random.key(cfg.seed), cfg.d, cfg.rho, cfg.e_norm, sigma
-    )
-
-
-def _steps_grid(max_steps: int, num: int = 220) -> np.ndarray:
-    grid = np.unique(np.round(np.logspace(0, np.log10(max_steps), num)).astype(int))
-    return np.concatenate([[0], grid[grid > 0]])
-
-
-def trajectories(s: theory.LinearSetting, cfg: Config) -> dict:
-    """Figure (a): err₁, err₂, err_tot along vanilla FT and FLOW at several τ."""
-    e2 = s.e_norm**2
-    steps = _steps_grid(cfg.traj_max_steps)
-    tau_med = theory.median_heuristic_tau(s.e_norm)
-    beta_med = theory.beta_from_tau(tau_med, s.rho, s.e_norm)
-    runs = {"vanilla (η=½)": theory.errors(s, theory.vanilla_trajectory(s, steps))}
-    betas = {"β=1 (τ=2‖e‖²)": 1.0, f"median τ (β={beta_med:.2f})": beta_med}
-    betas |= {"β=0.1": 0.1, "β=0.01": 0.01}
-    for label, beta in betas.items():
-        runs[label] = theory.errors(s, theory.flow_trajectory(s, beta, steps))
-    omegas = np.linspace(0, 1, 201)
-    ma = theory.errors(s, theory.model_average(s, omegas))
-    omega_star, ma_best = theory.best_model_average(s)
-    out = {"steps": steps, "runs": runs, "omegas": omegas, "ma": ma}
-    out["ma_best"] = {"omega": omega_star, "err_tot": ma_best / e2}
-    out["best"] = {
-        label: {
-            "err_tot": float(err.err_tot.min() / e2),
-            "K": int(steps[np.argmin(err.err_tot)]),
-            "tau_over_e2": (
-                None
-                if label.startswith("vanilla")
-                else float(theory.tau_from_beta(betas[label], s.rho, s.e_norm) / e2)
-            ),
-        }
-        for label, err in runs.items()
-    }
-    out["vanilla_limit"] = float(runs["vanilla (η=½)"].err_tot[-1] / e2)
-    return out
-
-
-def stall(s: theory.LinearSetting, cfg: Config) -> dict:
-    """Figure (b): λ₁ (and λ₂) against β and τ; steps to halve the stalled residual."""
-    betas = np.logspace(-4, 0, cfg.stall_betas)
-    by_rho = {r: theory.q_eigenvalues(betas, r) for r in (0.0, 0.5, 0.8, 0.95)}
-    lambda1, _ = theory.q_eigenvalues(betas, s.rho)
-    tau = theory.tau_from_beta(betas, s.rho, s.e_norm)
-    half_life = np.log(2) / -np.log(lambda1)
-    table = []
-    for b in (1.0, 0.1, 0.01, 0.001):
-        l1, l2 = theory.q_eigenvalues(b, s.rho)
-        table.append(
-            {
-                "beta": b,
-                "tau_over_e2": theory.tau_from_beta(b, s.rho, s.e_norm) / s.e_norm**2,
-                "lambda1": l1,
-                "lambda2": l2,
-                "steps_to_halve": math.log(2) / -math.log(l1),
-            }
-        )
-    return {
-        "betas": betas,
-        "by_rho": by_rho,
-        "tau": tau,
-        "half_life": half_life,
-        "table": table,
-    }
-
-
-def covariance_check(s: theory.LinearSetting, cfg: Config) -> dict:
-    """Figure (c): closed-form Σ′ (Theorem 7.2) against Monte-Carlo."""
-    iu = np.triu_indices(s.d)
-    rows = []
-    for i, ratio in enumerate(cfg.mc_tau_over_e2):
-        tau = ratio * s.e_norm**2
-        closed = theory.flow_covariance(s, tau)
-        mc = theory.flow_covariance_mc(s, tau, jax.random.key(100 + i), cfg.mc_samples)
-        z = (mc.mean - closed) / mc.stderr
-        rows.append(
-            {
-                "tau_over_e2": ratio,
-                "closed": closed[iu],
-                "mc": mc.mean[iu],
-                "stderr": mc.stderr[iu],
-                "z": z[iu],
-                "max_abs_z": float(np.max(np.abs(z[iu]))),
-                "max_abs_diff": float(np.max(np.abs(mc.mean - closed))),
-            }
-        )
-    return {"rows": rows, "num_samples": cfg.mc_samples}
-
-
-def finite_sample(s: theory.LinearSetting, cfg: Config) -> dict:
-    """Figure (d): FLOW on n samples via flowjax.flow_weights vs the population."""
-    e2 = s.e_norm**2
-    tau_med = theory.median_heuristic_tau(s.e_norm)
-    eta = 0.5 / theory.flow_mu(tau_med, s.e_norm)
-    steps = np.arange(cfg.fs_max_steps + 1)
-    population = theory.gd_trajectory(s, steps, tau=tau_med, eta=eta)
-    pop_err = theory.errors(s, population)
-    k_star = int(
-        np.argmin(pop_err.err_tot)
-    )  # early-stopping point of the population run
-    rows, curves = [], {}
-    for n in cfg.fs_sizes:
-        devs, taus, errs = [], [], []
-        for seed in range(cfg.fs_seeds):
-            key = jax.random.key(1000 * seed + n)
-            run = theory.finite_sample_flow(s, key, n, steps, eta=eta)
-            devs.append(np.max(np.linalg.norm(run.thetas - population, axis=1)))
-            taus.append(run.tau / e2)
-            errs.append(theory.errors(s, run.thetas))
-        curves[n] = errs[0]
-        rows.append(
-            {
-                "n": n,
-                "deviation_mean": float(np.mean(devs) / s.e_norm),
-                "deviation_sd": float(np.std(devs) / s.e_norm),
-                "tau_over_e2_mean": float(np.mean(taus)),
-                "tau_rel_err_mean": float(
-                    np.mean(np.abs(np.array(taus) * e2 / tau_med - 1))
-                ),
-                "err_tot_at_k_star_mean": float(
-                    np.mean([er.err_tot[k_star] for er in errs]) / e2
-                ),
-            }
-        )
-    logn = np.log([r["n"] for r in rows])
-    slope = float(np.polyfit(logn, np.log([r["deviation_mean"] for r in rows]), 1)[0])
-    return {
-        "steps": steps,
-        "population": pop_err,
-        "curves": curves,
-        "rows": rows,
-        "slope": slope,
-        "eta": eta,
-        "tau_med_over_e2": tau_med / e2,
-        "k_star": k_star,
-        "pop_err_tot_at_k_star": float(pop_err.err_tot[k_star] / e2),
-    }
-
-
-def pareto_front(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Lower-left Pareto front of points (x, y): minimise both."""
-    order = np.lexsort((y, x))
-    x, y = x[order], y[order]
-    keep = y < np.minimum.accumulate(np.concatenate([[np.inf], y[:-1]]))
-    return x[keep], y[keep]
-
-
-def fronts(s: theory.LinearSetting, cfg: Config) -> dict:
-    """Figure (e): err₁-err₂ fronts of FLOW (over τ and K) and model averaging (over ω)."""
-    e2 = s.e_norm**2
-    a = float(s.e @ s.sigma @ s.e)  # err₁(θ̃*) = eᵀΣe
-    steps = _steps_grid(int(10**cfg.front_log10_max_steps), cfg.front_steps)
-    betas = np.logspace(-4, 0, cfg.front_betas)
-    err1, err2 = [], []
-    for beta in betas:
-        err = theory.errors(s, theory.flow_trajectory(s, beta, steps))
-        err1.append(err.err1)
-        err2.append(err.err2)
-    err1, err2 = np.array(err1) / e2, np.array(err2) / e2  # [β, K]
-    fx, fy = pareto_front(err1.ravel(), err2.ravel())
-
-    # Model averaging: err₁ = (1-ω)² eᵀΣe, err₂ = ω²‖e‖², i.e. err₂(err₁) below.
-    omegas = np.linspace(0, 1, 401)
-    ma = theory.errors(s, theory.model_average(s, omegas))
-    ma1, ma2 = ma.err1 / e2, ma.err2 / e2
-
-    # FLOW's best err₂ at err₁ <= each MA point's err₁, minus MA's err₂.
-    flow_at = np.array([fy[fx <= x].min() if np.any(fx <= x) else np.inf for x in ma1])
-    gap = flow_at - ma2
-    interior = (omegas > 0.02) & (omegas < 0.98)
-    i_min = int(np.argmin(gap))
-    tot = err1 + err2
-    ib, ik = np.unravel_index(np.argmin(tot), tot.shape)
-    omega_star, ma_best = theory.best_model_average(s)
-    vanilla = theory.errors(s, theory.vanilla_trajectory(s, np.arange(0, 41)))
-    beta_med = theory.beta_from_tau(
-        theory.median_heuristic_tau(s.e_norm), s.rho, s.e_norm
-    )
-    med = theory.errors(s, theory.flow_trajectory(s, beta_med, np.arange(0, 41)))
-    return {
-        "err1": err1,
-        "err2": err2,
-        "betas": betas,
-        "front": (fx, fy),
-        "ma": (ma1, ma2),
-        "omegas": omegas,
-        "gap": gap,
-        "vanilla": (vanilla.err1 / e2, vanilla.err2 / e2),
-        "median_path": (med.err1 / e2, med.err2 / e2),
-        "summary": {
-            "num_flow_points": int(err1.size),
-            "max_gap": float(np.max(gap)),
-            "max_gap_omega": float(omegas[int(np.argmax(gap))]),
-            "min_gap": float(gap[i_min]),
-            "min_gap_omega": float(omegas[i_min]),
-            "min_gap_err1": float(ma1[i_min]),
-            "frac_below_1e-3": float(np.mean(gap[interior] < -1e-3)),
-            "frac_on_or_below_1e-3": float(np.mean(gap <= 1e-3)),
-            "flow_best_err_tot": float(tot[ib, ik]),
-            "flow_best_beta": float(betas[ib]),
-            "flow_best_tau_over_e2": float(
-                theory.tau_from_beta(betas[ib], s.rho, s.e_norm) / e2
-            ),
-            "flow_best_K": int(steps[ik]),
-            "ma_best_err_tot": ma_best / e2,
-            "ma_best_omega": omega_star,
-            "err1_ft_optimum": a / e2,
-        },
-    }
-
 
 # --------------------------------------------------------------------------
 # Figures
@@ -613,52 +360,90 @@ def _md_summary(summary: dict) -> str:
         f"- at τ_med: μ² = {st['mu2_median']:.4f}, β = {st['beta_median']:.4f}",
         "",
         "## (a) Trajectories: best err_tot over K",
-        "| run | τ/‖e‖² | best err_tot | at K |",
-        "|---|---|---|---|",
+        report.markdown_table(
+            ["run", "τ/‖e‖²", "best err_tot", "at K"],
+            [
+                *(
+                    [
+                        label,
+                        "—" if b["tau_over_e2"] is None else f"{b['tau_over_e2']:.4g}",
+                        f"{b['err_tot']:.4f}",
+                        b["K"],
+                    ]
+                    for label, b in sa["best"].items()
+                ),
+                [
+                    f"model averaging (Lemma F.4, ω* = {sa['ma_best']['omega']:.4f})",
+                    "—",
+                    f"{sa['ma_best']['err_tot']:.4f}",
+                    "—",
+                ],
+            ],
+        ),
     ]
-    for label, b in sa["best"].items():
-        tau = "—" if b["tau_over_e2"] is None else f"{b['tau_over_e2']:.4g}"
-        lines.append(f"| {label} | {tau} | {b['err_tot']:.4f} | {b['K']} |")
     lines += [
-        f"| model averaging (Lemma F.4, ω* = {sa['ma_best']['omega']:.4f}) | — | "
-        f"{sa['ma_best']['err_tot']:.4f} | — |",
         "",
         f"Vanilla FT converges to θ̃* with err_tot = eᵀΣe/‖e‖² = {sa['vanilla_limit']:.4f} (Eq. 13). "
         "With η = ½ its even iterates are model averages, θ̃* + ρ^K e (Eq. 12), so its best "
         "early-stopped err_tot is close to the best model average.",
         "",
         "## (b) Stall (ρ = {:.2f})".format(st["rho"]),
-        "| β | τ/‖e‖² | λ₁ | λ₂ | steps to halve |",
-        "|---|---|---|---|---|",
-    ]
-    for row in sb:
-        lines.append(
-            f"| {row['beta']:g} | {row['tau_over_e2']:.4g} | {row['lambda1']:.6f} | "
-            f"{row['lambda2']:.4f} | {row['steps_to_halve']:.1f} |"
-        )
-    lines += [
+        report.markdown_table(
+            ["β", "τ/‖e‖²", "λ₁", "λ₂", "steps to halve"],
+            [
+                [
+                    f"{row['beta']:g}",
+                    f"{row['tau_over_e2']:.4g}",
+                    f"{row['lambda1']:.6f}",
+                    f"{row['lambda2']:.4f}",
+                    f"{row['steps_to_halve']:.1f}",
+                ]
+                for row in sb
+            ],
+        ),
         "",
         f"## (c) Σ′ closed form vs Monte-Carlo (n = {sc['num_samples']:,})",
-        "| τ/‖e‖² | max abs(z) over d(d+1)/2 entries | max abs diff |",
-        "|---|---|---|",
-    ]
-    for row in sc["rows"]:
-        lines.append(
-            f"| {row['tau_over_e2']:.4g} | {row['max_abs_z']:.2f} | {row['max_abs_diff']:.2e} |"
-        )
-    lines += [
+        report.markdown_table(
+            ["τ/‖e‖²", "max abs(z) over d(d+1)/2 entries", "max abs diff"],
+            [
+                [
+                    f"{row['tau_over_e2']:.4g}",
+                    f"{row['max_abs_z']:.2f}",
+                    f"{row['max_abs_diff']:.2e}",
+                ]
+                for row in sc["rows"]
+            ],
+        ),
         "",
         f"## (d) Finite-sample FLOW via flowjax.flow_weights (η = {sd['eta']:.4f}, {sd['seeds']} seeds)",
-        f"| n | max_K deviation / ‖e‖ (mean ± sd) | τ̂/‖e‖² | err_tot at K* = {sd['k_star']} |",
-        "|---|---|---|---|",
-    ]
-    for row in sd["rows"]:
-        lines.append(
-            f"| {row['n']:,} | {row['deviation_mean']:.4f} ± {row['deviation_sd']:.4f} | "
-            f"{row['tau_over_e2_mean']:.4f} | {row['err_tot_at_k_star_mean']:.4f} |"
-        )
-    lines += [
-        f"| population | 0 | {sd['tau_med_over_e2']:.4f} | {sd['pop_err_tot_at_k_star']:.4f} |",
+        report.markdown_table(
+            [
+                "n",
+                "max_K deviation / ‖e‖ (mean ± sd over seeds)",
+                "τ̂/‖e‖²",
+                f"err_tot at K* = {sd['k_star']}",
+            ],
+            [
+                *(
+                    [
+                        f"{row['n']:,}",
+                        report.pm(
+                            {"mean": row["deviation_mean"], "std": row["deviation_sd"]},
+                            digits=4,
+                        ),
+                        f"{row['tau_over_e2_mean']:.4f}",
+                        f"{row['err_tot_at_k_star_mean']:.4f}",
+                    ]
+                    for row in sd["rows"]
+                ),
+                [
+                    "population",
+                    0,
+                    f"{sd['tau_med_over_e2']:.4f}",
+                    f"{sd['pop_err_tot_at_k_star']:.4f}",
+                ],
+            ],
+        ),
         "",
         "K* is the step with the smallest population err_tot (early stopping); the "
         "deviation is the largest distance to the population iterate over all K.",
@@ -681,23 +466,11 @@ def _md_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
-
-
 def run(cfg: Config, out: Path) -> dict:
     """Runs every part, writes the figures and summaries into ``out``, returns the summary."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    s = make_setting(cfg)
+    s = analysis.make_setting(cfg)
     e2 = s.e_norm**2
     tau_med = theory.median_heuristic_tau(s.e_norm)
     median_n = cfg.median_samples
@@ -718,23 +491,23 @@ def run(cfg: Config, out: Path) -> dict:
     }
 
     print("(a) trajectories", flush=True)
-    ra = trajectories(s, cfg)
+    ra = analysis.trajectories(s, cfg)
     plot_a(ra, e2, out / "fig_a_errors_vs_steps.png", cfg.dpi)
     print("(b) stall", flush=True)
-    rb = stall(s, cfg)
+    rb = analysis.stall(s, cfg)
     plot_b(rb, s, out / "fig_b_stall.png", cfg.dpi)
     print("(c) Σ′ vs Monte-Carlo", flush=True)
-    rc = covariance_check(s, cfg)
+    rc = analysis.covariance_check(s, cfg)
     plot_c(rc, out / "fig_c_covariance_mc.png", cfg.dpi)
     print("(d) finite-sample FLOW", flush=True)
-    rd = finite_sample(s, cfg)
+    rd = analysis.finite_sample(s, cfg)
     plot_d(rd, e2, out / "fig_d_finite_sample.png", cfg.dpi)
     print("(e) fronts", flush=True)
-    re = fronts(s, cfg)
+    re = analysis.fronts(s, cfg)
     plot_e(re, out / "fig_e_fronts.png", cfg.dpi)
 
     summary = {
-        "config": dataclasses.asdict(cfg),
+        "config": report.config_dict(cfg),
         "setting": setting,
         "a_trajectories": {
             "best": ra["best"],
@@ -761,11 +534,8 @@ def run(cfg: Config, out: Path) -> dict:
         "e_fronts": re["summary"],
     }
     summary["runtime_s"] = time.perf_counter() - t0
-    summary = _jsonable(summary)
-    (out / "summary.json").write_text(
-        json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
-    )
-    (out / "summary.md").write_text(_md_summary(summary))
+    summary = report.write_json(out / "summary.json", summary)
+    report.write_text(out / "summary.md", _md_summary(summary))
     print(f"wrote {out} in {summary['runtime_s']:.1f} s", flush=True)
     return summary
 
@@ -773,11 +543,15 @@ def run(cfg: Config, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/theory"))
-    parser.add_argument("--quick", action="store_true", help="reduced smoke-test sizes")
+    cli.add_config_args(parser, "reduced smoke-test sizes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    cfg = Config.quick() if args.quick else Config()
-    cfg = dataclasses.replace(cfg, seed=args.seed)
+    try:
+        cfg = cli.override(
+            get_config(quick=args.quick), [f"seed={args.seed}", *args.overrides]
+        )
+    except ValueError as e:
+        parser.error(str(e))
     return run(cfg, args.out)
 
 

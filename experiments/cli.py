@@ -1,0 +1,77 @@
+"""Command-line config handling shared by the experiment drivers: ``--quick`` and ``--set``.
+
+Every driver takes its config from its experiment's ``get_config(quick)`` and then applies
+``--set name=value`` assignments (values are Python literals: ``--set lora_rank=8``,
+``--set "lr_grid=(0.01, 0.1)"``; a nested dataclass field is ``--set pretrain.steps=50``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+from typing import Any
+
+
+def add_config_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """Adds ``--quick`` and ``--set NAME=VALUE`` (repeatable) to ``parser``."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override one config field (a Python literal); repeatable",
+    )
+
+
+def override(cfg: Any, assignments: list[str]) -> Any:
+    """``cfg`` (a frozen dataclass) with ``name=value`` assignments applied.
+
+    Values are parsed with :func:`ast.literal_eval`; lists become tuples (configs hold tuples).
+    ``a.b=value`` sets field ``b`` of the dataclass in field ``a``.
+
+    Raises:
+      ValueError: an assignment is not ``name=value``, names no field, or its value does not
+        parse.
+
+    Example:
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class C:
+      ...     seeds: int = 10
+      ...     grid: tuple = (1,)
+      >>> override(C(), ["seeds=2", "grid=[0.1, 1]"])
+      C(seeds=2, grid=(0.1, 1))
+    """
+    for a in assignments:
+        name, eq, text = a.partition("=")
+        if not eq:
+            raise ValueError(f"--set {a!r}: expected NAME=VALUE.")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(
+                f"--set {a!r}: cannot parse {text.strip()!r} ({e})."
+            ) from None
+        cfg = _set(cfg, name.strip().split("."), value, a)
+    return cfg
+
+
+def _set(cfg: Any, path: list[str], value: Any, assignment: str) -> Any:
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if path[0] not in fields:
+        raise ValueError(
+            f"--set {assignment!r}: {type(cfg).__name__} has no field {path[0]!r}; "
+            f"fields: {sorted(fields)}."
+        )
+    if len(path) > 1:
+        inner = getattr(cfg, path[0])
+        if not dataclasses.is_dataclass(inner):
+            raise ValueError(
+                f"--set {assignment!r}: {path[0]!r} is not a nested config."
+            )
+        value = _set(inner, path[1:], value, assignment)
+    elif isinstance(value, list):
+        value = tuple(value)
+    return dataclasses.replace(cfg, **{path[0]: value})

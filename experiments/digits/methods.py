@@ -1,0 +1,451 @@
+"""The methods of the digits experiment: how each one fits a model for digits 5-9.
+
+A method is a function ``fit(run, lr) -> model`` of a :class:`SeedRun` (one seed's
+pre-trained model, data and memoised fits) and a learning rate; :data:`METHODS` lists them
+in selection order with their descriptions. Every hyper-parameter a method uses comes from
+the run's :class:`~experiments.digits.config.Config` (``run.cfg``). Every call into the
+flowjax library that the experiment makes for a method is in this module (the data, the
+pre-pass and the evaluation plumbing are in :mod:`experiments.digits.protocol` and
+:mod:`experiments.digits.model`); the driver (:mod:`experiments.digits.run`) only selects
+learning rates, evaluates and reports. The recipes are described in the driver's docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import flowjax
+from experiments.digits import model as M
+from experiments.digits import protocol as P
+from experiments.digits.config import Config
+
+
+def optimizer(
+    trainable,
+    momentum: float,
+    weight_decay: float,
+    extra: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformation:
+    """PyTorch SGD direction (decay added to the gradient, then momentum), frozen where not trainable.
+
+    The caller multiplies the result by ``-lr``. ``flowjax.freeze`` gives
+    frozen parameters a zero update and no optimizer state. ``extra`` (an
+    L2-SP or EWC pull toward θ₀) comes FIRST in the chain, on the raw
+    gradients of every parameter, so the optimizer sees the regularised
+    gradient (frozen parameters still get a zero update).
+    """
+    body = flowjax.freeze(
+        optax.chain(
+            optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum)
+        ),
+        trainable,
+    )
+    return body if extra is None else optax.chain(extra, body)
+
+
+class SeedRun:
+    """Everything one seed needs: the pre-trained model, memoised fits, FLOW weights."""
+
+    def __init__(self, cfg: Config, tasks: P.Tasks, seed: int, lrs: dict[str, float]):
+        self.cfg, self.tasks, self.seed, self.lrs = cfg, tasks, seed, lrs
+        self._fits: dict[tuple[str, float | None], M.Net] = {}
+        self._memo: dict[str, object] = {}
+        self.key = jax.random.key(seed)
+        init = M.init(jax.random.fold_in(self.key, 0))
+        self.pretrained, _ = P.train(
+            init,
+            tasks.pretrain,
+            trainable=M.trainable(init, "all"),
+            lr=cfg.pretrain_lr,
+            epochs=cfg.pretrain_epochs,
+            schedule="cosine",
+            seed=seed,
+            optim=cfg.optim,
+            make_tx=optimizer,
+        )
+
+    # ---- building blocks for methods ------------------------------------
+
+    def new_head(self) -> M.Net:
+        """The pre-trained model with a fresh head for digits 5-9 (same init for every method)."""
+        return M.fresh_head(self.pretrained, jax.random.fold_in(self.key, 1))
+
+    def train(
+        self,
+        net: M.Net,
+        *,
+        lr: float,
+        trainable: str,
+        schedule: P.Schedule,
+        **hooks,
+    ) -> M.Net:
+        """One stage on the 5-9 train split, ``cfg.epochs`` epochs.
+
+        ``trainable`` is "all", "head" or "lora" (:func:`model.trainable`);
+        ``hooks`` go to :func:`experiments.digits.protocol.train` (weights,
+        objective, extra, reference).
+        """
+        out, _ = P.train(
+            net,
+            self.tasks.finetune,
+            trainable=M.trainable(net, trainable),
+            lr=lr,
+            epochs=self.cfg.epochs,
+            schedule=schedule,
+            seed=self.seed,
+            optim=self.cfg.optim,
+            make_tx=optimizer,
+            **hooks,
+        )
+        return out
+
+    def fit(self, name: str, lr: float | None) -> M.Net:
+        """Method ``name`` at learning rate ``lr`` (memoised per seed)."""
+        if (name, lr) not in self._fits:
+            self._fits[name, lr] = METHODS[name].fit(self, lr)
+        return self._fits[name, lr]
+
+    def lp(self) -> M.Net:
+        """The LP model at LP's selected learning rate."""
+        return self.fit("LP", self.lrs["LP"])
+
+    def lp_losses(self, split: str) -> flowjax.LossTable:
+        """The LP model's eval-mode per-example CE on a 5-9 split (one pre-pass)."""
+        if split not in self._memo:
+            self._memo[split] = P.example_losses(self.lp(), self.tasks.finetune, split)
+        return self._memo[split]
+
+    def flow_weights(self) -> flowjax.WeightTable:
+        """FLOW's weights: ``exp(-ℓ_i / τ)``, τ = median LP loss on the 5-9 train split."""
+        return self.lp_losses("train").flow_weights()
+
+    def fisher(self) -> dict:
+        """EWC's Fisher: empirical, diagonal, of the LP model on the 5-9 train split (see :func:`ewc`)."""
+        if "fisher" not in self._memo:
+            self._memo["fisher"] = P.fisher(self.lp(), self.tasks.finetune)
+        return self._memo["fisher"]
+
+    def hard_ids(self) -> np.ndarray:
+        """The ``hard_fraction`` of 5-9 test examples with the highest LP loss."""
+        table = self.lp_losses("test")
+        k = math.ceil(self.cfg.hard_fraction * len(table))
+        order = np.argsort(-table.losses, kind="stable")
+        return np.sort(table.ids[order[:k]])
+
+    def shared(self, net: M.Net) -> dict:
+        """True for every parameter with a pre-trained value (all but the new head)."""
+        return flowjax.trainable_mask(net.params, lambda path, _: M.HEAD not in path)
+
+    def wise(self, finetuned: M.Net, alpha: float) -> M.Net:
+        """WiSE-FT: ``alpha`` θ_pre + (1 − alpha) θ_ft (``flowjax.wise_ft``), the new head kept."""
+        state = flowjax.wise_ft(
+            M.state(self.pretrained),
+            M.state(finetuned),
+            alpha,
+            mask=wise_mask(finetuned),
+        )
+        return M.from_state(finetuned.graphdef, state)
+
+    def wise_curve(self, name: str) -> dict:
+        """The WiSE-FT sweep (``flowjax.wise_ft_sweep``) over ``cfg.wise_alphas`` of method ``name``'s model."""
+        key = f"wise:{name}"
+        if key not in self._memo:
+            ft, pre = self.tasks.finetune, self.tasks.pretrain
+            net = self.fit(name, self.lrs[name])
+
+            def metrics(state):
+                mixed = M.from_state(net.graphdef, state)
+                return {
+                    "target_acc": P.accuracy(mixed, ft, "test"),
+                    "pretrain_acc": P.pretraining_accuracy(mixed, self.pretrained, pre),
+                }
+
+            curve = flowjax.wise_ft_sweep(
+                M.state(self.pretrained),
+                M.state(net),
+                metrics,
+                self.cfg.wise_alphas,
+                mask=wise_mask(net),
+                progress=False,
+            )
+            self._memo[key] = {
+                "alpha": curve.alphas.tolist(),
+                **{k: v.tolist() for k, v in curve.metrics.items()},
+            }
+        return self._memo[key]
+
+
+def wise_mask(net: M.Net) -> dict:
+    """WiSE-FT's mask: everything is averaged (BatchNorm statistics too) but the new head."""
+    return {
+        "params": {k: k != M.HEAD for k in net.params},
+        "stats": True,
+    }
+
+
+# --------------------------------------------------------------------------
+# Methods: fit(run, lr) -> the model for digits 5-9
+# --------------------------------------------------------------------------
+
+
+def standard_ft(run: SeedRun, lr: float) -> M.Net:
+    return run.train(run.new_head(), lr=lr, trainable="all", schedule="cosine")
+
+
+def linear_probe(run: SeedRun, lr: float) -> M.Net:
+    return run.train(run.new_head(), lr=lr, trainable="head", schedule="constant")
+
+
+def lp_ft(run: SeedRun, lr: float) -> M.Net:
+    return run.train(run.lp(), lr=lr, trainable="all", schedule="cosine")
+
+
+def head_round(run: SeedRun, net: M.Net) -> M.Net:
+    """FLOW's round 2: head only, unweighted CE, constant LR (LP's)."""
+    return run.train(net, lr=run.lrs["LP"], trainable="head", schedule="constant")
+
+
+def flow(run: SeedRun, lr: float) -> M.Net:
+    net = run.train(
+        run.lp(), lr=lr, trainable="all", schedule="cosine", weights=run.flow_weights()
+    )
+    return head_round(run, net)
+
+
+def l2sp(run: SeedRun, lr: float) -> M.Net:
+    """FT plus L2-SP: ``g += λ (θ − θ₀)`` on every pre-trained parameter (not the new head)."""
+    net = run.new_head()
+    tx = flowjax.l2sp(None, run.cfg.l2sp_strength, mask=run.shared(net))
+    return run.train(net, lr=lr, trainable="all", schedule="cosine", extra=("l2sp", tx))
+
+
+def ewc(run: SeedRun, lr: float) -> M.Net:
+    """FT plus EWC: ``g += λ F̂ ⊙ (θ − θ₀)`` on every pre-trained parameter.
+
+    F is the empirical diagonal Fisher (``flowjax.diagonal_fisher``, true
+    labels) at θ₀ on the 5-9 TRAIN split: FLOW's setting has no pre-training
+    data, so the Fisher is measured on the fine-tuning inputs, through the LP
+    model (θ₀'s body and BatchNorm with the LP head: a head is needed for
+    labels 5-9). F̂ = F / mean(F) over the regularised entries, so the average
+    pull equals L2-SP's (same λ) and EWC only redistributes it by importance.
+    """
+    net = run.new_head()
+    mask = run.shared(net)
+    f = run.fisher()
+    kept = [
+        x for x, m in zip(jax.tree.leaves(f), jax.tree.leaves(mask), strict=True) if m
+    ]
+    mean = float(sum(np.sum(x) for x in kept) / sum(x.size for x in kept))
+    f_hat = jax.tree.map(lambda x: x / mean, f)
+    tx = flowjax.ewc(None, f_hat, run.cfg.ewc_strength, mask=mask)
+    return run.train(net, lr=lr, trainable="all", schedule="cosine", extra=("ewc", tx))
+
+
+def lora(run: SeedRun, lr: float) -> M.Net:
+    """LoRA (rank 4) on the dense layer, the new head trained fully, convolutions and BN frozen; merged."""
+    net = M.add_lora(run.new_head(), run.cfg.lora_rank, jax.random.fold_in(run.key, 2))
+    net = run.train(net, lr=lr, trainable="lora", schedule="cosine")
+    return M.merge_lora(net, run.pretrained)
+
+
+def flow_lora(run: SeedRun, lr: float) -> M.Net:
+    """FLOW with LoRA as round 1's trainable set (from LP, weighted), merged, then round 2."""
+    net = M.add_lora(run.lp(), run.cfg.lora_rank, jax.random.fold_in(run.key, 2))
+    net = run.train(
+        net, lr=lr, trainable="lora", schedule="cosine", weights=run.flow_weights()
+    )
+    return head_round(run, M.merge_lora(net, run.pretrained))
+
+
+def wise_ft(run: SeedRun, lr: None) -> M.Net:
+    del lr
+    return run.wise(run.fit("FT", run.lrs["FT"]), run.cfg.wise_alpha)
+
+
+def flow_wise_ft(run: SeedRun, lr: None) -> M.Net:
+    del lr
+    return run.wise(run.fit("FLOW", run.lrs["FLOW"]), run.cfg.wise_alpha)
+
+
+@functools.cache
+def lwf_objective(graphdef, strength: float, temperature: float) -> P.Objective:
+    """CE on the new head + λ · LwF distillation (``flowjax.lwf_loss`` at ``temperature``) on the old head.
+
+    ``reference = (old_head, teacher_params, teacher_stats)``. The student's
+    old-task logits are its own (train-mode) features through the FROZEN
+    pre-trained head, the head that the evaluation swaps back; the teacher is
+    the pre-trained model in eval mode on the same augmented images.
+    """
+
+    def objective(model, batch, reference):
+        old_head, t_params, t_stats = reference
+        feats = model.features(batch["image"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(
+            model.head(feats), batch["label"]
+        )
+        old = feats @ old_head["kernel"] + old_head["bias"][None, :]
+        teacher = M.merge(graphdef, t_params, t_stats, train=False)(batch["image"])
+        distill = flowjax.lwf_loss(old, teacher, temperature=temperature)
+        task = flowjax.weighted_loss(ce, batch["weight"], reduction="mean")
+        loss = task + strength * jnp.mean(distill)
+        return loss, {"loss": loss, "loss_unweighted": jnp.mean(ce)}
+
+    return objective
+
+
+def lwf(run: SeedRun, lr: float) -> M.Net:
+    pre = run.pretrained
+    return run.train(
+        run.new_head(),
+        lr=lr,
+        trainable="all",
+        schedule="cosine",
+        objective=lwf_objective(
+            pre.graphdef, run.cfg.lwf_strength, run.cfg.lwf_temperature
+        ),
+        reference=(pre.params[M.HEAD], pre.params, pre.stats),
+    )
+
+
+def dro_objective(model, batch, reference):
+    """KL-DRO (``flowjax.dro_loss``): the batch's CE tilted by ``exp(+ℓ_i / τ)``; ``reference = τ``."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        model(batch["image"]), batch["label"]
+    )
+    loss = flowjax.dro_loss(ce, reference)
+    return loss, {"loss": loss, "loss_unweighted": jnp.mean(ce)}
+
+
+def dro(run: SeedRun, lr: float) -> M.Net:
+    """FLOW's two rounds with the static easy-example weights replaced by dynamic KL-DRO (τ = FLOW's τ)."""
+    tau = np.float32(run.flow_weights().temperature)
+    net = run.train(
+        run.lp(),
+        lr=lr,
+        trainable="all",
+        schedule="cosine",
+        objective=dro_objective,
+        reference=tau,
+    )
+    return head_round(run, net)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A method: how to fit it, what to call it, what it depends on.
+
+    ``description`` is a format string over the config's fields (its settings, e.g.
+    ``"λ={l2sp_strength}"``): :meth:`describe` fills it in.
+    """
+
+    name: str
+    fit: Callable[[SeedRun, float | None], M.Net]
+    description: str
+    needs: tuple[str, ...] = ()  # methods whose selected LR / model it uses
+    lr_grid: tuple[float, ...] | None = None  # None: Config.lr_grid; (): no LR
+    marker: str = "o"
+
+    def describe(self, cfg: Config | Mapping) -> str:
+        """The one-line recipe with the settings of ``cfg`` (a config or its JSON record) filled in."""
+        fields = cfg if isinstance(cfg, Mapping) else dataclasses.asdict(cfg)
+        return self.description.format(**fields)
+
+    def grid(self, cfg: Config) -> tuple[float, ...]:
+        """The learning rates this method is selected over (``()``: it has no LR of its own)."""
+        return cfg.lr_grid if self.lr_grid is None else self.lr_grid
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        # Order = selection order: a method comes after the methods it needs.
+        Method("LP", linear_probe, "head only, body frozen, constant LR", marker="s"),
+        Method("FT", standard_ft, "fresh head, all params, cosine", marker="o"),
+        Method("LP-FT", lp_ft, "from LP, all params, cosine", ("LP",), marker="^"),
+        Method(
+            "L2-SP", l2sp, "FT + λ/2‖θ−θ₀‖² on the body, λ={l2sp_strength}", marker="v"
+        ),
+        Method(
+            "EWC",
+            ewc,
+            "FT + λ/2 Σ F̂(θ−θ₀)², λ={ewc_strength}, empirical Fisher on 5-9",
+            ("LP",),
+            marker="<",
+        ),
+        Method(
+            "LoRA",
+            lora,
+            "rank-{lora_rank} LoRA on fc + new head, rest frozen, merged",
+            marker="D",
+        ),
+        Method(
+            "WiSE-FT",
+            wise_ft,
+            "FT averaged with θ₀, α={wise_alpha} on θ₀ (head kept)",
+            ("FT",),
+            lr_grid=(),
+            marker="P",
+        ),
+        Method(
+            "LwF",
+            lwf,
+            "FT + {lwf_strength}·LwF (T={lwf_temperature}) via the old head",
+            marker="h",
+        ),
+        Method(
+            "DRO",
+            dro,
+            "FLOW's rounds with dynamic KL-DRO (τ = FLOW's τ)",
+            ("LP",),
+            marker="x",
+        ),
+        Method(
+            "FLOW",
+            flow,
+            "from LP, weighted all params (cosine), then head (constant)",
+            ("LP",),
+            marker="*",
+        ),
+        Method(
+            "FLOW + LoRA",
+            flow_lora,
+            "FLOW with LoRA (fc) + head as round 1's trainable set",
+            ("LP",),
+            marker="d",
+        ),
+        Method(
+            "FLOW + WiSE-FT",
+            flow_wise_ft,
+            "FLOW averaged with θ₀, α={wise_alpha}",
+            ("FLOW",),
+            lr_grid=(),
+            marker="X",
+        ),
+    )
+}
+
+
+def ordered(names) -> list[str]:
+    """``names`` and the methods they need, in :data:`METHODS` (selection) order.
+
+    Raises:
+      ValueError: a name is not a method.
+    """
+    unknown = set(names) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}.")
+    need, todo = set(), list(names)
+    while todo:
+        n = todo.pop()
+        if n not in need:
+            need.add(n)
+            todo.extend(METHODS[n].needs)
+    return [n for n in METHODS if n in need]

@@ -1,0 +1,84 @@
+"""Every hyper-parameter of the LM experiment, as plain data (``results.json`` records it).
+
+``get_config()`` is the measured run (``make lm``); ``get_config(quick=True)`` the smoke-test
+variant (``--quick``: a 1-layer model, 30 pre-training and 12 fine-tuning steps, 256 training
+problems). Fields can be changed from the command line, nested ones with a dot:
+``python -m experiments.lm.run --set lora_rank=4 --set pretrain.steps=200``.
+
+The pre-trained model depends on :class:`PretrainConfig` alone: its fields are hashed into the
+pre-training cache's fingerprint (:mod:`experiments.lm.pretrain`), so changing a fine-tuning
+field never re-runs pre-training. The methods' settings (LoRA rank and targets, the L2-SP
+strength) were fixed in advance, not tuned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from experiments.lm.model import LORA_TARGETS, LMConfig
+
+ALL_METHODS = (
+    "standard",
+    "flow_seq",
+    "flow_seq_mean1",
+    "flow_tok",
+    "lora",
+    "flow_lora",
+    "l2sp",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Next-byte pre-training on pydoc text (AdamW, 5 % warm-up, cosine to lr / 10, clip 1)."""
+
+    model: LMConfig = dataclasses.field(default_factory=lambda: LMConfig(d_ff=256))
+    steps: int = 400
+    batch: int = 32
+    lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole experiment: pre-training, the FLOW pre-pass, fine-tuning, evaluation."""
+
+    pretrain: PretrainConfig = PretrainConfig()
+    # Fine-tuning (Adam, warm-up + cosine, grad-norm clip; the same for every method).
+    ft_steps: int = 400
+    ft_batch: int = 16
+    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    warmup_frac: float = 0.03  # the official 3 % warm-up
+    clip_norm: float = 1.0
+    # Methods and their settings.
+    methods: tuple[str, ...] = ALL_METHODS
+    lora_rank: int = 8  # α = r (scale 1), as in the paper
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    l2sp_strength: float = 0.1
+    # FLOW pre-pass.
+    prepass_batch: int = 256
+    # Evaluation.
+    ppl_windows: int | None = 512  # None: every held-out window
+    max_new_tokens: int = 20  # greedy decoding budget for exact match
+    n_train: int | None = None  # None: all 2,200 training problems
+    n_eval: int | None = None  # None: all validation / test problems
+
+
+def get_config(quick: bool = False) -> Config:
+    """The measured config, or with ``quick`` the smoke-test one."""
+    if not quick:
+        return Config()
+    return Config(
+        pretrain=PretrainConfig(
+            model=LMConfig(d_model=32, num_heads=2, num_layers=1, d_ff=64), steps=30
+        ),
+        ft_steps=12,
+        ft_batch=16,
+        lr_grid=(3e-3,),
+        seeds=(0, 1),
+        lora_rank=2,
+        ppl_windows=32,
+        n_train=256,
+        n_eval=64,
+    )

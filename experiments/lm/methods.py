@@ -1,0 +1,218 @@
+"""The methods of the LM experiment: the FLOW pre-pass, the weights, the losses, the fine-tunes.
+
+:data:`METHODS` defines each method by what it changes from standard fine-tuning: which
+per-example (or per-token) weights multiply the loss, whether LoRA replaces full
+fine-tuning, whether L2-SP is chained before Adam. Their settings (LoRA rank and targets,
+L2-SP strength, the optimizer) come from :class:`~experiments.lm.config.Config`. Every call
+into the flowjax library that the experiment makes is in this module (the evaluation's
+``token_nll`` in :mod:`experiments.lm.train` aside); the driver
+(:mod:`experiments.lm.run`) selects learning rates, evaluates and reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+import flowjax
+from experiments.lm import data as lm_data
+from experiments.lm import train as lm_train
+from experiments.lm.config import Config
+from experiments.lm.model import EOS, PAD, make_logits_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A fine-tuning method as a difference from standard fine-tuning.
+
+    ``weights`` names the FLOW weights of :func:`flow_weights` that multiply each
+    example's (``"sequence"``, ``"sequence_mean1"``) or each token's (``"token"``) loss; None
+    is weight 1. ``lora``: train rank-``cfg.lora_rank`` adapters on ``cfg.lora_targets``
+    instead of every parameter. ``l2sp``: chain ``flowjax.l2sp(cfg.l2sp_strength)`` first.
+    """
+
+    name: str
+    weights: str | None = None
+    lora: bool = False
+    l2sp: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "standard": Method("Standard FT"),
+    "flow_seq": Method("FLOW (sequence)", weights="sequence"),
+    "flow_seq_mean1": Method(
+        "FLOW (sequence, mean-1 weights)", weights="sequence_mean1"
+    ),
+    "flow_tok": Method("FLOW (token)", weights="token"),
+    "lora": Method("LoRA", lora=True),
+    "flow_lora": Method("FLOW + LoRA", weights="sequence", lora=True),
+    "l2sp": Method("L2-SP", l2sp=True),
+}
+
+
+def check_methods(names) -> list[str]:
+    """``names`` as a list, after checking that each is a method.
+
+    Raises:
+      ValueError: an unknown name (the unknown ones and the known ones are listed).
+    """
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}.")
+    return list(names)
+
+
+def next_token_loss(logits, tokens, mask):
+    """Pre-training loss: mean next-token NLL over the positions of ``mask``."""
+    nll, m = flowjax.token_nll(logits, tokens, mask)
+    return flowjax.weighted_lm_loss(nll, m)
+
+
+def sft_loss(logits, tokens, mask, weights, *, level: str):
+    """Fine-tuning loss: :func:`flowjax.weighted_lm_loss` with the official normaliser.
+
+    ``normalizer="tokens"``: the weighted token sum over the unweighted number of target
+    tokens; ``weights`` is ``[B]`` for ``level="sequence"`` (all ones: plain SFT) or
+    ``[B, T-1]`` for ``"token"``.
+    """
+    nll, m = flowjax.token_nll(logits, tokens, mask)
+    return flowjax.weighted_lm_loss(nll, m, weights, level=level, normalizer="tokens")
+
+
+def flow_weights(params, graphdef, train: dict, cfg: Config) -> dict:
+    """Sequence and token FLOW weights of the training rows, from the library pre-pass."""
+    logits_fn = make_logits_fn(graphdef)
+    examples = lm_data.examples(train)
+    kw = {
+        "bucket_lengths": [lm_data.SEQ_LEN],
+        "batch_size": cfg.prepass_batch,
+        "pad_id": PAD,
+    }
+    seq_table = flowjax.lm_sequence_losses(
+        logits_fn, (params,), examples, progress=False, **kw
+    )
+    seq_w = seq_table.flow_weights()  # τ_seq = median
+    seq_w1 = seq_table.flow_weights(normalize="mean")  # same, rescaled to mean 1
+    tok = flowjax.lm_token_losses(logits_fn, (params,), examples, **kw)
+    tok_w, tau_tok = flowjax.token_flow_weights(tok.losses, tok.mask)
+    rows = np.searchsorted(tok.ids, train["id"])
+    if not np.array_equal(tok.ids[rows], train["id"]) or not np.array_equal(
+        tok.mask[rows], train["mask"][:, 1:]
+    ):
+        raise AssertionError("token pre-pass rows do not line up with the training set")
+    tokens = train["tokens"][rows][:, 1:][tok.mask[rows]]  # the target tokens
+    kind = np.where(
+        (tokens >= ord("0")) & (tokens <= ord("9")),
+        "digit",
+        np.where(tokens == EOS, "EOS", np.where(tokens == ord("."), "'.'", "scaffold")),
+    )
+    return {
+        "sequence": seq_w.lookup(train["id"]).astype(np.float32),
+        "sequence_mean1": seq_w1.lookup(train["id"]).astype(np.float32),
+        "token": tok_w[rows].astype(np.float32),
+        "tau_seq": seq_w.temperature,
+        "tau_tok": float(tau_tok),
+        "seq_losses": seq_table.lookup(train["id"]),
+        "tok_losses": tok.losses[rows][tok.mask[rows]],
+        "tok_weights": tok_w[rows][tok.mask[rows]],
+        "tok_kind": kind,
+    }
+
+
+class FineTuner:
+    """Runs every method of :data:`METHODS`; compiles one step per (structure, level, regulariser)."""
+
+    def __init__(self, params, graphdef, task, weights, cfg: Config, progress: bool):
+        self.params, self.graphdef, self.task = params, graphdef, task
+        self.weights, self.cfg, self.progress = weights, cfg, progress
+        self.steps: dict[str, object] = {}
+        self.evaluators: dict[str, lm_train.Evaluator] = {}
+
+    def _model(self, method: str, seed: int):
+        base = nnx.merge(self.graphdef, self.params)
+        if METHODS[method].lora:
+            model = flowjax.add_lora(
+                base,
+                self.cfg.lora_rank,
+                rngs=nnx.Rngs(seed),
+                select=self.cfg.lora_targets,
+            )
+            return "lora", nnx.split(model, nnx.LoRAParam, ...)
+        return "full", nnx.split(base, nnx.Param, ...)
+
+    def _weights(self, method: str, rows: np.ndarray) -> np.ndarray:
+        which = METHODS[method].weights
+        if which is None:
+            return np.ones(len(rows), np.float32)
+        return self.weights[which][rows]
+
+    def state(self, method: str, seed: int):
+        """``(kind, (trainable, frozen))`` of the method's model before fine-tuning."""
+        kind, (graphdef, trainable, frozen) = self._model(method, seed)
+        if kind not in self.evaluators:
+            self.evaluators[kind] = lm_train.Evaluator(
+                graphdef, max_new=self.cfg.max_new_tokens
+            )
+        return kind, (trainable, frozen)
+
+    def run(self, method: str, lr: float, seed: int):
+        """Fine-tunes and returns ``(kind, state)``; ``state`` = ``(trainable, frozen)``."""
+        cfg, train = self.cfg, self.task["train"]
+        kind, (graphdef, trainable, frozen) = self._model(method, seed)
+        level = "token" if METHODS[method].weights == "token" else "sequence"
+        l2sp = cfg.l2sp_strength if METHODS[method].l2sp else None
+        key = f"{kind}/{level}/{l2sp}"
+        tx = lm_train.make_tx(
+            cfg.ft_steps,
+            regularizer=None if l2sp is None else flowjax.l2sp(None, l2sp),
+            warmup_frac=cfg.warmup_frac,
+            clip_norm=cfg.clip_norm,
+        )
+        if key not in self.steps:
+            self.steps[key] = lm_train.make_train_step(
+                graphdef, tx, functools.partial(sft_loss, level=level)
+            )
+        if kind not in self.evaluators:
+            self.evaluators[kind] = lm_train.Evaluator(
+                graphdef, max_new=cfg.max_new_tokens
+            )
+        step, opt_state = self.steps[key], tx.init(trainable)
+        rng = np.random.default_rng(seed)
+        n, b = len(train["id"]), cfg.ft_batch
+        order = np.array([], np.int64)
+        bar = tqdm(
+            range(cfg.ft_steps),
+            desc=f"{method} lr={lr:g} seed={seed}",
+            leave=False,
+            disable=not self.progress,
+        )
+        for _ in bar:
+            if len(order) < b:
+                order = np.concatenate([order, rng.permutation(n)])
+            rows, order = order[:b], order[b:]
+            trainable, opt_state, loss = step(
+                trainable,
+                frozen,
+                opt_state,
+                jnp.float32(lr),
+                train["tokens"][rows],
+                train["mask"][rows],
+                self._weights(method, rows),
+            )
+        loss = float(loss)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"{method} lr={lr} seed={seed}: loss {loss}")
+        return kind, (trainable, frozen)
+
+    def evaluate(self, kind, state, split: str, windows=None) -> dict:
+        ev = self.evaluators[kind]
+        em = ev.exact_match(state, self.task[split])
+        out = {"exact_match": em["answer"], "exact_response": em["response"]}
+        if windows is not None:
+            out["perplexity"] = ev.perplexity(state, windows)
+        return out
