@@ -31,7 +31,7 @@ Steps: the pre-pass on the restored (frozen) model
 (:func:`flowjax.lm_sequence_losses`, sharded over ``'data'``, or
 :func:`flowjax.lm_token_losses` for ``--level token``); FLOW weights with τ =
 median; fine-tuning on :func:`flowjax.weighted_lm_loss` (official
-``normalizer="tokens"``) with AdamW (no decay), 3 % warm-up + cosine, clip 1;
+``reduction="tokens"``) with AdamW (no decay), 3 % warm-up + cosine, clip 1;
 full fine-tuning or LoRA (``--lora_rank``, :func:`flowjax.add_lora` on the
 ``--lora_targets`` layers). ``--chunked_ce C`` computes the NLL with
 :func:`flowjax.chunked_token_nll` from ``model.hidden(tokens)`` and the
@@ -246,11 +246,11 @@ def prepass(
             {"ids": table.ids, "losses": table.losses},
             w.temperature,
         )
-    w, tau = flowjax.token_flow_weights(tl.losses, tl.mask)
+    w = tl.flow_weights()
     return (
-        {"ids": tl.ids, "weights": w},
+        {"ids": w.ids, "weights": w.weights},
         {"ids": tl.ids, "losses": tl.losses, "mask": tl.mask},
-        tau,
+        w.temperature,
     )
 
 
@@ -314,7 +314,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         def loss_fn(tr):
             nll, m = nll_fn((tr, frozen), tokens, mask)
             return flowjax.weighted_lm_loss(
-                nll, m, w, level=args.level, normalizer="tokens"
+                nll, m, w, level=args.level, reduction="tokens"
             )
 
         loss, grads = jax.value_and_grad(loss_fn)(trainable)

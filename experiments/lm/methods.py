@@ -76,12 +76,12 @@ def next_token_loss(logits, tokens, mask):
 def sft_loss(logits, tokens, mask, weights, *, level: str):
     """Fine-tuning loss: :func:`flowjax.weighted_lm_loss` with the official normaliser.
 
-    ``normalizer="tokens"``: the weighted token sum over the unweighted number of target
+    ``reduction="tokens"``: the weighted token sum over the unweighted number of target
     tokens; ``weights`` is ``[B]`` for ``level="sequence"`` (all ones: plain SFT) or
     ``[B, T-1]`` for ``"token"``.
     """
     nll, m = flowjax.token_nll(logits, tokens, mask)
-    return flowjax.weighted_lm_loss(nll, m, weights, level=level, normalizer="tokens")
+    return flowjax.weighted_lm_loss(nll, m, weights, level=level, reduction="tokens")
 
 
 def flow_weights(params, graphdef, train: dict, cfg: Config) -> dict:
@@ -99,7 +99,8 @@ def flow_weights(params, graphdef, train: dict, cfg: Config) -> dict:
     seq_w = seq_table.flow_weights()  # τ_seq = median
     seq_w1 = seq_table.flow_weights(normalize="mean")  # same, rescaled to mean 1
     tok = flowjax.lm_token_losses(logits_fn, (params,), examples, **kw)
-    tok_w, tau_tok = flowjax.token_flow_weights(tok.losses, tok.mask)
+    tok_table = tok.flow_weights()  # τ_tok = median over every target token
+    tok_w, tau_tok = tok_table.weights, tok_table.temperature
     rows = np.searchsorted(tok.ids, train["id"])
     if not np.array_equal(tok.ids[rows], train["id"]) or not np.array_equal(
         tok.mask[rows], train["mask"][:, 1:]

@@ -102,7 +102,7 @@ What it does:
    NLL, EOS included) and :func:`flowjax.lm_token_losses`; τ = median,
    ``w = exp(-loss / τ)``.
 3. **Fine-tuning** with :func:`flowjax.weighted_lm_loss`
-   (``normalizer="tokens"``, the official normalisation), Adam, 3 % warm-up +
+   (``reduction="tokens"``, the official normalisation), Adam, 3 % warm-up +
    cosine, grad-norm clip 1, batch 16, 400 steps. Methods: standard FT
    (weights 1), FLOW (sequence), FLOW (sequence, mean-1 weights) (the FLOW
    sequence weights divided by their training-set mean,
