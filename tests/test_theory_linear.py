@@ -77,7 +77,7 @@ def test_setting_geometry(setting):
 def test_float64_without_touching_the_global_flag(setting):
     before = jax.config.jax_enable_x64
     c = theory.flow_covariance(setting, 0.4)
-    traj = theory.gd_trajectory(setting, [0, 5], tau=0.4, method="iterate")
+    traj = theory.gd_trajectory(setting, [0, 5], temperature=0.4, method="iterate")
     assert jax.config.jax_enable_x64 == before
     assert jax.numpy.ones(1).dtype == (np.float64 if before else np.float32)
     assert c.dtype == np.float64 and traj.dtype == np.float64
@@ -210,7 +210,7 @@ def test_flow_trajectory_eq14_equals_iterated_gd(setting, beta):
     )
     for method in ("closed_form", "iterate"):
         np.testing.assert_allclose(
-            theory.gd_trajectory(setting, steps, tau=tau, method=method),
+            theory.gd_trajectory(setting, steps, temperature=tau, method=method),
             reference,
             atol=1e-10,
             rtol=0,
@@ -312,7 +312,7 @@ def test_rho_zero_reduces_flow_to_model_averaging():
         )
         # The iterated GD on Σ′ says the same (no ê⊥ component ever appears).
         tau = theory.tau_from_beta(beta, 0.0, E_NORM)
-        gd = theory.gd_trajectory(s, steps, tau=tau, method="iterate")
+        gd = theory.gd_trajectory(s, steps, temperature=tau, method="iterate")
         np.testing.assert_allclose(
             gd, theory.model_average(s, lambda1**steps), atol=1e-12
         )
@@ -387,7 +387,7 @@ def test_finite_sample_flow_is_gd_on_the_weighted_covariance(setting):
     assert run.weights.shape == (n,)
     np.testing.assert_allclose(np.median(run.weights), np.exp(-1), rtol=1e-14)
     assert np.all((run.weights > 0) & (run.weights <= 1))
-    np.testing.assert_allclose(run.eta, 0.5 / theory.flow_mu(run.tau, E_NORM))
+    np.testing.assert_allclose(run.eta, 0.5 / theory.flow_mu(run.temperature, E_NORM))
     # The library's weighted objective Σ wᵢ(ỹᵢ − θᵀx̃ᵢ)²/n is (θ − θ̃*)ᵀΣ̂′(θ − θ̃*):
     # its GD equals numpy GD on the returned weighted covariance.
     reference = _numpy_gd(
@@ -401,7 +401,7 @@ def test_finite_sample_flow_converges_to_population():
     tau = theory.median_heuristic_tau(1.0)
     eta = 0.5 / theory.flow_mu(tau, 1.0)
     steps = np.arange(0, 61, 3)
-    population = theory.gd_trajectory(s, steps, tau=tau)
+    population = theory.gd_trajectory(s, steps, temperature=tau)
 
     def deviation(n):
         devs = []
@@ -439,10 +439,10 @@ BAD_CALLS = [
         lambda s: theory.make_setting(_KEY, 3, 0.5, 1.0, np.full((3, 3), np.nan)),
         "finite",
     ),
-    (lambda s: theory.flow_covariance(s, 0.0), "tau must be > 0"),
-    (lambda s: theory.flow_covariance(s, -1.0), "tau must be > 0"),
+    (lambda s: theory.flow_covariance(s, 0.0), "temperature must be > 0"),
+    (lambda s: theory.flow_covariance(s, -1.0), "temperature must be > 0"),
     (lambda s: theory.flow_covariance(s, float("inf")), "finite"),
-    (lambda s: theory.flow_mu(np.array([1.0, -1.0]), 1.0), "tau must be > 0"),
+    (lambda s: theory.flow_mu(np.array([1.0, -1.0]), 1.0), "temperature must be > 0"),
     (lambda s: theory.q_eigenvalues(0.0, 0.5), "beta must lie"),
     (lambda s: theory.q_eigenvalues(1.5, 0.5), "beta must lie"),
     (lambda s: theory.flow_trajectory(s, 1.01, [1]), "beta must lie"),
@@ -469,6 +469,10 @@ BAD_CALLS = [
     (
         lambda s: theory.finite_sample_flow(s, _KEY, 10, [1], temperature=0.0),
         "temperature",
+    ),
+    (  # None is the median, as in flowjax.flow_weights; the string is refused
+        lambda s: theory.finite_sample_flow(s, _KEY, 10, [1], temperature="median"),
+        "temperature must be None",
     ),
     (lambda s: theory.median_heuristic_tau(-1.0), "e_norm"),
 ]

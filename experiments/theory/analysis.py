@@ -51,7 +51,7 @@ def trajectories(s: theory.LinearSetting, cfg: Config) -> dict:
         label: {
             "err_tot": float(err.err_tot.min() / e2),
             "K": int(steps[np.argmin(err.err_tot)]),
-            "tau_over_e2": (
+            "temperature_over_e2": (
                 None
                 if label.startswith("vanilla")
                 else float(theory.tau_from_beta(betas[label], s.rho, s.e_norm) / e2)
@@ -76,7 +76,9 @@ def stall(s: theory.LinearSetting, cfg: Config) -> dict:
         table.append(
             {
                 "beta": b,
-                "tau_over_e2": theory.tau_from_beta(b, s.rho, s.e_norm) / s.e_norm**2,
+                "temperature_over_e2": (
+                    theory.tau_from_beta(b, s.rho, s.e_norm) / s.e_norm**2
+                ),
                 "lambda1": l1,
                 "lambda2": l2,
                 "steps_to_halve": math.log(2) / -math.log(l1),
@@ -85,7 +87,7 @@ def stall(s: theory.LinearSetting, cfg: Config) -> dict:
     return {
         "betas": betas,
         "by_rho": by_rho,
-        "tau": tau,
+        "temperature": tau,
         "half_life": half_life,
         "table": table,
     }
@@ -95,14 +97,14 @@ def covariance_check(s: theory.LinearSetting, cfg: Config) -> dict:
     """Figure (c): closed-form Σ′ (Theorem 7.2) against Monte-Carlo."""
     iu = np.triu_indices(s.d)
     rows = []
-    for i, ratio in enumerate(cfg.mc_tau_over_e2):
+    for i, ratio in enumerate(cfg.mc_temperature_over_e2):
         tau = ratio * s.e_norm**2
         closed = theory.flow_covariance(s, tau)
         mc = theory.flow_covariance_mc(s, tau, jax.random.key(100 + i), cfg.mc_samples)
         z = (mc.mean - closed) / mc.stderr
         rows.append(
             {
-                "tau_over_e2": ratio,
+                "temperature_over_e2": ratio,
                 "closed": closed[iu],
                 "mc": mc.mean[iu],
                 "stderr": mc.stderr[iu],
@@ -120,7 +122,7 @@ def finite_sample(s: theory.LinearSetting, cfg: Config) -> dict:
     tau_med = theory.median_heuristic_tau(s.e_norm)
     eta = 0.5 / theory.flow_mu(tau_med, s.e_norm)
     steps = np.arange(cfg.fs_max_steps + 1)
-    population = theory.gd_trajectory(s, steps, tau=tau_med, eta=eta)
+    population = theory.gd_trajectory(s, steps, temperature=tau_med, eta=eta)
     pop_err = theory.errors(s, population)
     k_star = int(
         np.argmin(pop_err.err_tot)
@@ -132,7 +134,7 @@ def finite_sample(s: theory.LinearSetting, cfg: Config) -> dict:
             key = jax.random.key(1000 * seed + n)
             run = theory.finite_sample_flow(s, key, n, steps, eta=eta)
             devs.append(np.max(np.linalg.norm(run.thetas - population, axis=1)))
-            taus.append(run.tau / e2)
+            taus.append(run.temperature / e2)
             errs.append(theory.errors(s, run.thetas))
         curves[n] = errs[0]
         dev = report.mean_std(devs)  # over seeds; sample std (ddof 1)
@@ -141,8 +143,8 @@ def finite_sample(s: theory.LinearSetting, cfg: Config) -> dict:
                 "n": n,
                 "deviation_mean": dev["mean"] / s.e_norm,
                 "deviation_sd": dev["std"] / s.e_norm,
-                "tau_over_e2_mean": float(np.mean(taus)),
-                "tau_rel_err_mean": float(
+                "temperature_over_e2_mean": float(np.mean(taus)),
+                "temperature_rel_err_mean": float(
                     np.mean(np.abs(np.array(taus) * e2 / tau_med - 1))
                 ),
                 "err_tot_at_k_star_mean": float(
@@ -159,7 +161,7 @@ def finite_sample(s: theory.LinearSetting, cfg: Config) -> dict:
         "rows": rows,
         "slope": slope,
         "eta": eta,
-        "tau_med_over_e2": tau_med / e2,
+        "median_temperature_over_e2": tau_med / e2,
         "k_star": k_star,
         "pop_err_tot_at_k_star": float(pop_err.err_tot[k_star] / e2),
     }
@@ -226,7 +228,7 @@ def fronts(s: theory.LinearSetting, cfg: Config) -> dict:
             "frac_on_or_below_1e-3": float(np.mean(gap <= 1e-3)),
             "flow_best_err_tot": float(tot[ib, ik]),
             "flow_best_beta": float(betas[ib]),
-            "flow_best_tau_over_e2": float(
+            "flow_best_temperature_over_e2": float(
                 theory.tau_from_beta(betas[ib], s.rho, s.e_norm) / e2
             ),
             "flow_best_K": int(steps[ik]),
