@@ -35,8 +35,8 @@ def trajectories(s: theory.LinearSetting, cfg: Config) -> dict:
     """Figure (a): err₁, err₂, err_tot along vanilla FT and FLOW at several τ."""
     e2 = s.e_norm**2
     steps = _steps_grid(cfg.traj_max_steps)
-    tau_med = theory.median_heuristic_tau(s.e_norm)
-    beta_med = theory.beta_from_tau(tau_med, s.rho, s.e_norm)
+    tau_med = theory.median_heuristic_temperature(s.e_norm)
+    beta_med = theory.beta_from_temperature(tau_med, s.rho, s.e_norm)
     runs = {"vanilla (η=½)": theory.errors(s, theory.vanilla_trajectory(s, steps))}
     betas = {"β=1 (τ=2‖e‖²)": 1.0, f"median τ (β={beta_med:.2f})": beta_med}
     betas |= {"β=0.1": 0.1, "β=0.01": 0.01}
@@ -54,7 +54,9 @@ def trajectories(s: theory.LinearSetting, cfg: Config) -> dict:
             "temperature_over_e2": (
                 None
                 if label.startswith("vanilla")
-                else float(theory.tau_from_beta(betas[label], s.rho, s.e_norm) / e2)
+                else float(
+                    theory.temperature_from_beta(betas[label], s.rho, s.e_norm) / e2
+                )
             ),
         }
         for label, err in runs.items()
@@ -68,7 +70,7 @@ def stall(s: theory.LinearSetting, cfg: Config) -> dict:
     betas = np.logspace(-4, 0, cfg.stall_betas)
     by_rho = {r: theory.q_eigenvalues(betas, r) for r in (0.0, 0.5, 0.8, 0.95)}
     lambda1, _ = theory.q_eigenvalues(betas, s.rho)
-    tau = theory.tau_from_beta(betas, s.rho, s.e_norm)
+    tau = theory.temperature_from_beta(betas, s.rho, s.e_norm)
     half_life = np.log(2) / -np.log(lambda1)
     table = []
     for b in (1.0, 0.1, 0.01, 0.001):
@@ -77,7 +79,7 @@ def stall(s: theory.LinearSetting, cfg: Config) -> dict:
             {
                 "beta": b,
                 "temperature_over_e2": (
-                    theory.tau_from_beta(b, s.rho, s.e_norm) / s.e_norm**2
+                    theory.temperature_from_beta(b, s.rho, s.e_norm) / s.e_norm**2
                 ),
                 "lambda1": l1,
                 "lambda2": l2,
@@ -119,7 +121,7 @@ def covariance_check(s: theory.LinearSetting, cfg: Config) -> dict:
 def finite_sample(s: theory.LinearSetting, cfg: Config) -> dict:
     """Figure (d): FLOW on n samples via flowjax.flow_weights vs the population."""
     e2 = s.e_norm**2
-    tau_med = theory.median_heuristic_tau(s.e_norm)
+    tau_med = theory.median_heuristic_temperature(s.e_norm)
     eta = 0.5 / theory.flow_mu(tau_med, s.e_norm)
     steps = np.arange(cfg.fs_max_steps + 1)
     population = theory.gd_trajectory(s, steps, temperature=tau_med, eta=eta)
@@ -203,8 +205,8 @@ def fronts(s: theory.LinearSetting, cfg: Config) -> dict:
     ib, ik = np.unravel_index(np.argmin(tot), tot.shape)
     omega_star, ma_best = theory.best_model_average(s)
     vanilla = theory.errors(s, theory.vanilla_trajectory(s, np.arange(0, 41)))
-    beta_med = theory.beta_from_tau(
-        theory.median_heuristic_tau(s.e_norm), s.rho, s.e_norm
+    beta_med = theory.beta_from_temperature(
+        theory.median_heuristic_temperature(s.e_norm), s.rho, s.e_norm
     )
     med = theory.errors(s, theory.flow_trajectory(s, beta_med, np.arange(0, 41)))
     return {
@@ -229,7 +231,7 @@ def fronts(s: theory.LinearSetting, cfg: Config) -> dict:
             "flow_best_err_tot": float(tot[ib, ik]),
             "flow_best_beta": float(betas[ib]),
             "flow_best_temperature_over_e2": float(
-                theory.tau_from_beta(betas[ib], s.rho, s.e_norm) / e2
+                theory.temperature_from_beta(betas[ib], s.rho, s.e_norm) / e2
             ),
             "flow_best_K": int(steps[ik]),
             "ma_best_err_tot": ma_best / e2,

@@ -143,7 +143,7 @@ def plot_b(r: dict, s: theory.LinearSetting, path: Path, dpi: int) -> None:
     ax.grid(alpha=0.3)
     ax = axes[1]
     e2 = s.e_norm**2
-    tau_med = theory.median_heuristic_tau(s.e_norm)
+    tau_med = theory.median_heuristic_temperature(s.e_norm)
     ax.plot(r["temperature"] / e2, r["half_life"], color="tab:blue", lw=2)
     ax.axvline(
         tau_med / e2, color="k", ls=":", label=f"median τ = {tau_med / e2:.3f}‖e‖²"
@@ -474,7 +474,7 @@ def run(cfg: Config, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     s = analysis.make_setting(cfg)
     e2 = s.e_norm**2
-    tau_med = theory.median_heuristic_tau(s.e_norm)
+    tau_med = theory.median_heuristic_temperature(s.e_norm)
     median_n = cfg.median_samples
     setting = {
         "d": cfg.d,
@@ -484,12 +484,12 @@ def run(cfg: Config, out: Path) -> dict:
         "eSe_over_e2": float(s.e @ s.sigma @ s.e / e2),
         "median_chi2_1": theory.median_chi2_1(),
         "median_mc_n": median_n,
-        "median_mc_over_e2": theory.median_heuristic_tau_mc(
+        "median_mc_over_e2": theory.median_heuristic_temperature_mc(
             s, jax.random.key(7), median_n
         )
         / e2,
         "mu2_median": theory.flow_mu(tau_med, s.e_norm) ** 2,
-        "beta_median": theory.beta_from_tau(tau_med, s.rho, s.e_norm),
+        "beta_median": theory.beta_from_temperature(tau_med, s.rho, s.e_norm),
     }
 
     print("(a) trajectories", flush=True)

@@ -27,16 +27,16 @@ Contents, in the paper's order:
 * setting: :class:`LinearSetting`, :func:`make_setting`;
 * Theorem 7.2: :func:`flow_mu`, :func:`flow_q`, :func:`flow_covariance`, and
   its Monte-Carlo check :func:`flow_covariance_mc`;
-* Lemma F.3 / footnote 5: :func:`mu_from_beta`, :func:`tau_from_beta`,
-  :func:`beta_from_tau`, :func:`q_eigenvalues`, :func:`q_eigen`;
+* Lemma F.3 / footnote 5: :func:`mu_from_beta`, :func:`temperature_from_beta`,
+  :func:`beta_from_temperature`, :func:`q_eigenvalues`, :func:`q_eigen`;
 * trajectories: :func:`gd_closed_form`, :func:`gd_iterate`,
   :func:`gd_trajectory` (Eq. 6 / Theorem 7.2 for any τ, η),
   :func:`vanilla_trajectory` (Eq. 12), :func:`flow_trajectory` (Eq. 14),
   :func:`flow_trajectory_stalled` (Remark 7.4);
 * :func:`errors`; model averaging :func:`model_average` and its optimum
   :func:`best_model_average` (Lemma F.4);
-* the median temperature: :func:`median_chi2_1`, :func:`median_heuristic_tau`,
-  :func:`median_heuristic_tau_mc`;
+* the median temperature: :func:`median_chi2_1`, :func:`median_heuristic_temperature`,
+  :func:`median_heuristic_temperature_mc`;
 * :func:`finite_sample_flow`: n samples weighted by :func:`flowjax.flow_weights`
   and trained on :func:`flowjax.weighted_objective`, the code users run.
 
@@ -76,7 +76,7 @@ __all__ = [
     "MonteCarloEstimate",
     "QEigen",
     "best_model_average",
-    "beta_from_tau",
+    "beta_from_temperature",
     "errors",
     "finite_sample_flow",
     "flow_covariance",
@@ -90,13 +90,13 @@ __all__ = [
     "gd_trajectory",
     "make_setting",
     "median_chi2_1",
-    "median_heuristic_tau",
-    "median_heuristic_tau_mc",
+    "median_heuristic_temperature",
+    "median_heuristic_temperature_mc",
     "model_average",
     "mu_from_beta",
     "q_eigen",
     "q_eigenvalues",
-    "tau_from_beta",
+    "temperature_from_beta",
     "vanilla_trajectory",
 ]
 
@@ -480,7 +480,7 @@ def _arrays(setting: LinearSetting):
 
 
 @jax.jit
-def _mu_from_tau(tau, e_norm):
+def _mu_from_temperature(tau, e_norm):
     return jnp.sqrt(tau / (tau + 2.0 * e_norm**2))
 
 
@@ -526,7 +526,7 @@ def flow_mu(temperature, e_norm: float):
     """
     t = _f64(_check_temperature(temperature))
     e_norm = _check_e_norm(e_norm)
-    return _mu_from_tau(t, e_norm)
+    return _mu_from_temperature(t, e_norm)
 
 
 @_float64
@@ -562,7 +562,9 @@ def flow_q(setting: LinearSetting, temperature: float) -> np.ndarray:
     _, _, _, e_hat, e_perp, _, _ = _arrays(setting)
     tau = _scalar(temperature, "temperature")
     _check_temperature(tau)
-    return _q_matrix(e_hat, e_perp, setting.rho, _mu_from_tau(tau, setting.e_norm))
+    return _q_matrix(
+        e_hat, e_perp, setting.rho, _mu_from_temperature(tau, setting.e_norm)
+    )
 
 
 @_float64
@@ -601,7 +603,9 @@ def flow_covariance(setting: LinearSetting, temperature: float) -> np.ndarray:
     _, _, _, e_hat, e_perp, _, _ = _arrays(setting)
     tau = _scalar(temperature, "temperature")
     _check_temperature(tau)
-    return _flow_cov(e_hat, e_perp, setting.rho, _mu_from_tau(tau, setting.e_norm))
+    return _flow_cov(
+        e_hat, e_perp, setting.rho, _mu_from_temperature(tau, setting.e_norm)
+    )
 
 
 @jax.jit
@@ -710,12 +714,12 @@ def _mu_from_beta(b, rho):
 
 
 @jax.jit
-def _tau_from_beta(b, rho, e_norm):
+def _temperature_from_beta(b, rho, e_norm):
     return 2.0 * b * (1 - rho**2) * e_norm**2 / (1 - b**2 * rho**2)
 
 
 @jax.jit
-def _beta_from_tau(t, rho, e_norm):
+def _beta_from_temperature(t, rho, e_norm):
     b = 2.0 * (1 - rho**2) * e_norm**2
     return jnp.minimum(2.0 * t / (b + jnp.sqrt(b**2 + 4.0 * t**2 * rho**2)), 1.0)
 
@@ -761,7 +765,7 @@ def mu_from_beta(beta, rho: float):
 
 
 @_float64
-def tau_from_beta(beta, rho: float, e_norm: float):
+def temperature_from_beta(beta, rho: float, e_norm: float):
     """The temperature τ for a given β (the paper's footnote 5).
 
     .. math:: \\tau = \\frac{2\\beta(1-\\rho^2)\\|e\\|^2}{1-\\beta^2\\rho^2}
@@ -781,19 +785,19 @@ def tau_from_beta(beta, rho: float, e_norm: float):
       ValueError: β outside (0, 1], ρ outside [0, 1) or ‖e‖ <= 0.
 
     Example:
-      >>> from flowjax.theory import tau_from_beta
-      >>> tau_from_beta(1.0, 0.9, 1.5)  # β = 1: τ = 2‖e‖² for every ρ
+      >>> from flowjax.theory import temperature_from_beta
+      >>> temperature_from_beta(1.0, 0.9, 1.5)  # β = 1: τ = 2‖e‖² for every ρ
       4.5
     """
     b = _f64(_check_beta(beta))
     rho = _check_rho(rho)
     e_norm = _check_e_norm(e_norm)
-    return _tau_from_beta(b, rho, e_norm)
+    return _temperature_from_beta(b, rho, e_norm)
 
 
 @_float64
-def beta_from_tau(temperature, rho: float, e_norm: float):
-    """β for a given temperature: the inverse of :func:`tau_from_beta`.
+def beta_from_temperature(temperature, rho: float, e_norm: float):
+    """β for a given temperature: the inverse of :func:`temperature_from_beta`.
 
     Solving :math:`\\tau\\rho^2\\beta^2 + 2(1-\\rho^2)\\|e\\|^2\\beta - \\tau = 0` for its
     positive root, written without cancellation (and valid at ρ = 0):
@@ -813,8 +817,8 @@ def beta_from_tau(temperature, rho: float, e_norm: float):
       ValueError: τ <= 0, τ > 2‖e‖² (β > 1), ρ outside [0, 1) or ‖e‖ <= 0.
 
     Example:
-      >>> from flowjax.theory import beta_from_tau, tau_from_beta
-      >>> round(beta_from_tau(tau_from_beta(0.3, 0.8, 2.0), 0.8, 2.0), 12)
+      >>> from flowjax.theory import beta_from_temperature, temperature_from_beta
+      >>> round(beta_from_temperature(temperature_from_beta(0.3, 0.8, 2.0), 0.8, 2.0), 12)
       0.3
     """
     t = _check_temperature(temperature)
@@ -825,7 +829,7 @@ def beta_from_tau(temperature, rho: float, e_norm: float):
             f"temperature must be <= 2‖e‖² = {2.0 * e_norm**2} for β ∈ (0, 1] "
             f"(Lemma F.3); got {temperature!r}."
         )
-    return _beta_from_tau(_f64(t), rho, e_norm)
+    return _beta_from_temperature(_f64(t), rho, e_norm)
 
 
 @_float64
@@ -885,10 +889,10 @@ def q_eigen(setting: LinearSetting, beta: float) -> QEigen:
 
     Example:
       >>> import jax, numpy as np
-      >>> from flowjax.theory import make_setting, q_eigen, flow_q, tau_from_beta
+      >>> from flowjax.theory import make_setting, q_eigen, flow_q, temperature_from_beta
       >>> s = make_setting(jax.random.key(0), d=4, rho=0.6, e_norm=1.0)
       >>> eig = q_eigen(s, 0.5)
-      >>> q = flow_q(s, tau_from_beta(0.5, s.rho, s.e_norm))
+      >>> q = flow_q(s, temperature_from_beta(0.5, s.rho, s.e_norm))
       >>> bool(np.allclose(q @ eig.v1, eig.lambda1 * eig.v1))
       True
     """
@@ -1136,7 +1140,7 @@ def flow_trajectory(setting: LinearSetting, beta: float, steps) -> np.ndarray:
 
     Args:
       setting: a :class:`LinearSetting`.
-      beta: β ∈ (0, 1] (τ from :func:`tau_from_beta`).
+      beta: β ∈ (0, 1] (τ from :func:`temperature_from_beta`).
       steps: integers K >= 0.
 
     Returns:
@@ -1358,7 +1362,7 @@ def median_chi2_1() -> float:
 
 
 @_float64
-def median_heuristic_tau(e_norm: float) -> float:
+def median_heuristic_temperature(e_norm: float) -> float:
     """Population value of FLOW's median temperature in this model: τ ≈ 0.455‖e‖².
 
     .. math:: \\tau_{med} = \\mathrm{median}\\big((e^\\top\\tilde x)^2\\big) = \\big(\\Phi^{-1}(3/4)\\big)^2\\,\\|e\\|^2
@@ -1376,8 +1380,8 @@ def median_heuristic_tau(e_norm: float) -> float:
       ValueError: ‖e‖ <= 0.
 
     Example:
-      >>> from flowjax.theory import median_heuristic_tau
-      >>> round(median_heuristic_tau(2.0), 6)
+      >>> from flowjax.theory import median_heuristic_temperature
+      >>> round(median_heuristic_temperature(2.0), 6)
       1.819746
     """
     e_norm = _check_e_norm(e_norm)
@@ -1385,7 +1389,7 @@ def median_heuristic_tau(e_norm: float) -> float:
 
 
 @_float64
-def median_heuristic_tau_mc(
+def median_heuristic_temperature_mc(
     setting: LinearSetting, key: jax.Array, num_samples: int
 ) -> float:
     """The median temperature computed from sampled pre-trained losses.
@@ -1393,7 +1397,7 @@ def median_heuristic_tau_mc(
     .. math:: \\hat\\tau = \\mathrm{median}_{i\\le n}\\,(\\tilde y_i - \\langle\\theta^*, \\tilde x_i\\rangle)^2,
               \\quad \\tilde x_i \\sim \\mathcal N(0, \\tilde\\Sigma)
 
-    Converges to :func:`median_heuristic_tau` at rate n^{-1/2}.
+    Converges to :func:`median_heuristic_temperature` at rate n^{-1/2}.
 
     Args:
       setting: a :class:`LinearSetting`.
@@ -1409,9 +1413,9 @@ def median_heuristic_tau_mc(
 
     Example:
       >>> import jax
-      >>> from flowjax.theory import make_setting, median_heuristic_tau_mc
+      >>> from flowjax.theory import make_setting, median_heuristic_temperature_mc
       >>> s = make_setting(jax.random.key(0), d=3, rho=0.5, e_norm=1.0)
-      >>> abs(median_heuristic_tau_mc(s, jax.random.key(1), 100_000) - 0.4549) < 0.01
+      >>> abs(median_heuristic_temperature_mc(s, jax.random.key(1), 100_000) - 0.4549) < 0.01
       True
     """
     _check_setting(setting)
@@ -1472,7 +1476,7 @@ def finite_sample_flow(
         = (\\theta-\\tilde\\theta^*)^\\top\\hat\\Sigma'(\\theta-\\tilde\\theta^*),\\qquad
         \\theta_{k+1} = \\theta_k - \\eta\\nabla\\hat L(\\theta_k)
 
-    As n → ∞, τ̂ → τ_med (:func:`median_heuristic_tau`) and Σ̂′ → Σ′(τ_med), so
+    As n → ∞, τ̂ → τ_med (:func:`median_heuristic_temperature`) and Σ̂′ → Σ′(τ_med), so
     the iterates approach :func:`gd_trajectory` at τ_med with the same η.
 
     Args:
