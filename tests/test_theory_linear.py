@@ -77,7 +77,7 @@ def test_setting_geometry(setting):
 def test_float64_without_touching_the_global_flag(setting):
     before = jax.config.jax_enable_x64
     c = theory.flow_covariance(setting, 0.4)
-    traj = theory.gd_trajectory(setting, [0, 5], tau=0.4, method="iterate")
+    traj = theory.gd_trajectory(setting, [0, 5], temperature=0.4, method="iterate")
     assert jax.config.jax_enable_x64 == before
     assert jax.numpy.ones(1).dtype == (np.float64 if before else np.float32)
     assert c.dtype == np.float64 and traj.dtype == np.float64
@@ -122,7 +122,7 @@ def test_flow_covariance_within_4_stderr_of_numpy_monte_carlo(setting, tau):
 
 
 def test_flow_covariance_mc_agrees_with_closed_form(setting):
-    tau = theory.median_heuristic_tau(E_NORM)
+    tau = theory.median_heuristic_temperature(E_NORM)
     mc = theory.flow_covariance_mc(setting, tau, jax.random.key(7), 300_001)
     assert mc.num_samples == 300_001
     assert mc.mean.shape == mc.stderr.shape == (D, D)
@@ -140,9 +140,9 @@ def test_flow_covariance_mc_agrees_with_closed_form(setting):
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.3, 0.9])
-def test_beta_tau_reparametrisation(rho):
+def test_beta_temperature_reparametrisation(rho):
     beta = np.array([1e-4, 0.05, 0.5, 0.999, 1.0])
-    tau = theory.tau_from_beta(beta, rho, E_NORM)
+    tau = theory.temperature_from_beta(beta, rho, E_NORM)
     np.testing.assert_allclose(
         2 * beta * (1 - rho**2) * E_NORM**2 / (1 - beta**2 * rho**2), tau, rtol=1e-14
     )
@@ -150,15 +150,19 @@ def test_beta_tau_reparametrisation(rho):
     np.testing.assert_allclose(
         theory.mu_from_beta(beta, rho) ** 2, tau / (tau + 2 * E_NORM**2), rtol=1e-12
     )
-    np.testing.assert_allclose(theory.beta_from_tau(tau, rho, E_NORM), beta, rtol=1e-12)
-    np.testing.assert_allclose(theory.tau_from_beta(1.0, rho, E_NORM), 2 * E_NORM**2)
+    np.testing.assert_allclose(
+        theory.beta_from_temperature(tau, rho, E_NORM), beta, rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        theory.temperature_from_beta(1.0, rho, E_NORM), 2 * E_NORM**2
+    )
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.5, 0.95])
 @pytest.mark.parametrize("beta", [1e-3, 0.2, 0.6, 1.0])
 def test_q_eigenvalues_equal_numpy_eigenvalues(rho, beta):
     s = theory.make_setting(jax.random.key(1), 5, rho, E_NORM)
-    tau = theory.tau_from_beta(beta, rho, E_NORM)
+    tau = theory.temperature_from_beta(beta, rho, E_NORM)
     q_np = _numpy_q(s, tau / (tau + 2 * E_NORM**2))
     numeric = np.sort(np.linalg.eigvalsh(q_np))
     lambda1, lambda2 = theory.q_eigenvalues(beta, rho)
@@ -174,7 +178,7 @@ def test_q_eigenvalues_equal_numpy_eigenvalues(rho, beta):
     assert 0 <= lambda2 <= rho**2 * lambda1 + 1e-15 and lambda1 < 1
 
 
-def test_stall_as_tau_goes_to_zero(setting):
+def test_stall_as_temperature_goes_to_zero(setting):
     betas = np.logspace(-6, 0, 13)
     lambda1, _ = theory.q_eigenvalues(betas, RHO)
     assert np.all(np.diff(lambda1) < 0)  # λ₁ grows as β (τ) shrinks ...
@@ -182,7 +186,7 @@ def test_stall_as_tau_goes_to_zero(setting):
     # ... and v₁ = ê − βρê⊥ is the smallest-eigenvalue eigenvector of Σ′,
     # with eigenvalue μ(1 − λ₁) = μβ(1 − ρ²)/(1 + β).
     beta = 0.05
-    tau = theory.tau_from_beta(beta, RHO, E_NORM)
+    tau = theory.temperature_from_beta(beta, RHO, E_NORM)
     evals, evecs = np.linalg.eigh(theory.flow_covariance(setting, tau))
     mu = theory.mu_from_beta(beta, RHO)
     np.testing.assert_allclose(
@@ -199,7 +203,7 @@ def test_stall_as_tau_goes_to_zero(setting):
 
 @pytest.mark.parametrize("beta", [0.01, 0.3, 1.0])
 def test_flow_trajectory_eq14_equals_iterated_gd(setting, beta):
-    tau = theory.tau_from_beta(beta, RHO, E_NORM)
+    tau = theory.temperature_from_beta(beta, RHO, E_NORM)
     mu2 = tau / (tau + 2 * E_NORM**2)
     cov = np.sqrt(mu2) * (np.eye(D) - _numpy_q(setting, mu2))
     eta = 1 / (2 * np.sqrt(mu2))
@@ -210,7 +214,7 @@ def test_flow_trajectory_eq14_equals_iterated_gd(setting, beta):
     )
     for method in ("closed_form", "iterate"):
         np.testing.assert_allclose(
-            theory.gd_trajectory(setting, steps, tau=tau, method=method),
+            theory.gd_trajectory(setting, steps, temperature=tau, method=method),
             reference,
             atol=1e-10,
             rtol=0,
@@ -311,8 +315,8 @@ def test_rho_zero_reduces_flow_to_model_averaging():
             flow, theory.model_average(s, lambda1**steps), atol=1e-13
         )
         # The iterated GD on Σ′ says the same (no ê⊥ component ever appears).
-        tau = theory.tau_from_beta(beta, 0.0, E_NORM)
-        gd = theory.gd_trajectory(s, steps, tau=tau, method="iterate")
+        tau = theory.temperature_from_beta(beta, 0.0, E_NORM)
+        gd = theory.gd_trajectory(s, steps, temperature=tau, method="iterate")
         np.testing.assert_allclose(
             gd, theory.model_average(s, lambda1**steps), atol=1e-12
         )
@@ -356,7 +360,7 @@ def test_median_heuristic_constant():
     np.testing.assert_allclose(c, scipy.stats.chi2.median(1), rtol=1e-14)
     assert round(c, 10) == 0.4549364231
     np.testing.assert_allclose(
-        theory.median_heuristic_tau(E_NORM), c * E_NORM**2, rtol=1e-15
+        theory.median_heuristic_temperature(E_NORM), c * E_NORM**2, rtol=1e-15
     )
 
 
@@ -365,7 +369,7 @@ def test_median_heuristic_by_sampling(setting):
     c = theory.median_chi2_1()
     # Asymptotic s.e. of a sample median: 1 / (2 f(m) sqrt(n)), f the χ²₁ density.
     se = E_NORM**2 / (2 * scipy.stats.chi2.pdf(c, 1) * np.sqrt(n))
-    tau_mc = theory.median_heuristic_tau_mc(setting, jax.random.key(11), n)
+    tau_mc = theory.median_heuristic_temperature_mc(setting, jax.random.key(11), n)
     assert abs(tau_mc - c * E_NORM**2) < 4 * se
     # Independent numpy draw of the pre-trained squared residuals.
     x = (
@@ -387,7 +391,7 @@ def test_finite_sample_flow_is_gd_on_the_weighted_covariance(setting):
     assert run.weights.shape == (n,)
     np.testing.assert_allclose(np.median(run.weights), np.exp(-1), rtol=1e-14)
     assert np.all((run.weights > 0) & (run.weights <= 1))
-    np.testing.assert_allclose(run.eta, 0.5 / theory.flow_mu(run.tau, E_NORM))
+    np.testing.assert_allclose(run.eta, 0.5 / theory.flow_mu(run.temperature, E_NORM))
     # The library's weighted objective Σ wᵢ(ỹᵢ − θᵀx̃ᵢ)²/n is (θ − θ̃*)ᵀΣ̂′(θ − θ̃*):
     # its GD equals numpy GD on the returned weighted covariance.
     reference = _numpy_gd(
@@ -398,10 +402,10 @@ def test_finite_sample_flow_is_gd_on_the_weighted_covariance(setting):
 
 def test_finite_sample_flow_converges_to_population():
     s = theory.make_setting(jax.random.key(5), 4, 0.8, 1.0, _pretrain_cov(4, 2))
-    tau = theory.median_heuristic_tau(1.0)
+    tau = theory.median_heuristic_temperature(1.0)
     eta = 0.5 / theory.flow_mu(tau, 1.0)
     steps = np.arange(0, 61, 3)
-    population = theory.gd_trajectory(s, steps, tau=tau)
+    population = theory.gd_trajectory(s, steps, temperature=tau)
 
     def deviation(n):
         devs = []
@@ -439,15 +443,15 @@ BAD_CALLS = [
         lambda s: theory.make_setting(_KEY, 3, 0.5, 1.0, np.full((3, 3), np.nan)),
         "finite",
     ),
-    (lambda s: theory.flow_covariance(s, 0.0), "tau must be > 0"),
-    (lambda s: theory.flow_covariance(s, -1.0), "tau must be > 0"),
+    (lambda s: theory.flow_covariance(s, 0.0), "temperature must be > 0"),
+    (lambda s: theory.flow_covariance(s, -1.0), "temperature must be > 0"),
     (lambda s: theory.flow_covariance(s, float("inf")), "finite"),
-    (lambda s: theory.flow_mu(np.array([1.0, -1.0]), 1.0), "tau must be > 0"),
+    (lambda s: theory.flow_mu(np.array([1.0, -1.0]), 1.0), "temperature must be > 0"),
     (lambda s: theory.q_eigenvalues(0.0, 0.5), "beta must lie"),
     (lambda s: theory.q_eigenvalues(1.5, 0.5), "beta must lie"),
     (lambda s: theory.flow_trajectory(s, 1.01, [1]), "beta must lie"),
-    (lambda s: theory.tau_from_beta(0.5, 1.2, 1.0), "rho must lie"),
-    (lambda s: theory.beta_from_tau(2.1 * E_NORM**2, RHO, E_NORM), "2‖e‖²"),
+    (lambda s: theory.temperature_from_beta(0.5, 1.2, 1.0), "rho must lie"),
+    (lambda s: theory.beta_from_temperature(2.1 * E_NORM**2, RHO, E_NORM), "2‖e‖²"),
     (lambda s: theory.flow_trajectory(s, 0.5, [-1]), "steps"),
     (lambda s: theory.flow_trajectory(s, 0.5, [1.5]), "steps"),
     (lambda s: theory.gd_trajectory(s, [1], method="newton"), "method"),
@@ -470,7 +474,11 @@ BAD_CALLS = [
         lambda s: theory.finite_sample_flow(s, _KEY, 10, [1], temperature=0.0),
         "temperature",
     ),
-    (lambda s: theory.median_heuristic_tau(-1.0), "e_norm"),
+    (  # None is the median, as in flowjax.flow_weights; the string is refused
+        lambda s: theory.finite_sample_flow(s, _KEY, 10, [1], temperature="median"),
+        "temperature must be None",
+    ),
+    (lambda s: theory.median_heuristic_temperature(-1.0), "e_norm"),
 ]
 
 

@@ -35,8 +35,8 @@ def trajectories(s: theory.LinearSetting, cfg: Config) -> dict:
     """Figure (a): err₁, err₂, err_tot along vanilla FT and FLOW at several τ."""
     e2 = s.e_norm**2
     steps = _steps_grid(cfg.traj_max_steps)
-    tau_med = theory.median_heuristic_tau(s.e_norm)
-    beta_med = theory.beta_from_tau(tau_med, s.rho, s.e_norm)
+    tau_med = theory.median_heuristic_temperature(s.e_norm)
+    beta_med = theory.beta_from_temperature(tau_med, s.rho, s.e_norm)
     runs = {"vanilla (η=½)": theory.errors(s, theory.vanilla_trajectory(s, steps))}
     betas = {"β=1 (τ=2‖e‖²)": 1.0, f"median τ (β={beta_med:.2f})": beta_med}
     betas |= {"β=0.1": 0.1, "β=0.01": 0.01}
@@ -51,10 +51,12 @@ def trajectories(s: theory.LinearSetting, cfg: Config) -> dict:
         label: {
             "err_tot": float(err.err_tot.min() / e2),
             "K": int(steps[np.argmin(err.err_tot)]),
-            "tau_over_e2": (
+            "temperature_over_e2": (
                 None
                 if label.startswith("vanilla")
-                else float(theory.tau_from_beta(betas[label], s.rho, s.e_norm) / e2)
+                else float(
+                    theory.temperature_from_beta(betas[label], s.rho, s.e_norm) / e2
+                )
             ),
         }
         for label, err in runs.items()
@@ -68,7 +70,7 @@ def stall(s: theory.LinearSetting, cfg: Config) -> dict:
     betas = np.logspace(-4, 0, cfg.stall_betas)
     by_rho = {r: theory.q_eigenvalues(betas, r) for r in (0.0, 0.5, 0.8, 0.95)}
     lambda1, _ = theory.q_eigenvalues(betas, s.rho)
-    tau = theory.tau_from_beta(betas, s.rho, s.e_norm)
+    tau = theory.temperature_from_beta(betas, s.rho, s.e_norm)
     half_life = np.log(2) / -np.log(lambda1)
     table = []
     for b in (1.0, 0.1, 0.01, 0.001):
@@ -76,7 +78,9 @@ def stall(s: theory.LinearSetting, cfg: Config) -> dict:
         table.append(
             {
                 "beta": b,
-                "tau_over_e2": theory.tau_from_beta(b, s.rho, s.e_norm) / s.e_norm**2,
+                "temperature_over_e2": (
+                    theory.temperature_from_beta(b, s.rho, s.e_norm) / s.e_norm**2
+                ),
                 "lambda1": l1,
                 "lambda2": l2,
                 "steps_to_halve": math.log(2) / -math.log(l1),
@@ -85,7 +89,7 @@ def stall(s: theory.LinearSetting, cfg: Config) -> dict:
     return {
         "betas": betas,
         "by_rho": by_rho,
-        "tau": tau,
+        "temperature": tau,
         "half_life": half_life,
         "table": table,
     }
@@ -95,14 +99,14 @@ def covariance_check(s: theory.LinearSetting, cfg: Config) -> dict:
     """Figure (c): closed-form Σ′ (Theorem 7.2) against Monte-Carlo."""
     iu = np.triu_indices(s.d)
     rows = []
-    for i, ratio in enumerate(cfg.mc_tau_over_e2):
+    for i, ratio in enumerate(cfg.mc_temperature_over_e2):
         tau = ratio * s.e_norm**2
         closed = theory.flow_covariance(s, tau)
         mc = theory.flow_covariance_mc(s, tau, jax.random.key(100 + i), cfg.mc_samples)
         z = (mc.mean - closed) / mc.stderr
         rows.append(
             {
-                "tau_over_e2": ratio,
+                "temperature_over_e2": ratio,
                 "closed": closed[iu],
                 "mc": mc.mean[iu],
                 "stderr": mc.stderr[iu],
@@ -117,10 +121,10 @@ def covariance_check(s: theory.LinearSetting, cfg: Config) -> dict:
 def finite_sample(s: theory.LinearSetting, cfg: Config) -> dict:
     """Figure (d): FLOW on n samples via flowjax.flow_weights vs the population."""
     e2 = s.e_norm**2
-    tau_med = theory.median_heuristic_tau(s.e_norm)
+    tau_med = theory.median_heuristic_temperature(s.e_norm)
     eta = 0.5 / theory.flow_mu(tau_med, s.e_norm)
     steps = np.arange(cfg.fs_max_steps + 1)
-    population = theory.gd_trajectory(s, steps, tau=tau_med, eta=eta)
+    population = theory.gd_trajectory(s, steps, temperature=tau_med, eta=eta)
     pop_err = theory.errors(s, population)
     k_star = int(
         np.argmin(pop_err.err_tot)
@@ -132,7 +136,7 @@ def finite_sample(s: theory.LinearSetting, cfg: Config) -> dict:
             key = jax.random.key(1000 * seed + n)
             run = theory.finite_sample_flow(s, key, n, steps, eta=eta)
             devs.append(np.max(np.linalg.norm(run.thetas - population, axis=1)))
-            taus.append(run.tau / e2)
+            taus.append(run.temperature / e2)
             errs.append(theory.errors(s, run.thetas))
         curves[n] = errs[0]
         dev = report.mean_std(devs)  # over seeds; sample std (ddof 1)
@@ -141,8 +145,8 @@ def finite_sample(s: theory.LinearSetting, cfg: Config) -> dict:
                 "n": n,
                 "deviation_mean": dev["mean"] / s.e_norm,
                 "deviation_sd": dev["std"] / s.e_norm,
-                "tau_over_e2_mean": float(np.mean(taus)),
-                "tau_rel_err_mean": float(
+                "temperature_over_e2_mean": float(np.mean(taus)),
+                "temperature_rel_err_mean": float(
                     np.mean(np.abs(np.array(taus) * e2 / tau_med - 1))
                 ),
                 "err_tot_at_k_star_mean": float(
@@ -159,7 +163,7 @@ def finite_sample(s: theory.LinearSetting, cfg: Config) -> dict:
         "rows": rows,
         "slope": slope,
         "eta": eta,
-        "tau_med_over_e2": tau_med / e2,
+        "median_temperature_over_e2": tau_med / e2,
         "k_star": k_star,
         "pop_err_tot_at_k_star": float(pop_err.err_tot[k_star] / e2),
     }
@@ -201,8 +205,8 @@ def fronts(s: theory.LinearSetting, cfg: Config) -> dict:
     ib, ik = np.unravel_index(np.argmin(tot), tot.shape)
     omega_star, ma_best = theory.best_model_average(s)
     vanilla = theory.errors(s, theory.vanilla_trajectory(s, np.arange(0, 41)))
-    beta_med = theory.beta_from_tau(
-        theory.median_heuristic_tau(s.e_norm), s.rho, s.e_norm
+    beta_med = theory.beta_from_temperature(
+        theory.median_heuristic_temperature(s.e_norm), s.rho, s.e_norm
     )
     med = theory.errors(s, theory.flow_trajectory(s, beta_med, np.arange(0, 41)))
     return {
@@ -226,8 +230,8 @@ def fronts(s: theory.LinearSetting, cfg: Config) -> dict:
             "frac_on_or_below_1e-3": float(np.mean(gap <= 1e-3)),
             "flow_best_err_tot": float(tot[ib, ik]),
             "flow_best_beta": float(betas[ib]),
-            "flow_best_tau_over_e2": float(
-                theory.tau_from_beta(betas[ib], s.rho, s.e_norm) / e2
+            "flow_best_temperature_over_e2": float(
+                theory.temperature_from_beta(betas[ib], s.rho, s.e_norm) / e2
             ),
             "flow_best_K": int(steps[ik]),
             "ma_best_err_tot": ma_best / e2,

@@ -21,7 +21,7 @@ class Config:
     traj_max_steps: int = 3000  # figure (a)
     stall_betas: int = 200  # figure (b)
     mc_samples: int = 400_000  # figure (c)
-    mc_tau_over_e2: tuple[float, ...] = (0.1, 0.45493642311957, 2.0)
+    mc_temperature_over_e2: tuple[float, ...] = (0.1, 0.45493642311957, 2.0)
     fs_sizes: tuple[int, ...] = (250, 1000, 4000, 16000, 64000)  # figure (d)
     fs_seeds: int = 4
     fs_max_steps: int = 200

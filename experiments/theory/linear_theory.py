@@ -143,8 +143,8 @@ def plot_b(r: dict, s: theory.LinearSetting, path: Path, dpi: int) -> None:
     ax.grid(alpha=0.3)
     ax = axes[1]
     e2 = s.e_norm**2
-    tau_med = theory.median_heuristic_tau(s.e_norm)
-    ax.plot(r["tau"] / e2, r["half_life"], color="tab:blue", lw=2)
+    tau_med = theory.median_heuristic_temperature(s.e_norm)
+    ax.plot(r["temperature"] / e2, r["half_life"], color="tab:blue", lw=2)
     ax.axvline(
         tau_med / e2, color="k", ls=":", label=f"median τ = {tau_med / e2:.3f}‖e‖²"
     )
@@ -155,7 +155,7 @@ def plot_b(r: dict, s: theory.LinearSetting, path: Path, dpi: int) -> None:
     ax.set_title(f"ρ = {s.rho}: ln 2 / (−ln λ₁) (blue), λ₁ (orange)")
     twin = ax.twinx()
     twin.plot(
-        r["tau"] / e2,
+        r["temperature"] / e2,
         theory.q_eigenvalues(r["betas"], s.rho)[0],
         color="tab:orange",
         lw=1.5,
@@ -174,7 +174,7 @@ def plot_c(r: dict, path: Path, dpi: int) -> None:
     colors = plt.cm.tab10(np.arange(len(r["rows"])))
     zs = []
     for c, row in zip(colors, r["rows"], strict=True):
-        label = f"τ = {row['tau_over_e2']:.3g}‖e‖²"
+        label = f"τ = {row['temperature_over_e2']:.3g}‖e‖²"
         axes[0].plot(row["closed"], row["mc"], "o", ms=3, color=c, label=label)
         order = np.argsort(row["closed"])
         axes[1].errorbar(
@@ -254,7 +254,7 @@ def plot_d(r: dict, e2: float, path: Path, dpi: int) -> None:
     dev = np.array([row["deviation_mean"] for row in r["rows"]])
     sd = np.array([row["deviation_sd"] for row in r["rows"]])
     ax.errorbar(n, dev, yerr=sd, fmt="o-", label="max_K ‖θ_K(n) − θ_K(pop)‖ / ‖e‖")
-    tau_err = np.array([row["tau_rel_err_mean"] for row in r["rows"]])
+    tau_err = np.array([row["temperature_rel_err_mean"] for row in r["rows"]])
     ax.plot(n, tau_err, "s-", label="|τ̂ / τ_med − 1|")
     ax.plot(n, dev[0] * np.sqrt(n[0] / n), "k:", label="∝ n^(-1/2)")
     ax.set_xscale("log")
@@ -366,7 +366,9 @@ def _md_summary(summary: dict) -> str:
                 *(
                     [
                         label,
-                        "—" if b["tau_over_e2"] is None else f"{b['tau_over_e2']:.4g}",
+                        "—"
+                        if b["temperature_over_e2"] is None
+                        else f"{b['temperature_over_e2']:.4g}",
                         f"{b['err_tot']:.4f}",
                         b["K"],
                     ]
@@ -393,7 +395,7 @@ def _md_summary(summary: dict) -> str:
             [
                 [
                     f"{row['beta']:g}",
-                    f"{row['tau_over_e2']:.4g}",
+                    f"{row['temperature_over_e2']:.4g}",
                     f"{row['lambda1']:.6f}",
                     f"{row['lambda2']:.4f}",
                     f"{row['steps_to_halve']:.1f}",
@@ -407,7 +409,7 @@ def _md_summary(summary: dict) -> str:
             ["τ/‖e‖²", "max abs(z) over d(d+1)/2 entries", "max abs diff"],
             [
                 [
-                    f"{row['tau_over_e2']:.4g}",
+                    f"{row['temperature_over_e2']:.4g}",
                     f"{row['max_abs_z']:.2f}",
                     f"{row['max_abs_diff']:.2e}",
                 ]
@@ -431,7 +433,7 @@ def _md_summary(summary: dict) -> str:
                             {"mean": row["deviation_mean"], "std": row["deviation_sd"]},
                             digits=4,
                         ),
-                        f"{row['tau_over_e2_mean']:.4f}",
+                        f"{row['temperature_over_e2_mean']:.4f}",
                         f"{row['err_tot_at_k_star_mean']:.4f}",
                     ]
                     for row in sd["rows"]
@@ -439,7 +441,7 @@ def _md_summary(summary: dict) -> str:
                 [
                     "population",
                     0,
-                    f"{sd['tau_med_over_e2']:.4f}",
+                    f"{sd['median_temperature_over_e2']:.4f}",
                     f"{sd['pop_err_tot_at_k_star']:.4f}",
                 ],
             ],
@@ -459,7 +461,7 @@ def _md_summary(summary: dict) -> str:
         f"interior ω ∈ (0.02, 0.98); on or below (within 1e-3) on "
         f"{100 * se['frac_on_or_below_1e-3']:.1f} % of ω ∈ [0, 1].",
         f"- Best FLOW err_tot {se['flow_best_err_tot']:.4f} (β = {se['flow_best_beta']:.3g}, "
-        f"τ = {se['flow_best_tau_over_e2']:.3g}‖e‖², K = {se['flow_best_K']}) vs best MA "
+        f"τ = {se['flow_best_temperature_over_e2']:.3g}‖e‖², K = {se['flow_best_K']}) vs best MA "
         f"{se['ma_best_err_tot']:.4f} (ω* = {se['ma_best_omega']:.4f}); both endpoints have err_tot >= 1.",
         "",
     ]
@@ -472,7 +474,7 @@ def run(cfg: Config, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     s = analysis.make_setting(cfg)
     e2 = s.e_norm**2
-    tau_med = theory.median_heuristic_tau(s.e_norm)
+    tau_med = theory.median_heuristic_temperature(s.e_norm)
     median_n = cfg.median_samples
     setting = {
         "d": cfg.d,
@@ -482,12 +484,12 @@ def run(cfg: Config, out: Path) -> dict:
         "eSe_over_e2": float(s.e @ s.sigma @ s.e / e2),
         "median_chi2_1": theory.median_chi2_1(),
         "median_mc_n": median_n,
-        "median_mc_over_e2": theory.median_heuristic_tau_mc(
+        "median_mc_over_e2": theory.median_heuristic_temperature_mc(
             s, jax.random.key(7), median_n
         )
         / e2,
         "mu2_median": theory.flow_mu(tau_med, s.e_norm) ** 2,
-        "beta_median": theory.beta_from_tau(tau_med, s.rho, s.e_norm),
+        "beta_median": theory.beta_from_temperature(tau_med, s.rho, s.e_norm),
     }
 
     print("(a) trajectories", flush=True)
@@ -518,7 +520,10 @@ def run(cfg: Config, out: Path) -> dict:
         "c_covariance": {
             "num_samples": rc["num_samples"],
             "rows": [
-                {k: row[k] for k in ("tau_over_e2", "max_abs_z", "max_abs_diff")}
+                {
+                    k: row[k]
+                    for k in ("temperature_over_e2", "max_abs_z", "max_abs_diff")
+                }
                 for row in rc["rows"]
             ],
         },
@@ -527,7 +532,7 @@ def run(cfg: Config, out: Path) -> dict:
             "seeds": cfg.fs_seeds,
             "rows": rd["rows"],
             "slope": rd["slope"],
-            "tau_med_over_e2": rd["tau_med_over_e2"],
+            "median_temperature_over_e2": rd["median_temperature_over_e2"],
             "k_star": rd["k_star"],
             "pop_err_tot_at_k_star": rd["pop_err_tot_at_k_star"],
         },

@@ -27,16 +27,16 @@ Contents, in the paper's order:
 * setting: :class:`LinearSetting`, :func:`make_setting`;
 * Theorem 7.2: :func:`flow_mu`, :func:`flow_q`, :func:`flow_covariance`, and
   its Monte-Carlo check :func:`flow_covariance_mc`;
-* Lemma F.3 / footnote 5: :func:`mu_from_beta`, :func:`tau_from_beta`,
-  :func:`beta_from_tau`, :func:`q_eigenvalues`, :func:`q_eigen`;
+* Lemma F.3 / footnote 5: :func:`mu_from_beta`, :func:`temperature_from_beta`,
+  :func:`beta_from_temperature`, :func:`q_eigenvalues`, :func:`q_eigen`;
 * trajectories: :func:`gd_closed_form`, :func:`gd_iterate`,
   :func:`gd_trajectory` (Eq. 6 / Theorem 7.2 for any τ, η),
   :func:`vanilla_trajectory` (Eq. 12), :func:`flow_trajectory` (Eq. 14),
   :func:`flow_trajectory_stalled` (Remark 7.4);
 * :func:`errors`; model averaging :func:`model_average` and its optimum
   :func:`best_model_average` (Lemma F.4);
-* the median temperature: :func:`median_chi2_1`, :func:`median_heuristic_tau`,
-  :func:`median_heuristic_tau_mc`;
+* the median temperature: :func:`median_chi2_1`, :func:`median_heuristic_temperature`,
+  :func:`median_heuristic_temperature_mc`;
 * :func:`finite_sample_flow`: n samples weighted by :func:`flowjax.flow_weights`
   and trained on :func:`flowjax.weighted_objective`, the code users run.
 
@@ -76,7 +76,7 @@ __all__ = [
     "MonteCarloEstimate",
     "QEigen",
     "best_model_average",
-    "beta_from_tau",
+    "beta_from_temperature",
     "errors",
     "finite_sample_flow",
     "flow_covariance",
@@ -90,13 +90,13 @@ __all__ = [
     "gd_trajectory",
     "make_setting",
     "median_chi2_1",
-    "median_heuristic_tau",
-    "median_heuristic_tau_mc",
+    "median_heuristic_temperature",
+    "median_heuristic_temperature_mc",
     "model_average",
     "mu_from_beta",
     "q_eigen",
     "q_eigenvalues",
-    "tau_from_beta",
+    "temperature_from_beta",
     "vanilla_trajectory",
 ]
 
@@ -172,7 +172,7 @@ class FiniteSampleFlow(NamedTuple):
 
     Attributes:
       thetas: the GD iterates at the requested steps, ``[len(steps), d]``.
-      tau: the temperature used (the empirical median loss by default).
+      temperature: the temperature τ used (the empirical median loss by default).
       eta: the step size used.
       weights: the per-example FLOW weights ``[n]``.
       covariance: the weighted empirical covariance ``Xᵀ diag(w) X / n``, the
@@ -180,7 +180,7 @@ class FiniteSampleFlow(NamedTuple):
     """
 
     thetas: np.ndarray
-    tau: float
+    temperature: float
     eta: float
     weights: np.ndarray
     covariance: np.ndarray
@@ -254,10 +254,12 @@ def _check_e_norm(e_norm) -> float:
     return v
 
 
-def _check_tau(tau) -> np.ndarray:
-    t = _real_array(tau, "tau")
+def _check_temperature(temperature) -> np.ndarray:
+    t = _real_array(temperature, "temperature")
     if np.any(t <= 0):
-        raise ValueError(f"tau must be > 0 (w = exp(-(eᵀx̃)²/τ)); got {tau!r}.")
+        raise ValueError(
+            f"temperature must be > 0 (w = exp(-(eᵀx̃)²/τ)); got {temperature!r}."
+        )
     return t
 
 
@@ -478,7 +480,7 @@ def _arrays(setting: LinearSetting):
 
 
 @jax.jit
-def _mu_from_tau(tau, e_norm):
+def _mu_from_temperature(tau, e_norm):
     return jnp.sqrt(tau / (tau + 2.0 * e_norm**2))
 
 
@@ -498,7 +500,7 @@ def _flow_cov(e_hat, e_perp, rho, mu):
 
 
 @_float64
-def flow_mu(tau, e_norm: float):
+def flow_mu(temperature, e_norm: float):
     """μ of Theorem 7.2: the Gaussian normalising factor of the FLOW weights.
 
     .. math:: \\mu = \\Big(\\frac{\\tau}{\\tau + 2\\|e\\|^2}\\Big)^{1/2}
@@ -508,11 +510,11 @@ def flow_mu(tau, e_norm: float):
     as τ → 0.
 
     Args:
-      tau: the temperature τ > 0 (scalar or array).
+      temperature: the temperature τ > 0 (scalar or array).
       e_norm: ‖e‖ > 0.
 
     Returns:
-      μ, a float or an array shaped like ``tau``.
+      μ, a float or an array shaped like ``temperature``.
 
     Raises:
       ValueError: τ <= 0 or not finite, ‖e‖ <= 0.
@@ -522,13 +524,13 @@ def flow_mu(tau, e_norm: float):
       >>> flow_mu(2.0, 1.0) ** 2  # τ = 2‖e‖² is β = 1, μ² = 1/2
       0.5
     """
-    t = _f64(_check_tau(tau))
+    t = _f64(_check_temperature(temperature))
     e_norm = _check_e_norm(e_norm)
-    return _mu_from_tau(t, e_norm)
+    return _mu_from_temperature(t, e_norm)
 
 
 @_float64
-def flow_q(setting: LinearSetting, tau: float) -> np.ndarray:
+def flow_q(setting: LinearSetting, temperature: float) -> np.ndarray:
     """The matrix Q of Theorem 7.2, with Σ′ = μ(I − Q).
 
     .. math::
@@ -540,7 +542,7 @@ def flow_q(setting: LinearSetting, tau: float) -> np.ndarray:
 
     Args:
       setting: a :class:`LinearSetting`.
-      tau: the temperature τ > 0.
+      temperature: the temperature τ > 0.
 
     Returns:
       Q, ``[d, d]``.
@@ -553,18 +555,20 @@ def flow_q(setting: LinearSetting, tau: float) -> np.ndarray:
       >>> import jax, numpy as np
       >>> from flowjax.theory import make_setting, flow_q
       >>> s = make_setting(jax.random.key(0), d=3, rho=0.0, e_norm=1.0)
-      >>> q = flow_q(s, tau=2.0)  # ρ = 0: Q = (1 - μ²) êêᵀ = êêᵀ / 2
+      >>> q = flow_q(s, temperature=2.0)  # ρ = 0: Q = (1 - μ²) êêᵀ = êêᵀ / 2
       >>> bool(np.allclose(q, 0.5 * np.outer(s.e_hat, s.e_hat)))
       True
     """
     _, _, _, e_hat, e_perp, _, _ = _arrays(setting)
-    tau = _scalar(tau, "tau")
-    _check_tau(tau)
-    return _q_matrix(e_hat, e_perp, setting.rho, _mu_from_tau(tau, setting.e_norm))
+    tau = _scalar(temperature, "temperature")
+    _check_temperature(tau)
+    return _q_matrix(
+        e_hat, e_perp, setting.rho, _mu_from_temperature(tau, setting.e_norm)
+    )
 
 
 @_float64
-def flow_covariance(setting: LinearSetting, tau: float) -> np.ndarray:
+def flow_covariance(setting: LinearSetting, temperature: float) -> np.ndarray:
     """FLOW's weighted covariance Σ′ = E[w x̃x̃ᵀ] in closed form (Theorem 7.2).
 
     .. math::
@@ -579,7 +583,7 @@ def flow_covariance(setting: LinearSetting, tau: float) -> np.ndarray:
 
     Args:
       setting: a :class:`LinearSetting`.
-      tau: the temperature τ > 0.
+      temperature: the temperature τ > 0.
 
     Returns:
       Σ′, ``[d, d]``, symmetric positive definite.
@@ -592,14 +596,16 @@ def flow_covariance(setting: LinearSetting, tau: float) -> np.ndarray:
       >>> import jax, numpy as np
       >>> from flowjax.theory import make_setting, flow_covariance, flow_mu
       >>> s = make_setting(jax.random.key(0), d=3, rho=0.5, e_norm=1.0)
-      >>> c = flow_covariance(s, tau=1e6)  # τ → ∞: w → 1, Σ′ → Σ̃
+      >>> c = flow_covariance(s, temperature=1e6)  # τ → ∞: w → 1, Σ′ → Σ̃
       >>> bool(np.allclose(c, s.sigma_ft, atol=1e-5))
       True
     """
     _, _, _, e_hat, e_perp, _, _ = _arrays(setting)
-    tau = _scalar(tau, "tau")
-    _check_tau(tau)
-    return _flow_cov(e_hat, e_perp, setting.rho, _mu_from_tau(tau, setting.e_norm))
+    tau = _scalar(temperature, "temperature")
+    _check_temperature(tau)
+    return _flow_cov(
+        e_hat, e_perp, setting.rho, _mu_from_temperature(tau, setting.e_norm)
+    )
 
 
 @jax.jit
@@ -647,7 +653,7 @@ def _mean_and_stderr(s1, s2, n):
 @_float64
 def flow_covariance_mc(
     setting: LinearSetting,
-    tau: float,
+    temperature: float,
     key: jax.Array,
     num_samples: int,
 ) -> MonteCarloEstimate:
@@ -663,7 +669,7 @@ def flow_covariance_mc(
 
     Args:
       setting: a :class:`LinearSetting`.
-      tau: the temperature τ > 0.
+      temperature: the temperature τ > 0.
       key: a JAX PRNG key.
       num_samples: n >= 2.
 
@@ -684,8 +690,8 @@ def flow_covariance_mc(
       True
     """
     _check_setting(setting)
-    tau = _scalar(tau, "tau")
-    _check_tau(tau)
+    tau = _scalar(temperature, "temperature")
+    _check_temperature(tau)
     _check_key(key)
     n = _check_count(num_samples, "num_samples", 2)
     args = (_f64(setting.sigma_ft), _f64(setting.e), _f64(tau))
@@ -708,12 +714,12 @@ def _mu_from_beta(b, rho):
 
 
 @jax.jit
-def _tau_from_beta(b, rho, e_norm):
+def _temperature_from_beta(b, rho, e_norm):
     return 2.0 * b * (1 - rho**2) * e_norm**2 / (1 - b**2 * rho**2)
 
 
 @jax.jit
-def _beta_from_tau(t, rho, e_norm):
+def _beta_from_temperature(t, rho, e_norm):
     b = 2.0 * (1 - rho**2) * e_norm**2
     return jnp.minimum(2.0 * t / (b + jnp.sqrt(b**2 + 4.0 * t**2 * rho**2)), 1.0)
 
@@ -759,7 +765,7 @@ def mu_from_beta(beta, rho: float):
 
 
 @_float64
-def tau_from_beta(beta, rho: float, e_norm: float):
+def temperature_from_beta(beta, rho: float, e_norm: float):
     """The temperature τ for a given β (the paper's footnote 5).
 
     .. math:: \\tau = \\frac{2\\beta(1-\\rho^2)\\|e\\|^2}{1-\\beta^2\\rho^2}
@@ -779,19 +785,19 @@ def tau_from_beta(beta, rho: float, e_norm: float):
       ValueError: β outside (0, 1], ρ outside [0, 1) or ‖e‖ <= 0.
 
     Example:
-      >>> from flowjax.theory import tau_from_beta
-      >>> tau_from_beta(1.0, 0.9, 1.5)  # β = 1: τ = 2‖e‖² for every ρ
+      >>> from flowjax.theory import temperature_from_beta
+      >>> temperature_from_beta(1.0, 0.9, 1.5)  # β = 1: τ = 2‖e‖² for every ρ
       4.5
     """
     b = _f64(_check_beta(beta))
     rho = _check_rho(rho)
     e_norm = _check_e_norm(e_norm)
-    return _tau_from_beta(b, rho, e_norm)
+    return _temperature_from_beta(b, rho, e_norm)
 
 
 @_float64
-def beta_from_tau(tau, rho: float, e_norm: float):
-    """β for a given temperature: the inverse of :func:`tau_from_beta`.
+def beta_from_temperature(temperature, rho: float, e_norm: float):
+    """β for a given temperature: the inverse of :func:`temperature_from_beta`.
 
     Solving :math:`\\tau\\rho^2\\beta^2 + 2(1-\\rho^2)\\|e\\|^2\\beta - \\tau = 0` for its
     positive root, written without cancellation (and valid at ρ = 0):
@@ -799,30 +805,31 @@ def beta_from_tau(tau, rho: float, e_norm: float):
     .. math:: \\beta = \\frac{2\\tau}{b + \\sqrt{b^2 + 4\\tau^2\\rho^2}},\\qquad b = 2(1-\\rho^2)\\|e\\|^2
 
     Args:
-      tau: τ ∈ (0, 2‖e‖²] (scalar or array); larger τ has β > 1, outside the
+      temperature: τ ∈ (0, 2‖e‖²] (scalar or array); larger τ has β > 1, outside the
         range of Lemma F.3.
       rho: ρ ∈ [0, 1).
       e_norm: ‖e‖ > 0.
 
     Returns:
-      β ∈ (0, 1], a float or an array shaped like ``tau``.
+      β ∈ (0, 1], a float or an array shaped like ``temperature``.
 
     Raises:
       ValueError: τ <= 0, τ > 2‖e‖² (β > 1), ρ outside [0, 1) or ‖e‖ <= 0.
 
     Example:
-      >>> from flowjax.theory import beta_from_tau, tau_from_beta
-      >>> round(beta_from_tau(tau_from_beta(0.3, 0.8, 2.0), 0.8, 2.0), 12)
+      >>> from flowjax.theory import beta_from_temperature, temperature_from_beta
+      >>> round(beta_from_temperature(temperature_from_beta(0.3, 0.8, 2.0), 0.8, 2.0), 12)
       0.3
     """
-    t = _check_tau(tau)
+    t = _check_temperature(temperature)
     rho = _check_rho(rho)
     e_norm = _check_e_norm(e_norm)
     if np.any(t > 2.0 * e_norm**2 * (1 + 1e-12)):
         raise ValueError(
-            f"tau must be <= 2‖e‖² = {2.0 * e_norm**2} for β ∈ (0, 1] (Lemma F.3); got {tau!r}."
+            f"temperature must be <= 2‖e‖² = {2.0 * e_norm**2} for β ∈ (0, 1] "
+            f"(Lemma F.3); got {temperature!r}."
         )
-    return _beta_from_tau(_f64(t), rho, e_norm)
+    return _beta_from_temperature(_f64(t), rho, e_norm)
 
 
 @_float64
@@ -882,10 +889,10 @@ def q_eigen(setting: LinearSetting, beta: float) -> QEigen:
 
     Example:
       >>> import jax, numpy as np
-      >>> from flowjax.theory import make_setting, q_eigen, flow_q, tau_from_beta
+      >>> from flowjax.theory import make_setting, q_eigen, flow_q, temperature_from_beta
       >>> s = make_setting(jax.random.key(0), d=4, rho=0.6, e_norm=1.0)
       >>> eig = q_eigen(s, 0.5)
-      >>> q = flow_q(s, tau_from_beta(0.5, s.rho, s.e_norm))
+      >>> q = flow_q(s, temperature_from_beta(0.5, s.rho, s.e_norm))
       >>> bool(np.allclose(q @ eig.v1, eig.lambda1 * eig.v1))
       True
     """
@@ -1001,7 +1008,7 @@ def gd_trajectory(
     setting: LinearSetting,
     steps,
     *,
-    tau: float | None = None,
+    temperature: float | None = None,
     eta: float | None = None,
     method: str = "closed_form",
 ) -> np.ndarray:
@@ -1017,7 +1024,7 @@ def gd_trajectory(
     Args:
       setting: a :class:`LinearSetting`.
       steps: the K at which to evaluate, integers >= 0.
-      tau: None for vanilla fine-tuning, else FLOW's temperature τ > 0 (any
+      temperature: None for vanilla fine-tuning, else FLOW's temperature τ > 0 (any
         τ > 0, not only the β-range of Lemma F.3).
       eta: the step size; see above for the default.
       method: ``"closed_form"`` (:func:`gd_closed_form`) or ``"iterate"``
@@ -1041,12 +1048,12 @@ def gd_trajectory(
     _check_setting(setting)
     if method not in ("closed_form", "iterate"):
         raise ValueError(f'method must be "closed_form" or "iterate"; got {method!r}.')
-    if tau is None:
+    if temperature is None:
         cov = setting.sigma_ft
         eta = 0.5 if eta is None else eta
     else:
-        cov = flow_covariance(setting, tau)
-        eta = 0.5 / flow_mu(tau, setting.e_norm) if eta is None else eta
+        cov = flow_covariance(setting, temperature)
+        eta = 0.5 / flow_mu(temperature, setting.e_norm) if eta is None else eta
     k = _check_steps(steps)
     if method == "closed_form":
         return gd_closed_form(cov, setting.theta_ft, setting.theta_star, eta, k)
@@ -1133,7 +1140,7 @@ def flow_trajectory(setting: LinearSetting, beta: float, steps) -> np.ndarray:
 
     Args:
       setting: a :class:`LinearSetting`.
-      beta: β ∈ (0, 1] (τ from :func:`tau_from_beta`).
+      beta: β ∈ (0, 1] (τ from :func:`temperature_from_beta`).
       steps: integers K >= 0.
 
     Returns:
@@ -1355,7 +1362,7 @@ def median_chi2_1() -> float:
 
 
 @_float64
-def median_heuristic_tau(e_norm: float) -> float:
+def median_heuristic_temperature(e_norm: float) -> float:
     """Population value of FLOW's median temperature in this model: τ ≈ 0.455‖e‖².
 
     .. math:: \\tau_{med} = \\mathrm{median}\\big((e^\\top\\tilde x)^2\\big) = \\big(\\Phi^{-1}(3/4)\\big)^2\\,\\|e\\|^2
@@ -1373,8 +1380,8 @@ def median_heuristic_tau(e_norm: float) -> float:
       ValueError: ‖e‖ <= 0.
 
     Example:
-      >>> from flowjax.theory import median_heuristic_tau
-      >>> round(median_heuristic_tau(2.0), 6)
+      >>> from flowjax.theory import median_heuristic_temperature
+      >>> round(median_heuristic_temperature(2.0), 6)
       1.819746
     """
     e_norm = _check_e_norm(e_norm)
@@ -1382,7 +1389,7 @@ def median_heuristic_tau(e_norm: float) -> float:
 
 
 @_float64
-def median_heuristic_tau_mc(
+def median_heuristic_temperature_mc(
     setting: LinearSetting, key: jax.Array, num_samples: int
 ) -> float:
     """The median temperature computed from sampled pre-trained losses.
@@ -1390,7 +1397,7 @@ def median_heuristic_tau_mc(
     .. math:: \\hat\\tau = \\mathrm{median}_{i\\le n}\\,(\\tilde y_i - \\langle\\theta^*, \\tilde x_i\\rangle)^2,
               \\quad \\tilde x_i \\sim \\mathcal N(0, \\tilde\\Sigma)
 
-    Converges to :func:`median_heuristic_tau` at rate n^{-1/2}.
+    Converges to :func:`median_heuristic_temperature` at rate n^{-1/2}.
 
     Args:
       setting: a :class:`LinearSetting`.
@@ -1406,9 +1413,9 @@ def median_heuristic_tau_mc(
 
     Example:
       >>> import jax
-      >>> from flowjax.theory import make_setting, median_heuristic_tau_mc
+      >>> from flowjax.theory import make_setting, median_heuristic_temperature_mc
       >>> s = make_setting(jax.random.key(0), d=3, rho=0.5, e_norm=1.0)
-      >>> abs(median_heuristic_tau_mc(s, jax.random.key(1), 100_000) - 0.4549) < 0.01
+      >>> abs(median_heuristic_temperature_mc(s, jax.random.key(1), 100_000) - 0.4549) < 0.01
       True
     """
     _check_setting(setting)
@@ -1453,7 +1460,7 @@ def finite_sample_flow(
     steps: Sequence[int],
     *,
     eta: float | None = None,
-    temperature: str | float = "median",
+    temperature: float | None = None,
 ) -> FiniteSampleFlow:
     """FLOW on n fine-tuning samples with the library's own weights and objective.
 
@@ -1469,7 +1476,7 @@ def finite_sample_flow(
         = (\\theta-\\tilde\\theta^*)^\\top\\hat\\Sigma'(\\theta-\\tilde\\theta^*),\\qquad
         \\theta_{k+1} = \\theta_k - \\eta\\nabla\\hat L(\\theta_k)
 
-    As n → ∞, τ̂ → τ_med (:func:`median_heuristic_tau`) and Σ̂′ → Σ′(τ_med), so
+    As n → ∞, τ̂ → τ_med (:func:`median_heuristic_temperature`) and Σ̂′ → Σ′(τ_med), so
     the iterates approach :func:`gd_trajectory` at τ_med with the same η.
 
     Args:
@@ -1479,14 +1486,16 @@ def finite_sample_flow(
         only stable while the largest eigenvalue of Σ̂′ stays below 2μ.
       steps: the K at which to return iterates, integers >= 0.
       eta: the step size; default 1/(2μ(τ̂)), the comparable step for the τ used.
-      temperature: ``"median"`` or a number > 0, passed to ``flow_weights``.
+      temperature: ``None`` (the default) for the median of the pre-trained losses
+        (:func:`flowjax.median_temperature`), or a number > 0; passed on to
+        ``flow_weights``, as in :func:`flowjax.flow_weights`.
 
     Returns:
       A :class:`FiniteSampleFlow`.
 
     Raises:
       ValueError: n < 1, bad steps, η <= 0, or whatever ``flow_weights``
-        rejects (e.g. τ <= 0).
+        rejects (e.g. τ <= 0, or a string such as ``"median"``).
       TypeError: ``setting`` or ``key`` of the wrong type.
 
     Example:
@@ -1494,7 +1503,7 @@ def finite_sample_flow(
       >>> from flowjax.theory import make_setting, finite_sample_flow
       >>> s = make_setting(jax.random.key(0), d=3, rho=0.5, e_norm=1.0)
       >>> run = finite_sample_flow(s, jax.random.key(1), 8_001, [0, 10])
-      >>> round(run.tau, 1), bool(np.allclose(run.thetas[0], s.theta_star))
+      >>> round(run.temperature, 1), bool(np.allclose(run.thetas[0], s.theta_star))
       (0.5, True)
     """
     _check_setting(setting)
@@ -1504,10 +1513,7 @@ def finite_sample_flow(
     x, y, losses = _sample_ft(setting, key, n)
     # The library's weights on the host copy of the losses (numpy in, float64 out).
     host = np.asarray(losses)
-    median = temperature is None or (
-        isinstance(temperature, str) and temperature == "median"
-    )
-    tau = median_temperature(host) if median else temperature
+    tau = median_temperature(host) if temperature is None else temperature
     weights = flow_weights(host, tau)
     tau = float(tau)
     if eta is None:
@@ -1519,7 +1525,7 @@ def finite_sample_flow(
     )
     return FiniteSampleFlow(
         thetas=np.asarray(path)[k],
-        tau=tau,
+        temperature=tau,
         eta=eta,
         weights=np.asarray(weights, dtype=np.float64),
         covariance=covariance,
