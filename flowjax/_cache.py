@@ -121,7 +121,9 @@ def params_digest(params) -> list[list]:
             spread.append(i)
             shards = {}
             for s in x.addressable_shards:
-                index = tuple(sl.indices(n)[:2] for sl, n in zip(s.index, x.shape))
+                index = tuple(
+                    sl.indices(n)[:2] for sl, n in zip(s.index, x.shape, strict=True)
+                )
                 shards.setdefault(index, s)
             for index in sorted(shards):
                 h.update(repr(index).encode())
@@ -244,15 +246,14 @@ def _global_names(code: types.CodeType) -> set[str]:
     return names
 
 
-def manifest(
-    *, name: str, step, args: tuple, params, spec: str, mesh, shape: tuple[int, ...]
-) -> dict:
-    """What every row of a pre-pass depends on (see the module docstring).
+def manifest(*, name: str, params, spec: str, mesh, shape: tuple[int, ...]) -> dict:
+    """What every row of a pre-pass depends on, but the program (see the module docstring).
+
+    :meth:`PrepassCache.check` adds the program's digest, lowering the step
+    only when everything here matches.
 
     Args:
       name: a readable name of the per-example function (for the messages).
-      step: the jitted batched step; ``args`` its arguments (see
-        :func:`program_digest`).
       params: the placed parameters.
       spec: the batches' structure, shapes and dtypes as text.
       mesh: the mesh; ``shape`` the per-example output shape.
@@ -269,7 +270,6 @@ def manifest(
         "backend": f"{device.platform} {getattr(device, 'device_kind', '')}",
         "versions": f"jax {jax.__version__}, jaxlib {jaxlib.__version__}",
         "params": params_digest(params),
-        "program": program_digest(step, *args),
     }
 
 
@@ -287,7 +287,7 @@ def _manifest_difference(old: dict, new: dict) -> str:
     for x, y in zip(a, b, strict=True):
         if x[3] != y[3]:
             return f"the parameter values differ (first at {x[0] or 'the root'})"
-    if old.get("program") != new.get("program"):
+    if "program" in new and old.get("program") != new["program"]:
         return (
             "the program differs: the per-example function's code, a value it closes over "
             "or a partial argument, the model code, the batch size or the batch layout changed"
@@ -396,15 +396,23 @@ class PrepassCache:
             (_chunk_number(p) for p in self._chunk_paths()), default=-1
         )
 
-    def check(self, manifest: dict) -> None:
-        """Raises CacheMismatchError unless ``manifest`` is the cache's; writes it to a new cache."""
+    def check(self, manifest: dict, step, *args) -> None:
+        """Raises CacheMismatchError unless this pass is the cache's; writes a new cache's manifest.
+
+        ``manifest`` is :func:`manifest`'s; ``step(*args)`` the jitted batched
+        step and its arguments, for :func:`program_digest` (lowered only when
+        the rest of the manifest matches).
+        """
+        problem = "" if self._old is None else _manifest_difference(self._old, manifest)
+        if not problem:
+            manifest = {**manifest, "program": program_digest(step, *args)}
         if self._old is None:
             content = dict(manifest)
             data = {**content, "checksum": _checksum(content)}
             _atomic_write(self._manifest_path, json.dumps(data, indent=1).encode())
             self._old = content
             return
-        problem = _manifest_difference(self._old, manifest)
+        problem = problem or _manifest_difference(self._old, manifest)
         if problem:
             raise CacheMismatchError(
                 f"cache_dir {self.root!r} was written by a different pre-pass ({problem}). "
@@ -413,7 +421,10 @@ class PrepassCache:
 
     def skip_at_source(self, batches):
         """``batches`` without the cached examples it can vouch for (see the module docstring)."""
-        key_of, skip = getattr(batches, "cache_key", None), getattr(batches, "skip", None)
+        key_of, skip = (
+            getattr(batches, "cache_key", None),
+            getattr(batches, "skip", None),
+        )
         if not (callable(key_of) and callable(skip)):
             return batches
         key = key_of()
@@ -477,7 +488,9 @@ class PrepassCache:
             np.concatenate(self._pending_digests),
             self.source_key,
         )
-        _atomic_write(os.path.join(self.dir, f"chunk-{self._next_chunk:08d}.npz"), chunk)
+        _atomic_write(
+            os.path.join(self.dir, f"chunk-{self._next_chunk:08d}.npz"), chunk
+        )
         self._next_chunk += 1
         self._pending_ids, self._pending_values, self._pending_digests = [], [], []
 
@@ -520,7 +533,8 @@ class Served:
         """Marks cached ids as used without looking at their data (skipped at the source)."""
         pos = np.searchsorted(self.ids, ids)
         if len(ids) and not (
-            (pos < len(self.ids)).all() and (self.ids[np.minimum(pos, len(self.ids) - 1)] == ids).all()
+            (pos < len(self.ids)).all()
+            and (self.ids[np.minimum(pos, len(self.ids) - 1)] == ids).all()
         ):
             raise RuntimeError("the batches skipped ids that are not cached")
         self._used.append(pos)
@@ -532,7 +546,8 @@ class Served:
         order = np.argsort(todo_ids, kind="stable")
         pos = np.searchsorted(todo_ids[order], ids)
         if len(ids) and (
-            (pos >= len(todo_ids)).any() or (todo_ids[order][np.minimum(pos, len(todo_ids) - 1)] != ids).any()
+            (pos >= len(todo_ids)).any()
+            or (todo_ids[order][np.minimum(pos, len(todo_ids) - 1)] != ids).any()
         ):
             raise RuntimeError("a computed row has no data digest: it was never fed")
         found = order[pos]

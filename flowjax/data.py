@@ -409,7 +409,9 @@ class _Batches:
         mine = self._rows_of_epoch(0)
         mine_ids = self._ids_of(mine)
         drop = np.isin(mine_ids, _checks.as_ids(ids, "ids"))
-        drop[: self._batch_size] = False  # the first batch is read: it fixes the batch layout
+        drop[: self._batch_size] = (
+            False  # the first batch is read: it fixes the batch layout
+        )
         out = copy.copy(self)
         out._skip = np.sort(mine_ids[drop])
         out.skipped = out._skip
@@ -451,7 +453,9 @@ class _Batches:
         if not self._has_id:
             return rows
         if self._columns is None:
-            raise TypeError("the ids of this source are only known by reading its records")
+            raise TypeError(
+                "the ids of this source are only known by reading its records"
+            )
         return _checks.as_ids(self._columns[self._id_key][rows], "ids")
 
     def _order(self, epoch: int) -> np.ndarray:

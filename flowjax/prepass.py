@@ -227,7 +227,8 @@ def _per_example_values(
     replicated = NamedSharding(mesh, P())
 
     cache = served = None
-    if cache_dir is not None:  # before any batch is read: it may skip cached rows at the source
+    # Opened before any batch is read: it may skip cached rows at the source.
+    if cache_dir is not None:
         cache = _cache.PrepassCache(cache_dir, me, nproc, shape, flush_seconds)
         batches = cache.skip_at_source(batches)
     it = iter(batches)
@@ -254,23 +255,23 @@ def _per_example_values(
     step = _make_step(fn, global_batch, mesh, nproc > 1, shape)
 
     if cache is not None:
+        # The step's arguments as it will be called (numpy batches carry no sharding),
+        # so that lowering it for the manifest traces it for the first step too.
+        where = {"sharding": data_sharding} if nproc > 1 else {}
         rows = [
-            jax.ShapeDtypeStruct((global_batch, *s), d, sharding=data_sharding)
+            jax.ShapeDtypeStruct((global_batch, *s), d, **where)
             for s, d in zip(spec.shapes, spec.dtypes, strict=True)
         ]
-        meta = jax.ShapeDtypeStruct((global_batch, 4), np.int32, sharding=data_sharding)
+        meta = jax.ShapeDtypeStruct((global_batch, 4), np.int32, **where)
         args = (params, rows, *([meta] if nproc > 1 else []), spec.treedef)
-        cache.check(
-            _cache.manifest(
-                name=_describe_fn(fn) if fn_name is None else fn_name,
-                step=step,
-                args=args,
-                params=params,
-                spec=spec.describe(),
-                mesh=mesh,
-                shape=shape,
-            )
+        manifest = _cache.manifest(
+            name=_describe_fn(fn) if fn_name is None else fn_name,
+            params=params,
+            spec=spec.describe(),
+            mesh=mesh,
+            shape=shape,
         )
+        cache.check(manifest, step, *args)
         served = cache.served
 
     bar = tqdm(

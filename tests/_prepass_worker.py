@@ -3,7 +3,7 @@
 Used by the multi-device, multi-process and kill-and-resume tests:
 
     python tests/_prepass_worker.py OUT.npz [--devices N] [--process-id I --num-processes P --port PORT]
-        [--batch-size B] [--cache DIR] [--kill-after K] [--poison IDS.npy]
+        [--batch-size B] [--cache DIR] [--kill-after K]
 """
 
 from __future__ import annotations
@@ -38,9 +38,6 @@ def main() -> None:
     ap.add_argument(
         "--shard-params", action="store_true", help="shard w1's columns over 'data'"
     )
-    ap.add_argument(
-        "--poison", default=None, help="ids whose inputs are replaced by NaN"
-    )
     args = ap.parse_args()
 
     _runtime.start(args)
@@ -49,9 +46,7 @@ def main() -> None:
     import numpy as np
 
     import flowjax
-    from flowjax import _cache
 
-    _cache.FLUSH_SECONDS = 0.0  # write every finished step: the kill test needs a cache
     assert len(jax.devices()) == args.devices * args.num_processes, jax.devices()
 
     data = _data.dataset()
@@ -62,9 +57,6 @@ def main() -> None:
         k: v[cut[args.process_id] : cut[args.process_id + 1]] for k, v in data.items()
     }
     order = np.random.default_rng(10 + args.process_id).permutation(len(part["id"]))
-    if args.poison:
-        bad = np.isin(part["id"], np.load(args.poison))
-        part["x"] = np.where(bad[:, None], np.nan, part["x"]).astype(np.float32)
 
     def feed():
         for k, batch in enumerate(_data.batches(part, args.batch_size, order)):
@@ -93,6 +85,7 @@ def main() -> None:
         feed(),
         progress=False,
         cache_dir=args.cache,
+        flush_seconds=0.0,  # write every finished step: the kill test needs a cache
         mesh=mesh,
         param_shardings=shardings,
     )

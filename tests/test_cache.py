@@ -53,7 +53,9 @@ def _chunks(cache) -> list[str]:
 
 
 def _cached_ids(cache) -> np.ndarray:
-    return np.concatenate([np.zeros(0, np.int64)] + [np.load(c)["ids"] for c in _chunks(cache)])
+    return np.concatenate(
+        [np.zeros(0, np.int64)] + [np.load(c)["ids"] for c in _chunks(cache)]
+    )
 
 
 # --- the six stale cases: another program, other parameters, other data ------------------
@@ -90,7 +92,10 @@ def _module_function(source: str):
 def test_edited_function_body_with_the_same_name_is_refused(tmp_path):
     before = _module_function("def loss(p, ex):\n    return base(p, ex)\n")
     after = _module_function("def loss(p, ex):\n    return base(p, ex) + 1e-3\n")
-    assert (before.__module__, before.__qualname__) == (after.__module__, after.__qualname__)
+    assert (before.__module__, before.__qualname__) == (
+        after.__module__,
+        after.__qualname__,
+    )
     _full_then(str(tmp_path), fn=before)
     with pytest.raises(_cache.CacheMismatchError, match="the program differs"):
         _full_then(str(tmp_path), fn=after)
@@ -113,7 +118,8 @@ def test_permuted_parameters_are_refused(tmp_path):
     p = _data.params()
     permuted = {**p, "w1": p["w1"][::-1]}  # same sum and sum of squares
     with pytest.raises(
-        _cache.CacheMismatchError, match=r"parameter values differ \(first at \['w1'\]\)"
+        _cache.CacheMismatchError,
+        match=r"parameter values differ \(first at \['w1'\]\)",
     ):
         _full_then(str(tmp_path), params=permuted)
 
@@ -124,7 +130,8 @@ def test_parameters_nudged_by_1e_6_are_refused(tmp_path):
     nudged = {**p, "w2": p["w2"].at[3].add(1e-6)}
     assert not np.array_equal(nudged["w2"], p["w2"])
     with pytest.raises(
-        _cache.CacheMismatchError, match=r"parameter values differ \(first at \['w2'\]\)"
+        _cache.CacheMismatchError,
+        match=r"parameter values differ \(first at \['w2'\]\)",
     ):
         _full_then(str(tmp_path), params=nudged)
 
@@ -157,7 +164,12 @@ def test_row_digests_tell_apart_every_field_and_bit():
     flipped = x.copy()
     flipped.view(np.uint32)[2, 1] ^= 1  # one bit of one field of row 2
     changed = _cache.row_digests([flipped, y], 4)
-    assert [bool((changed[i] != base[i]).any()) for i in range(4)] == [False, False, True, False]
+    assert [bool((changed[i] != base[i]).any()) for i in range(4)] == [
+        False,
+        False,
+        True,
+        False,
+    ]
     y2 = y.copy()
     y2[0] = 9
     assert (_cache.row_digests([x, y2], 4)[0] != base[0]).any()
@@ -172,7 +184,9 @@ def test_program_digest_sees_partial_arguments_bodies_and_constants():
     def g(p, x, scale):
         return jnp.sum(x * p) * scale
 
-    assert digest(functools.partial(g, scale=1.0)) != digest(functools.partial(g, scale=2.0))
+    assert digest(functools.partial(g, scale=1.0)) != digest(
+        functools.partial(g, scale=2.0)
+    )
     assert digest(lambda p, x: jnp.sum(x * p)) != digest(lambda p, x: jnp.sum(x + p))
     for c in (np.arange(3.0), jnp.arange(3.0), jnp.arange(40_000.0)):
         nudged = c + 0 if isinstance(c, jax.Array) else c.copy()
@@ -183,7 +197,9 @@ def test_program_digest_sees_partial_arguments_bodies_and_constants():
             lambda p, x, c=nudged: jnp.sum(x * p) + jnp.sum(c)
         )
     # Deterministic: the same program twice gives the same digest.
-    assert digest(functools.partial(g, scale=1.0)) == digest(functools.partial(g, scale=1.0))
+    assert digest(functools.partial(g, scale=1.0)) == digest(
+        functools.partial(g, scale=1.0)
+    )
 
 
 def test_params_digest_is_exact_and_names_each_leaf():
@@ -196,7 +212,11 @@ def test_params_digest_is_exact_and_names_each_leaf():
     ]
     assert rows == _cache.params_digest(jax.tree.map(np.asarray, p))  # host or device
     perm = _cache.params_digest({**p, "w1": p["w1"][:, ::-1]})
-    assert [a[3] == b[3] for a, b in zip(rows, perm)] == [True, False, True]
+    assert [a[3] == b[3] for a, b in zip(rows, perm, strict=True)] == [
+        True,
+        False,
+        True,
+    ]
     bf16 = _cache.params_digest({"w": p["w2"].astype(jnp.bfloat16)})
     assert bf16[0][2] == "bfloat16"
 
@@ -211,14 +231,18 @@ def test_chunk_with_a_wrong_checksum_is_recomputed_with_a_warning_naming_it(tmp_
     chunk, n_cached = _chunks(cache)[0], len(_cached_ids(cache))
     with np.load(chunk) as f:
         arrays = dict(f)
-    key = "values" if "values" in arrays else "losses"  # (flowjax before issue 10: "losses")
+    key = (
+        "values" if "values" in arrays else "losses"
+    )  # (flowjax before issue 10: "losses")
     arrays[key] = arrays[key] + 1.0  # a well-formed file with wrong contents
     with open(chunk, "wb") as f:
         np.savez(f, **arrays)
     with pytest.warns(RuntimeWarning, match=f"{chunk}.*checksum does not match"):
         resumed = _table(_data.batches(_data.dataset(), 16), cache_dir=cache)
     assert resumed == expected
-    assert resumed.cached == n_cached - len(arrays["ids"])  # that chunk's rows recomputed
+    assert resumed.cached == n_cached - len(
+        arrays["ids"]
+    )  # that chunk's rows recomputed
 
 
 def test_truncated_chunk_is_recomputed_with_a_warning_naming_it(tmp_path):
@@ -263,7 +287,9 @@ def test_corrupted_manifest_is_a_value_error_naming_it(tmp_path):
         _table(_data.batches(_data.dataset(), 16), cache_dir=cache)
 
 
-def test_read_only_partly_filled_cache_fails_before_reading_a_batch(tmp_path, monkeypatch):
+def test_read_only_partly_filled_cache_fails_before_reading_a_batch(
+    tmp_path, monkeypatch
+):
     cache = str(tmp_path / "cache")
     _interrupted(cache, stop_after=3)
     dirs = [cache, *glob.glob(os.path.join(cache, "*"))]
@@ -303,7 +329,9 @@ def test_read_only_partly_filled_cache_fails_before_reading_a_batch(tmp_path, mo
 
 
 def test_flush_seconds_sets_how_often_rows_become_durable(tmp_path):
-    batches = lambda: _data.batches(_data.dataset(), 16)  # 13 steps
+    def batches():
+        return _data.batches(_data.dataset(), 16)  # 13 steps
+
     _table(batches(), cache_dir=str(tmp_path / "each"), flush_seconds=0)
     assert len(_chunks(str(tmp_path / "each"))) == 13
     _table(batches(), cache_dir=str(tmp_path / "end"), flush_seconds=3600)
@@ -414,10 +442,15 @@ def test_cache_key_and_skip_of_batches():
     src = _source()
     plain = flowjax.batches(src, 16, shard=(0, 1))
     assert plain.cache_key() == flowjax.batches(_source(), 32, shard=(0, 1)).cache_key()
-    assert plain.cache_key() != flowjax.batches(src, 16, fields=["x"], shard=(0, 1)).cache_key()
+    assert (
+        plain.cache_key()
+        != flowjax.batches(src, 16, fields=["x"], shard=(0, 1)).cache_key()
+    )
     ids = src.columns["id"]
     rest = plain.skip(ids[10:100])
-    assert set(rest.skipped.tolist()) == set(ids[16:100].tolist())  # not the first batch
+    assert set(rest.skipped.tolist()) == set(
+        ids[16:100].tolist()
+    )  # not the first batch
     got = np.concatenate([b["id"] for b in rest])
     assert sorted(got.tolist()) == sorted(set(ids.tolist()) - set(ids[16:100].tolist()))
     assert len(rest) == -(-len(got) // 16)
@@ -443,5 +476,7 @@ def test_fn_fingerprint_follows_code_closures_and_globals():
     a = _module_function("def loss(p, ex):\n    return base(p, ex)\n")
     b = _module_function("def loss(p, ex):\n    return base(p, ex) * 2\n")
     assert _cache.fn_fingerprint(a) != _cache.fn_fingerprint(b)
-    assert _cache.fn_fingerprint(make(np.ones(3))) != _cache.fn_fingerprint(make(np.zeros(3)))
+    assert _cache.fn_fingerprint(make(np.ones(3))) != _cache.fn_fingerprint(
+        make(np.zeros(3))
+    )
     assert _cache.fn_fingerprint(make(object())) is None
