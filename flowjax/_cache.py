@@ -59,6 +59,7 @@ row is read, digested and served only if its digest matches.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import glob
 import hashlib
@@ -130,7 +131,8 @@ def params_digest(params) -> list[list]:
                 hash_array(h, shards[index].data)
         else:
             hash_array(h, x)
-        shape, dtype = np.shape(x), str(getattr(x, "dtype", np.asarray(x).dtype))
+        dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+        shape, dtype = np.shape(x), str(dtype)
         out.append([jax.tree_util.keystr(path), list(shape), dtype, h])
     if spread and jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -152,11 +154,33 @@ def row_digests(leaves: list[np.ndarray], n: int) -> np.ndarray:
     identify the example.
     """
     parts = [np.ascontiguousarray(x).reshape(n, -1).view(np.uint8) for x in leaves]
-    rows = np.ascontiguousarray(np.concatenate(parts, axis=1)) if parts else None
-    if rows is None or rows.shape[1] == 0:
+    if len(parts) == 1:
+        rows = parts[0]
+    else:
+        rows = np.concatenate(parts or [np.zeros((n, 0), np.uint8)], axis=1)
+    if rows.shape[1] == 0:
         rows = np.zeros((n, 1), np.uint8)
+    # hashlib releases the GIL on buffers of 2 KiB or more: hash big rows on threads.
+    threads = min(_THREADS, n // 64) if rows.shape[1] >= 2048 else 1
+    if threads <= 1:
+        return _digest_rows(rows)
+    parts = np.array_split(rows, threads)
+    return np.concatenate(list(_pool().map(_digest_rows, parts)))
+
+
+_THREADS = min(8, os.cpu_count() or 1)
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(
+        _THREADS, thread_name_prefix="flowjax-digest"
+    )
+
+
+def _digest_rows(rows: np.ndarray) -> np.ndarray:
     out = b"".join(hashlib.blake2b(r, digest_size=_DIGEST).digest() for r in rows)
-    return np.frombuffer(out, np.uint8).reshape(n, _DIGEST)
+    return np.frombuffer(out, np.uint8).reshape(len(rows), _DIGEST)
 
 
 def hash_array(h, x) -> None:

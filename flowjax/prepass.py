@@ -151,6 +151,16 @@ def per_example_losses(
       >>> table = flowjax.per_example_losses(loss_fn, jnp.ones(3), batches, progress=False)
       >>> table.ids.tolist(), table.losses.tolist()
       ([2, 4, 9], [9.0, 9.0, 36.0])
+
+      With a cache, a second run serves every row (``cached``) instead of computing it:
+
+      >>> import tempfile
+      >>> cache = tempfile.mkdtemp()
+      >>> run = lambda: flowjax.per_example_losses(
+      ...     loss_fn, jnp.ones(3), batches, progress=False, cache_dir=cache)
+      >>> first, again = run(), run()
+      >>> first.cached, again.cached, again == table
+      (0, 3, True)
     """
     info: dict = {}
     ids, losses = _per_example_values(

@@ -3,7 +3,7 @@
 Used by the multi-device, multi-process and kill-and-resume tests:
 
     python tests/_prepass_worker.py OUT.npz [--devices N] [--process-id I --num-processes P --port PORT]
-        [--batch-size B] [--cache DIR] [--kill-after K]
+        [--batch-size B] [--cache DIR] [--kill-after K] [--shard-params] [--nudge-w1-column C]
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--shard-params", action="store_true", help="shard w1's columns over 'data'"
+    )
+    ap.add_argument(
+        "--nudge-w1-column",
+        type=int,
+        default=None,
+        help="add 1e-6 to w1[0, COLUMN] (cache fingerprint tests)",
     )
     args = ap.parse_args()
 
@@ -79,9 +85,12 @@ def main() -> None:
             "b1": NamedSharding(mesh, P("data")),
             "w2": NamedSharding(mesh, P()),
         }
+    params = _data.params()
+    if args.nudge_w1_column is not None:
+        params["w1"] = params["w1"].at[0, args.nudge_w1_column].add(1e-6)
     table = flowjax.per_example_losses(
         _data.loss_fn,
-        _data.params(),
+        params,
         feed(),
         progress=False,
         cache_dir=args.cache,

@@ -21,7 +21,7 @@ import pytest
 import flowjax
 from flowjax import _cache
 
-from . import _data
+from . import _data, _subprocess
 
 
 def _table(batches, fn=_data.loss_fn, params=None, **kw):
@@ -480,3 +480,24 @@ def test_fn_fingerprint_follows_code_closures_and_globals():
         make(np.zeros(3))
     )
     assert _cache.fn_fingerprint(make(object())) is None
+
+
+# --- parameters spread over hosts ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_parameters_spread_over_two_processes_are_fingerprinted_on_both(tmp_path):
+    cache = str(tmp_path / "cache")
+    args = ("--devices", "2", "--shard-params", "--cache", cache)
+
+    def run(tag, *extra, rc=0):
+        outs = [str(tmp_path / f"{tag}-{i}.npz") for i in range(2)]
+        procs = _subprocess.start_two(outs, *args, *extra)
+        logs = [_subprocess.finish(p, expect_rc=rc) for p in procs]
+        return logs if rc else [flowjax.LossTable.load(o) for o in outs]
+
+    full = run("full")
+    assert run("again") == full  # the same sharded parameters: the cache resumes
+    # w1's columns are spread over the 4 devices; column 15 lives on process 1 only.
+    for log in run("nudged", "--nudge-w1-column", "15", rc=1):
+        assert "parameter values differ (first at ['w1'])" in log
