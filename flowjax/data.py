@@ -252,9 +252,14 @@ def batches(
       depends on, taken without building a batch (for an
       :class:`ArraySource`: the bytes of the columns it reads, ``fields``,
       ``id_key``, ``seed`` and ``map_fn``'s code, defaults, closure and the
-      globals it names), or ``None`` when it cannot vouch for the data (any
-      other source, or a ``map_fn`` reaching an object with state, such as a
-      tokenizer); ``skip(ids)`` returns the same batches without those ids
+      globals it names), or ``None`` when it cannot vouch for the data (a
+      ``map_fn`` reaching an object with state, such as a tokenizer, or a
+      source that is not in memory and does not declare its content). A
+      source not in memory declares its content with a ``cache_key``
+      attribute (a string, or a method returning one) that changes whenever
+      any record does, e.g. a TFDS dataset's name, version and split; it is
+      trusted, and used only when ids are record indices.
+      ``skip(ids)`` returns the same batches without those ids
       (never those of the first batch, which the pre-pass reads to learn
       the batch layout and size), with ``skipped`` the ids it leaves out. The
       pre-pass skips a cached example only if the key it was computed under
@@ -388,20 +393,24 @@ class _Batches:
     def cache_key(self) -> str | None:
         """A digest of all the data these batches yield, or None (see :func:`batches`)."""
         cols = self._columns
-        if cols is None:
-            return None
+        declared = None
+        if cols is None:  # records on disk: only a source that declares its content
+            declared = getattr(self._source, "cache_key", None)
+            declared = declared() if callable(declared) else declared
+            if not isinstance(declared, str) or not declared or self._has_id:
+                return None  # (ids read from the records are unknown without reading)
         map_key = None if self._map_fn is None else _cache.fn_fingerprint(self._map_fn)
         if self._map_fn is not None and map_key is None:
             return None
         h = hashlib.blake2b(digest_size=16)
-        config = (self._names, self._id_key, self._has_id, map_key)
-        h.update(repr(("flowjax.batches/1", *config)).encode())
+        config = (self._names, self._id_key, self._has_id, map_key, declared)
+        h.update(repr(("flowjax.batches/1", *config, len(self._source))).encode())
         if self._map_fn is not None:
             h.update(repr(("seed", self._seed)).encode())
-        read = [*self._names, *([self._id_key] if self._has_id else [])]
-        for name in read:
-            h.update(repr(name).encode())
-            _cache.hash_array(h, cols[name])
+        if cols is not None:
+            for name in [*self._names, *([self._id_key] if self._has_id else [])]:
+                h.update(repr(name).encode())
+                _cache.hash_array(h, cols[name])
         return h.hexdigest()
 
     def skip(self, ids) -> _Batches:

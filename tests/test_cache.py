@@ -34,18 +34,30 @@ def _full_then(cache, fn=_data.loss_fn, **kw):
     return _table(_data.batches(_data.dataset(), 16), fn=fn, cache_dir=cache, **kw)
 
 
-def _interrupted(cache, stop_after: int, data=None):
-    """A pre-pass that dies after ``stop_after`` batches, a chunk per finished step."""
-    data = _data.dataset() if data is None else data
+class _Interrupted:
+    """Batches that die after ``k`` batches, passing the skip protocol through."""
 
-    def feed():
-        for k, batch in enumerate(_data.batches(data, 16)):
-            if k == stop_after:
+    def __init__(self, batches, k: int):
+        self.batches, self.k = batches, k
+
+    def cache_key(self):
+        return getattr(self.batches, "cache_key", lambda: None)()
+
+    def skip(self, ids):
+        return _Interrupted(self.batches.skip(ids), self.k)
+
+    def __iter__(self):
+        for k, batch in enumerate(self.batches):
+            if k == self.k:
                 raise KeyboardInterrupt
             yield batch
 
+
+def _interrupted(cache, stop_after: int):
+    """A pre-pass that dies after ``stop_after`` batches, a chunk per finished step."""
     with pytest.raises(KeyboardInterrupt):
-        _table(feed(), cache_dir=cache, flush_seconds=0.0)
+        batches = _Interrupted(_data.batches(_data.dataset(), 16), stop_after)
+        _table(batches, cache_dir=cache, flush_seconds=0.0)
 
 
 def _chunks(cache) -> list[str]:
@@ -376,25 +388,6 @@ def _mapped(src, seen: list, extra=0.0):
     return flowjax.batches(src, 16, shard=(0, 1), fields=["x", "y", "i"], map_fn=map_fn)
 
 
-class _Interrupted:
-    """Batches that die after ``k`` batches, passing the skip protocol through."""
-
-    def __init__(self, batches, k: int):
-        self.batches, self.k = batches, k
-
-    def cache_key(self):
-        return self.batches.cache_key()
-
-    def skip(self, ids):
-        return _Interrupted(self.batches.skip(ids), self.k)
-
-    def __iter__(self):
-        for k, batch in enumerate(self.batches):
-            if k == self.k:
-                raise KeyboardInterrupt
-            yield batch
-
-
 def test_resume_over_an_array_source_does_not_read_cached_rows(tmp_path):
     cache, src = str(tmp_path), _source()
     expected = _table(_mapped(src, []))
@@ -438,6 +431,44 @@ def test_changed_source_data_or_map_fn_is_read_and_recomputed(tmp_path):
     assert table == _table(_mapped(changed, [], extra=0.5))
 
 
+class _Records:
+    """A random-access source of records read one by one, counting the reads."""
+
+    def __init__(self, data, cache_key=None):
+        self.data, self.reads = data, []
+        if cache_key is not None:
+            self.cache_key = cache_key
+
+    def __len__(self):
+        return len(self.data["x"])
+
+    def __getitem__(self, i):
+        self.reads.append(int(i))
+        return {"x": self.data["x"][i], "y": self.data["y"][i]}
+
+
+def test_resume_over_a_declared_record_source_does_not_read_cached_records(tmp_path):
+    data, cache = _data.dataset(), str(tmp_path)
+
+    def run(source, **kw):
+        return _table(flowjax.batches(source, 16, shard=(0, 1)), cache_dir=cache, **kw)
+
+    full = run(_Records(data, cache_key="my-data v1"))
+    # Undeclared: every record is read again (then served by its digest).
+    src = _Records(data)
+    assert run(src).cached == _data.N_EXAMPLES
+    assert len(src.reads) == _data.N_EXAMPLES + 1  # (+1: batches reads record 0 first)
+    src = _Records(data, cache_key="my-data v1")
+    again = run(src)
+    assert again == full and again.cached == _data.N_EXAMPLES
+    assert sorted(set(src.reads)) == list(range(16))  # the first batch only
+    # A new declared version: read and checked again.
+    src = _Records(data, cache_key="my-data v2")
+    assert (
+        run(src).cached == _data.N_EXAMPLES and len(set(src.reads)) == _data.N_EXAMPLES
+    )
+
+
 def test_cache_key_and_skip_of_batches():
     src = _source()
     plain = flowjax.batches(src, 16, shard=(0, 1))
@@ -457,6 +488,11 @@ def test_cache_key_and_skip_of_batches():
     # A source that is not in memory cannot vouch for its records.
     records = [{"x": np.float32(i)} for i in range(5)]
     assert flowjax.batches(records, 2, shard=(0, 1)).cache_key() is None
+    # Declared, but its ids are in the records: unknown without reading them.
+    declared = _Records({"x": np.zeros(5), "y": np.zeros(5)}, cache_key="v1")
+    assert flowjax.batches(declared, 2, shard=(0, 1)).cache_key() is not None
+    with_ids = _Records({"x": np.zeros(5), "y": np.arange(5)}, cache_key="v1")
+    assert flowjax.batches(with_ids, 2, shard=(0, 1), id_key="y").cache_key() is None
     # A map_fn reaching an object with state cannot be fingerprinted.
     state = object()
     assert (
