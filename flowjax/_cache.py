@@ -19,8 +19,11 @@ chunks, the newest chunk's row is the current one.
   step (:func:`program_digest`). It contains the per-example function's body,
   the model code, every closed-over constant and ``functools.partial``
   argument (as literal constants), the batch shapes and dtypes, the output
-  shape, the mesh and the shardings. Constants JAX hoists out of the module
-  (``jax_use_simplified_jaxpr_constants``) are hashed byte by byte too;
+  shape, the batch size, the mesh and the shardings (jax 0.10 embeds
+  closed-over numpy and jax arrays in the text, however large; should a
+  version hoist them out as ``const_args`` of the lowering, they are hashed
+  byte by byte too). Not in it: the Python code behind a host callback
+  (``jax.pure_callback``), which the module names by index only;
 * the parameters' exact bytes: BLAKE2b of every leaf's bytes with its path,
   shape and dtype (:func:`params_digest`); a leaf spread over several hosts is
   hashed shard by shard (with each shard's index) on every process and the
@@ -32,6 +35,11 @@ chunks, the newest chunk's row is the current one.
   the bytes of all its fields, :func:`row_digests`) is stored with its row. A
   cached id whose example now has another digest is **recomputed** (and the
   new row written), never served.
+
+The cache is opened before the first batch is read: a directory that cannot
+be written (a read-only cache, even a complete one), a truncated or corrupted
+``manifest.json`` (a ValueError naming the file) and a manifest of another
+pre-pass all raise before anything is computed.
 
 A cache belongs to one topology: process ``i`` of ``n`` reads only its own
 sub-directory, so a resume with a different number of processes finds no
