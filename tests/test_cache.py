@@ -454,14 +454,14 @@ def test_resume_over_a_declared_record_source_does_not_read_cached_records(tmp_p
         return _table(flowjax.batches(source, 16, shard=(0, 1)), cache_dir=cache, **kw)
 
     full = run(_Records(data, cache_key="my-data v1"))
+    src = _Records(data, cache_key="my-data v1")
+    again = run(src)
+    assert sorted(set(src.reads)) == list(range(16))  # the first batch only
+    assert again == full and again.cached == _data.N_EXAMPLES
     # Undeclared: every record is read again (then served by its digest).
     src = _Records(data)
     assert run(src).cached == _data.N_EXAMPLES
     assert len(src.reads) == _data.N_EXAMPLES + 1  # (+1: batches reads record 0 first)
-    src = _Records(data, cache_key="my-data v1")
-    again = run(src)
-    assert again == full and again.cached == _data.N_EXAMPLES
-    assert sorted(set(src.reads)) == list(range(16))  # the first batch only
     # A new declared version: read and checked again.
     src = _Records(data, cache_key="my-data v2")
     assert (
