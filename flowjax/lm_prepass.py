@@ -375,8 +375,10 @@ def lm_sequence_losses(
         so a pre-pass killed part-way and started again with the same
         arguments (and number of processes) skips the examples already done
         and returns the same table (see :func:`flowjax.per_example_losses`).
-        The cache records ``logits_fn``'s name and the parameters'
-        fingerprint: another model in the same ``cache_dir`` raises.
+        The cache records a hash of the compiled program (``logits_fn``'s
+        code and constants), the parameters' bytes and each example's
+        tokens: another model in the same ``cache_dir`` raises, a changed
+        example is recomputed.
       **prepass_kwargs: ``mesh`` (with a ``'data'`` axis; default all
         devices), ``progress`` (a progress bar per bucket on process 0;
         default True), ``param_shardings`` (default: replicated) and
