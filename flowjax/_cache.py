@@ -161,7 +161,10 @@ def row_digests(leaves: list[np.ndarray], n: int) -> np.ndarray:
     fields' layout (shapes and dtypes) is in the manifest, so the bytes alone
     identify the example.
     """
-    parts = [np.ascontiguousarray(x).reshape(n, -1).view(np.uint8) for x in leaves]
+    parts = [
+        np.ascontiguousarray(x).reshape(n, int(np.prod(x.shape[1:]))).view(np.uint8)
+        for x in leaves
+    ]
     if len(parts) == 1:
         rows = parts[0]
     else:

@@ -141,7 +141,7 @@ def per_example_losses(
         NaN or infinite losses (naming the example ids); a mesh without a
         ``'data'`` axis; a ``cache_dir`` written by a different pre-pass, not
         writable, or with a truncated or corrupted manifest (naming the file);
-        a negative ``flush_seconds``.
+        with ``cache_dir``, a negative or infinite ``flush_seconds``.
 
     Example:
       >>> import numpy as np, jax.numpy as jnp, flowjax

@@ -185,6 +185,10 @@ def test_row_digests_tell_apart_every_field_and_bit():
     y2 = y.copy()
     y2[0] = 9
     assert (_cache.row_digests([x, y2], 4)[0] != base[0]).any()
+    # Empty batches and empty fields have digests too.
+    assert _cache.row_digests([x[:0], y[:0]], 0).shape == (0, 16)
+    empty = _cache.row_digests([np.zeros((4, 0), np.float32)], 4)
+    assert empty.shape == (4, 16) and len({r.tobytes() for r in empty}) == 1
 
 
 def test_program_digest_sees_partial_arguments_bodies_and_constants():
@@ -351,6 +355,15 @@ def test_flush_seconds_sets_how_often_rows_become_durable(tmp_path):
     for bad in (-1.0, float("nan"), float("inf"), "5"):
         with pytest.raises(ValueError, match="flush_seconds must be a finite number"):
             _table(batches(), cache_dir=str(tmp_path / "bad"), flush_seconds=bad)
+
+
+def test_empty_batches_pass_through_the_cache(tmp_path):
+    data = _data.dataset()
+    batches = list(_data.batches(data, 16))
+    with_empty = [batches[0], {k: v[:0] for k, v in batches[0].items()}, *batches[1:]]
+    expected = _table(batches)
+    assert _table(with_empty, cache_dir=str(tmp_path)) == expected
+    assert _table(with_empty, cache_dir=str(tmp_path)).cached == _data.N_EXAMPLES
 
 
 def test_table_reports_how_many_rows_came_from_the_cache(tmp_path):
