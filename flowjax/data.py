@@ -24,6 +24,8 @@ id)``: every process, every restart and every batch size sees the same thing.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import itertools
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flowjax import _checks
+from flowjax import _cache, _checks
 from flowjax._types import ArrayLike
 
 __all__ = ["ArraySource", "batches"]
@@ -244,6 +246,28 @@ def batches(
       ``examples_per_epoch`` give the per-epoch counts on this process. No
       progress bar: progress belongs to the consumer.
 
+      Resuming a pre-pass (:func:`flowjax.per_example_losses` with
+      ``cache_dir``) uses two more methods so that cached examples are never
+      read: ``cache_key()`` is a digest of everything the batches' data
+      depends on, taken without building a batch (for an
+      :class:`ArraySource`: the bytes of the columns it reads, ``fields``,
+      ``id_key``, ``seed`` and ``map_fn``'s code, defaults, closure and the
+      globals it names), or ``None`` when it cannot vouch for the data (a
+      ``map_fn`` reaching an object with state, such as a tokenizer, or a
+      source that is not in memory and does not declare its content). A
+      source not in memory declares its content with a ``cache_key``
+      attribute (a string, or a method returning one) that changes whenever
+      any record does, e.g. a TFDS dataset's name, version and split; it is
+      trusted, and used only when ids are record indices.
+      ``skip(ids)`` returns the same batches without those ids
+      (never those of the first batch, which the pre-pass reads to learn
+      the batch layout and size), with ``skipped`` the ids it leaves out. The
+      pre-pass skips a cached example only if the key it was computed under
+      equals ``cache_key()``; otherwise the example is read and its digest
+      checked. A ``map_fn`` whose output changes through something the key
+      cannot see (a module attribute, a file it reads) needs a new
+      ``cache_dir``.
+
     Raises:
       TypeError: a source without ``len``/``[]``, non-dict records, a
         non-callable ``map_fn`` or one returning a non-dict.
@@ -360,8 +384,49 @@ class _Batches:
         self._batch_size, self._shuffle, self._seed = batch_size, shuffle, seed
         self._epochs = epochs
         self._map_fn, self._names, self._id_key = map_fn, names, id_key
+        self._drop_remainder, self._full_steps = drop_remainder, steps
+        self._skip: np.ndarray | None = None  # sorted ids not to yield (see skip)
+        self.skipped = np.zeros(0, np.int64)
         self.steps_per_epoch = steps
         self.examples_per_epoch = steps * batch_size if drop_remainder else local
+
+    def cache_key(self) -> str | None:
+        """A digest of all the data these batches yield, or None (see :func:`batches`)."""
+        cols = self._columns
+        declared = None
+        if cols is None:  # records on disk: only a source that declares its content
+            declared = getattr(self._source, "cache_key", None)
+            declared = declared() if callable(declared) else declared
+            if not isinstance(declared, str) or not declared or self._has_id:
+                return None  # (ids read from the records are unknown without reading)
+        map_key = None if self._map_fn is None else _cache.fn_fingerprint(self._map_fn)
+        if self._map_fn is not None and map_key is None:
+            return None
+        h = hashlib.blake2b(digest_size=16)
+        config = (self._names, self._id_key, self._has_id, map_key, declared)
+        h.update(repr(("flowjax.batches/1", *config, len(self._source))).encode())
+        if self._map_fn is not None:
+            h.update(repr(("seed", self._seed)).encode())
+        if cols is not None:
+            for name in [*self._names, *([self._id_key] if self._has_id else [])]:
+                h.update(repr(name).encode())
+                _cache.hash_array(h, cols[name])
+        return h.hexdigest()
+
+    def skip(self, ids) -> _Batches:
+        """The same batches without the examples of ``ids`` (see :func:`batches`)."""
+        mine = self._rows_of_epoch(0)
+        mine_ids = self._ids_of(mine)
+        drop = np.isin(mine_ids, _checks.as_ids(ids, "ids"))
+        drop[: self._batch_size] = (
+            False  # the first batch is read: it fixes the batch layout
+        )
+        out = copy.copy(self)
+        out._skip = np.sort(mine_ids[drop])
+        out.skipped = out._skip
+        out.examples_per_epoch = len(mine) - int(drop.sum())
+        out.steps_per_epoch = -(-out.examples_per_epoch // self._batch_size)
+        return out
 
     def __len__(self) -> int:
         if self._epochs is None:
@@ -373,7 +438,9 @@ class _Batches:
         seen: set[int] | None = set() if self._has_id else None
         epochs = itertools.count() if self._epochs is None else range(self._epochs)
         for epoch in epochs:
-            order = self._order(epoch)[self._lo : self._hi]
+            order = self._rows_of_epoch(epoch)
+            if self._skip is not None:
+                order = order[~np.isin(self._ids_of(order), self._skip)]
             for step in range(self.steps_per_epoch):
                 rows = order[step * self._batch_size : (step + 1) * self._batch_size]
                 batch = self._batch(rows, epoch)
@@ -382,6 +449,23 @@ class _Batches:
                     _check_new_ids(seen, batch[_ID])
                 yield batch
             seen = None  # every id was checked in the first epoch
+
+    def _rows_of_epoch(self, epoch: int) -> np.ndarray:
+        """The records this process yields in ``epoch``, in order."""
+        order = self._order(epoch)[self._lo : self._hi]
+        if self._drop_remainder:
+            order = order[: self._full_steps * self._batch_size]
+        return order
+
+    def _ids_of(self, rows: np.ndarray) -> np.ndarray:
+        """The example ids of records ``rows``; only when known without reading them."""
+        if not self._has_id:
+            return rows
+        if self._columns is None:
+            raise TypeError(
+                "the ids of this source are only known by reading its records"
+            )
+        return _checks.as_ids(self._columns[self._id_key][rows], "ids")
 
     def _order(self, epoch: int) -> np.ndarray:
         if not self._shuffle:

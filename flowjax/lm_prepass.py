@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flowjax import _checks, prepass
+from flowjax import _cache, _checks, prepass
 from flowjax import lm as _lm
 from flowjax.tables import LossTable, TokenLosses, TokenWeights
 
@@ -196,7 +196,7 @@ def _batches(groups, batch_size: int, pad_id: int) -> Iterator[dict[str, np.ndar
             }
 
 
-_PREPASS_KWARGS = frozenset({"mesh", "progress", "param_shardings"})
+_PREPASS_KWARGS = frozenset({"mesh", "progress", "param_shardings", "flush_seconds"})
 
 # One loss function / jitted step per logits_fn, so every call and bucket reuses them.
 _SEQ_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -264,6 +264,7 @@ def _bucket_passes(
     shape: Callable[[int], tuple[int, ...]],
     level: str,
     nonfinite: Callable[[np.ndarray, np.ndarray, np.ndarray], str],
+    flush_seconds: float = _cache.FLUSH_SECONDS,
 ) -> tuple[int, list[tuple[int, np.ndarray, np.ndarray]]]:
     """The pre-pass of every bucket some process holds examples of: ``(T_max, [(T, ids, values)])``.
 
@@ -316,6 +317,7 @@ def _bucket_passes(
             desc=f"{level} pre-pass T={length}",
             fn_name=fn_name,
             nonfinite=nonfinite,
+            flush_seconds=flush_seconds,
         )
         out.append((length, ids, values))
     return buckets[-1], out
@@ -373,12 +375,15 @@ def lm_sequence_losses(
         so a pre-pass killed part-way and started again with the same
         arguments (and number of processes) skips the examples already done
         and returns the same table (see :func:`flowjax.per_example_losses`).
-        The cache records ``logits_fn``'s name and the parameters'
-        fingerprint: another model in the same ``cache_dir`` raises.
+        The cache records a hash of the compiled program (``logits_fn``'s
+        code and constants), the parameters' bytes and each example's
+        tokens: another model in the same ``cache_dir`` raises, a changed
+        example is recomputed.
       **prepass_kwargs: ``mesh`` (with a ``'data'`` axis; default all
         devices), ``progress`` (a progress bar per bucket on process 0;
-        default True) and ``param_shardings`` (default: replicated), as in
-        :func:`flowjax.per_example_losses`.
+        default True), ``param_shardings`` (default: replicated) and
+        ``flush_seconds`` (how often cached rows are written; default 5), as
+        in :func:`flowjax.per_example_losses`.
 
     Returns:
       A :class:`flowjax.LossTable` of every (not skipped) example of every
@@ -425,6 +430,7 @@ def lm_sequence_losses(
         shape=lambda length: (),
         level="sequence",
         nonfinite=_nonfinite_sequences,
+        flush_seconds=prepass_kwargs.get("flush_seconds", _cache.FLUSH_SECONDS),
     )
     return LossTable(  # sorts by id, refuses duplicates
         np.concatenate([ids for _, ids, _ in passes]),
@@ -464,6 +470,7 @@ def lm_token_losses(
     progress: bool = True,
     cache_dir: str | None = None,
     param_shardings: Any = None,
+    flush_seconds: float = _cache.FLUSH_SECONDS,
 ) -> TokenLosses:
     """Token-level pre-pass: the NLL of every target token of every example, keyed by id.
 
@@ -506,6 +513,8 @@ def lm_token_losses(
         Caches ``2 (T - 1)`` floats per example.
       param_shardings: optional shardings for ``params`` (default:
         replicated over ``mesh``).
+      flush_seconds: with ``cache_dir``, cached rows are written at most this
+        many seconds apart, as in :func:`flowjax.per_example_losses`.
 
     Returns:
       A :class:`TokenLosses` sorted by id, of every (not skipped) example of
@@ -546,6 +555,7 @@ def lm_token_losses(
         shape=lambda length: (2, length - 1),
         level="token",
         nonfinite=_nonfinite_tokens,
+        flush_seconds=flush_seconds,
     )
     width = longest - 1
     ids, losses, masks = [], [], []

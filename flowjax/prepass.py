@@ -26,9 +26,10 @@ How it works (one process's view):
    the host. A process that runs out of data feeds padding until a step has no
    valid row on any process; then all processes stop together.
 5. With ``cache_dir``, each process appends the rows it fed to its own cache
-   every few seconds. On a restart, examples whose ids are cached are skipped
-   (not recomputed), and the cached rows of all processes are shared with one
-   ``process_allgather`` at the end.
+   every ``flush_seconds``. On a restart, examples whose ids are cached with
+   the same data digest are skipped (not recomputed; see ``flowjax._cache``
+   for what the cache checks), and the cached rows of all processes are
+   shared with one ``process_allgather`` at the end.
 
 The machinery (``_per_example_values``) handles per-example outputs of any
 fixed shape, not only scalars, and takes the batch layout up front when the
@@ -81,6 +82,7 @@ def per_example_losses(
     cache_dir: str | None = None,
     param_shardings: Any = None,
     total: int | None = None,
+    flush_seconds: float = _cache.FLUSH_SECONDS,
 ) -> LossTable:
     """Computes ``f_i(θ*)`` for every example: FLOW's one inference pass.
 
@@ -107,18 +109,29 @@ def per_example_losses(
         over all devices.
       progress: show a progress bar (examples done, examples/s) on process 0.
       cache_dir: a directory for incremental results. A pre-pass killed
-        part-way and started again with the same arguments skips the examples
-        already done and returns the same table as an uninterrupted run. Use a
-        new directory for a new model, loss or data layout (a mismatch is
-        detected from the parameters' fingerprint and raises). Resume with
-        the same number of processes: each process reads its own cache.
+        part-way and started again skips the examples already done and
+        returns the same table as an uninterrupted run. A cached row is served
+        only for the same program (a hash of the lowered batched step: the
+        function's code, closed-over values, partial arguments, model code,
+        shapes and mesh), the same parameter bytes and the same example data
+        (each row stores a digest of its example; a changed example under an
+        old id is recomputed); another program or other parameters raise
+        before anything is computed. Resume with the same number of
+        processes: each process reads its own cache. Over
+        ``flowjax.batches`` of an :class:`flowjax.ArraySource`, cached examples
+        are not even read (see :func:`flowjax.batches`).
       param_shardings: optional shardings for ``params`` (a ``Sharding`` or a
         matching pytree). Default: replicated over ``mesh``.
       total: the number of examples, if known, for the progress bar's ETA.
+      flush_seconds: with ``cache_dir``, finished rows are written at most
+        this many seconds apart (and when the pass ends or fails); a row is
+        durable once written, so a kill loses at most this much work. ``0``
+        writes after every step.
 
     Returns:
       A :class:`flowjax.LossTable` of every example fed by every process, on
-      every process.
+      every process. Its attribute ``cached`` is the number of rows served
+      from ``cache_dir`` instead of computed (``0`` without a cache).
 
     Raises:
       ValueError: no batches; a batch without integer ids; fields whose lengths
@@ -126,7 +139,9 @@ def per_example_losses(
         from the first; duplicate ids (within a batch at once, across batches
         at the end); a ``loss_fn`` that does not return one scalar per example;
         NaN or infinite losses (naming the example ids); a mesh without a
-        ``'data'`` axis; a ``cache_dir`` written by a different pre-pass.
+        ``'data'`` axis; a ``cache_dir`` written by a different pre-pass, not
+        writable, or with a truncated or corrupted manifest (naming the file);
+        with ``cache_dir``, a negative or infinite ``flush_seconds``.
 
     Example:
       >>> import numpy as np, jax.numpy as jnp, flowjax
@@ -136,7 +151,18 @@ def per_example_losses(
       >>> table = flowjax.per_example_losses(loss_fn, jnp.ones(3), batches, progress=False)
       >>> table.ids.tolist(), table.losses.tolist()
       ([2, 4, 9], [9.0, 9.0, 36.0])
+
+      With a cache, a second run serves every row (``cached``) instead of computing it:
+
+      >>> import tempfile
+      >>> cache = tempfile.mkdtemp()
+      >>> run = lambda: flowjax.per_example_losses(
+      ...     loss_fn, jnp.ones(3), batches, progress=False, cache_dir=cache)
+      >>> first, again = run(), run()
+      >>> first.cached, again.cached, again == table
+      (0, 3, True)
     """
+    info: dict = {}
     ids, losses = _per_example_values(
         loss_fn,
         params,
@@ -146,8 +172,12 @@ def per_example_losses(
         cache_dir=cache_dir,
         param_shardings=param_shardings,
         total=total,
+        flush_seconds=flush_seconds,
+        info=info,
     )
-    return LossTable(ids, losses)
+    table = LossTable(ids, losses)
+    table.cached = info["cached"]
+    return table
 
 
 def _nonfinite_losses(bad: np.ndarray, ids: np.ndarray, values: np.ndarray) -> str:
@@ -174,6 +204,8 @@ def _per_example_values(
     desc: str = "pre-pass",
     fn_name: str | None = None,
     nonfinite=_nonfinite_losses,
+    flush_seconds: float = _cache.FLUSH_SECONDS,
+    info: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The pre-pass machinery for per-example outputs of one fixed shape.
 
@@ -191,6 +223,8 @@ def _per_example_values(
       fn_name: what the cache manifest records for ``fn`` (default: its name).
       nonfinite: ``nonfinite(bad_rows, ids, values) -> message`` for the
         ValueError raised when a row has a NaN or infinite value.
+      info: a dict that receives ``"cached"``: the rows served from
+        ``cache_dir`` (over all processes).
       (the rest as in :func:`per_example_losses`)
     """
     mesh = default_mesh() if mesh is None else mesh
@@ -202,6 +236,11 @@ def _per_example_values(
     data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
 
+    cache = served = None
+    # Opened before any batch is read: it may skip cached rows at the source.
+    if cache_dir is not None:
+        cache = _cache.PrepassCache(cache_dir, me, nproc, shape, flush_seconds)
+        batches = cache.skip_at_source(batches)
     it = iter(batches)
     if spec is None:
         # The first non-empty batch fixes the batch size (an empty one cannot).
@@ -225,17 +264,25 @@ def _per_example_values(
     )
     step = _make_step(fn, global_batch, mesh, nproc > 1, shape)
 
-    cache = served = None
-    if cache_dir is not None:
-        manifest = {
-            "loss_fn": _describe_fn(fn) if fn_name is None else fn_name,
-            "example_spec": spec.describe(),
-            "params": _fingerprint(params, replicated),
-        }
-        if shape:  # absent for scalar losses: per_example_losses' manifest is unchanged
-            manifest["output_shape"] = list(shape)
-        cache = _cache.PrepassCache(cache_dir, me, nproc, manifest, shape)
-        served = _Served(*cache.load())
+    if cache is not None:
+        # The step's arguments as it will be called (numpy batches carry no sharding),
+        # so that lowering it for the manifest traces it for the first step too.
+        where = {"sharding": data_sharding} if nproc > 1 else {}
+        rows = [
+            jax.ShapeDtypeStruct((global_batch, *s), d, **where)
+            for s, d in zip(spec.shapes, spec.dtypes, strict=True)
+        ]
+        meta = jax.ShapeDtypeStruct((global_batch, 4), np.int32, **where)
+        args = (params, rows, *([meta] if nproc > 1 else []), spec.treedef)
+        manifest = _cache.manifest(
+            name=_describe_fn(fn) if fn_name is None else fn_name,
+            params=params,
+            spec=spec.describe(),
+            mesh=mesh,
+            shape=shape,
+        )
+        cache.check(manifest, step, *args)
+        served = cache.served
 
     bar = tqdm(
         total=total,
@@ -245,6 +292,8 @@ def _per_example_values(
         disable=not progress or me != 0,
         dynamic_ncols=True,
     )
+    if served is not None:
+        bar.update(served.count)  # skipped at the source
     found_ids: list[np.ndarray] = []
     found_values: list[np.ndarray] = []
 
@@ -305,6 +354,8 @@ def _per_example_values(
         if nproc > 1:
             s_ids, s_values = _allgather_rows(s_ids, s_values)
         ids, values = [*ids, s_ids], [*values, s_values]
+    if info is not None:
+        info["cached"] = 0 if served is None else len(s_ids)
     return (
         np.concatenate([np.zeros(0, np.int64), *ids]),
         np.concatenate([np.zeros((0, *shape), np.float32), *values]),
@@ -549,7 +600,7 @@ def _local_steps(batches, spec: _Spec, batch_size: int, served, bar) -> Iterator
         ):  # fail fast on the first batch; the table checks them all
             _checks.check_unique(np.sort(ids), "ids within one batch")
         if served is not None:
-            keep = served.take(ids)
+            keep = served.take(ids, leaves)
             if not keep.all():
                 bar.update(int((~keep).sum()))
                 ids, leaves = ids[keep], [x[keep] for x in leaves]
@@ -594,27 +645,6 @@ def _ids_from_pairs(pairs: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pairs, np.int32).view(np.int64).reshape(-1)
 
 
-class _Served:
-    """Cached rows of this process; remembers which ones this run's input asked for."""
-
-    def __init__(self, ids: np.ndarray, losses: np.ndarray):
-        self.ids, self.losses = ids, losses
-        self._used: list[np.ndarray] = []
-
-    def take(self, ids: np.ndarray) -> np.ndarray:
-        """Marks cached ids as used; returns the mask of ids still to compute."""
-        if not len(self.ids):
-            return np.ones(len(ids), bool)
-        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-        hit = self.ids[pos] == ids
-        self._used.append(pos[hit])
-        return ~hit
-
-    def used(self) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.concatenate([np.zeros(0, np.int64), *self._used])
-        return self.ids[pos], self.losses[pos]
-
-
 def _allgather_rows(
     ids: np.ndarray, losses: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -638,37 +668,6 @@ def _allgather_rows(
         ),
         np.concatenate([all_values[p, :c] for p, c in enumerate(counts)]),
     )
-
-
-def _fingerprint(params, replicated: NamedSharding) -> list:
-    """Per-leaf (path, shape, dtype, Σx, Σx², size): tells a cache which parameters wrote it."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    leaves = [jnp.asarray(x) for _, x in flat]
-
-    @functools.partial(jax.jit, out_shardings=replicated)
-    def stats(leaves):
-        return [
-            jnp.stack(
-                [
-                    jnp.sum(x.astype(jnp.float32)),
-                    jnp.sum(jnp.square(x.astype(jnp.float32))),
-                ]
-            )
-            for x in leaves
-        ]
-
-    values = [np.asarray(s, np.float64) for s in stats(leaves)]
-    return [
-        [
-            jax.tree_util.keystr(path),
-            list(x.shape),
-            str(x.dtype),
-            float(s[0]),
-            float(s[1]),
-            int(x.size),
-        ]
-        for (path, _), x, s in zip(flat, leaves, values, strict=True)
-    ]
 
 
 def _describe_fn(fn) -> str:

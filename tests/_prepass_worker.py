@@ -3,7 +3,7 @@
 Used by the multi-device, multi-process and kill-and-resume tests:
 
     python tests/_prepass_worker.py OUT.npz [--devices N] [--process-id I --num-processes P --port PORT]
-        [--batch-size B] [--cache DIR] [--kill-after K] [--poison IDS.npy]
+        [--batch-size B] [--cache DIR] [--kill-after K] [--shard-params] [--nudge-w1-column C]
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ def main() -> None:
         "--shard-params", action="store_true", help="shard w1's columns over 'data'"
     )
     ap.add_argument(
-        "--poison", default=None, help="ids whose inputs are replaced by NaN"
+        "--nudge-w1-column",
+        type=int,
+        default=None,
+        help="add 1e-6 to w1[0, COLUMN] (cache fingerprint tests)",
     )
     args = ap.parse_args()
 
@@ -49,9 +52,7 @@ def main() -> None:
     import numpy as np
 
     import flowjax
-    from flowjax import _cache
 
-    _cache.FLUSH_SECONDS = 0.0  # write every finished step: the kill test needs a cache
     assert len(jax.devices()) == args.devices * args.num_processes, jax.devices()
 
     data = _data.dataset()
@@ -62,9 +63,6 @@ def main() -> None:
         k: v[cut[args.process_id] : cut[args.process_id + 1]] for k, v in data.items()
     }
     order = np.random.default_rng(10 + args.process_id).permutation(len(part["id"]))
-    if args.poison:
-        bad = np.isin(part["id"], np.load(args.poison))
-        part["x"] = np.where(bad[:, None], np.nan, part["x"]).astype(np.float32)
 
     def feed():
         for k, batch in enumerate(_data.batches(part, args.batch_size, order)):
@@ -87,12 +85,16 @@ def main() -> None:
             "b1": NamedSharding(mesh, P("data")),
             "w2": NamedSharding(mesh, P()),
         }
+    params = _data.params()
+    if args.nudge_w1_column is not None:
+        params["w1"] = params["w1"].at[0, args.nudge_w1_column].add(1e-6)
     table = flowjax.per_example_losses(
         _data.loss_fn,
-        _data.params(),
+        params,
         feed(),
         progress=False,
         cache_dir=args.cache,
+        flush_seconds=0.0,  # write every finished step: the kill test needs a cache
         mesh=mesh,
         param_shardings=shardings,
     )

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import flowjax
-from flowjax import _cache
 
 from . import _lm_data, _subprocess
 
@@ -184,10 +183,14 @@ def test_nan_at_a_target_position_raises_naming_the_id_elsewhere_it_does_not_mat
         flowjax.lm_token_losses(_nan_model, table, [*ok, bad], **kw)
 
 
-def test_killed_token_prepass_resumes_from_its_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(_cache, "FLUSH_SECONDS", 0.0)  # a chunk per finished step
+def _chunk_ids(pattern: str) -> list[int]:
+    return [i for c in glob.glob(pattern) for i in np.load(c)["ids"].tolist()]
+
+
+def test_killed_token_prepass_resumes_from_its_cache(tmp_path):
     cache = str(tmp_path / "cache")
     kw = {"bucket_lengths": _lm_data.BUCKETS, "batch_size": 3, "progress": False}
+    kw["flush_seconds"] = 0.0  # a chunk per finished step
     ex = _lm_data.examples()
     full = flowjax.lm_token_losses(
         _lm_data.LM(), _lm_data.params(), ex, cache_dir=cache, **kw
@@ -202,19 +205,12 @@ def test_killed_token_prepass_resumes_from_its_cache(tmp_path, monkeypatch):
         assert len(chunks) > 1
         lost += np.load(chunks[-1])["ids"].tolist()
         os.remove(chunks[-1])
-    # Every cached example gets tokens that give NaN logits: recomputing one would raise.
-    poisoned = [
-        e if e["id"] in lost else {**e, "tokens": np.full_like(e["tokens"], -1)}
-        for e in ex
-    ]
     lm = _lm_data.LM()
     with pytest.raises(ValueError, match="written by a different pre-pass"):
         flowjax.lm_token_losses(
             lambda p, t: lm(p, t), _lm_data.params(), ex, cache_dir=cache, **kw
         )
-    resumed = flowjax.lm_token_losses(
-        lm, _lm_data.params(), poisoned, cache_dir=cache, **kw
-    )
+    resumed = flowjax.lm_token_losses(lm, _lm_data.params(), ex, cache_dir=cache, **kw)
     for a, b in [
         (resumed.ids, full.ids),
         (resumed.mask, full.mask),
@@ -224,8 +220,9 @@ def test_killed_token_prepass_resumes_from_its_cache(tmp_path, monkeypatch):
     assert lm.traces == len(
         _lm_data.BUCKETS
     )  # the lost rows were recomputed, per bucket
-    with pytest.raises(ValueError, match="NaN or infinite token losses"):
-        flowjax.lm_token_losses(lm, _lm_data.params(), poisoned, **kw)  # poison works
+    # Only the lost rows were recomputed: the cache now holds every row exactly once.
+    written = _chunk_ids(os.path.join(cache, "bucket_*", "*", "chunk-*.npz"))
+    assert sorted(written) == full.ids.tolist()
 
 
 def _bucket_sizes(examples) -> list[int]:
@@ -268,12 +265,10 @@ def _other_lm(p, tokens):
     return h @ p["W"]
 
 
-def test_sequence_cache_resumes_for_its_model_and_refuses_another(
-    tmp_path, monkeypatch
-):
-    monkeypatch.setattr(_cache, "FLUSH_SECONDS", 0.0)  # a chunk per finished step
+def test_sequence_cache_resumes_for_its_model_and_refuses_another(tmp_path):
     cache = str(tmp_path / "cache")
     kw = {"bucket_lengths": _lm_data.BUCKETS, "batch_size": 3, "progress": False}
+    kw["flush_seconds"] = 0.0  # a chunk per finished step
     ex, params = _lm_data.examples(), _lm_data.params()
     full = flowjax.lm_sequence_losses(_lm_data.LM(), params, ex, cache_dir=cache, **kw)
     _assert_same_seq(full, _single_seq()[0])
@@ -288,14 +283,12 @@ def test_sequence_cache_resumes_for_its_model_and_refuses_another(
     # The token pass in the same cache_dir is refused too (another loss and output shape).
     with pytest.raises(ValueError, match="written by a different pre-pass"):
         flowjax.lm_token_losses(_lm_data.LM(), params, ex, cache_dir=cache, **kw)
-    # The same model (a new instance) resumes: every example served from the cache, so
-    # poisoned tokens (NaN logits) are never recomputed.
-    poisoned = [{**e, "tokens": np.full_like(e["tokens"], -1)} for e in ex]
+    # The same model (a new instance) resumes: every example served from the cache,
+    # nothing recomputed (no row written again).
+    pattern = os.path.join(cache, "bucket_*", "*", "chunk-*.npz")
+    before = _chunk_ids(pattern)
     resumed = flowjax.lm_sequence_losses(
-        _lm_data.LM(), params, poisoned, cache_dir=cache, **kw
+        _lm_data.LM(), params, ex, cache_dir=cache, **kw
     )
     assert resumed == full
-    with pytest.raises(
-        ValueError, match="NaN or infinite sequence losses for example ids"
-    ):
-        flowjax.lm_sequence_losses(_lm_data.LM(), params, poisoned, **kw)
+    assert sorted(_chunk_ids(pattern)) == sorted(before) == full.ids.tolist()
