@@ -24,7 +24,7 @@ from flowjax.data import ArraySource, batches
 from flowjax.distillation import lwf_loss, lwf_objective
 from flowjax.dro import dro_loss
 from flowjax.fisher import diagonal_fisher
-from flowjax.freezing import freeze, swap_task_parts, trainable_mask
+from flowjax.freezing import swap_task_parts, train_only, trainable_mask
 from flowjax.lm import (
     response_mask,
     sequence_nll,
@@ -83,7 +83,7 @@ __all__ = [
     "ewc",
     "ewc_penalty",
     "flow_weights",
-    "freeze",
+    "train_only",
     "l2sp",
     "l2sp_penalty",
     "lm_sequence_losses",

@@ -123,13 +123,13 @@ METHODS: list[Method] = [
     ),
     Method(
         "l2sp",
-        lambda s, t0: (plain_objective, _chain(flowjax.l2sp(t0, s)), None, t0),
+        lambda s, t0: (plain_objective, _chain(flowjax.l2sp(s, t0)), None, t0),
     ),
     Method(
         "l2sp-num_params",
         lambda s, t0: (
             plain_objective,
-            _chain(flowjax.l2sp(t0, s, scale="num_params")),
+            _chain(flowjax.l2sp(s, t0, scale="num_params")),
             None,
             t0,
         ),
@@ -139,7 +139,7 @@ METHODS: list[Method] = [
         "ewc",
         lambda s, t0: (
             plain_objective,
-            _chain(flowjax.ewc(t0, _fisher(t0), s)),
+            _chain(flowjax.ewc(s, _fisher(t0), t0)),
             None,
             t0,
         ),
@@ -159,7 +159,7 @@ METHODS: list[Method] = [
         "freeze",
         lambda s, t0: (
             plain_objective,
-            flowjax.freeze(
+            flowjax.train_only(
                 plain_tx(), {"w1": s == 0, "b1": s == 0, "w2": True, "b2": True}
             ),
             None,
@@ -174,8 +174,8 @@ METHODS: list[Method] = [
         "freeze-l2sp",
         lambda s, t0: (
             plain_objective,
-            flowjax.freeze(
-                _chain(flowjax.l2sp(None, s, scale="num_params")),
+            flowjax.train_only(
+                _chain(flowjax.l2sp(s, scale="num_params")),
                 {"w1": s == 0, "b1": s == 0, "w2": True, "b2": True},
             ),
             None,

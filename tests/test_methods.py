@@ -122,7 +122,7 @@ def test_l2sp_inside_freeze_is_l2sp_on_the_head_with_n_trainable():
         "ref",
         lambda s, t0: (
             objective,
-            _methods._chain(flowjax.l2sp(None, s, scale="num_params")),
+            _methods._chain(flowjax.l2sp(s, scale="num_params")),
             None,
             {k: t0[k] for k in head},
         ),
