@@ -406,3 +406,122 @@ def test_plain_dict_prefix_masks_on_an_nnx_state():
     ):
         with pytest.raises(ValueError, match=r"'tail'.*flowjax\.trainable_mask"):
             call()
+
+
+# ----------------------------------------------------------------------------- optax polarity, NNX filters
+
+
+def test_train_only_has_optax_polarity_and_freeze_is_gone(rng):
+    """train_only(tx, trainable) is optax.selective_transform with the mask negated."""
+    assert not hasattr(flowjax, "freeze")
+    params = _tree(rng)
+    grads = [_tree(rng) for _ in range(3)]
+    trainable = {"body": False, "head": True}
+    got, state = _run(
+        flowjax.train_only(WD_MOMENTUM, trainable), params, grads, jax.jit
+    )
+    frozen = jax.tree.map(lambda t: not t, trainable)  # optax: True = frozen
+    want, _ = _run(
+        optax.selective_transform(WD_MOMENTUM, freeze_mask=frozen),
+        params,
+        grads,
+        jax.jit,
+    )
+    chex.assert_trees_all_equal(got, want)
+    chex.assert_trees_all_equal(got["body"], params["body"])
+    assert not np.array_equal(got["head"]["w"], params["head"]["w"])
+    # optax.freeze(mask) with the same mask would do the opposite: body moves.
+    opposite, _ = _run(
+        optax.chain(WD_MOMENTUM, optax.freeze(trainable)), params, grads, jax.jit
+    )
+    chex.assert_trees_all_equal(opposite["head"], params["head"])
+    assert not np.array_equal(opposite["body"]["w"], params["body"]["w"])
+
+
+class _LoRANet(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List(
+            [nnx.Linear(3, 4, rngs=rngs), nnx.Linear(4, 4, rngs=rngs)]
+        )
+        self.head = nnx.LoRALinear(4, 2, lora_rank=2, rngs=rngs)
+
+
+def _moved(before, after) -> set:
+    return {
+        path
+        for (path, a), (_, b) in zip(
+            nnx.to_flat_state(before), nnx.to_flat_state(after), strict=True
+        )
+        if not np.array_equal(a[...], b[...])
+    }
+
+
+@pytest.mark.parametrize(
+    "trainable",
+    [
+        nnx.LoRAParam,
+        nnx.PathContains("head"),
+        nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam), nnx.PathContains("head")),
+        nnx.Not(nnx.PathContains("layers")),
+        nnx.All(nnx.PathContains("layers"), nnx.PathContains(0)),
+        [nnx.PathContains("kernel"), nnx.LoRAParam],
+        ...,
+    ],
+    ids=repr,
+)
+def test_train_only_takes_nnx_filters_unchanged_and_trains_what_nnx_state_selects(
+    trainable,
+):
+    model = _LoRANet(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = flowjax.train_only(optax.sgd(0.1), trainable)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    after = optax.apply_updates(params, updates)
+    # Exactly the leaves NNX itself selects with the same filter move.
+    want = {p for p, _ in nnx.to_flat_state(nnx.state(model, trainable))}
+    assert want and _moved(params, after) == want
+    mask = flowjax.trainable_mask(params, trainable)
+    assert {p for p, m in nnx.to_flat_state(mask) if m} == want
+
+
+def test_type_filters_need_variables_and_path_filters_work_on_plain_dicts(rng):
+    params = _tree(rng)
+    grads = [_tree(rng)]
+    by_path, _ = _run(
+        flowjax.train_only(optax.sgd(0.1), nnx.PathContains("head")),
+        params,
+        grads,
+        jax.jit,
+    )
+    want, _ = _run(
+        flowjax.train_only(optax.sgd(0.1), HEAD_ONLY), params, grads, jax.jit
+    )
+    chex.assert_trees_all_equal(by_path, want)
+    for type_filter in (
+        nnx.Param,
+        nnx.All(nnx.Param, nnx.PathContains("head")),
+        "head",
+    ):
+        with pytest.raises(TypeError, match="no nnx.Variable leaves.*nnx.State"):
+            flowjax.train_only(optax.sgd(0.1), type_filter).init(params)
+        with pytest.raises(TypeError, match="no nnx.Variable leaves"):
+            flowjax.trainable_mask(params, type_filter)
+
+
+def test_path_prefix_tuples_are_not_a_second_dialect():
+    """NNX reads a tuple as 'any of these filters': ("layers", 0) and [("layers", 0)] are
+    one TypeError (main accepted the list form as a path prefix and rejected the tuple)."""
+    params = nnx.state(_LoRANet(nnx.Rngs(0)), nnx.Param)
+    for select in (("layers", 0), [("layers", 0)]):
+        with pytest.raises(TypeError, match=r"not a path prefix.*path\[:2\] =="):
+            flowjax.trainable_mask(params, select)
+        with pytest.raises(TypeError, match="not a path prefix"):
+            flowjax.train_only(optax.sgd(0.1), select)
+    # A string is an NNX tag, not a path key: it matches nothing here, and says so.
+    with pytest.raises(ValueError, match=r"NNX tag.*nnx\.PathContains\('head'\)"):
+        flowjax.trainable_mask(params, "head")
+    prefix = lambda path, _: path[:2] == ("layers", 0)  # noqa: E731
+    assert {
+        p for p, m in nnx.to_flat_state(flowjax.trainable_mask(params, prefix)) if m
+    } == {("layers", 0, "kernel"), ("layers", 0, "bias")}

@@ -830,3 +830,120 @@ def _si_states(state):
         )
         if isinstance(s, flowjax.SIState)
     ]
+
+
+# ----------------------------------------------------------------------------- NNX filters as masks
+
+
+class _Net(nnx.Module):
+    def __init__(self, rngs):
+        self.body = nnx.Linear(3, 4, rngs=rngs)
+        self.head = nnx.Linear(4, 2, rngs=rngs)
+
+
+KERNELS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("bias")))
+
+
+@pytest.mark.parametrize("method", ["l2sp", "l2sp_num_params", "ewc"])
+@pytest.mark.parametrize(
+    "mask",
+    [KERNELS, nnx.PathContains("head"), nnx.Not(nnx.PathContains("head"))],
+    ids=repr,
+)
+def test_nnx_filter_mask_adds_exactly_the_gradient_of_the_hand_written_penalty(
+    method, mask
+):
+    """mask=<NNX filter> regularises what nnx.state(model, filter) selects, through
+    optax.masked, and adds the gradient of the penalty written out by hand."""
+    model = _Net(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    theta0 = jax.tree.map(lambda x: x - 0.25, params)
+    fisher = jax.tree.map(lambda x: jnp.full(x.shape, 3.0), params)
+    selected = {p for p, _ in nnx.to_flat_state(nnx.state(model, mask))}
+    flat_p, flat_a = dict(nnx.to_flat_state(params)), dict(nnx.to_flat_state(theta0))
+    n = sum(flat_p[k][...].size for k in selected)
+
+    def penalty(p):  # written out: ½λ Σ_sel c (θ-θ₀)², c = 1, 2/N, or F
+        flat = dict(nnx.to_flat_state(p))
+        c = {"l2sp": 1.0, "l2sp_num_params": 2.0 / n, "ewc": 3.0}[method]
+        return sum(
+            0.5 * 0.7 * c * jnp.sum((flat[k][...] - flat_a[k][...]) ** 2)
+            for k in selected
+        )
+
+    tx = _make(method, theta0, 0.7, fisher=fisher, mask=mask)
+    state = tx.init(params)
+    assert isinstance(state, optax.MaskedState)  # optax.masked does the plumbing
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    added, _ = jax.jit(tx.update)(zeros, state, params)
+    want = jax.grad(penalty)(params)
+    for (path, a), (_, w) in zip(
+        nnx.to_flat_state(added), nnx.to_flat_state(want), strict=True
+    ):
+        np.testing.assert_allclose(a[...], w[...], rtol=1e-6, err_msg=str(path))
+        assert (np.abs(np.asarray(a[...])).max() > 0) == (path in selected)
+    # The same as optax.masked around the unmasked transform with NNX's own mask.
+    bool_mask = flowjax.trainable_mask(params, mask)
+    ref = optax.masked(_make(method, theta0, 0.7, fisher=fisher), bool_mask)
+    again, _ = ref.update(zeros, ref.init(params), params)
+    jax.tree.map(np.testing.assert_array_equal, again, added)
+    # The scalar penalties take the same filter.
+    if method != "ewc":
+        scale = "num_params" if method == "l2sp_num_params" else "none"
+        got = flowjax.l2sp_penalty(0.7, theta0, params, mask=mask, scale=scale)
+    else:
+        got = flowjax.ewc_penalty(0.7, fisher, theta0, params, mask=mask)
+    np.testing.assert_allclose(float(got), float(penalty(params)), rtol=1e-6)
+
+
+def test_si_with_an_nnx_filter_mask_is_si_on_the_selected_leaves(rng):
+    model = _Net(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    grads = [
+        jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+        for _ in range(3)
+    ]
+
+    def run(tx, p, gs):
+        s = tx.init(p)
+        for g in gs:
+            u, s = tx.update(g, s, p)
+            p = optax.apply_updates(p, jax.tree.map(lambda x: -0.1 * x, u))
+        return p
+
+    got = run(
+        flowjax.synaptic_intelligence(2.0, mask=nnx.PathContains("head")), params, grads
+    )
+    head = run(
+        flowjax.synaptic_intelligence(2.0), params["head"], [g["head"] for g in grads]
+    )
+    body = run(optax.identity(), params["body"], [g["body"] for g in grads])
+    jax.tree.map(np.testing.assert_array_equal, got["head"], head)
+    jax.tree.map(np.testing.assert_array_equal, got["body"], body)
+
+
+def test_type_filter_mask_on_a_plain_dict_is_a_clear_error(rng):
+    theta0 = _tree(rng)
+    for method in METHODS:
+        with pytest.raises(TypeError, match="no nnx.Variable leaves.*nnx.PathContains"):
+            _make(method, None, 0.5, fisher=_fisher(rng), mask=nnx.Param).init(theta0)
+    # A path filter on the same dict works: only w is pulled.
+    tx = flowjax.l2sp(0.5, theta0, mask=nnx.PathContains("w"))
+    params = jax.tree.map(lambda x: x + 1.0, theta0)
+    updates, _ = tx.update(
+        jax.tree.map(jnp.zeros_like, params), tx.init(params), params
+    )
+    np.testing.assert_allclose(updates["w"], 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(updates["b"], 0.0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_init_on_shape_dtype_structs_directly(method, rng):
+    theta0, fisher = _tree(rng), _fisher(rng)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), theta0)
+    state = _make(method, None, 0.5, fisher=fisher).init(abstract)
+    for leaf in jax.tree.leaves(state.anchor):
+        assert isinstance(leaf, jax.ShapeDtypeStruct)
+    assert state.anchor["w"].shape == (2, 3)
+    if method == "si":
+        assert state.omega["w"].dtype == jnp.float32
