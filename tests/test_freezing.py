@@ -417,9 +417,7 @@ def test_train_only_has_optax_polarity_and_freeze_is_gone(rng):
     params = _tree(rng)
     grads = [_tree(rng) for _ in range(3)]
     trainable = {"body": False, "head": True}
-    got, state = _run(
-        flowjax.train_only(WD_MOMENTUM, trainable), params, grads, jax.jit
-    )
+    got, _ = _run(flowjax.train_only(WD_MOMENTUM, trainable), params, grads, jax.jit)
     frozen = jax.tree.map(lambda t: not t, trainable)  # optax: True = frozen
     want, _ = _run(
         optax.selective_transform(WD_MOMENTUM, freeze_mask=frozen),
@@ -503,9 +501,9 @@ def test_type_filters_need_variables_and_path_filters_work_on_plain_dicts(rng):
         nnx.All(nnx.Param, nnx.PathContains("head")),
         "head",
     ):
-        with pytest.raises(TypeError, match="no nnx.Variable leaves.*nnx.State"):
+        with pytest.raises(TypeError, match=r"no nnx\.Variable leaves.*nnx\.State"):
             flowjax.train_only(optax.sgd(0.1), type_filter).init(params)
-        with pytest.raises(TypeError, match="no nnx.Variable leaves"):
+        with pytest.raises(TypeError, match=r"no nnx\.Variable leaves"):
             flowjax.trainable_mask(params, type_filter)
 
 

@@ -925,7 +925,9 @@ def test_si_with_an_nnx_filter_mask_is_si_on_the_selected_leaves(rng):
 def test_type_filter_mask_on_a_plain_dict_is_a_clear_error(rng):
     theta0 = _tree(rng)
     for method in METHODS:
-        with pytest.raises(TypeError, match="no nnx.Variable leaves.*nnx.PathContains"):
+        with pytest.raises(
+            TypeError, match=r"no nnx\.Variable leaves.*nnx\.PathContains"
+        ):
             _make(method, None, 0.5, fisher=_fisher(rng), mask=nnx.Param).init(theta0)
     # A path filter on the same dict works: only w is pulled.
     tx = flowjax.l2sp(0.5, theta0, mask=nnx.PathContains("w"))
