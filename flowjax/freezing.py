@@ -1,31 +1,40 @@
 """Frozen parts (linear probing, LP-FT, head-only rounds) and swapping task parts back.
 
-Freezing is an optax transformation, not a change to the training loop: build a
-NNX filter for the trainable part (``nnx.PathContains("head")``,
-``nnx.LoRAParam``), wrap the optimiser (:func:`train_only`), and the frozen parameters get zero updates while
-the optimiser keeps no state for them. In NNX, BatchNorm running statistics are
-``nnx.BatchStat``, not ``nnx.Param``: they are never given to the optimiser, so
-they keep updating in train mode while the BatchNorm scale and bias stay frozen,
-as in the official vision pipeline (FLOW_PAPER.md §2.1, steps V1 and V4).
+Freezing is an optax transformation, not a change to the training loop: name
+the trainable part with an NNX filter (``nnx.PathContains("head")``,
+``nnx.LoRAParam``, ``nnx.All`` / ``nnx.Not``), wrap the optimiser with
+:func:`train_only`, and the other parameters get zero updates while the
+optimiser keeps no state for them. The polarity is the name's: True /
+matching = trained (``optax.freeze`` and ``optax.selective_transform`` take
+True = frozen). In NNX, BatchNorm running statistics are ``nnx.BatchStat``,
+not ``nnx.Param``: they are never given to the optimiser, so they keep
+updating in train mode while the BatchNorm scale and bias stay frozen, as in
+the official vision pipeline (FLOW_PAPER.md §2.1, steps V1 and V4).
 
 :func:`swap_task_parts` puts the pre-trained task-specific parts (head,
 BatchNorm) back into a fine-tuned state to measure retained pre-training
 accuracy, as the paper does.
 
-A jitted linear-probing step (``nnx.split`` / ``nnx.merge`` with ``jax.jit``)::
+A jitted linear-probing step with FLOW weights on a BatchNorm model
+(``nnx.split`` / ``nnx.merge`` with ``jax.jit``; the batched objective sees
+the whole batch, so the running statistics update)::
 
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     tx = flowjax.train_only(optax.sgd(lr, momentum=0.9), nnx.PathContains("head"))
 
-    @jax.jit
-    def step(params, stats, opt_state, x, y, w):
-        def loss_fn(params):
-            # copy=True: the BatchStat variables are mutated inside the grad trace.
-            model = nnx.merge(graphdef, params, stats, copy=True)
-            losses = per_example_loss(model(x), y)  # train mode: BN stats update
-            return flowjax.weighted_loss(losses, w), nnx.state(model, nnx.BatchStat)
+    def batch_loss(params, batch, stats):
+        # copy=True: the BatchStat variables are mutated inside the grad trace.
+        model = nnx.merge(graphdef, params, stats, copy=True)
+        losses = per_example_loss(model(batch["x"]), batch["y"])  # train mode
+        return losses, nnx.state(model, nnx.BatchStat)
 
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    objective = flowjax.weighted_objective(batch_loss, batched=True, has_aux=True)
+
+    @jax.jit
+    def step(params, stats, opt_state, batch):
+        (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(
+            params, batch, stats
+        )
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), stats, opt_state, loss
 """
