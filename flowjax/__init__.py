@@ -39,56 +39,17 @@ from flowjax.tables import LossTable, WeightTable
 from flowjax.weights import flow_weights, median_temperature
 from flowjax.objectives import attach_weights, weighted_loss, weighted_objective
 
-# Namespaces: baselines, language models, data.
+# Namespaces: baselines, language models, data; each one's names also flat.
 from flowjax import baselines, data, lm
-from flowjax.baselines import (
-    EWCState,
-    L2SPState,
-    ReplayBuffer,
-    SIState,
-    WiseFTCurve,
-    add_lora,
-    der_loss,
-    diagonal_fisher,
-    dro_loss,
-    dro_weights,
-    ewc,
-    ewc_penalty,
-    l2sp,
-    l2sp_penalty,
-    lwf_loss,
-    lwf_objective,
-    merge_lora,
-    replay_batches,
-    si_consolidate,
-    swap_task_parts,
-    synaptic_intelligence,
-    train_only,
-    trainable_mask,
-    wise_ft,
-    wise_ft_sweep,
-)
-from flowjax.lm import (
-    TokenLosses,
-    TokenWeights,
-    bucket_batches,
-    chunked_token_nll,
-    lm_sequence_losses,
-    lm_token_losses,
-    response_mask,
-    sequence_nll,
-    token_flow_weights,
-    token_nll,
-    weighted_lm_loss,
-)
-from flowjax.data import ArraySource, batches
+from flowjax.baselines import *  # noqa: F403
+from flowjax.lm import *  # noqa: F403
+from flowjax.data import *  # noqa: F403
 # isort: on
 
 __version__ = "0.1.0"
 
 # Layered, not sorted: the core, the namespaces, then every name of each namespace.
 __all__ = [  # noqa: RUF022
-    # core: pre-pass, tables, weights, objectives
     "per_example_losses",
     "default_mesh",
     "LossTable",
@@ -98,49 +59,10 @@ __all__ = [  # noqa: RUF022
     "weighted_objective",
     "weighted_loss",
     "attach_weights",
-    # namespaces
     "baselines",
     "lm",
     "data",
-    # flowjax.baselines
-    "EWCState",
-    "L2SPState",
-    "ReplayBuffer",
-    "SIState",
-    "WiseFTCurve",
-    "add_lora",
-    "der_loss",
-    "diagonal_fisher",
-    "dro_loss",
-    "dro_weights",
-    "ewc",
-    "ewc_penalty",
-    "l2sp",
-    "l2sp_penalty",
-    "lwf_loss",
-    "lwf_objective",
-    "merge_lora",
-    "replay_batches",
-    "si_consolidate",
-    "swap_task_parts",
-    "synaptic_intelligence",
-    "train_only",
-    "trainable_mask",
-    "wise_ft",
-    "wise_ft_sweep",
-    # flowjax.lm
-    "TokenLosses",
-    "TokenWeights",
-    "bucket_batches",
-    "chunked_token_nll",
-    "lm_sequence_losses",
-    "lm_token_losses",
-    "response_mask",
-    "sequence_nll",
-    "token_flow_weights",
-    "token_nll",
-    "weighted_lm_loss",
-    # flowjax.data
-    "ArraySource",
-    "batches",
 ]
+__all__ += baselines.__all__
+__all__ += lm.__all__
+__all__ += data.__all__

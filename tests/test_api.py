@@ -11,17 +11,11 @@ import pytest
 
 import flowjax
 
-CORE = [
-    "per_example_losses",
-    "default_mesh",
-    "LossTable",
-    "WeightTable",
-    "flow_weights",
-    "median_temperature",
-    "weighted_objective",
-    "weighted_loss",
-    "attach_weights",
-]
+# The core, in reading order: pre-pass, tables, weights, objectives.
+CORE = (
+    "per_example_losses default_mesh LossTable WeightTable flow_weights "
+    "median_temperature weighted_objective weighted_loss attach_weights"
+).split()
 NAMESPACES = {
     "baselines": {
         "l2sp",
