@@ -96,7 +96,7 @@ def is_filter(select) -> bool:
     if isinstance(select, (list, tuple)):
         leaves = jax.tree.leaves(select)
         return not (leaves and all(_is_bool(x) for x in leaves))
-    return not isinstance(select, (np.ndarray, jax.Array)) or not _is_bool(select)
+    return isinstance(select, bool) or not _is_bool(select)  # numpy/0-d bools: masks
 
 
 def _check_filter(f, on: str) -> None:

@@ -23,11 +23,11 @@ from flax import nnx
 from tqdm import tqdm
 
 from flowjax import _checks, _select
-from flowjax._types import ArrayLike, Params, PyTree
+from flowjax._types import ArrayLike, Params, Selection
 
 __all__ = ["WiseFTCurve", "wise_ft", "wise_ft_sweep"]
 
-Mask = PyTree | Callable[[Params], PyTree] | None
+Mask = Selection | None
 _DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
 
 

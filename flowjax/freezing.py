@@ -46,14 +46,14 @@ import numpy as np
 import optax
 
 from flowjax import _select
-from flowjax._types import Params, PyTree
+from flowjax._types import Filter, Params, PyTree, Selection
 
 __all__ = ["swap_task_parts", "train_only", "trainable_mask"]
 
 _STATE_HINT = "pass nnx.state(model, nnx.Param) (or the state you give the optimiser)."
 
 
-def trainable_mask(params: Params, select) -> PyTree:
+def trainable_mask(params: Params, select: Filter) -> PyTree:
     """A boolean mask over ``params``: True where the NNX filter ``select`` matches.
 
     .. math::
@@ -135,7 +135,7 @@ def trainable_mask(params: Params, select) -> PyTree:
 
 
 def train_only(
-    tx: optax.GradientTransformation, trainable
+    tx: optax.GradientTransformation, trainable: Selection
 ) -> optax.GradientTransformationExtraArgs:
     """Applies ``tx`` to the ``trainable`` parameters; every other one gets a zero update.
 
@@ -204,7 +204,9 @@ def _describe(leaf) -> str:
     return f"{type(leaf).__name__} {np.shape(value)} {getattr(value, 'dtype', type(value).__name__)}"
 
 
-def swap_task_parts(finetuned: PyTree, pretrained: PyTree, task_specific) -> PyTree:
+def swap_task_parts(
+    finetuned: PyTree, pretrained: PyTree, task_specific: Selection
+) -> PyTree:
     """The fine-tuned state with its task-specific parts replaced by the pre-trained ones.
 
     .. math::

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowjax import _select
+from flowjax._types import Filter
 
 __all__ = ["add_lora", "merge_lora"]
 
@@ -126,7 +127,7 @@ def add_lora(
     rank: int,
     *,
     rngs: nnx.Rngs,
-    select=None,
+    select: Filter = None,
     alpha: float | None = None,
     **lora_kwargs,
 ) -> nnx.Module:

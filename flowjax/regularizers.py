@@ -58,7 +58,7 @@ import numpy as np
 import optax
 
 from flowjax import _checks, _select
-from flowjax._types import Array, Params
+from flowjax._types import Array, Params, Selection
 
 __all__ = [
     "EWCState",
@@ -72,8 +72,6 @@ __all__ = [
     "synaptic_intelligence",
 ]
 
-# An NNX filter, a bool pytree (or a prefix of the params tree), or params -> bool pytree.
-Mask = Any
 _SCALES = ("none", "num_params")
 
 
@@ -128,7 +126,7 @@ def l2sp(
     strength: float,
     anchor: Params | None = None,
     *,
-    mask: Mask = None,
+    mask: Selection | None = None,
     scale: Literal["none", "num_params"] = "none",
 ) -> optax.GradientTransformation:
     """L2-SP (Li et al., 2018): adds the gradient of a pull toward the pre-trained θ₀.
@@ -215,7 +213,7 @@ def l2sp_penalty(
     anchor: Params,
     params: Params,
     *,
-    mask: Mask = None,
+    mask: Selection | None = None,
     scale: Literal["none", "num_params"] = "none",
 ) -> Array:
     """The L2-SP penalty whose gradient :func:`l2sp` adds, as a scalar.
@@ -278,7 +276,7 @@ def ewc(
     fisher: Params,
     anchor: Params | None = None,
     *,
-    mask: Mask = None,
+    mask: Selection | None = None,
 ) -> optax.GradientTransformation:
     """Elastic weight consolidation (Kirkpatrick et al., 2017) with a diagonal Fisher.
 
@@ -353,7 +351,7 @@ def ewc_penalty(
     anchor: Params,
     params: Params,
     *,
-    mask: Mask = None,
+    mask: Selection | None = None,
 ) -> Array:
     """The EWC penalty whose gradient :func:`ewc` adds, as a scalar.
 
@@ -403,7 +401,7 @@ def synaptic_intelligence(
     anchor: Params | None = None,
     *,
     damping: float = 0.1,
-    mask: Mask = None,
+    mask: Selection | None = None,
     online: bool = True,
 ) -> optax.GradientTransformation:
     """Synaptic Intelligence (Zenke, Poole & Ganguli, 2017) as an optax transform.
