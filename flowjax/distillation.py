@@ -139,8 +139,10 @@ def lwf_objective(
     the gradient never reaches ``teacher_params``.
 
     FLOW weights (``batch[weight_key]``, attached with
-    :func:`flowjax.attach_weights`) multiply the task term, reduced exactly as
-    :func:`flowjax.weighted_objective` does. By default they do **not**
+    :func:`flowjax.attach_weights`) multiply the task term, reduced by the one
+    reduction :func:`flowjax.weighted_objective` uses (the same function, so
+    the task term and the metrics ``loss_unweighted`` / ``weight_mean`` are
+    the same numbers). By default they do **not**
     multiply the distillation term (:math:`v_i = 1`): distillation preserves
     the pre-trained function, and an example the pre-trained model finds hard
     is as informative about that function as an easy one. Set
