@@ -208,7 +208,7 @@ def test_lp_ft_recipe_and_flow_weights_in_one_jitted_step():
     pre_losses = jax.jit(lambda m: jax.vmap(_ce)(m(x), y))(
         nnx.merge(graphdef, params, stats)
     )
-    w, _ = flowjax.flow_weights(pre_losses)
+    w = flowjax.LossTable(np.arange(16), pre_losses).flow_weights().weights
 
     lp_tx = flowjax.train_only(optax.sgd(0.1, momentum=0.9), HEAD)
     step = _make_step(graphdef, lp_tx)

@@ -327,9 +327,8 @@ def test_flow_plus_lora_one_jitted_step_matches_weighted_per_example_gradients()
         return jax.vmap(lambda x, y: _ce(model(x), y))(xs, ys)
 
     pre_losses = jax.jit(per_example_losses)(base, xs, ys)
-    weights, _tau = flowjax.flow_weights(
-        pre_losses
-    )  # w_i = exp(-f_i(θ*)/τ), τ = median
+    ids = np.arange(len(pre_losses))
+    weights = flowjax.LossTable(ids, pre_losses).flow_weights().weights  # τ = median
     np.testing.assert_allclose(
         weights, jnp.exp(-pre_losses / jnp.median(pre_losses)), rtol=1e-6
     )

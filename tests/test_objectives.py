@@ -159,7 +159,7 @@ def test_attach_weights_by_id_never_by_position():
         out["weight"], np.exp(-np.array([1.0, 0.0, 2.0]) / 0.75), rtol=1e-6
     )
     assert "weight" not in batch and out["x"] is batch["x"]
-    w_arr, _ = flowjax.flow_weights(table.losses)
+    w_arr = table.flow_weights().weights  # an array aligned with table.ids
     out2 = flowjax.attach_weights(batch, w_arr, ids=table.ids, key="w")
     np.testing.assert_array_equal(out2["w"], out["weight"])
 
