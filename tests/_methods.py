@@ -65,7 +65,8 @@ def batch(seed: int = 1) -> dict[str, np.ndarray]:
         np.int32
     )
     pre = np.asarray(per_example_ce(params(), out))
-    out["weight"] = np.asarray(flowjax.flow_weights(pre)[0], np.float32)
+    weights = flowjax.LossTable(out["id"], pre).flow_weights()
+    out["weight"] = weights.lookup(out["id"])
     return out
 
 
