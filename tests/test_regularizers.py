@@ -524,11 +524,12 @@ def test_si_offline_without_consolidation_is_plain_fine_tuning(rng):
 @pytest.mark.parametrize("method", METHODS)
 def test_update_without_params_raises(method, rng):
     theta0 = _tree(rng)
-    tx = _make(method, theta0, 0.5, fisher=_fisher(rng))
-    with pytest.raises(
-        ValueError, match=r"needs params: call tx.update\(grads, state, params\)"
-    ):
-        tx.update(theta0, tx.init(theta0))
+    for mask in (None, nnx.PathContains("w")):  # also through optax.masked
+        tx = _make(method, theta0, 0.5, fisher=_fisher(rng), mask=mask)
+        with pytest.raises(
+            ValueError, match=r"needs params: call tx.update\(grads, state, params\)"
+        ):
+            tx.update(theta0, tx.init(theta0))
 
 
 @pytest.mark.parametrize("method", METHODS)
