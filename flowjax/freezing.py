@@ -169,8 +169,9 @@ def train_only(
       An ``optax.GradientTransformationExtraArgs``.
 
     Raises:
-      TypeError: ``tx`` is not a GradientTransformation, ``trainable`` is not
-        a selection, a mask leaf is not a bool, or (at ``init``) a type filter
+      TypeError: ``tx`` is not a GradientTransformation, ``trainable`` is
+        None (ambiguous: ``...`` trains everything, ``False`` nothing) or not a
+        selection, a mask leaf is not a bool, or (at ``init``) a type filter
         meets a plain pytree of arrays.
       ValueError: at ``init``, the mask's structure does not match the params
         (the message names the path).
@@ -191,6 +192,11 @@ def train_only(
     if not isinstance(tx, optax.GradientTransformation):
         raise TypeError(
             f"tx must be an optax.GradientTransformation; got {type(tx).__name__}."
+        )
+    if trainable is None:
+        raise TypeError(
+            "trainable=None is ambiguous (NNX reads None as 'nothing', optax masks as "
+            "'no mask'): pass ... to train everything or False to train nothing."
         )
     _select.check_selection(trainable, "trainable")
     return optax.partition(

@@ -428,6 +428,8 @@ def test_train_only_has_optax_polarity_and_freeze_is_gone(rng):
     chex.assert_trees_all_equal(got, want)
     chex.assert_trees_all_equal(got["body"], params["body"])
     assert not np.array_equal(got["head"]["w"], params["head"]["w"])
+    with pytest.raises(TypeError, match="trainable=None is ambiguous"):
+        flowjax.train_only(WD_MOMENTUM, None)
     # optax.freeze(mask) with the same mask would do the opposite: body moves.
     opposite, _ = _run(
         optax.chain(WD_MOMENTUM, optax.freeze(trainable)), params, grads, jax.jit
