@@ -404,3 +404,29 @@ def test_prepass_of_a_batchnorm_model_needs_eval_mode_then_flow_trains_it(rng):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_per_example_objective_passes_extra_args_and_stacks_aux():
+    batch = {
+        "id": np.arange(3),
+        "x": jnp.array([1.0, 2.0, 3.0]),
+        "y": jnp.zeros(3),
+        "weight": jnp.array([1.0, 0.5, 0.0]),
+    }
+
+    def loss(p, ex, shift):  # one example; shift is shared by all (in_axes None)
+        err = p * ex["x"] - ex["y"] + shift
+        return err**2, err
+
+    objective = flowjax.weighted_objective(loss, has_aux=True, return_metrics=True)
+    (value, (aux, metrics)), grad = jax.value_and_grad(objective, has_aux=True)(
+        2.0, batch, 1.0
+    )
+    err = 2.0 * np.array([1.0, 2.0, 3.0]) + 1.0
+    w = np.array([1.0, 0.5, 0.0])
+    np.testing.assert_allclose(float(value), np.sum(w * err**2) / 3, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(grad), np.sum(w * 2 * err * [1, 2, 3]) / 3, rtol=1e-6
+    )
+    np.testing.assert_allclose(aux, err, rtol=1e-6)  # stacked over examples
+    np.testing.assert_allclose(float(metrics["weight_mean"]), 0.5, rtol=1e-6)
