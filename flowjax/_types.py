@@ -24,3 +24,10 @@ Temperature = Literal["median"] | float
 Normalize = Literal["mean", "sum"] | None
 Reduction = Literal["mean", "sum", "normalized"]
 IdArray = np.ndarray
+# A Flax NNX filter, taken unchanged by flax.nnx.filterlib.to_predicate: a Variable
+# type (nnx.LoRAParam), nnx.PathContains, nnx.All/Any/Not, a predicate
+# (path, x) -> bool, an NNX tag string, ..., True/False, or a list/tuple of filters.
+Filter = Any
+# A parameter subset: a Filter, a bool mask pytree with the params' structure or a
+# prefix of it (as for optax.masked), or a function params -> such a pytree.
+Selection = Any

@@ -23,11 +23,11 @@ from flax import nnx
 from tqdm import tqdm
 
 from flowjax import _checks, _select
-from flowjax._types import ArrayLike, Params, PyTree
+from flowjax._types import ArrayLike, Params, Selection
 
 __all__ = ["WiseFTCurve", "wise_ft", "wise_ft_sweep"]
 
-Mask = PyTree | Callable[[Params], PyTree] | None
+Mask = Selection | None
 _DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
 
 
@@ -77,14 +77,16 @@ def wise_ft(
       pretrained: the pre-trained parameters θ_pre.
       finetuned: the fine-tuned parameters θ_ft, with the same tree structure.
       alpha: the weight on the pre-trained model, in [0, 1]; may be traced.
-      mask: **True = averaged**; False leaves keep the fine-tuned value
-        (task-specific parts such as a new head, which may have a different
-        shape from the pre-trained one). Not a :func:`flowjax.freeze`
-        "trainable" mask: that one is True on the head. A bool pytree (Python,
-        numpy or 0-d bool arrays) with the structure of ``finetuned`` or a
-        prefix of it, e.g. ``{"backbone": True, "head": False}`` (a plain dict
-        works on an ``nnx.State``), or a callable ``mask(finetuned) -> bool
-        pytree``, as in ``optax.masked``. Default: every leaf.
+      mask: **True / matching = averaged**; the rest keep the fine-tuned
+        value (task-specific parts such as a new head, which may have a
+        different shape from the pre-trained one). Not the filter given to
+        :func:`flowjax.train_only`, which matches the head. An NNX filter,
+        unchanged (``nnx.Not(nnx.PathContains("head"))``; type filters need an
+        ``nnx.State``), a bool pytree (Python, numpy or 0-d bool arrays) with
+        the structure of ``finetuned`` or a prefix of it, e.g. ``{"backbone":
+        True, "head": False}`` (a plain dict works on an ``nnx.State``), or a
+        function ``mask(finetuned) -> bool pytree``, as in ``optax.masked``.
+        Default (None): every leaf.
 
     Returns:
       A pytree with the structure of ``finetuned``.

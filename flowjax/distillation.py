@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowjax import _checks
+from flowjax import _checks, objectives
 from flowjax._types import Array, ArrayLike, Params, Reduction
-from flowjax.objectives import _REDUCTIONS, weighted_loss
+from flowjax.objectives import _batch_weights, _check_reduction, weighted_loss
 
 __all__ = ["lwf_loss", "lwf_objective"]
 
@@ -139,8 +139,10 @@ def lwf_objective(
     the gradient never reaches ``teacher_params``.
 
     FLOW weights (``batch[weight_key]``, attached with
-    :func:`flowjax.attach_weights`) multiply the task term, reduced exactly as
-    :func:`flowjax.weighted_objective` does. By default they do **not**
+    :func:`flowjax.attach_weights`) multiply the task term, reduced by the one
+    reduction :func:`flowjax.weighted_objective` uses (the same function, so
+    the task term and the metrics ``loss_unweighted`` / ``weight_mean`` are
+    the same numbers). By default they do **not**
     multiply the distillation term (:math:`v_i = 1`): distillation preserves
     the pre-trained function, and an example the pre-trained model finds hard
     is as informative about that function as an easy one. Set
@@ -202,8 +204,7 @@ def lwf_objective(
       >>> float(metrics["distill_loss"]), round(float(loss), 4)  # student == teacher: (1 + 0.5) * 1.5514 / 2
       (0.0, 1.1636)
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}.")
+    _check_reduction(reduction)
     if _checks.is_concrete(strength):
         s = np.asarray(strength)
         if s.ndim != 0 or not np.isfinite(s) or s < 0:
@@ -243,12 +244,15 @@ def lwf_objective(
         return loss, jnp.sum(d) / jnp.maximum(jnp.sum(m), 1)
 
     def objective(params: Params, teacher_params: Params, batch: Mapping[str, Any]):
-        if weight_key is not None and weight_key not in batch:
-            raise ValueError(
-                f"the batch has no {weight_key!r} field (fields: {sorted(batch)}): attach weights by "
-                "example id with flowjax.attach_weights(batch, table.flow_weights()), or build the "
-                "objective with weight_key=None for unit weights."
+        weights = (
+            None
+            if weight_key is None
+            else _batch_weights(
+                batch,
+                weight_key,
+                ", or build the objective with weight_key=None for unit weights",
             )
+        )
         fields = {k: v for k, v in batch.items() if k not in skip}
         token_mask = None if distill_mask_key is None else batch[distill_mask_key]
         losses, distill = jax.vmap(
@@ -258,21 +262,13 @@ def lwf_objective(
             raise ValueError(
                 f"task_loss must return a scalar per example; got shape {losses.shape[1:]}."
             )
+        if weights is None:
+            weights = jnp.ones(losses.shape, losses.dtype)
         where = None if valid_key is None else batch[valid_key]
-        weights = (
-            jnp.ones(losses.shape, losses.dtype)
-            if weight_key is None
-            else batch[weight_key]
+        task, metrics = objectives._reduce(
+            losses, weights, where, reduction, weighted=weight_key is not None
         )
-        task = weighted_loss(losses, weights, where=where, reduction=reduction)
-        m = jnp.ones(losses.shape, bool) if where is None else jnp.asarray(where, bool)
-        n = jnp.maximum(jnp.sum(m), 1)
-        metrics = {
-            "task_loss": task,
-            "loss_unweighted": jnp.sum(jnp.where(m, losses, 0)) / n,
-        }
-        if weight_key is not None:
-            metrics["weight_mean"] = jnp.sum(jnp.where(m, jnp.asarray(weights), 0)) / n
+        metrics = {"task_loss": task, **metrics}
         distance = _param_distance(params, teacher_params)
         if distance is not None:
             metrics["param_distance"] = distance

@@ -435,3 +435,25 @@ def weighted_lm_loss(
     if reduction == "weights":
         return total / jnp.where(jnp.sum(mask) > 0, own, 1.0)
     return total / jnp.maximum(own, 1)
+
+
+# flowjax.lm is the language-model namespace: the LM pre-passes, their tables and
+# the chunked cross-entropy live in their own modules and are re-exported here
+# (imported last: lm_prepass imports this module).
+from flowjax.chunked_ce import chunked_token_nll  # noqa: E402
+from flowjax.lm_prepass import (  # noqa: E402
+    TokenLosses,
+    TokenWeights,
+    bucket_batches,
+    lm_sequence_losses,
+    lm_token_losses,
+)
+
+__all__ += [
+    "TokenLosses",
+    "TokenWeights",
+    "bucket_batches",
+    "chunked_token_nll",
+    "lm_sequence_losses",
+    "lm_token_losses",
+]

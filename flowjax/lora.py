@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowjax import _select
+from flowjax._types import Filter
 
 __all__ = ["add_lora", "merge_lora"]
 
@@ -126,7 +127,7 @@ def add_lora(
     rank: int,
     *,
     rngs: nnx.Rngs,
-    select=None,
+    select: Filter = None,
     alpha: float | None = None,
     **lora_kwargs,
 ) -> nnx.Module:
@@ -146,7 +147,7 @@ def add_lora(
     ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``. ``nnx.LoRAParam`` is a
     subclass of ``nnx.Param``, so ``nnx.state(model, nnx.Param)`` includes the
     adapters; to optimise that whole state, wrap the optimiser with
-    ``flowjax.freeze(tx, flowjax.trainable_mask(params, nnx.LoRAParam))``.
+    ``flowjax.train_only(tx, nnx.LoRAParam)``.
 
     ``model`` is not modified: the result is an ``nnx.clone`` of it, which
     shares the (immutable) array buffers, so the copy costs no memory and the
@@ -172,13 +173,15 @@ def add_lora(
       model: an NNX module (or a single ``nnx.Linear``).
       rank: the LoRA rank :math:`r \\ge 1`.
       rngs: random streams; ``rngs.params()`` draws :math:`A`.
-      select: which ``nnx.Linear`` layers get adapters, evaluated on
-        ``(path, layer)``: a path key such as ``"q_proj"``, a tuple/list of keys
-        (any matches; a nested tuple is a path prefix, e.g. ``[("layers", 0)]``),
-        or a predicate ``(path, module) -> bool`` (NNX filters such as
-        ``nnx.PathContains`` work). ``None`` (default): every ``nnx.Linear``.
-        The paper's LLM setup is ``("q_proj", "k_proj", "v_proj", "o_proj",
-        "gate_proj", "up_proj", "down_proj")`` with ``rank=64``.
+      select: which ``nnx.Linear`` layers get adapters: an NNX filter,
+        unchanged, evaluated on ``(path, layer)`` (``nnx.PathContains("q_proj")``,
+        ``nnx.Any(...)``, ``nnx.All(...)``, ``nnx.Not(...)``, a predicate
+        ``(path, module) -> bool``; a list/tuple of filters matches any). A
+        string is an NNX tag, as in NNX, and layers have none: select a path
+        key with ``nnx.PathContains``. ``None`` (default): every
+        ``nnx.Linear``. The paper's LLM setup is ``nnx.Any(*map(nnx.PathContains,
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+        "down_proj")))`` with ``rank=64``.
       alpha: the LoRA :math:`\\alpha`; the adapter output is scaled by
         :math:`\\alpha / r`. ``None`` (default) means :math:`\\alpha = r`, scale 1,
         which is ``nnx.LoRALinear`` exactly and the paper's setting.
@@ -211,7 +214,7 @@ def add_lora(
       ...     def __call__(self, x):
       ...         return self.down(nnx.relu(self.up(x)))
       >>> base = MLP(nnx.Rngs(0))
-      >>> model = flowjax.add_lora(base, rank=2, rngs=nnx.Rngs(1), select=("up",))
+      >>> model = flowjax.add_lora(base, rank=2, rngs=nnx.Rngs(1), select=nnx.PathContains("up"))
       >>> type(model.up).__name__, type(model.down).__name__
       ('LoRALinear', 'Linear')
       >>> x = jnp.ones((3, 4))
@@ -245,7 +248,7 @@ def add_lora(
     pred = (
         (lambda _p, _m: True)
         if select is None
-        else _select.to_predicate(select, on="module")
+        else _select.predicate(select, on="module")
     )
 
     new_model = nnx.clone(model)
@@ -263,9 +266,15 @@ def add_lora(
             )
         targets.append((path, m))
     if not targets:
+        tags = (
+            " A string is an NNX tag and layers have none: select a path key with "
+            "nnx.PathContains."
+            if any(isinstance(x, str) for x in jax.tree.leaves(select))
+            else ""
+        )
         raise ValueError(
             f"select={select!r} matches no plain nnx.Linear layer of the model "
-            "(layers that already are nnx.LoRALinear are skipped)."
+            f"(layers that already are nnx.LoRALinear are skipped).{tags}"
         )
 
     cls = nnx.LoRALinear if scale == 1.0 else _ScaledLoRALinear

@@ -74,8 +74,7 @@ def weighted_loss(
       >>> float(flowjax.weighted_loss(losses, w)), float(flowjax.weighted_loss(losses, w, reduction="normalized"))
       (0.6666666..., 1.3333333...)
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}.")
+    _check_reduction(reduction)
     losses = jnp.asarray(losses)
     weights = jnp.asarray(
         weights,
@@ -105,39 +104,74 @@ def weighted_loss(
 
 
 def weighted_objective(
-    loss_fn: PerExampleLoss,
+    loss_fn: PerExampleLoss | Callable[..., Any],
     *,
+    batched: bool = False,
+    has_aux: bool = False,
     reduction: Reduction = "mean",
     weight_key: str = "weight",
     valid_key: str | None = None,
     return_metrics: bool = False,
-) -> Callable[[Params, Mapping[str, Any]], Any]:
-    """Turns a per-example ``loss_fn`` into a weighted batch objective for optax.
+) -> Callable[..., Any]:
+    """Turns a loss function into a weighted batch objective for optax.
 
-    .. math:: L(\\theta; \\text{batch}) = \\mathrm{reduce}_i\\, w_i\\, \\mathrm{loss\\_fn}(\\theta, x_i)
+    .. math:: L(\\theta; \\text{batch}) = \\mathrm{reduce}_i\\, w_i\\, \\ell_i(\\theta)
 
-    The objective vmaps ``loss_fn(params, example)`` over the batch (every
-    field except ``"id"``, ``weight_key`` and ``valid_key``) and reduces with
-    :func:`weighted_loss` using ``batch[weight_key]``. Use it with
-    ``jax.value_and_grad(objective)(params, batch)``.
+    Two ways to get the per-example losses :math:`\\ell_i`:
+
+    * ``batched=False`` (default): ``loss_fn(params, example, *args) ->
+      scalar`` for ONE example, vmapped over the batch (every field except
+      ``"id"``, ``weight_key`` and ``valid_key``). Right for models without
+      batch-coupled layers.
+    * ``batched=True``: ``loss_fn(params, batch, *args) -> losses [B]`` sees the
+      WHOLE batch (every field except ``"id"`` and ``weight_key``; the valid
+      field stays, so the model can keep padding out of its batch statistics,
+      e.g. ``nnx.BatchNorm``'s ``mask=``). This is how a BatchNorm model
+      trains with FLOW weights: in train mode its normalisation couples the
+      examples, so it cannot be vmapped one example at a time, and with
+      ``has_aux=True`` it returns its updated running statistics.
+
+    ``objective(params, batch, *args)`` passes ``args`` (e.g. the
+    ``nnx.BatchStat`` state, a frozen part of the model) to ``loss_fn``
+    unchanged, so ``jax.value_and_grad(objective, has_aux=...)`` differentiates
+    ``params`` only. The losses are reduced with :func:`weighted_loss` using
+    ``batch[weight_key]``. The objective returns
+    ``loss``; ``(loss, metrics)`` with ``return_metrics``; ``(loss, aux)``
+    with ``has_aux``; ``(loss, (aux, metrics))`` with both,
+    with ``aux`` what ``loss_fn`` returned beside the losses (stacked over
+    examples when ``batched=False``) and ``metrics`` holding
+    ``loss_unweighted`` (mean over counted rows) and ``weight_mean``.
+
+    FLOW's weights come from the frozen pre-trained model run in **eval
+    mode**: ``model.eval()`` (in place: every ``use_running_average`` and
+    ``deterministic`` it finds becomes True) or ``nnx.view(model,
+    use_running_average=True)`` (a copy sharing the arrays; add
+    ``deterministic=True`` when the model has Dropout), before ``nnx.split``.
+    A BatchNorm model in train mode normalises each example by its own
+    statistics inside the pre-pass's vmap: with BatchNorm on features every
+    example gets the same loss (log C for a zero-bias head). Fine-tuning
+    itself runs in train mode, through ``batched=True``.
 
     Args:
-      loss_fn: ``loss_fn(params, example) -> scalar`` for ONE example.
+      loss_fn: the per-example loss (``batched=False``) or the batch loss
+        returning one loss per example (``batched=True``); with
+        ``has_aux=True`` it returns ``(losses, aux)``.
+      batched: whether ``loss_fn`` takes the whole batch (see above).
+      has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
       reduction: see :func:`weighted_loss`.
       weight_key: the batch field holding per-example weights (attach them by
         id with :func:`attach_weights`).
       valid_key: optional boolean batch field marking real (non-padding) rows.
-      return_metrics: if True the objective returns ``(loss, metrics)`` (use
-        ``has_aux=True``) with ``loss_unweighted`` (mean over counted rows) and
-        ``weight_mean``.
+      return_metrics: also return the metrics (see the table).
 
     Returns:
-      ``objective(params, batch)``.
+      ``objective(params, batch, *args)``.
 
     Raises:
       ValueError: an unknown ``reduction``; when called, a batch without the
         weight field, a ``loss_fn`` that does not return one scalar per
-        example, or weights whose length differs from the batch's.
+        example (``[B]`` for the batch's B rows when batched), or weights
+        whose length differs from the batch's.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, flowjax
@@ -148,38 +182,77 @@ def weighted_objective(
       >>> value, grad = jax.value_and_grad(objective)(3.0, batch)
       >>> float(value), float(grad)  # (9 + 0.5*36) / 2, (6 + 0.5*24) / 2
       (13.5, 9.0)
+      >>> batch_loss = lambda p, b, shift: ((p * b["x"] - b["y"]) ** 2 + shift, shift + 1)
+      >>> batched = flowjax.weighted_objective(batch_loss, batched=True, has_aux=True)
+      >>> (value, aux), grad = jax.value_and_grad(batched, has_aux=True)(3.0, batch, 0.0)
+      >>> float(value), float(grad), float(aux)
+      (13.5, 9.0, 1.0)
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}.")
-    skip = {"id", weight_key} | ({valid_key} if valid_key else set())
+    _check_reduction(reduction)
+    skip = {"id", weight_key}
+    if valid_key and not batched:
+        skip.add(valid_key)
 
-    def objective(params: Params, batch: Mapping[str, Any]):
-        if weight_key not in batch:
-            raise ValueError(
-                f"the batch has no {weight_key!r} field (fields: {sorted(batch)}): attach weights by "
-                "example id with flowjax.attach_weights(batch, table.flow_weights())."
-            )
+    def objective(params: Params, batch: Mapping[str, Any], *args):
+        weights = _batch_weights(batch, weight_key)
         fields = {k: v for k, v in batch.items() if k not in skip}
-        losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, fields)
-        if losses.ndim != 1:
+        if batched:
+            out = loss_fn(params, fields, *args)
+        else:
+            in_axes = (None, 0) + (None,) * len(args)
+            out = jax.vmap(loss_fn, in_axes=in_axes)(params, fields, *args)
+        losses, aux = out if has_aux else (out, None)
+        losses = jnp.asarray(losses)
+        n = np.shape(weights)[0] if np.ndim(weights) else None
+        if losses.ndim != 1 or (batched and n is not None and losses.shape[0] != n):
+            what = (
+                "one loss per example of the batch, shape [B]"
+                if batched
+                else ("a scalar per example")
+            )
             raise ValueError(
-                f"loss_fn must return a scalar per example; got shape {losses.shape[1:]}."
+                f"loss_fn must return {what}; got losses of shape {losses.shape} for a "
+                f"batch of {n} examples."
             )
         where = None if valid_key is None else batch[valid_key]
-        value = weighted_loss(
-            losses, batch[weight_key], where=where, reduction=reduction
-        )
-        if not return_metrics:
-            return value
-        m = jnp.ones(losses.shape, bool) if where is None else jnp.asarray(where, bool)
-        n = jnp.maximum(jnp.sum(m), 1)
-        metrics = {
-            "loss_unweighted": jnp.sum(jnp.where(m, losses, 0)) / n,
-            "weight_mean": jnp.sum(jnp.where(m, jnp.asarray(batch[weight_key]), 0)) / n,
-        }
-        return value, metrics
+        value, metrics = _reduce(losses, weights, where, reduction)
+        if has_aux:
+            return value, ((aux, metrics) if return_metrics else aux)
+        return (value, metrics) if return_metrics else value
 
     return objective
+
+
+def _check_reduction(reduction) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}.")
+
+
+def _batch_weights(batch: Mapping[str, Any], weight_key: str | None, hint: str = ""):
+    """``batch[weight_key]``; a ValueError that says how to attach them if absent."""
+    if weight_key not in batch:
+        raise ValueError(
+            f"the batch has no {weight_key!r} field (fields: {sorted(batch)}): attach "
+            "weights by example id with flowjax.attach_weights(batch, "
+            f"table.flow_weights()){hint}."
+        )
+    return batch[weight_key]
+
+
+def _reduce(losses, weights, where, reduction: Reduction, *, weighted: bool = True):
+    """The one reduction of every weighted objective: the value and its metrics.
+
+    ``value`` is :func:`weighted_loss`; ``metrics`` holds ``loss_unweighted``
+    (the mean loss over counted rows) and, when ``weighted``, ``weight_mean``.
+    """
+    value = weighted_loss(losses, weights, where=where, reduction=reduction)
+    m = jnp.ones(losses.shape, bool) if where is None else jnp.asarray(where, bool)
+    n = jnp.maximum(jnp.sum(m), 1)
+    metrics = {"loss_unweighted": jnp.sum(jnp.where(m, losses, 0)) / n}
+    if weighted:
+        w = jnp.broadcast_to(jnp.asarray(weights), losses.shape)
+        metrics["weight_mean"] = jnp.sum(jnp.where(m, w, 0)) / n
+    return value, metrics
 
 
 def attach_weights(

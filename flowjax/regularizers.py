@@ -6,10 +6,23 @@ incoming updates. Put it FIRST in an ``optax.chain``, before the optimiser, so
 that it sees the raw gradient of the task loss and the optimiser sees the
 regularised gradient::
 
-    tx = optax.chain(flowjax.l2sp(None, 1e-2), optax.adam(1e-3))
+    tx = optax.chain(flowjax.l2sp(1e-2), optax.adam(1e-3))
 
-Design, shared by all three:
+Design, shared by all three (the pattern of ``optax.add_decayed_weights``):
 
+* Each is written as an UNMASKED transform over whatever leaves it is given;
+  ``mask=`` wraps it in ``optax.masked``. **True / matching = regularised**.
+  The mask is any flowjax selection (see :func:`flowjax.trainable_mask`): an
+  NNX filter, unchanged (``nnx.Not(nnx.PathContains("head"))``; type filters
+  need an ``nnx.State``), a bool pytree with the structure of the params or a
+  prefix of it (a plain dict prefix works on an ``nnx.State``), or a function
+  ``params -> mask``, as for ``optax.masked``. With a mask the state is an
+  ``optax.MaskedState`` whose ``inner_state`` is the NamedTuple below.
+* Inside ``flowjax.train_only``, ``optax.masked`` or ``optax.partition`` (or
+  with ``mask=``) the hidden leaves are ``optax.MaskedNode``: they are never
+  regularised and hold no state, ``scale="num_params"`` counts only the
+  leaves the regulariser sees, and an anchor or Fisher leaf is shape-checked
+  only where it is seen, so θ₀ may hold an old head of another shape.
 * The anchor (and EWC's Fisher, SI's accumulators) live in the transform's
   NamedTuple state. Inside a jitted train step they are therefore ARGUMENTS,
   placed and sharded like the parameters. In JAX 0.10 an array closed over by
@@ -19,34 +32,24 @@ Design, shared by all three:
 * ``init`` stores fresh copies, never the caller's buffers: a train step that
   donates both ``params`` and ``opt_state`` (``donate_argnums``) would
   otherwise donate the same buffer twice, which XLA rejects. Donate the
-  optimiser state: a donated, unchanged anchor is aliased from input to output
-  (the same device buffer every step); without donation ``jax.jit`` writes a
-  fresh copy of every unchanged state array on each call.
-* ``init`` accepts abstract parameters (``jax.eval_shape(tx.init, params)``),
-  so the state can be planned and sharded before memory is allocated.
-* ``mask``: **True means regularised**; False leaves are passed through untouched and hold ``optax.MaskedNode()``
-  in the state, no memory). A pytree of bools with the structure of, or a
-  prefix of, the parameters, or a callable ``params -> mask``, as in
-  ``optax.masked`` (the same mask rules as :func:`flowjax.freeze` and
-  :func:`flowjax.wise_ft`). An anchor/Fisher leaf is shape-checked only where
-  selected, so θ₀ may hold an old head of another shape if it is masked out.
-* They compose with ``flowjax.freeze``, ``optax.masked`` and
-  ``optax.partition``: leaves hidden by those (``optax.MaskedNode``) are
-  never regularised, and ``scale="num_params"`` counts only the leaves the
-  regulariser sees (the trainable ones).
-* Only floating-point leaves can be regularised; a selected integer or
-  PRNG-key leaf (a full ``nnx.state(model)`` with RNG streams) is a
-  TypeError naming it: pass ``nnx.state(model, nnx.Param)`` or mask it out.
+  optimiser state: a donated, unchanged anchor is aliased from input to
+  output (the same device buffer every step).
+* ``init`` accepts abstract parameters (``jax.ShapeDtypeStruct`` leaves,
+  directly or through ``jax.eval_shape(tx.init, params)``), so the state can
+  be planned and sharded before memory is allocated.
+* Only floating-point leaves can be regularised; an integer or PRNG-key leaf
+  it is given (a full ``nnx.state(model)`` with RNG streams) is a TypeError
+  naming it: pass ``nnx.state(model, nnx.Param)`` or mask it out.
 * Updates keep their dtype: the added term is computed in at least float32
   and the sum is rounded once to the update's dtype (bfloat16 stays bfloat16).
 * ``strength == 0`` returns the incoming updates unchanged (the same arrays).
+* ``update`` needs ``params``: calling it without them is a ValueError.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -55,7 +58,7 @@ import numpy as np
 import optax
 
 from flowjax import _checks, _select
-from flowjax._types import Array, Params
+from flowjax._types import Array, Params, Selection
 
 __all__ = [
     "EWCState",
@@ -69,14 +72,11 @@ __all__ = [
     "synaptic_intelligence",
 ]
 
-Mask = (
-    Any  # a pytree of bools (or a prefix of the params tree) or params -> such a pytree
-)
 _SCALES = ("none", "num_params")
 
 
 class L2SPState(NamedTuple):
-    """State of :func:`l2sp`: the anchor θ₀ (``optax.MaskedNode`` where masked out)."""
+    """State of :func:`l2sp`: the anchor θ₀ (``optax.MaskedNode`` where hidden)."""
 
     anchor: Params
 
@@ -89,7 +89,7 @@ class EWCState(NamedTuple):
 
 
 class SIState(NamedTuple):
-    """State of :func:`synaptic_intelligence` (``optax.MaskedNode`` where masked out).
+    """State of :func:`synaptic_intelligence` (``optax.MaskedNode`` where hidden).
 
     Attributes:
       anchor: θ₀, the parameters the penalty pulls toward (moved to the
@@ -111,14 +111,22 @@ class SIState(NamedTuple):
     damping: Array
 
 
+def _with_mask(tx: optax.GradientTransformation, mask) -> optax.GradientTransformation:
+    """``tx`` itself, or ``optax.masked(tx, mask)`` with the mask resolved by flowjax's rules."""
+    if mask is None:
+        return tx
+    _select.check_selection(mask, "mask")
+    return optax.masked(tx, lambda tree: _select.mask_tree(mask, tree, what="mask"))
+
+
 # ----------------------------------------------------------------------------- L2-SP
 
 
 def l2sp(
-    anchor_params: Params | None,
     strength: float,
+    anchor: Params | None = None,
     *,
-    mask: Mask | Callable[[Params], Mask] | None = None,
+    mask: Selection | None = None,
     scale: Literal["none", "num_params"] = "none",
 ) -> optax.GradientTransformation:
     """L2-SP (Li et al., 2018): adds the gradient of a pull toward the pre-trained θ₀.
@@ -130,47 +138,43 @@ def l2sp(
         \\text{scale="num_params"}: \\; g \\leftarrow g + \\tfrac{2\\lambda}{N}(\\theta-\\theta_0)
         = g + \\nabla_\\theta \\tfrac{\\lambda}{N}\\textstyle\\sum_k(\\theta_k-\\theta_{0,k})^2
 
-    leafwise, only on the leaves selected by ``mask``. ``"num_params"``, with
-    N the number of scalar entries where the mask is True, is exactly the
-    ℓ2 regulariser of FLOW's official LLM code (mean squared deviation from a
-    copy of the initial model, λ = 1e-3 there). The same penalty as a scalar,
-    for logging or for adding to the loss instead, is :func:`l2sp_penalty`.
+    leafwise on the leaves it sees (all, or those selected by ``mask``).
+    ``"num_params"``, with N the number of scalar entries it sees, is exactly
+    the ℓ2 regulariser of FLOW's official LLM code (mean squared deviation
+    from a copy of the initial model, λ = 1e-3 there). The same penalty as a
+    scalar, for logging or for adding to the loss instead, is
+    :func:`l2sp_penalty`.
 
     Args:
-      anchor_params: θ₀, a pytree like the parameters, or None to anchor at
-        the parameters passed to ``init`` (the usual case: fine-tuning starts
-        at θ₀; this also lets ``jax.jit(tx.init)`` take θ₀ as an argument).
       strength: λ >= 0, a finite number (a traced scalar is accepted
         unchecked).
-      mask: **True = regularised** (pulled toward θ₀); False leaves pass
-        through untouched. A pytree of bools (Python, numpy or 0-d bool
-        arrays) with the structure of the parameters or a prefix of it (a
-        plain dict prefix works on an ``nnx.State``), or a callable ``params
-        -> mask``. Default: all leaves. Inside ``flowjax.freeze`` /
-        ``optax.masked`` the frozen leaves are never regularised, and with
-        ``scale="num_params"`` N counts the trainable entries only.
+      anchor: θ₀, a pytree like the parameters, or None (default) to anchor at
+        the parameters passed to ``init`` (the usual case: fine-tuning starts
+        at θ₀; this also lets ``jax.jit(tx.init)`` take θ₀ as an argument).
+      mask: **True / matching = regularised**; the rest pass through
+        untouched. ``None`` (default): every leaf. Otherwise the transform is
+        wrapped in ``optax.masked``; see the module doc for the accepted forms.
       scale: ``"none"`` (c = 1) or ``"num_params"`` (c = 2/N).
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is :class:`L2SPState`.
+      An ``optax.GradientTransformation`` whose state is :class:`L2SPState`
+      (inside an ``optax.MaskedState`` when ``mask`` is given).
       ``update(updates, state, params)`` needs ``params``.
 
     Raises:
       ValueError: a negative or non-finite strength; an unknown scale; on
         ``init``/``update``: missing ``params``, an anchor or mask whose tree
         does not match the parameters, or an anchor leaf of another shape on a
-        regularised leaf (the message names the path; masked-out leaves, e.g.
-        an old head, may differ in shape), or ``scale="num_params"`` with a
-        mask that selects nothing.
-      TypeError: a mask whose leaves are not bools; a regularised leaf that
-        is not floating point (e.g. the RNG keys and counters of a full
-        ``nnx.state(model)``: pass ``nnx.state(model, nnx.Param)`` or mask
-        them out).
+        regularised leaf (the message names the path), or
+        ``scale="num_params"`` with nothing to regularise.
+      TypeError: a mask whose leaves are not bools, a type filter on a plain
+        pytree of arrays; a regularised leaf that is not floating point (e.g.
+        the RNG keys and counters of a full ``nnx.state(model)``).
 
     Example:
       >>> import jax.numpy as jnp, optax, flowjax
       >>> theta0 = {"w": jnp.array([1.0, 2.0]), "b": jnp.array([0.5])}
-      >>> tx = flowjax.l2sp(theta0, 0.1, mask={"w": True, "b": False})
+      >>> tx = flowjax.l2sp(0.1, theta0, mask={"w": True, "b": False})
       >>> params = {"w": jnp.array([3.0, 2.0]), "b": jnp.array([9.0])}
       >>> grads = {"w": jnp.zeros(2), "b": jnp.ones(1)}
       >>> updates, _ = tx.update(grads, tx.init(params), params)
@@ -178,45 +182,38 @@ def l2sp(
       ([0.2..., 0.0], [1.0])
     """
     strength = _check_strength(strength)
-    if scale not in _SCALES:
-        raise ValueError(f"scale must be one of {_SCALES}; got {scale!r}.")
+    _check_scale(scale)
 
     def init_fn(params):
-        keep = _select.mask_leaves(mask, params)
-        _check_float(params, keep, "l2sp")
-        anchor = params if anchor_params is None else anchor_params
-        anchor = _check_tree(params, anchor, "anchor_params", keep)
-        if scale == "num_params" and _count(params, keep) == 0:
+        _check_float(params, "l2sp")
+        if scale == "num_params" and _size(params) == 0:
             raise ValueError(
                 'l2sp(scale="num_params") divides by the number of regularised entries, '
                 "and the mask selects none."
             )
-        return L2SPState(anchor=_masked_copy(anchor, keep))
+        return L2SPState(anchor=_anchor(params, anchor))
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("l2sp needs params: call tx.update(grads, state, params).")
-        g, p, a, treedef = _align(updates, params, state.anchor)
+        _check_update(updates, state.anchor, params, "l2sp")
         if _is_zero(strength):
             return updates, state
         c = strength
         if scale == "num_params":
-            c = strength * (2.0 / _count_leaves(a))
-        out = [
-            gi if _skip(gi, pi, ai) else _add(gi, c * _delta(pi, ai))
-            for gi, pi, ai in zip(g, p, a, strict=True)
-        ]
-        return jax.tree.unflatten(treedef, out), state
+            c = strength * (2.0 / _size(state.anchor))
+        out = jax.tree.map(
+            lambda g, p, a: _add(g, c * _delta(p, a)), updates, params, state.anchor
+        )
+        return out, state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _with_mask(optax.GradientTransformation(init_fn, update_fn), mask)
 
 
 def l2sp_penalty(
-    params: Params,
-    anchor_params: Params,
     strength: float,
+    anchor: Params,
+    params: Params,
     *,
-    mask: Mask | Callable[[Params], Mask] | None = None,
+    mask: Selection | None = None,
     scale: Literal["none", "num_params"] = "none",
 ) -> Array:
     """The L2-SP penalty whose gradient :func:`l2sp` adds, as a scalar.
@@ -227,14 +224,16 @@ def l2sp_penalty(
         \\text{"num_params"}: \\tfrac{\\lambda}{N}\\textstyle\\sum_k(\\theta_k-\\theta_{0,k})^2
 
     over the entries of the leaves selected by ``mask`` (N of them).
-    ``jax.grad`` of it equals what ``l2sp(...).update`` adds to zero updates,
-    bit for bit. Use it to log the penalty (e.g. with ‖θ−θ₀‖) or to add it to
-    the loss instead of using the transform.
+    ``jax.grad`` of it (in ``params``) equals what ``l2sp(strength, anchor,
+    mask=mask, scale=scale).update`` adds to zero updates, bit for bit. Use it
+    to log the penalty (e.g. with ‖θ−θ₀‖) or to add it to the loss instead of
+    using the transform. The arguments come in the transform's order, then
+    ``params``.
 
     Args:
-      params: θ.
-      anchor_params: θ₀, a pytree like ``params``.
       strength: λ >= 0.
+      anchor: θ₀, a pytree like ``params``.
+      params: θ.
       mask: as in :func:`l2sp`.
       scale: as in :func:`l2sp`.
 
@@ -248,45 +247,36 @@ def l2sp_penalty(
     Example:
       >>> import jax.numpy as jnp, flowjax
       >>> p, p0 = {"w": jnp.array([3.0, 2.0])}, {"w": jnp.array([1.0, 2.0])}
-      >>> float(flowjax.l2sp_penalty(p, p0, 0.1)), float(flowjax.l2sp_penalty(p, p0, 0.1, scale="num_params"))
+      >>> float(flowjax.l2sp_penalty(0.1, p0, p)), float(flowjax.l2sp_penalty(0.1, p0, p, scale="num_params"))
       (0.2..., 0.2...)
     """
     strength = _check_strength(strength)
-    if scale not in _SCALES:
-        raise ValueError(f"scale must be one of {_SCALES}; got {scale!r}.")
-    keep = _select.mask_leaves(mask, params)
-    _check_float(params, keep, "l2sp_penalty")
-    anchor_params = _check_tree(params, anchor_params, "anchor_params", keep)
-    p, a = _leaves(params), _leaves(anchor_params)
+    _check_scale(scale)
+    seen = _hide(params, mask)
+    _check_float(seen, "l2sp_penalty")
+    a = _match(seen, anchor, "anchor")
     c = strength
     if scale == "num_params":
-        n = _count(params, keep)
+        n = _size(seen)
         if n == 0:
             raise ValueError(
                 'l2sp_penalty(scale="num_params") divides by the number of regularised '
                 "entries, and the mask selects none."
             )
         c = strength * (2.0 / n)
-    total = sum(
-        (
-            jnp.sum(jnp.square(_delta(pi, ai)))
-            for pi, ai, k in zip(p, a, keep, strict=True)
-            if k
-        ),
-        start=jnp.zeros((), jnp.float32),
-    )
-    return (c / 2) * total
+    terms = jax.tree.map(lambda p, a: jnp.sum(jnp.square(_delta(p, a))), seen, a)
+    return (c / 2) * _total(terms)
 
 
 # ----------------------------------------------------------------------------- EWC
 
 
 def ewc(
-    anchor_params: Params | None,
-    fisher: Params,
     strength: float,
+    fisher: Params,
+    anchor: Params | None = None,
     *,
-    mask: Mask | Callable[[Params], Mask] | None = None,
+    mask: Selection | None = None,
 ) -> optax.GradientTransformation:
     """Elastic weight consolidation (Kirkpatrick et al., 2017) with a diagonal Fisher.
 
@@ -294,19 +284,22 @@ def ewc(
         g \\leftarrow g + \\lambda\\, F \\odot (\\theta-\\theta_0)
         = g + \\nabla_\\theta \\tfrac{\\lambda}{2}\\textstyle\\sum_k F_k(\\theta_k-\\theta_{0,k})^2
 
-    leafwise on the leaves selected by ``mask``. With F = 1 this is exactly
-    :func:`l2sp` (``scale="none"``). Get F with :func:`flowjax.diagonal_fisher`.
+    leafwise on the leaves it sees (all, or those selected by ``mask``). With
+    F = 1 this is exactly :func:`l2sp` (``scale="none"``). Get F with
+    :func:`flowjax.diagonal_fisher`.
 
     Args:
-      anchor_params: θ₀, or None to anchor at the parameters passed to ``init``.
-      fisher: the diagonal Fisher F, a pytree like the parameters with
-        finite entries >= 0 (stored in the state; computed in float32).
-        Checked once, here, on device (two scalars per leaf reach the host).
       strength: λ >= 0, a finite number.
+      fisher: the diagonal Fisher F, a pytree like the parameters with
+        finite entries >= 0 (stored in the state; used in float32). Checked
+        once, here, on device (two scalars per leaf reach the host).
+      anchor: θ₀, or None (default) to anchor at the parameters passed to
+        ``init``.
       mask: as in :func:`l2sp`.
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is :class:`EWCState`.
+      An ``optax.GradientTransformation`` whose state is :class:`EWCState`
+      (inside an ``optax.MaskedState`` when ``mask`` is given).
 
     Raises:
       ValueError: a negative or non-finite strength; a Fisher with negative,
@@ -319,7 +312,7 @@ def ewc(
     Example:
       >>> import jax.numpy as jnp, flowjax
       >>> theta0, fisher = jnp.array([1.0, 1.0]), jnp.array([0.0, 4.0])
-      >>> tx = flowjax.ewc(theta0, fisher, 0.5)
+      >>> tx = flowjax.ewc(0.5, fisher, theta0)
       >>> params = jnp.array([3.0, 3.0])
       >>> updates, _ = tx.update(jnp.zeros(2), tx.init(params), params)
       >>> updates.tolist()  # 0.5·F·(θ-θ₀)
@@ -327,58 +320,54 @@ def ewc(
     """
     strength = _check_strength(strength)
     _check_fisher(fisher)
-    if anchor_params is not None:  # structure only: shapes are checked where selected
-        _check_tree(anchor_params, fisher, "fisher", keep=[])
+    if anchor is not None:  # structure only: shapes are checked where seen
+        _match(anchor, fisher, "fisher", shapes=False)
 
     def init_fn(params):
-        keep = _select.mask_leaves(mask, params)
-        _check_float(params, keep, "ewc")
-        anchor = params if anchor_params is None else anchor_params
-        anchor = _check_tree(params, anchor, "anchor_params", keep)
-        masked_fisher = _check_tree(params, fisher, "fisher", keep)
-        return EWCState(
-            anchor=_masked_copy(anchor, keep), fisher=_masked_copy(masked_fisher, keep)
-        )
+        _check_float(params, "ewc")
+        a = _anchor(params, anchor)
+        f = jax.tree.map(_copy, _match(params, fisher, "fisher"))
+        return EWCState(anchor=a, fisher=f)
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("ewc needs params: call tx.update(grads, state, params).")
-        g, p, a, treedef = _align(updates, params, state.anchor)
+        _check_update(updates, state.anchor, params, "ewc")
         if _is_zero(strength):
             return updates, state
-        f = _state_leaves(state.fisher, treedef)
-        out = [
-            gi
-            if _skip(gi, pi, ai)
-            else _add(gi, strength * (_f32(fi) * _delta(pi, ai)))
-            for gi, pi, ai, fi in zip(g, p, a, f, strict=True)
-        ]
-        return jax.tree.unflatten(treedef, out), state
+        out = jax.tree.map(
+            lambda g, p, a, f: _add(g, strength * (_f32(f) * _delta(p, a))),
+            updates,
+            params,
+            state.anchor,
+            state.fisher,
+        )
+        return out, state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _with_mask(optax.GradientTransformation(init_fn, update_fn), mask)
 
 
 def ewc_penalty(
-    params: Params,
-    anchor_params: Params,
-    fisher: Params,
     strength: float,
+    fisher: Params,
+    anchor: Params,
+    params: Params,
     *,
-    mask: Mask | Callable[[Params], Mask] | None = None,
+    mask: Selection | None = None,
 ) -> Array:
     """The EWC penalty whose gradient :func:`ewc` adds, as a scalar.
 
     .. math:: \\tfrac{\\lambda}{2}\\textstyle\\sum_k F_k(\\theta_k-\\theta_{0,k})^2
 
-    ``jax.grad`` of it equals what ``ewc(...).update`` adds, up to float32
-    rounding (the products are grouped differently).
+    over the leaves selected by ``mask``. ``jax.grad`` of it equals what
+    ``ewc(strength, fisher, anchor, mask=mask).update`` adds, up to float32
+    rounding (the products are grouped differently). The arguments come in
+    the transform's order, then ``params``.
 
     Args:
-      params: θ.
-      anchor_params: θ₀.
+      strength: λ >= 0.
       fisher: the diagonal Fisher F (entries >= 0; not re-checked here, on
         every call: :func:`ewc` checks it once).
-      strength: λ >= 0.
+      anchor: θ₀.
+      params: θ.
       mask: as in :func:`l2sp`.
 
     Returns:
@@ -390,30 +379,18 @@ def ewc_penalty(
 
     Example:
       >>> import jax.numpy as jnp, flowjax
-      >>> float(flowjax.ewc_penalty(jnp.array([3.0, 3.0]), jnp.ones(2), jnp.array([0.0, 4.0]), 0.5))
+      >>> float(flowjax.ewc_penalty(0.5, jnp.array([0.0, 4.0]), jnp.ones(2), jnp.array([3.0, 3.0])))
       4.0
     """
     strength = _check_strength(strength)
-    keep = _select.mask_leaves(mask, params)
-    _check_float(params, keep, "ewc_penalty")
-    anchor_params = _check_tree(params, anchor_params, "anchor_params", keep)
-    fisher = _check_tree(params, fisher, "fisher", keep)
-    leaves = zip(
-        _leaves(params),
-        _leaves(anchor_params),
-        _leaves(fisher),
-        keep,
-        strict=True,
+    seen = _hide(params, mask)
+    _check_float(seen, "ewc_penalty")
+    a = _match(seen, anchor, "anchor")
+    f = _match(seen, fisher, "fisher")
+    terms = jax.tree.map(
+        lambda p, a, f: jnp.sum(_f32(f) * jnp.square(_delta(p, a))), seen, a, f
     )
-    total = sum(
-        (
-            jnp.sum(_f32(fi) * jnp.square(_delta(pi, ai)))
-            for pi, ai, fi, k in leaves
-            if k
-        ),
-        start=jnp.zeros((), jnp.float32),
-    )
-    return (strength / 2) * total
+    return (strength / 2) * _total(terms)
 
 
 # ----------------------------------------------------------------------------- SI
@@ -421,10 +398,10 @@ def ewc_penalty(
 
 def synaptic_intelligence(
     strength: float,
+    anchor: Params | None = None,
     *,
     damping: float = 0.1,
-    anchor_params: Params | None = None,
-    mask: Mask | Callable[[Params], Mask] | None = None,
+    mask: Selection | None = None,
     online: bool = True,
 ) -> optax.GradientTransformation:
     """Synaptic Intelligence (Zenke, Poole & Ganguli, 2017) as an optax transform.
@@ -466,15 +443,16 @@ def synaptic_intelligence(
     Args:
       strength: λ >= 0, a finite number. 0 leaves the updates unchanged (the
         state still accumulates ω).
-      damping: ξ > 0, keeps Ω finite for parameters that did not move.
-      anchor_params: θ₀; None (default) anchors at the parameters passed to
+      anchor: θ₀; None (default) anchors at the parameters passed to
         ``init``.
-      mask: **True = regularised**, as in :func:`l2sp`.
+      damping: ξ > 0, keeps Ω finite for parameters that did not move.
+      mask: **True / matching = regularised**, as in :func:`l2sp`.
       online: use the current path's importance (see above); False gives
         Zenke et al.'s penalty from consolidated Ω only.
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is :class:`SIState`.
+      An ``optax.GradientTransformation`` whose state is :class:`SIState`
+      (inside an ``optax.MaskedState`` when ``mask`` is given).
 
     Raises:
       ValueError: a negative or non-finite strength; ``damping <= 0``; on
@@ -498,76 +476,47 @@ def synaptic_intelligence(
     damping = _check_positive(damping, "damping")
 
     def init_fn(params):
-        keep = _select.mask_leaves(mask, params)
-        _check_float(params, keep, "synaptic_intelligence")
-        anchor = params if anchor_params is None else anchor_params
-        anchor = _check_tree(params, anchor, "anchor_params", keep)
-        leaves, treedef = _flatten(params)
-        a = _leaves(anchor)
-
-        def field(make):
-            return jax.tree.unflatten(
-                treedef,
-                [
-                    make(x, ai) if k else optax.MaskedNode()
-                    for x, ai, k in zip(leaves, a, keep, strict=True)
-                ],
-            )
-
-        # zeros_like and copies keep the parameters' sharding. ω and Ω are kept in
-        # the computation dtype (float32, or float64 for float64 parameters), so
-        # the state's dtypes do not change across updates (jit, scan carries).
-        zeros32 = lambda x, _: jnp.zeros_like(x, dtype=_compute_dtype(x))  # noqa: E731
+        _check_float(params, "synaptic_intelligence")
+        # ω and Ω are kept in the computation dtype (float32, or float64 for
+        # float64 parameters), so the state's dtypes never change across updates
+        # (jit, scan carries); zeros_like and copies keep the params' sharding.
         return SIState(
-            anchor=field(lambda _, ai: jnp.array(ai, copy=True)),
-            prev_params=field(lambda x, _: jnp.array(x, copy=True)),
-            prev_grads=field(lambda x, _: jnp.zeros_like(x)),
-            omega=field(zeros32),
-            importance=field(zeros32),
+            anchor=_anchor(params, anchor),
+            prev_params=jax.tree.map(_copy, params),
+            prev_grads=jax.tree.map(_zeros, params),
+            omega=jax.tree.map(lambda x: _zeros(x, _compute_dtype(x)), params),
+            importance=jax.tree.map(lambda x: _zeros(x, _compute_dtype(x)), params),
             damping=jnp.asarray(damping, jnp.float32),
         )
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(
-                "synaptic_intelligence needs params: call tx.update(grads, state, params)."
-            )
-        g, p, a, treedef = _align(updates, params, state.anchor)
-        fields = [
-            _state_leaves(x, treedef)
-            for x in (
-                state.prev_params,
-                state.prev_grads,
-                state.omega,
-                state.importance,
-            )
-        ]
-        out, new = [], {k: [] for k in SIState._fields[1:5]}
-        for gi, pi, ai, pp, pg, om, imp in zip(g, p, a, *fields, strict=True):
-            if _skip(gi, pi, ai):
-                out.append(gi)
-                for k in new:
-                    new[k].append(optax.MaskedNode())
-                continue
-            om = (om - _f32(pg) * (_f32(pi) - _f32(pp))).astype(om.dtype)
+        _check_update(updates, state.anchor, params, "synaptic_intelligence")
+        treedef = jax.tree.structure(params)
+        fields = (state.anchor, state.prev_params, state.prev_grads, state.omega)
+        trees = (updates, params, *fields, state.importance)
+        rows = zip(*(jax.tree.leaves(t) for t in trees), strict=True)
+        out, omegas = [], []
+        for g, p, a, pp, pg, om, imp in rows:
+            om = (om - _f32(pg) * (_f32(p) - _f32(pp))).astype(om.dtype)
+            omegas.append(om)
             if _is_zero(strength):
-                out.append(gi)
-            else:
-                d = _delta(pi, ai)
-                big = imp
-                if online:
-                    big = imp + jax.nn.relu(om) / (jnp.square(d) + state.damping)
-                out.append(_add(gi, strength * (big * d)))
-            new["prev_params"].append(pi)
-            new["prev_grads"].append(gi)
-            new["omega"].append(om)
-            new["importance"].append(imp)
-        state = state._replace(
-            **{k: jax.tree.unflatten(treedef, v) for k, v in new.items()}
+                out.append(g)
+                continue
+            d = _delta(p, a)
+            big = (
+                imp + jax.nn.relu(om) / (jnp.square(d) + state.damping)
+                if online
+                else imp
+            )
+            out.append(_add(g, strength * (big * d)))
+        new = state._replace(
+            prev_params=params,
+            prev_grads=updates,
+            omega=jax.tree.unflatten(treedef, omegas),
         )
-        return jax.tree.unflatten(treedef, out), state
+        return jax.tree.unflatten(treedef, out), new
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _with_mask(optax.GradientTransformation(init_fn, update_fn), mask)
 
 
 def si_consolidate(state: Any, params: Params) -> Any:
@@ -608,30 +557,34 @@ def si_consolidate(state: Any, params: Params) -> Any:
         if not isinstance(s, SIState):
             return s
         found.append(True)
-        # Inside optax.masked / flowjax.freeze the state holds MaskedNode where
-        # the parameters were hidden from SI: hide them here too.
-        restricted = _restrict(s.anchor, params)
-        p, treedef = _flatten(restricted)
-        a, g, pps, oms, imps = (
-            _state_leaves(x, treedef)
-            for x in (s.anchor, s.prev_grads, s.prev_params, s.omega, s.importance)
+        # Inside optax.masked / train_only the state holds MaskedNode where the
+        # parameters were hidden from SI: hide them here too.
+        p = _match(s.anchor, params, "params")
+        om = jax.tree.map(
+            lambda o, g, x, pp: o - _f32(g) * (_f32(x) - _f32(pp)),
+            s.omega,
+            s.prev_grads,
+            p,
+            s.prev_params,
         )
-        new = {k: [] for k in SIState._fields[:5]}
-        for gi, pi, ai, pp, om, imp in zip(g, p, a, pps, oms, imps, strict=True):
-            if _masked(ai) or _masked(pi):
-                for k in new:
-                    new[k].append(optax.MaskedNode())
-                continue
-            om = om - _f32(gi) * (_f32(pi) - _f32(pp))
-            imp = (
-                imp + jax.nn.relu(om) / (jnp.square(_delta(pi, ai)) + s.damping)
-            ).astype(imp.dtype)
-            new["anchor"].append(jnp.array(pi, dtype=ai.dtype, copy=True))
-            new["prev_params"].append(jnp.array(pi, copy=True))
-            new["prev_grads"].append(jnp.zeros_like(gi))
-            new["omega"].append(jnp.zeros_like(om))
-            new["importance"].append(imp)
-        return s._replace(**{k: jax.tree.unflatten(treedef, v) for k, v in new.items()})
+        imp = jax.tree.map(
+            lambda i, o, x, a: (
+                i + jax.nn.relu(o) / (jnp.square(_delta(x, a)) + s.damping)
+            ).astype(i.dtype),
+            s.importance,
+            om,
+            p,
+            s.anchor,
+        )
+        return s._replace(
+            anchor=jax.tree.map(
+                lambda x, a: jnp.array(x, a.dtype, copy=True), p, s.anchor
+            ),
+            prev_params=jax.tree.map(_copy, p),
+            prev_grads=jax.tree.map(jnp.zeros_like, s.prev_grads),
+            omega=jax.tree.map(jnp.zeros_like, s.omega),
+            importance=imp,
+        )
 
     out = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, SIState))
     if not found:
@@ -658,6 +611,11 @@ def _check_strength(strength):
     return strength  # traced: unchecked
 
 
+def _check_scale(scale) -> None:
+    if scale not in _SCALES:
+        raise ValueError(f"scale must be one of {_SCALES}; got {scale!r}.")
+
+
 def _check_positive(x, what: str) -> float:
     v = float(x)
     if not math.isfinite(v) or v <= 0:
@@ -671,10 +629,9 @@ def _is_zero(strength) -> bool:
 
 def _check_fisher(fisher) -> None:
     """Finite and >= 0, checked on device: two scalars per leaf come to the host."""
-    for path, f in _with_path(fisher):
+    for path, f in jax.tree_util.tree_flatten_with_path(fisher)[0]:
         if (
-            _masked(f)
-            or isinstance(f, jax.ShapeDtypeStruct)
+            isinstance(f, jax.ShapeDtypeStruct)
             or not _checks.is_concrete(f)
             or np.size(f) == 0
         ):
@@ -701,45 +658,31 @@ def _first(bad) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(int(jnp.argmax(bad)), bad.shape))
 
 
-def _flatten(tree):
-    """Leaves and treedef, with ``optax.MaskedNode`` kept as a leaf."""
-    return jax.tree.flatten(tree, is_leaf=_is_masked_node)
+def _paths(tree) -> list[str]:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_select.is_masked_node)[0]
+    return [jax.tree_util.keystr(k) for k, _ in flat]
 
 
-def _leaves(tree) -> list:
-    return _flatten(tree)[0]
+def _match(params, other, what: str, *, shapes: bool = True):
+    """``other`` cut to the leaves ``params`` shows (``MaskedNode`` where params hides one).
 
-
-def _with_path(tree):
-    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked_node)[0]
-
-
-def _restrict(params, other):
-    """``other`` with ``MaskedNode`` wherever ``params`` holds one (inside ``optax.masked``,
-    where a frozen subtree of the parameters is a single ``MaskedNode``)."""
-    if not any(_masked(x) for x in _leaves(params)):
-        return other
+    A ValueError naming the first path where the trees differ, or where a
+    visible leaf differs in shape (``shapes=True``).
+    """
+    hide = _select.is_masked_node
     try:
-        return jax.tree.map(
-            lambda p, o: optax.MaskedNode() if _masked(p) else o,
+        other = jax.tree.map(
+            lambda p, o: optax.MaskedNode() if hide(p) else o,
             params,
             other,
-            is_leaf=_is_masked_node,
+            is_leaf=hide,
         )
     except (ValueError, TypeError):
-        return other  # _check_tree names the mismatch
-
-
-def _check_tree(params, other, what: str, keep: list[bool] | None = None):
-    """``other`` restricted to ``params``' MaskedNodes; a ValueError naming the first
-    path where its tree differs, or where a selected leaf (``keep``; default: all)
-    differs in shape."""
-    other = _restrict(params, other)
-    p_leaves, p_def = _flatten(params)
-    o_leaves, o_def = _flatten(other)
-    if p_def != o_def:
-        p_paths = [jax.tree_util.keystr(k) for k, _ in _with_path(params)]
-        o_paths = [jax.tree_util.keystr(k) for k, _ in _with_path(other)]
+        pass  # named below
+    if jax.tree.structure(params, is_leaf=hide) != jax.tree.structure(
+        other, is_leaf=hide
+    ):
+        p_paths, o_paths = _paths(params), _paths(other)
         missing = [k for k in p_paths if k not in set(o_paths)]
         extra = [k for k in o_paths if k not in set(p_paths)]
         if missing:
@@ -747,27 +690,58 @@ def _check_tree(params, other, what: str, keep: list[bool] | None = None):
         elif extra:
             why = f"{what} has an entry at {what}{extra[0]} that params lacks"
         else:
-            why = f"{what} and params have the same paths in different containers ({o_def} vs {p_def})"
+            why = f"{what} and params have the same paths in different containers"
         raise ValueError(f"{why}: the trees must match.")
-    if keep is None:
-        keep = [True] * len(p_leaves)
-    for i, (x, y) in enumerate(zip(p_leaves, o_leaves, strict=True)):
-        if i >= len(keep) or not keep[i] or _masked(x) or _masked(y):
-            continue
-        if np.shape(x) != np.shape(y):
-            path = jax.tree_util.keystr(_with_path(params)[i][0])
-            raise ValueError(
-                f"{what}{path} has shape {np.shape(y)}; params{path} has shape {np.shape(x)}."
-            )
+    if shapes:
+        for (path, x), y in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0],
+            jax.tree.leaves(other),
+            strict=True,
+        ):
+            if np.shape(x) != np.shape(y):
+                k = jax.tree_util.keystr(path)
+                raise ValueError(
+                    f"{what}{k} has shape {np.shape(y)}; params{k} has shape {np.shape(x)}."
+                )
     return other
 
 
-def _check_float(params, keep: list[bool], fn: str) -> None:
-    """A TypeError naming the selected leaves that are not floating point."""
+def _hide(params, mask):
+    """``params`` with ``MaskedNode`` where ``mask`` (any flowjax selection) is False."""
+    if mask is None:
+        return params
+    _select.check_selection(mask, "mask")
+    keep = _select.mask_leaves(mask, params, what="mask")
+    leaves, treedef = jax.tree.flatten(params, is_leaf=_select.is_masked_node)
+    hidden = [x if k else optax.MaskedNode() for x, k in zip(leaves, keep, strict=True)]
+    return jax.tree.unflatten(treedef, hidden)
+
+
+def _anchor(params, anchor):
+    """θ₀ for the state: a fresh copy of the given anchor, or of ``params``."""
+    source = params if anchor is None else _match(params, anchor, "anchor")
+    return jax.tree.map(_copy, source)
+
+
+def _check_update(updates, anchor, params, fn: str) -> None:
+    if params is None:
+        raise ValueError(f"{fn} needs params: call tx.update(grads, state, params).")
+    hide = _select.is_masked_node
+    treedef = jax.tree.structure(params, is_leaf=hide)
+    if jax.tree.structure(updates, is_leaf=hide) != treedef:
+        _match(updates, params, "params")  # raises, naming the path
+        raise ValueError("params do not match the updates' tree.")
+    if jax.tree.structure(anchor, is_leaf=hide) != treedef:
+        raise ValueError(
+            "the optimiser state was initialised for a different parameter tree: "
+            f"{jax.tree.structure(anchor, is_leaf=hide)} vs the parameters' {treedef}."
+        )
+
+
+def _check_float(params, fn: str) -> None:
+    """A TypeError naming the leaves that are not floating point."""
     bad = []
-    for (path, x), k in zip(_with_path(params), keep, strict=True):
-        if not k or _masked(x):
-            continue
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         dtype = getattr(x, "dtype", None)
         dtype = np.result_type(x) if dtype is None else dtype
         if not jnp.issubdtype(dtype, jnp.inexact):
@@ -781,64 +755,26 @@ def _check_float(params, keep: list[bool], fn: str) -> None:
         )
 
 
-def _masked_copy(tree, keep: list[bool]):
-    leaves, treedef = _flatten(tree)
-    return jax.tree.unflatten(
-        treedef,
-        [
-            jnp.array(x, copy=True) if k and not _masked(x) else optax.MaskedNode()
-            for x, k in zip(leaves, keep, strict=True)
-        ],
-    )
+def _copy(x):
+    """A fresh buffer (or the same abstract leaf for a ``jax.ShapeDtypeStruct``)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jnp.array(x, copy=True)
 
 
-def _is_masked_node(x) -> bool:
-    return isinstance(x, optax.MaskedNode)
+def _zeros(x, dtype=None):
+    dtype = x.dtype if dtype is None else dtype
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return jnp.zeros_like(x, dtype=dtype)
 
 
-_masked = _is_masked_node
+def _size(tree) -> int:
+    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
 
 
-def _skip(*leaves) -> bool:
-    """A leaf position the regulariser does not touch (masked out here or by optax.masked)."""
-    return any(_masked(x) for x in leaves)
-
-
-def _align(updates, params, anchor):
-    """Flat leaves of updates, params and the state's anchor, checked to match."""
-    g, treedef = _flatten(updates)
-    p, p_def = _flatten(params)
-    if p_def != treedef or any(
-        np.shape(x) != np.shape(y)
-        for x, y in zip(g, p, strict=True)
-        if not (_masked(x) or _masked(y))
-    ):
-        _check_tree(updates, params, "params")  # raises, naming the path
-        raise ValueError("params do not match the updates' tree.")
-    return g, p, _state_leaves(anchor, treedef), treedef
-
-
-def _state_leaves(tree, treedef) -> list:
-    """Leaves of a state field (``MaskedNode`` where masked out), checked against the params' tree."""
-    leaves, state_def = _flatten(tree)
-    if state_def != treedef:
-        raise ValueError(
-            "the optimiser state was initialised for a different parameter tree: "
-            f"{state_def} vs the parameters' {treedef}."
-        )
-    return leaves
-
-
-def _count(params, keep: list[bool]) -> int:
-    return sum(
-        int(np.prod(np.shape(x)))
-        for x, k in zip(_leaves(params), keep, strict=True)
-        if k and not _masked(x)
-    )
-
-
-def _count_leaves(anchor_leaves) -> int:
-    return sum(int(np.prod(np.shape(x))) for x in anchor_leaves if not _masked(x))
+def _total(terms) -> Array:
+    return sum(jax.tree.leaves(terms), start=jnp.zeros((), jnp.float32))
 
 
 def _compute_dtype(*xs):

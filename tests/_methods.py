@@ -65,7 +65,8 @@ def batch(seed: int = 1) -> dict[str, np.ndarray]:
         np.int32
     )
     pre = np.asarray(per_example_ce(params(), out))
-    out["weight"] = np.asarray(flowjax.flow_weights(pre)[0], np.float32)
+    weights = flowjax.LossTable(out["id"], pre).flow_weights()
+    out["weight"] = weights.lookup(out["id"])
     return out
 
 
@@ -117,19 +118,28 @@ def _fisher(theta0):
     return {k: jnp.asarray(v, theta0[k].dtype) for k, v in _fisher_f32().items()}
 
 
+def _head_or_all(strength):
+    """The head (w2, b2) as an NNX filter, or everything (``...``) at strength 0."""
+    return (
+        ...
+        if strength == 0
+        else nnx.Any(nnx.PathContains("w2"), nnx.PathContains("b2"))
+    )
+
+
 METHODS: list[Method] = [
     Method(
         "plain", lambda s, t0: (plain_objective, plain_tx(), None, t0), strength=0.0
     ),
     Method(
         "l2sp",
-        lambda s, t0: (plain_objective, _chain(flowjax.l2sp(t0, s)), None, t0),
+        lambda s, t0: (plain_objective, _chain(flowjax.l2sp(s, t0)), None, t0),
     ),
     Method(
         "l2sp-num_params",
         lambda s, t0: (
             plain_objective,
-            _chain(flowjax.l2sp(t0, s, scale="num_params")),
+            _chain(flowjax.l2sp(s, t0, scale="num_params")),
             None,
             t0,
         ),
@@ -139,7 +149,7 @@ METHODS: list[Method] = [
         "ewc",
         lambda s, t0: (
             plain_objective,
-            _chain(flowjax.ewc(t0, _fisher(t0), s)),
+            _chain(flowjax.ewc(s, _fisher(t0), t0)),
             None,
             t0,
         ),
@@ -154,29 +164,28 @@ METHODS: list[Method] = [
         ),
         strength=100.0,  # the online importance starts at 0 and grows with the path
     ),
-    # strength > 0: linear probing (only the head w2, b2 trains); 0: all train.
+    # strength > 0: linear probing (only the head w2, b2 trains, selected with an
+    # NNX path filter on the plain dict of params); 0: all train (the filter ...).
     Method(
-        "freeze",
+        "train_only",
         lambda s, t0: (
             plain_objective,
-            flowjax.freeze(
-                plain_tx(), {"w1": s == 0, "b1": s == 0, "w2": True, "b2": True}
-            ),
+            flowjax.train_only(plain_tx(), _head_or_all(s)),
             None,
             t0,
         ),
         strength=1.0,
     ),
-    # L2-SP inside freeze, on the trainable head only (N = its 27 entries): the
+    # L2-SP inside train_only, on the trainable head only (N = its 27 entries): the
     # regulariser sees the head and nothing else. strength > 0: head-only with
     # λ = strength; 0: all trainable and λ = 0, i.e. plain fine-tuning.
     Method(
-        "freeze-l2sp",
+        "train_only-l2sp",
         lambda s, t0: (
             plain_objective,
-            flowjax.freeze(
-                _chain(flowjax.l2sp(None, s, scale="num_params")),
-                {"w1": s == 0, "b1": s == 0, "w2": True, "b2": True},
+            flowjax.train_only(
+                _chain(flowjax.l2sp(s, scale="num_params")),
+                {"w1": s == 0, "b1": s == 0, "w2": True, "b2": True},  # a bool mask
             ),
             None,
             t0,

@@ -287,3 +287,32 @@ def test_full_nnx_state_with_rng_streams_keeps_the_finetuned_rng():
     # Other integer leaves are still checked.
     with pytest.raises(ValueError, match=r"non-float leaf \['n'\] differs"):
         flowjax.wise_ft({"n": jnp.array(1)}, {"n": jnp.array(2)}, 0.5)
+
+
+def test_wise_ft_mask_takes_an_nnx_filter_unchanged():
+    """mask=nnx.Not(nnx.PathContains("head")) averages what nnx.state(model, filter) selects."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs, classes):
+            self.body = nnx.Linear(3, 4, rngs=rngs)
+            self.head = nnx.Linear(4, classes, rngs=rngs)
+
+    pre_model, ft_model = Net(nnx.Rngs(0), 2), Net(nnx.Rngs(1), 2)
+    pre, ft = nnx.state(pre_model, nnx.Param), nnx.state(ft_model, nnx.Param)
+    shared = nnx.Not(nnx.PathContains("head"))
+    out = flowjax.wise_ft(pre, ft, 0.5, mask=shared)
+    averaged = {p for p, _ in nnx.to_flat_state(nnx.state(ft_model, shared))}
+    assert averaged == {("body", "kernel"), ("body", "bias")}
+    for (path, o), (_, p), (_, f) in zip(
+        nnx.to_flat_state(out),
+        nnx.to_flat_state(pre),
+        nnx.to_flat_state(ft),
+        strict=True,
+    ):
+        want = 0.5 * (p[...] + f[...]) if path in averaged else f[...]
+        np.testing.assert_allclose(o[...], want, rtol=1e-6, err_msg=str(path))
+    with pytest.raises(TypeError, match=r"no nnx\.Variable leaves"):
+        flowjax.wise_ft(
+            nnx.to_pure_dict(pre), nnx.to_pure_dict(ft), 0.5, mask=nnx.Param
+        )

@@ -367,3 +367,35 @@ def test_nnx_teacher_is_an_argument_of_one_jitted_step_with_flow_weights(rng):
     other_teacher = jax.tree.map(lambda a: a * 0.5, pretrained)
     _, _, _, m = step(params, opt_state, other_teacher, batch)
     assert float(m["distill_loss"]) != float(history[-1]["distill_loss"])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "normalized"])
+def test_lwf_and_weighted_objective_share_one_reduction(rng, reduction, monkeypatch):
+    """Both objectives reduce through the one private function: same task value and
+    metrics for every reduction, and a change there reaches both."""
+    params, teacher, batch = _problem(rng)
+    lwf = flowjax.lwf_objective(
+        _apply, _ce, strength=2.0, valid_key="valid", reduction=reduction
+    )
+    plain = flowjax.weighted_objective(
+        lambda p, ex: _ce(_apply(p, ex), ex),
+        valid_key="valid",
+        reduction=reduction,
+        return_metrics=True,
+    )
+    _, lwf_metrics = lwf(params, teacher, batch)
+    value, metrics = plain(params, batch)
+    assert float(lwf_metrics["task_loss"]) == float(value)
+    for k in ("loss_unweighted", "weight_mean"):
+        assert float(lwf_metrics[k]) == float(metrics[k])
+    calls = []
+    real = flowjax.objectives._reduce
+
+    def spy(*args, **kwargs):
+        calls.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flowjax.objectives, "_reduce", spy)  # one patch reaches both
+    plain(params, batch)
+    lwf(params, teacher, batch)
+    assert calls == [reduction, reduction]

@@ -127,9 +127,19 @@ def test_select_forms_choose_exactly_the_named_layers():
     attn_mlp = {
         ("layers", i, n) for i in (0, 1) for n in ("q_proj", "up_proj", "down_proj")
     }
-    assert lora_paths(("q_proj", "up_proj", "down_proj")) == attn_mlp
-    assert lora_paths("q_proj") == {("layers", 0, "q_proj"), ("layers", 1, "q_proj")}
-    assert lora_paths([("layers", 1)]) == {p for p in attn_mlp if p[1] == 1}
+    keys = ("q_proj", "up_proj", "down_proj")
+    assert lora_paths(nnx.Any(*map(nnx.PathContains, keys))) == attn_mlp
+    assert lora_paths(tuple(map(nnx.PathContains, keys))) == attn_mlp
+    assert lora_paths(nnx.PathContains("q_proj")) == {
+        ("layers", 0, "q_proj"),
+        ("layers", 1, "q_proj"),
+    }
+    layer_1 = nnx.All(nnx.PathContains("layers"), nnx.PathContains(1))
+    assert lora_paths(layer_1) == {p for p in attn_mlp if p[1] == 1}
+    assert lora_paths(nnx.All(layer_1, nnx.Not(nnx.PathContains("q_proj")))) == {
+        ("layers", 1, "up_proj"),
+        ("layers", 1, "down_proj"),
+    }
     assert lora_paths(nnx.PathContains("head")) == {("head",)}
     assert lora_paths(lambda path, m: m.out_features == 8) == {
         ("layers", 0, "up_proj"),
@@ -146,13 +156,19 @@ def test_add_lora_rejects_bad_input():
     with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
         flowjax.add_lora(base, 2, rngs=nnx.Rngs(1), alpha=-1.0)
     with pytest.raises(ValueError, match=r"matches no plain nnx.Linear"):
-        flowjax.add_lora(base, 2, rngs=nnx.Rngs(1), select="k_proj")
+        flowjax.add_lora(base, 2, rngs=nnx.Rngs(1), select=nnx.PathContains("k_proj"))
+    # A string is an NNX tag, as in nnx.split: layers have none, and the error says so.
+    with pytest.raises(ValueError, match=r"NNX tag.*nnx\.PathContains"):
+        flowjax.add_lora(base, 2, rngs=nnx.Rngs(1), select="q_proj")
     with pytest.raises(TypeError, match="unknown keyword arguments"):
         flowjax.add_lora(base, 2, rngs=nnx.Rngs(1), lora_alpha=2)
     with pytest.raises(TypeError, match=r"must be an nnx.Module"):
         flowjax.add_lora({"w": jnp.ones(2)}, 2, rngs=nnx.Rngs(1))
-    with pytest.raises(TypeError, match="ambiguous"):
-        flowjax.add_lora(base, 2, rngs=nnx.Rngs(1), select=("layers", 0))
+    # NNX has no path-prefix tuples: ("layers", 0) and [("layers", 0)] are the same
+    # TypeError, which shows the predicate to write.
+    for prefix in (("layers", 0), [("layers", 0)]):
+        with pytest.raises(TypeError, match=r"not a path prefix.*path\[:2\]"):
+            flowjax.add_lora(base, 2, rngs=nnx.Rngs(1), select=prefix)
 
     class MyLinear(nnx.Linear):
         def __call__(self, x):
@@ -238,7 +254,9 @@ def test_merge_lora_rejects_models_without_mergeable_adapters():
 def test_dtype_is_kept_bf16():
     base = _bf16_net()
     assert base.head.kernel[...].dtype == jnp.bfloat16
-    model = flowjax.add_lora(base, 2, rngs=nnx.Rngs(1), select="q_proj")
+    model = flowjax.add_lora(
+        base, 2, rngs=nnx.Rngs(1), select=nnx.PathContains("q_proj")
+    )
     assert {a.dtype for a in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))} == {
         jnp.dtype(jnp.bfloat16)
     }
@@ -275,7 +293,7 @@ def test_fp32_adapters_on_a_bf16_base(alpha):
         base,
         2,
         rngs=nnx.Rngs(1),
-        select="q_proj",
+        select=nnx.PathContains("q_proj"),
         alpha=alpha,
         lora_param_dtype=jnp.float32,
     )
@@ -309,9 +327,8 @@ def test_flow_plus_lora_one_jitted_step_matches_weighted_per_example_gradients()
         return jax.vmap(lambda x, y: _ce(model(x), y))(xs, ys)
 
     pre_losses = jax.jit(per_example_losses)(base, xs, ys)
-    weights, _tau = flowjax.flow_weights(
-        pre_losses
-    )  # w_i = exp(-f_i(θ*)/τ), τ = median
+    ids = np.arange(len(pre_losses))
+    weights = flowjax.LossTable(ids, pre_losses).flow_weights().weights  # τ = median
     np.testing.assert_allclose(
         weights, jnp.exp(-pre_losses / jnp.median(pre_losses)), rtol=1e-6
     )
@@ -364,7 +381,7 @@ def test_lora_with_freeze_keeps_base_bitwise_and_zero_strength_is_base():
     model = flowjax.add_lora(base, 2, rngs=nnx.Rngs(1))
     graphdef, params = nnx.split(model, nnx.Param)  # nnx.LoRAParam is an nnx.Param
     mask = flowjax.trainable_mask(params, nnx.LoRAParam)
-    tx = flowjax.freeze(
+    tx = flowjax.train_only(
         optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.1, momentum=0.9)), mask
     )
     opt_state = tx.init(params)

@@ -108,9 +108,9 @@ def test_sharding_kept_on_eight_devices(name, eight_devices):
         )
 
 
-def test_l2sp_inside_freeze_is_l2sp_on_the_head_with_n_trainable():
-    """The battery's freeze-l2sp equals L2-SP (N = 27 head entries) with the body frozen."""
-    m = _methods.BY_NAME["freeze-l2sp"]
+def test_l2sp_inside_train_only_is_l2sp_on_the_head_with_n_trainable():
+    """The battery's train_only-l2sp equals L2-SP (N = 27 head entries) with the body frozen."""
+    m = _methods.BY_NAME["train_only-l2sp"]
     got, _, _ = _methods.train(m, m.strength)
     theta0 = _methods.params()
     head = ("w2", "b2")
@@ -122,7 +122,7 @@ def test_l2sp_inside_freeze_is_l2sp_on_the_head_with_n_trainable():
         "ref",
         lambda s, t0: (
             objective,
-            _methods._chain(flowjax.l2sp(None, s, scale="num_params")),
+            _methods._chain(flowjax.l2sp(s, scale="num_params")),
             None,
             {k: t0[k] for k in head},
         ),
