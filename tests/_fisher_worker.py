@@ -99,8 +99,8 @@ def check_regularizer_shardings(flowjax, shardings) -> None:
     p = jax.device_put(params(), shardings)
     fisher = jax.tree.map(jnp.ones_like, p)
     for tx in (
-        flowjax.l2sp(None, 0.1),
-        flowjax.ewc(None, fisher, 0.1),
+        flowjax.l2sp(0.1),
+        flowjax.ewc(0.1, fisher),
         flowjax.synaptic_intelligence(0.1),
     ):
         state = tx.init(p)

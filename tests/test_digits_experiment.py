@@ -237,14 +237,23 @@ def test_swap_restores_pretrained_head_and_batchnorm(seed_run):
     # Wrong swaps give different predictions: the test above would catch them.
     ref = _logits(pre, pretrain)
     for bad in (
-        _swap(ft, pre, "head"),  # BN not restored
-        _swap(ft, pre, [("params", "head"), ("params", "bn1"), ("params", "bn2")]),
-        _swap(ft, pre, ["bn1", "bn2"]),  # fine-tuned head kept
+        _swap(ft, pre, M.modules("head")),  # BN not restored
+        _swap(
+            ft,
+            pre,
+            lambda path, _: (
+                path[:2] in {("params", "head"), ("params", "bn1"), ("params", "bn2")}
+            ),
+        ),
+        _swap(ft, pre, M.modules("bn1", "bn2")),  # fine-tuned head kept
     ):
         assert np.max(np.abs(_logits(bad, pretrain) - ref)) > 1e-2
     # (the second: BN scale and bias restored, running statistics not)
     # a 5-9 head on 0-4 images cannot match the pre-trained accuracy
-    assert P.accuracy(_swap(ft, pre, ["bn1", "bn2"]), pretrain, "test") < pre_acc - 0.3
+    assert (
+        P.accuracy(_swap(ft, pre, M.modules("bn1", "bn2")), pretrain, "test")
+        < pre_acc - 0.3
+    )
     # the running statistics alone matter: only they differ here
     stats_only = pre._replace(stats=lp.stats)
     assert np.max(np.abs(_logits(stats_only, pretrain) - ref)) > 1e-2
@@ -273,7 +282,7 @@ def test_swap_keeps_the_finetuned_body(seed_run):
     )
 
 
-def test_freeze_masks_match_the_methods(seed_run):
+def test_trainable_masks_match_the_methods(seed_run):
     net = seed_run.new_head()
     head = M.trainable(net, "head")
     assert head["head"] == {"kernel": True, "bias": True}

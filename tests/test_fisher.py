@@ -147,7 +147,7 @@ def test_sampled_fisher_approaches_the_exact_expected_fisher():
 def test_result_feeds_ewc(rng):
     p = params()
     fisher = flowjax.diagonal_fisher(nll, p, batches(dataset(), 16), progress=False)
-    tx = flowjax.ewc(p, fisher, 2.0)
+    tx = flowjax.ewc(2.0, fisher, p)
     moved = jax.tree.map(lambda x: x + 1.0, p)
     added, _ = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), moved)
     np.testing.assert_allclose(added["W"], 2.0 * fisher["W"], rtol=1e-6)

@@ -218,7 +218,9 @@ def test_cached_greedy_decode_equals_full_recompute():
     assert done.any() and len({int(x[0]) for x in stop if len(x)}) > 1
     assert len({tuple(r) for r in ref}) > 1
     # LoRA-wrapped projections decode through the same path.
-    lora = flowjax.add_lora(model, 2, rngs=nnx.Rngs(0), select=LORA_TARGETS)
+    lora = flowjax.add_lora(
+        model, 2, rngs=nnx.Rngs(0), select=lm_train.lora_filter(LORA_TARGETS)
+    )
     lg, lora_p, rest = nnx.split(lora, nnx.LoRAParam, ...)
     got_lora = np.asarray(make_greedy_decode(lg, max_new)((lora_p, rest), prompt, plen))
     np.testing.assert_array_equal(got_lora, ref)  # B = 0: the same function

@@ -36,13 +36,13 @@ def optimizer(
 ) -> optax.GradientTransformation:
     """PyTorch SGD direction (decay added to the gradient, then momentum), frozen where not trainable.
 
-    The caller multiplies the result by ``-lr``. ``flowjax.freeze`` gives
+    The caller multiplies the result by ``-lr``. ``flowjax.train_only`` gives
     frozen parameters a zero update and no optimizer state. ``extra`` (an
     L2-SP or EWC pull toward θ₀) comes FIRST in the chain, on the raw
     gradients of every parameter, so the optimizer sees the regularised
     gradient (frozen parameters still get a zero update).
     """
-    body = flowjax.freeze(
+    body = flowjax.train_only(
         optax.chain(
             optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum)
         ),
@@ -223,7 +223,7 @@ def flow(run: SeedRun, lr: float) -> M.Net:
 def l2sp(run: SeedRun, lr: float) -> M.Net:
     """FT plus L2-SP: ``g += λ (θ − θ₀)`` on every pre-trained parameter (not the new head)."""
     net = run.new_head()
-    tx = flowjax.l2sp(None, run.cfg.l2sp_strength, mask=run.shared(net))
+    tx = flowjax.l2sp(run.cfg.l2sp_strength, mask=run.shared(net))
     return run.train(net, lr=lr, trainable="all", schedule="cosine", extra=("l2sp", tx))
 
 
@@ -245,7 +245,7 @@ def ewc(run: SeedRun, lr: float) -> M.Net:
     ]
     mean = float(sum(np.sum(x) for x in kept) / sum(x.size for x in kept))
     f_hat = jax.tree.map(lambda x: x / mean, f)
-    tx = flowjax.ewc(None, f_hat, run.cfg.ewc_strength, mask=mask)
+    tx = flowjax.ewc(run.cfg.ewc_strength, f_hat, mask=mask)
     return run.train(net, lr=lr, trainable="all", schedule="cosine", extra=("ewc", tx))
 
 

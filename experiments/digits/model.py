@@ -138,8 +138,13 @@ def task_specific_modules(net: Net) -> frozenset[str]:
 
 
 def task_specific(net: Net) -> list[str]:
-    """The task-specific parts as a ``flowjax`` selector (module names, sorted)."""
+    """The names of the task-specific modules, sorted."""
     return sorted(task_specific_modules(net))
+
+
+def modules(*names: str) -> nnx.filterlib.Filter:
+    """An NNX filter selecting the parameters of the named top-level modules."""
+    return nnx.Any(*(nnx.PathContains(name) for name in names))
 
 
 def state(net: Net) -> dict:
@@ -160,8 +165,8 @@ def trainable(net: Net, which: str) -> Any:
     """
     select = {
         "all": lambda _path, _leaf: True,
-        "head": HEAD,
-        "lora": [HEAD, "lora_a", "lora_b"],
+        "head": modules(HEAD),
+        "lora": modules(HEAD, "lora_a", "lora_b"),
     }
     if which not in select:
         raise ValueError(f"which must be one of {sorted(select)}; got {which!r}.")
@@ -170,7 +175,7 @@ def trainable(net: Net, which: str) -> Any:
 
 def body_distance(net: Net, reference: Net) -> float:
     """‖θ − θ₀‖ over the shared (not task-specific) parameters."""
-    specific = flowjax.trainable_mask(net.params, task_specific(net))
+    specific = flowjax.trainable_mask(net.params, modules(*task_specific(net)))
     sq = jax.tree.map(
         lambda s, a, b: (
             0.0 if s else float(np.sum((np.asarray(a) - np.asarray(b)) ** 2))
@@ -186,7 +191,8 @@ def body_distance(net: Net, reference: Net) -> float:
 # LoRA on the dense layer (flowjax.add_lora / merge_lora)
 # --------------------------------------------------------------------------
 
-LORA_LAYERS = ("fc",)  # the body's dense layer; the head is new and trained fully
+# The body's dense layer; the head is new and trained fully.
+LORA_LAYERS = nnx.PathContains("fc")
 
 
 @functools.cache

@@ -451,7 +451,7 @@ def restore_task_parts(finetuned: M.Net, pretrained: M.Net) -> M.Net:
     ``finetuned``. Returns a model with the pre-trained structure.
     """
     state = flowjax.swap_task_parts(
-        M.state(finetuned), M.state(pretrained), M.task_specific(pretrained)
+        M.state(finetuned), M.state(pretrained), M.modules(*M.task_specific(pretrained))
     )
     return M.from_state(pretrained.graphdef, state)
 

@@ -33,7 +33,7 @@ example's own generator); see :mod:`experiments.digits.protocol`.
   decay 5e-4, per-epoch cosine, shift augmentation.
 * Every fine-tuning stage runs E = 20 epochs of SGD (momentum 0.9, decay
   5e-4) on the same per-seed data stream (same batches, same augmentation for
-  every method of a seed). Frozen parts go through ``flowjax.freeze`` /
+  every method of a seed). Frozen parts go through ``flowjax.train_only`` /
   ``flowjax.trainable_mask``; BatchNorm runs in train mode, so its running
   statistics adapt even where its scale and bias are frozen.
 Layout: every hyper-parameter, the methods' settings included, is a field of

@@ -287,7 +287,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         weights = {**weights, "weights": np.ones_like(weights["weights"])}
 
     if args.lora_rank:
-        select = tuple(args.lora_targets.split(","))
+        select = lm_train.lora_filter(args.lora_targets.split(","))
         model = flowjax.add_lora(
             model, args.lora_rank, rngs=nnx.Rngs(args.seed), select=select
         )

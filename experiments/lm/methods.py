@@ -141,7 +141,7 @@ class FineTuner:
                 base,
                 self.cfg.lora_rank,
                 rngs=nnx.Rngs(seed),
-                select=self.cfg.lora_targets,
+                select=lm_train.lora_filter(self.cfg.lora_targets),
             )
             return "lora", nnx.split(model, nnx.LoRAParam, ...)
         return "full", nnx.split(base, nnx.Param, ...)
@@ -170,7 +170,7 @@ class FineTuner:
         key = f"{kind}/{level}/{l2sp}"
         tx = lm_train.make_tx(
             cfg.ft_steps,
-            regularizer=None if l2sp is None else flowjax.l2sp(None, l2sp),
+            regularizer=None if l2sp is None else flowjax.l2sp(l2sp),
             warmup_frac=cfg.warmup_frac,
             clip_norm=cfg.clip_norm,
         )

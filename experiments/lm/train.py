@@ -19,6 +19,11 @@ from experiments.lm.data import parse_answer
 from experiments.lm.model import EOS, PAD, decode, make_greedy_decode
 
 
+def lora_filter(layers) -> nnx.filterlib.Filter:
+    """An NNX filter for ``flowjax.add_lora(select=...)``: the ``nnx.Linear`` layers with these names."""
+    return nnx.Any(*(nnx.PathContains(name) for name in layers))
+
+
 def schedule(total_steps: int, warmup_frac: float = 0.03, floor: float = 0.0):
     """Unit-peak linear warm-up then cosine decay (the official 3 % warm-up, cosine)."""
     warmup = max(1, round(warmup_frac * total_steps))
