@@ -203,12 +203,12 @@ def test_rows_rejects_a_length_below_two_or_not_an_int(rng, bad):
 def test_token_prepass_puts_params_on_device_once_and_pipelines(rng, monkeypatch):
     """Params are placed on the device once (not sent from host numpy every step), and the
     host reads step k only after step k + _IN_FLIGHT is dispatched."""
-    from flowjax import prepass
+    from flowjax import _engine
 
     ex = _examples(rng, [5] * 9)
     params = jax.tree.map(np.asarray, _params(rng))  # host numpy params
     events, seen = [], []
-    make_step = prepass._make_step
+    make_step = _engine._make_step
 
     def spy_make_step(*args, **kwargs):
         step = make_step(*args, **kwargs)
@@ -221,7 +221,7 @@ def test_token_prepass_puts_params_on_device_once_and_pipelines(rng, monkeypatch
 
         return spy_step
 
-    monkeypatch.setattr(prepass, "_make_step", spy_make_step)
+    monkeypatch.setattr(_engine, "_make_step", spy_make_step)
     tl = flowjax.lm_token_losses(
         CountingLM(), params, ex, bucket_lengths=[8], batch_size=1, progress=False
     )
@@ -231,7 +231,7 @@ def test_token_prepass_puts_params_on_device_once_and_pipelines(rng, monkeypatch
     kinds = [k for k, _ in events]
     assert kinds.count("dispatch") == kinds.count("read") == 9
     # the first read comes only after _IN_FLIGHT + 1 dispatches
-    assert kinds[: prepass._IN_FLIGHT + 1] == ["dispatch"] * (prepass._IN_FLIGHT + 1)
+    assert kinds[: _engine._IN_FLIGHT + 1] == ["dispatch"] * (_engine._IN_FLIGHT + 1)
     monkeypatch.undo()
     ref = flowjax.lm_token_losses(
         CountingLM(), params, ex, bucket_lengths=[8], batch_size=1, progress=False
