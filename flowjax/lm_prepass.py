@@ -37,6 +37,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -257,16 +258,14 @@ def _global_counts(
             raise error
         return counts
     key = zlib.crc32(repr((buckets, batch_size)).encode()) & 0x7FFFFFFF
-    width = len(buckets) if error is None else 0
-    ints = np.zeros(1 + len(counts), np.int32)
-    ints[0] = key
-    ints[1 : 1 + width] = counts[:width]
-    every, _ = _engine._exchange(name, ints, error)
-    if len(set(every[:, 0].tolist())) != 1:
+    keys, _ = _engine._exchange(name, np.array([key], np.int32), error)
+    if len(set(keys[:, 0].tolist())) != 1:
         raise ValueError(
             "processes passed different bucket_lengths or batch_size; they must agree."
         )
-    return every[:, 1:].astype(np.int64).sum(axis=0).tolist()
+    # The same buckets everywhere, so the same shape on every process.
+    every = np.asarray(multihost_utils.process_allgather(np.array(counts, np.int64)))
+    return every.reshape(-1, len(buckets)).sum(axis=0).tolist()
 
 
 def _bucket_passes(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -261,3 +263,30 @@ def test_prepass_names_examples_with_nan_losses(rng):
         )
     with pytest.raises(ValueError, match="NaN"):
         flowjax.lm_token_losses(CountingLM(), bad, ex, bucket_lengths=[8], batch_size=2)
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_an_example_stream_that_repeats_fails_within_one_pass(rng, level):
+    ex = _examples(rng, [5, 6, 7, 3])
+    pulled = []
+
+    def endless():
+        for e in itertools.cycle(ex):
+            pulled.append(e["id"])
+            assert len(pulled) <= 5, "the pass pulled more than one pass and an example"
+            yield e
+
+    fn = flowjax.lm_sequence_losses if level == "sequence" else flowjax.lm_token_losses
+    with pytest.raises(
+        ValueError,
+        match=rf"duplicate example ids: \[{ex[0]['id']}\] .*this loader repeats examples",
+    ):
+        fn(
+            CountingLM(),
+            _params(rng),
+            endless(),
+            bucket_lengths=[8],
+            batch_size=2,
+            progress=False,
+        )
+    assert len(pulled) == 5

@@ -313,3 +313,56 @@ def test_mesh_needs_a_data_axis():
     mesh = Mesh(np.asarray(jax.devices()), ("batch",))
     with pytest.raises(ValueError, match="'data' axis"):
         _table([_batch()], mesh=mesh)
+
+
+# --- loaders that repeat examples ------------------------------------------------------------
+
+
+def _at_most(batches, limit: int):
+    """Yields at most `limit` batches, then fails the test: the pass should have stopped."""
+    for k, batch in enumerate(batches):
+        if k == limit:
+            raise AssertionError(f"the pass pulled more than {limit} batches")
+        yield batch
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        lambda data: flowjax.batches(flowjax.ArraySource(data), 16, epochs=None),
+        lambda data: flowjax.batches(
+            flowjax.ArraySource(data), 16, shuffle=True, epochs=3
+        ),
+        lambda data: itertools.cycle(list(_data.batches(data, 16))),
+    ],
+    ids=["epochs=None", "epochs=3", "itertools.cycle"],
+)
+def test_a_loader_that_repeats_examples_fails_within_one_pass(loader):
+    data = _data.dataset()  # 203 examples: 13 batches of 16 per pass
+    with pytest.raises(
+        ValueError,
+        match=r"duplicate example ids: \[\d+.* arrived again after an earlier batch: "
+        "this loader repeats examples: pass a single-epoch iterator",
+    ):
+        _table(_at_most(loader(data), 13 + 1))
+
+
+def test_repeated_id_found_as_it_arrives_among_many_ids():
+    """After one pass over 200k shuffled ids, the first batch that repeats one raises."""
+    n, size = 200_000, 4096
+    ids = np.random.default_rng(0).permutation(n).astype(np.int64) * 3 + 7
+    pulled = []
+
+    def feed():  # one pass, then a batch with ids[5] again, then more
+        for rows in [*np.array_split(np.arange(n), n // size), np.arange(5, 5 + size)]:
+            pulled.append(len(rows))
+            yield {"id": ids[rows], "x": np.zeros((len(rows), 1), np.float32)}
+        raise AssertionError("the pass went past the batch that repeats ids")
+
+    with pytest.raises(
+        ValueError, match=rf"duplicate example ids: \[{min(ids[5 : 5 + size])}, "
+    ):
+        flowjax.per_example_losses(
+            lambda p, ex: jnp.sum(ex["x"]) * p, jnp.float32(1.0), feed(), progress=False
+        )
+    assert sum(pulled) == n + size
