@@ -271,7 +271,9 @@ def map_examples(
         if nproc > 1:  # every process's ids: catches an id fed by two processes
             twice, again = ledger.everywhere.add(ids)
             if len(twice) or len(again):
-                raise ValueError(_across_processes(twice, again, ids, owners))
+                dup = np.union1d(twice, again)
+                who = np.unique(owners[np.isin(ids, dup)]).tolist()
+                raise ValueError(_across_processes(dup, who))
         found_ids.append(ids)
         if not reduce:
             found_values.append(values)
@@ -333,10 +335,21 @@ def map_examples(
         if cache is not None:
             cache.flush()  # CACHE: flush what is pending (also when stopping on an error)
         bar.close()
+    try:  # ids of the last batches that arrived twice (kept, not merged in yet)
+        again = ledger.local.merge()
+        if len(again):
+            raise ValueError(_duplicates(again[:0], again))
+    except ValueError as e:
+        if nproc == 1:
+            raise
+        failed = failed or e
     if nproc > 1:
         # Every process stops at the same step; one exchange tells all of them whether a
         # process failed (then each raises the same error) or all finished.
         _exchange(name, np.zeros(0, np.int32), failed)
+        again = ledger.everywhere.merge()  # alike on every process
+        if len(again):
+            raise ValueError(_across_processes(again))
 
     if reduce:
         return Mapped(np.concatenate([np.zeros(0, np.int64), *found_ids]), acc)
@@ -448,38 +461,43 @@ def _describe_error(error: Exception) -> str:
 
 
 class _SeenIds:
-    """Every id added so far, as a few sorted, disjoint int64 runs (a binary-counter merge).
+    """Every id added so far: one sorted, unique int64 array and the batches not yet merged in.
 
-    Adding ``b`` ids to ``n`` costs ``O(b log n)`` searches plus amortised
-    ``O(log n)`` merge work per id, in numpy: fine for millions of ids.
+    ``add`` sorts one batch (its own repeats are found at once) and keeps it;
+    once the kept ids reach an eighth of the merged ones, one stable sort of
+    the merged array with the kept runs finds every id that arrived twice.
+    Amortised, each id is copied a few times and no step does Python work per
+    id, so millions of ids cost milliseconds; an id repeated after ``n`` others
+    is found at most ``n / 8`` ids (or one batch) later, within one pass.
     """
 
     def __init__(self) -> None:
-        self._runs: list[np.ndarray] = []  # each at least twice the next one's size
-        self._max = None  # largest id so far: a fast path for increasing ids
+        self._merged = np.zeros(0, np.int64)
+        self._kept: list[np.ndarray] = []
+        self._kept_count = 0
 
     def add(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Adds ``ids``; returns (ids repeated within them, ids added before), sorted, unique."""
+        """Adds ``ids``; returns (ids repeated within them, ids that arrived again), sorted, unique."""
         new = np.sort(np.asarray(ids, np.int64))
-        if not len(new):
-            return new, new
         twice = new[1:][new[1:] == new[:-1]]
         if len(twice):
-            twice, new = np.unique(twice), np.unique(new)
-        again = []
-        if self._max is not None and new[0] <= self._max:
-            for run in self._runs:
-                pos = np.minimum(np.searchsorted(run, new), len(run) - 1)
-                hit = run[pos] == new
-                if hit.any():
-                    again.append(new[hit])
-        if again:
-            return twice, np.unique(np.concatenate(again))
-        self._max = new[-1] if self._max is None else max(self._max, new[-1])
-        while self._runs and len(self._runs[-1]) <= 2 * len(new):
-            new = np.sort(np.concatenate([self._runs.pop(), new]), kind="stable")
-        self._runs.append(new)
-        return twice, np.zeros(0, np.int64)
+            return np.unique(twice), np.zeros(0, np.int64)
+        self._kept.append(new)
+        self._kept_count += len(new)
+        if self._kept_count >= len(self._merged) // 8:
+            return twice, self.merge()
+        return twice, twice
+
+    def merge(self) -> np.ndarray:
+        """Merges the kept batches in; returns the ids that arrived more than once, sorted, unique."""
+        if not self._kept:
+            return np.zeros(0, np.int64)
+        merged = np.sort(np.concatenate([self._merged, *self._kept]), kind="stable")
+        again = merged[1:] == merged[:-1]
+        if again.any():
+            return np.unique(merged[1:][again])
+        self._merged, self._kept, self._kept_count = merged, [], 0
+        return again[:0].astype(np.int64)
 
 
 def _shown(ids: np.ndarray) -> str:
@@ -507,13 +525,11 @@ def _duplicates(twice: np.ndarray, again: np.ndarray) -> str:
     return f"duplicate example ids within one batch: {_shown(twice)}. {_UNIQUE}"
 
 
-def _across_processes(twice, again, ids, owners) -> str:
-    dup = np.union1d(twice, again)
-    who = np.unique(owners[np.isin(ids, dup)]).tolist()
+def _across_processes(dup: np.ndarray, who: list[int] | None = None) -> str:
+    step = "" if who is None else f" (the last copies came from process(es) {who})"
     return (
-        f"duplicate example ids: {_shown(dup)} were fed by more than one process (this "
-        f"step's copies by process(es) {who}): every process must feed its own examples, "
-        f"once; if {_REPEATS}"
+        f"duplicate example ids: {_shown(dup)} were fed by more than one process, or twice"
+        f"{step}: every process must feed its own examples, once; if {_REPEATS}"
     )
 
 
