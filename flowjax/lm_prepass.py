@@ -418,11 +418,14 @@ def lm_sequence_losses(
 
     Raises:
       ValueError: from :func:`bucket_batches` (malformed, too long or empty
-        examples); NaN/inf sequence losses (naming the ids); duplicate ids;
-        no examples on any process; processes that disagree on
-        ``bucket_lengths`` or ``batch_size``; anything
-        :func:`flowjax.per_example_losses` raises for its shared arguments
-        (``mesh``, ``cache_dir``, e.g. a cache written by another model).
+        examples); NaN/inf sequence losses (naming the ids); duplicate ids
+        (as they arrive: an example stream that repeats fails within one
+        pass; also an id on two processes); no examples on any process;
+        processes that disagree on ``bucket_lengths`` or ``batch_size``;
+        anything :func:`flowjax.per_example_losses` raises for its shared
+        arguments (``mesh``, ``cache_dir``, e.g. a cache written by another
+        model). Multi-process, one process's bad input raises the same
+        error on every process, naming that process.
       TypeError: a keyword argument other than those above.
 
     Example:
@@ -689,10 +692,13 @@ def lm_token_losses(
     Raises:
       ValueError: from :func:`bucket_batches`; NaN/inf token losses at target
         positions (naming the example ids; non-target positions are never
-        read); duplicate ids; no examples on any process; processes that
-        disagree on ``bucket_lengths`` or ``batch_size``; anything
-        :func:`flowjax.per_example_losses` raises for its shared arguments
-        (``mesh``, ``cache_dir``).
+        read); duplicate ids (as they arrive: an example stream that repeats
+        fails within one pass; also an id on two processes); no examples on
+        any process; processes that disagree on ``bucket_lengths`` or
+        ``batch_size``; anything :func:`flowjax.per_example_losses` raises
+        for its shared arguments (``mesh``, ``cache_dir``). Multi-process,
+        one process's bad input raises the same error on every process,
+        naming that process.
 
     Example:
       >>> import jax.numpy as jnp, numpy as np, flowjax
