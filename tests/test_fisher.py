@@ -200,12 +200,12 @@ def test_a_loader_that_repeats_examples_fails_within_one_pass():
     def endless():
         for batch in itertools.cycle(list(batches(data, 16))):
             pulled.append(batch)
-            assert len(pulled) <= 16, "the Fisher went on past one pass and an eighth"
+            assert len(pulled) <= 18, "the Fisher went on past one pass and a quarter"
             yield batch
 
     with pytest.raises(ValueError, match="this loader repeats examples: pass a single"):
         flowjax.diagonal_fisher(nll, p, endless(), progress=False)
-    assert 14 <= len(pulled) <= 16  # it stopped early in the second pass
+    assert 14 <= len(pulled) <= 18  # it stopped early in the second pass
 
 
 @pytest.mark.slow
