@@ -125,6 +125,7 @@ SCENARIOS = {
     "nan loss": 1,
     "id on both processes": 1,
     "endless loader": 0,  # itertools.cycle over its batches
+    "loader raises": 1,  # an OSError after two batches
     "lm malformed example": 1,
     "lm id on both processes": 1,  # in different buckets
     "fisher empty": 1,
@@ -202,6 +203,13 @@ def run_scenarios(process: int) -> None:
             return prepass(feed({**part, "id": ids}) if bad else feed())
         if name == "endless loader":
             return prepass(itertools.cycle(feed()) if bad else feed())
+        if name == "loader raises":
+
+            def broken():
+                yield from feed()[:2]
+                raise OSError("disk on fire")
+
+            return prepass(broken() if bad else feed())
         if name == "lm malformed example":
             broken = {**lm_mine[4], "mask": lm_mine[4]["mask"][:-1]}
             return lm([*lm_mine[:4], broken, *lm_mine[5:]] if bad else lm_mine)

@@ -89,6 +89,8 @@ def test_bad_input_on_one_process_raises_the_same_error_on_every_process_promptl
         "endless loader": stopped.format(fn="per_example_losses", p=0)
         + r"duplicate example ids: \[[\d, ]+\].* arrived again after an earlier batch: "
         "this loader repeats examples: pass a single-epoch iterator",
+        "loader raises": stopped.format(fn="per_example_losses", p=1)
+        + "OSError: disk on fire",
         "lm malformed example": stopped.format(fn="lm_token_losses", p=1)
         + r"example \d+: tokens and mask must be 1-D of one length",
         "lm id on both processes": r"duplicate example ids: \[\d+\] were fed by more than one process",
