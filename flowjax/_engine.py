@@ -26,9 +26,11 @@ their sum over examples). One process's view:
 4. Results are read ``_IN_FLIGHT`` steps behind dispatch, so the device never
    waits for the host. A process that runs out of data feeds padding until a
    step has no real row on any process; then all stop together.
-5. Resumable: an optional cache (``open_cache``) serves rows finished by an
-   earlier, killed run; their examples are skipped, and every process's
-   served rows are shared with one allgather at the end.
+5. Resumable: an optional ``cache`` serves rows finished by an earlier,
+   killed run; their examples are skipped, and every process's served rows
+   are shared with one allgather at the end. The engine talks to the cache at
+   four marked call sites (``CACHE (k/4)``), through the small protocol
+   :class:`Cache` describes.
 
 Failure protocol (one for every caller). Single process: bad input raises at
 once, naming the ids. Multi-process, no process may be left waiting in a
@@ -62,7 +64,7 @@ import itertools
 import weakref
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +107,35 @@ class Mapped(NamedTuple):
 
     ids: np.ndarray  # int64 [n]: every example of every process, unsorted, unique
     values: Any  # float32 [n, *shape] rows in the order of ids, or the summed pytree
+    cached: int = 0  # rows served from the cache (all processes)
+
+
+class Served(Protocol):
+    """The rows a cache holds for this process (see :class:`Cache`)."""
+
+    count: int  # rows already skipped at the source
+
+    def take(self, ids: np.ndarray, leaves: list[np.ndarray]) -> np.ndarray:
+        """Marks the batch's cached rows as used; returns the mask of rows to compute."""
+
+    def used(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, values)`` of every cached row this run used (skipped at the source too)."""
+
+
+class Cache(Protocol):
+    """What the engine needs of a pass's cache (``flowjax.prepass._PassCache``)."""
+
+    def skip_at_source(self, batches: Batches) -> Batches:
+        """The batches, possibly without the examples already cached (before any is read)."""
+
+    def open(self, example_spec: str, params: Any, step: Any, args: tuple) -> Served:
+        """Checks that the cache belongs to this pass (``step(*args)`` is its program)."""
+
+    def add(self, ids: np.ndarray, values: np.ndarray) -> None:
+        """This process's finished rows; written at the cache's own pace."""
+
+    def flush(self) -> None:
+        """Writes what is pending."""
 
 
 class IdLedger:
@@ -133,7 +164,7 @@ def map_examples(
     batch_size: int | None = None,
     mesh: Mesh | None = None,
     param_shardings: Any = None,
-    open_cache: Callable[[str, Any], Any] | None = None,
+    cache: Cache | None = None,
     ledger: IdLedger | None = None,
     progress: bool = True,
     total: int | None = None,
@@ -166,18 +197,17 @@ def map_examples(
         multi-process the largest first batch of any process).
       mesh: a mesh with a ``'data'`` axis (default :func:`default_mesh`).
       param_shardings: shardings for ``params``.
-      open_cache: ``open_cache(example_spec, placed_params) -> cache`` with
-        ``load() -> (ids, values)`` (sorted), ``add(ids, values)`` and
-        ``flush()`` (:class:`flowjax._cache.PrepassCache`); per-example mode.
+      cache: this pass's cache (:class:`Cache`), per-example mode only.
       ledger: the ids seen so far, shared with other calls of one pass.
       progress, total, desc: the progress bar (process 0 only).
       nonfinite: ``nonfinite(bad_rows, ids, values_or_None) -> message`` of
         the ValueError for NaN or infinite outputs.
 
     Returns:
-      :class:`Mapped` ``(ids, values)``: the ids of every example fed by every
-      process (served from the cache too), and their outputs ``float32 [n,
-      *shape]`` or, with ``sum_into``, the sum.
+      :class:`Mapped` ``(ids, values, cached)``: the ids of every example fed
+      by every process (served from the cache too), their outputs ``float32
+      [n, *shape]`` or, with ``sum_into``, the sum, and how many rows came
+      from the cache.
 
     Raises:
       ValueError: see the module docstring; multi-process, the same error on
@@ -194,7 +224,11 @@ def map_examples(
         or batch_size < 1
     ):
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}.")
+    if sum_into is not None and cache is not None:
+        raise TypeError("a summed pass has no per-example rows to cache.")
     nproc, me = jax.process_count(), jax.process_index()
+    if cache is not None:  # CACHE (1/4): before any batch is read
+        batches = cache.skip_at_source(batches)
     it = iter(batches)
     if spec is None:
         first, spec, size = _first_batch(it, batch_size, nproc, name)
@@ -221,11 +255,16 @@ def map_examples(
     acc = sum_into
     ledger = IdLedger() if ledger is None else ledger
 
-    # CACHE: open (manifest checked there) and load the rows an earlier run finished.
-    cache = served = None
-    if open_cache is not None:
-        cache = open_cache(spec.describe(), params)
-        served = _Served(*cache.load())
+    served = None
+    if cache is not None:  # CACHE (2/4): check the manifest, load the finished rows
+        where = {"sharding": data_sharding} if nproc > 1 else {}
+        rows = [
+            jax.ShapeDtypeStruct((size * nproc, *s), d, **where)
+            for s, d in zip(spec.shapes, spec.dtypes, strict=True)
+        ]
+        meta = jax.ShapeDtypeStruct((size * nproc, 4), np.int32, **where)
+        args = (params, rows, *([meta] if nproc > 1 else []), spec.treedef)
+        served = cache.open(spec.describe(), params, step, args)
 
     bar = tqdm(
         total=total,
@@ -235,6 +274,8 @@ def map_examples(
         disable=not progress or me != 0,
         dynamic_ncols=True,
     )
+    if served is not None:
+        bar.update(served.count)  # rows the cache skipped at the source
     found_ids: list[np.ndarray] = []
     found_values: list[np.ndarray] = []
     failed: Exception | None = None  # multi-process: this process's own error
@@ -277,7 +318,7 @@ def map_examples(
         found_ids.append(ids)
         if not reduce:
             found_values.append(values)
-            if cache is not None:  # CACHE: add this process's finished rows
+            if cache is not None:  # CACHE (3/4): this process's finished rows
                 cache.add(ids[mine], values[mine])
         bar.update(len(ids))
         return len(ids)
@@ -333,7 +374,7 @@ def map_examples(
             read(*in_flight.popleft())
     finally:
         if cache is not None:
-            cache.flush()  # CACHE: flush what is pending (also when stopping on an error)
+            cache.flush()  # CACHE (4/4): what is pending (also when stopping on an error)
         bar.close()
     try:  # ids of the last batches that arrived twice (kept, not merged in yet)
         twice, again = ledger.local.merge()
@@ -353,14 +394,17 @@ def map_examples(
 
     if reduce:
         return Mapped(np.concatenate([np.zeros(0, np.int64), *found_ids]), acc)
+    cached = 0
     if served is not None:
         s_ids, s_values = served.used()
         if nproc > 1:
             s_ids, s_values = _allgather_rows(s_ids, s_values)
         found_ids, found_values = [*found_ids, s_ids], [*found_values, s_values]
+        cached = len(s_ids)
     return Mapped(
         np.concatenate([np.zeros(0, np.int64), *found_ids]),
         np.concatenate([np.zeros((0, *shape), np.float32), *found_values]),
+        cached,
     )
 
 
@@ -815,8 +859,8 @@ def _local_steps(
         twice, again = seen.add(ids)
         if len(twice) or len(again):
             raise ValueError(_duplicates(twice, again))
-        if served is not None:  # CACHE: skip the rows an earlier run finished
-            keep = served.take(ids)
+        if served is not None:  # skip the rows an earlier run finished
+            keep = served.take(ids, leaves)
             if not keep.all():
                 bar.update(int((~keep).sum()))
                 ids, leaves = ids[keep], [x[keep] for x in leaves]
@@ -861,27 +905,6 @@ def _ids_to_pairs(ids: np.ndarray) -> np.ndarray:
 
 def _ids_from_pairs(pairs: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pairs, np.int32).view(np.int64).reshape(-1)
-
-
-class _Served:
-    """Cached rows of this process; remembers which ones this run's input asked for."""
-
-    def __init__(self, ids: np.ndarray, values: np.ndarray):
-        self.ids, self.values = ids, values
-        self._used: list[np.ndarray] = []
-
-    def take(self, ids: np.ndarray) -> np.ndarray:
-        """Marks cached ids as used; returns the mask of ids still to compute."""
-        if not len(self.ids):
-            return np.ones(len(ids), bool)
-        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-        hit = self.ids[pos] == ids
-        self._used.append(pos[hit])
-        return ~hit
-
-    def used(self) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.concatenate([np.zeros(0, np.int64), *self._used])
-        return self.ids[pos], self.values[pos]
 
 
 def _allgather_rows(

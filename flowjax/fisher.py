@@ -181,7 +181,7 @@ def diagonal_fisher(
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         impl, key = jax.random.key_impl(key), jax.random.key_data(key)
     key = _engine._place_params(np.asarray(key), replicated)
-    ids, total_squares = _engine.map_examples(
+    ids, total_squares, _ = _engine.map_examples(
         _squared_grads(fn, kind, impl),
         (params, key),
         batches,

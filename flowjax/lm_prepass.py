@@ -330,7 +330,7 @@ def _bucket_passes(
         cache = (
             None if cache_dir is None else os.path.join(cache_dir, f"bucket_{length}")
         )
-        ids, values = _engine.map_examples(
+        ids, values, _ = _engine.map_examples(
             loss_fn,
             params,
             _batches({length: groups[length]}, batch_size, pad_id),
@@ -340,7 +340,7 @@ def _bucket_passes(
             batch_size=batch_size,
             mesh=mesh,
             param_shardings=param_shardings,
-            open_cache=prepass._cache_opener(
+            cache=prepass._PassCache.of(
                 cache, loss_fn, mesh, shape=shape(length), fn_name=fn_name
             ),
             ledger=ledger,

@@ -110,14 +110,14 @@ def per_example_losses(
       ([2, 4, 9], [9.0, 9.0, 36.0])
     """
     mesh = default_mesh() if mesh is None else mesh
-    ids, losses = _engine.map_examples(
+    ids, losses, _ = _engine.map_examples(
         loss_fn,
         params,
         batches,
         name="per_example_losses",
         mesh=mesh,
         param_shardings=param_shardings,
-        open_cache=_cache_opener(cache_dir, loss_fn, mesh),
+        cache=_PassCache.of(cache_dir, loss_fn, mesh),
         progress=progress,
         total=total,
         nonfinite=_nonfinite_losses,
@@ -133,36 +133,81 @@ def _nonfinite_losses(bad: np.ndarray, ids: np.ndarray, values: np.ndarray) -> s
     )
 
 
-def _cache_opener(
-    cache_dir: str | None,
-    fn,
-    mesh: Mesh,
-    *,
-    shape: tuple[int, ...] = (),
-    fn_name: str | None = None,
-):
-    """CACHE: how the engine opens a pass's cache (None without ``cache_dir``).
+class _PassCache:
+    """CACHE: one pass's cache as the engine uses it (:class:`flowjax._engine.Cache`).
 
-    The engine calls ``open_cache(example_spec, placed_params)`` once, after the
-    batch layout is known and the parameters are placed; the manifest records
-    what the cached rows depend on.
+    The engine calls ``skip_at_source`` before it reads a batch, ``open`` once
+    the batch layout, the placed parameters and the step are known, then
+    ``add`` and ``flush``. This is the one place that knows
+    :mod:`flowjax._cache`'s API.
     """
-    if cache_dir is None:
-        return None
 
-    def open_cache(example_spec: str, params) -> _cache.PrepassCache:
+    def __init__(
+        self,
+        cache_dir: str,
+        fn,
+        mesh: Mesh,
+        *,
+        shape: tuple[int, ...] = (),
+        fn_name: str | None = None,
+    ):
+        self._dir, self._mesh, self._shape = cache_dir, mesh, tuple(shape)
+        self._name = _describe_fn(fn) if fn_name is None else fn_name
+        self._cache: _cache.PrepassCache | None = None
+
+    @classmethod
+    def of(cls, cache_dir: str | None, fn, mesh: Mesh, **kwargs) -> _PassCache | None:
+        return None if cache_dir is None else cls(cache_dir, fn, mesh, **kwargs)
+
+    def skip_at_source(self, batches: Batches) -> Batches:
+        return batches  # this cache skips cached ids batch by batch (``_Served.take``)
+
+    def open(self, example_spec: str, params, step, args) -> _Served:
+        # The manifest records what the cached rows depend on; ``step(*args)`` is the
+        # program (this cache fingerprints the parameters, not the program).
         manifest = {
-            "loss_fn": _describe_fn(fn) if fn_name is None else fn_name,
+            "loss_fn": self._name,
             "example_spec": example_spec,
-            "params": _fingerprint(params, NamedSharding(mesh, P())),
+            "params": _fingerprint(params, NamedSharding(self._mesh, P())),
         }
-        if shape:  # absent for scalar losses: per_example_losses' manifest is unchanged
-            manifest["output_shape"] = list(shape)
-        return _cache.PrepassCache(
-            cache_dir, jax.process_index(), jax.process_count(), manifest, shape
+        if (
+            self._shape
+        ):  # absent for scalar losses: per_example_losses' manifest is unchanged
+            manifest["output_shape"] = list(self._shape)
+        self._cache = _cache.PrepassCache(
+            self._dir, jax.process_index(), jax.process_count(), manifest, self._shape
         )
+        return _Served(*self._cache.load())
 
-    return open_cache
+    def add(self, ids: np.ndarray, values: np.ndarray) -> None:
+        self._cache.add(ids, values)
+
+    def flush(self) -> None:
+        if self._cache is not None:
+            self._cache.flush()
+
+
+class _Served:
+    """Cached rows of this process; remembers which ones this run's input asked for."""
+
+    count = 0  # none skipped at the source
+
+    def __init__(self, ids: np.ndarray, values: np.ndarray):
+        self.ids, self.values = ids, values
+        self._used: list[np.ndarray] = []
+
+    def take(self, ids: np.ndarray, leaves) -> np.ndarray:
+        """Marks cached ids as used; returns the mask of ids still to compute."""
+        if not len(self.ids):
+            return np.ones(len(ids), bool)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        hit = self.ids[pos] == ids
+        self._used.append(pos[hit])
+        return ~hit
+
+    def used(self) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.concatenate([np.zeros(0, np.int64), *self._used])
+        return self.ids[pos], self.values[pos]
 
 
 def _fingerprint(params, replicated: NamedSharding) -> list:
