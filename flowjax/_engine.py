@@ -81,7 +81,7 @@ _ID = "id"
 # Steps dispatched ahead of the one being read, so the device never waits for the host.
 _IN_FLIGHT = 3
 # A row's state (meta column 3).
-_PADDING, _REAL, _FAILED = 0, 1, 2
+_REAL, _FAILED = 1, 2  # (0: padding)
 # Bytes of text each process contributes to a status exchange.
 _MESSAGE_BYTES = 2048
 _SHOW = 5  # ids an error message lists
