@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flowjax import _cache, _checks, prepass
+from flowjax import _cache, _checks, _engine, prepass
 from flowjax import lm as _lm
 from flowjax.tables import LossTable, TokenLosses, TokenWeights
 
@@ -94,7 +94,9 @@ def bucket_batches(
 
     Raises:
       ValueError: empty or non-positive ``bucket_lengths``, ``batch_size < 1``,
-        an unknown ``on_empty``, a malformed example, an example longer than
+        an unknown ``on_empty``, a malformed example, an id seen before (at
+        once, so an endless example stream fails within one pass: this loader
+        repeats examples), an example longer than
         the longest bucket, a target at position 0, or (``on_empty="raise"``)
         examples with no target token; the message names the example ids.
 
@@ -130,8 +132,14 @@ def _bucket_groups(
         b: [] for b in buckets
     }
     too_long, first_target, empty = [], [], []
+    seen: set[int] = set()
     for ex in examples:
         i, tokens, mask = _check_example(ex)
+        if i in seen:  # as it arrives: an endless example stream must not run forever
+            raise ValueError(
+                _engine._duplicates(np.zeros(0, np.int64), np.array([i], np.int64))
+            )
+        seen.add(i)
         if len(tokens) > buckets[-1]:
             too_long.append((i, len(tokens)))
         elif mask[0]:
@@ -222,9 +230,9 @@ def _make_sequence_loss(fn_ref):
     return sequence_loss
 
 
-def _bucket_spec(length: int) -> prepass._Spec:
+def _bucket_spec(length: int) -> _engine._Spec:
     """The structure of every batch of bucket ``length`` (known without seeing one)."""
-    return prepass._Spec.from_batch(
+    return _engine._Spec.from_batch(
         {
             "id": np.zeros(0, np.int64),
             "tokens": np.zeros((0, length), np.int32),
@@ -233,16 +241,29 @@ def _bucket_spec(length: int) -> prepass._Spec:
     )
 
 
-def _global_counts(buckets: list[int], counts: list[int], batch_size: int) -> list[int]:
-    """Examples per bucket over all processes; checks that the processes agree on the buckets."""
+def _global_counts(
+    name: str,
+    buckets: list[int],
+    counts: list[int],
+    batch_size: int,
+    error: Exception | None,
+) -> list[int]:
+    """Examples per bucket over all processes; checks that the processes agree on the buckets.
+
+    Multi-process: one exchange, so that an example one process refuses (or an
+    iterator that raises) makes every process raise the same error.
+    """
     if jax.process_count() == 1:
+        if error is not None:
+            raise error
         return counts
     key = zlib.crc32(repr((buckets, batch_size)).encode()) & 0x7FFFFFFF
-    keys = np.asarray(multihost_utils.process_allgather(np.array([key], np.int32)))
-    if len(set(keys.reshape(-1).tolist())) != 1:
+    keys, _ = _engine._exchange(name, np.array([key], np.int32), error)
+    if len(set(keys[:, 0].tolist())) != 1:
         raise ValueError(
             "processes passed different bucket_lengths or batch_size; they must agree."
         )
+    # The same buckets everywhere, so the same shape on every process.
     every = np.asarray(multihost_utils.process_allgather(np.array(counts, np.int64)))
     return every.reshape(-1, len(buckets)).sum(axis=0).tolist()
 
@@ -272,52 +293,67 @@ def _bucket_passes(
     of bucket ``T``. One allgather checks that the processes agree on the
     buckets and counts each bucket's examples over all of them; buckets empty
     everywhere are skipped, the others run on
-    :func:`flowjax.prepass._per_example_values` with the batch layout given up
+    :func:`flowjax._engine.map_examples` with the batch layout given up
     front (a process without examples of a bucket feeds padding in step) and
     ``batch_size`` rows per step (one trace per bucket). Bucket ``T`` caches
     in ``cache_dir/bucket_T``, its manifest naming ``level`` and ``logits_fn``.
     """
-    groups = _bucket_groups(examples, bucket_lengths, batch_size, on_empty)
+    name = f"lm_{level}_losses"
+    groups, error = {}, None
+    try:
+        groups = _bucket_groups(examples, bucket_lengths, batch_size, on_empty)
+    except Exception as e:
+        error = e
     buckets = list(groups)
-    counts = _global_counts(buckets, [len(groups[b]) for b in buckets], batch_size)
+    counts = _global_counts(
+        name, buckets, [len(groups[b]) for b in buckets], batch_size, error
+    )
     if not sum(counts):
         raise ValueError(
             "examples is empty (or every example was skipped): nothing to compute."
         )
-    mesh = prepass.default_mesh() if mesh is None else mesh
+    mesh = _engine.default_mesh() if mesh is None else mesh
     if "data" not in mesh.axis_names:
         raise ValueError(
             f"the mesh needs a 'data' axis to shard the batch over; its axes are {mesh.axis_names}."
         )
     # Placed once here, so each bucket's pass finds them in place.
     replicated = NamedSharding(mesh, P())
-    params = prepass._place_params(
+    params = _engine._place_params(
         params, replicated if param_shardings is None else param_shardings
     )
     fn_name = f"{level}_nll of {prepass._describe_fn(logits_fn)}"
     out = []
+    ledger = _engine.IdLedger()  # ids across buckets: one fed by two processes raises
     for length, count in zip(buckets, counts, strict=True):
         if not count:  # no process holds an example of this length
             continue
         cache = (
             None if cache_dir is None else os.path.join(cache_dir, f"bucket_{length}")
         )
-        ids, values = prepass._per_example_values(
+        ids, values, _ = _engine.map_examples(
             loss_fn,
             params,
             _batches({length: groups[length]}, batch_size, pad_id),
+            name=name,
             shape=shape(length),
             spec=_bucket_spec(length),
             batch_size=batch_size,
             mesh=mesh,
-            progress=progress,
-            cache_dir=cache,
             param_shardings=param_shardings,
+            cache=prepass._PassCache.of(
+                cache,
+                loss_fn,
+                mesh,
+                shape=shape(length),
+                fn_name=fn_name,
+                flush_seconds=flush_seconds,
+            ),
+            ledger=ledger,
+            progress=progress,
             total=count,
             desc=f"{level} pre-pass T={length}",
-            fn_name=fn_name,
             nonfinite=nonfinite,
-            flush_seconds=flush_seconds,
         )
         out.append((length, ids, values))
     return buckets[-1], out
@@ -391,11 +427,14 @@ def lm_sequence_losses(
 
     Raises:
       ValueError: from :func:`bucket_batches` (malformed, too long or empty
-        examples); NaN/inf sequence losses (naming the ids); duplicate ids;
-        no examples on any process; processes that disagree on
-        ``bucket_lengths`` or ``batch_size``; anything
-        :func:`flowjax.per_example_losses` raises for its shared arguments
-        (``mesh``, ``cache_dir``, e.g. a cache written by another model).
+        examples); NaN/inf sequence losses (naming the ids); duplicate ids
+        (as they arrive: an example stream that repeats fails within one
+        pass; also an id on two processes); no examples on any process;
+        processes that disagree on ``bucket_lengths`` or ``batch_size``;
+        anything :func:`flowjax.per_example_losses` raises for its shared
+        arguments (``mesh``, ``cache_dir``, e.g. a cache written by another
+        model). Multi-process, one process's bad input raises the same
+        error on every process, naming that process.
       TypeError: a keyword argument other than those above.
 
     Example:
@@ -524,10 +563,13 @@ def lm_token_losses(
     Raises:
       ValueError: from :func:`bucket_batches`; NaN/inf token losses at target
         positions (naming the example ids; non-target positions are never
-        read); duplicate ids; no examples on any process; processes that
-        disagree on ``bucket_lengths`` or ``batch_size``; anything
-        :func:`flowjax.per_example_losses` raises for its shared arguments
-        (``mesh``, ``cache_dir``).
+        read); duplicate ids (as they arrive: an example stream that repeats
+        fails within one pass; also an id on two processes); no examples on
+        any process; processes that disagree on ``bucket_lengths`` or
+        ``batch_size``; anything :func:`flowjax.per_example_losses` raises
+        for its shared arguments (``mesh``, ``cache_dir``). Multi-process,
+        one process's bad input raises the same error on every process,
+        naming that process.
 
     Example:
       >>> import jax.numpy as jnp, numpy as np, flowjax

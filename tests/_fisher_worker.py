@@ -1,19 +1,17 @@
 """Computes diagonal Fishers in a fresh process (own device count) and saves them; also the shared model.
 
 python tests/_fisher_worker.py OUT.npz [--devices N] [--batch-size B] [--shard-params]
-    [--num-processes P --process-id I --port PORT [--errors]]
+    [--num-processes P --process-id I --port PORT]
 
 With two processes (jax.distributed on loopback, gloo collectives) each process feeds
-its own, unevenly sized share of the data set. ``--errors`` then runs the bad-input
-cases (saving a JAX start-up): each must raise on every process; the last one
-(duplicate ids across processes) is left uncaught, so the process exits with it.
+its own, unevenly sized share of the data set. (The two-process bad-input cases of
+diagonal_fisher run with the pre-pass's in tests/_prepass_worker.py --scenarios.)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 import jax
@@ -115,38 +113,6 @@ def check_regularizer_shardings(flowjax, shardings) -> None:
                 )
 
 
-def bad_inputs(flowjax, process: int) -> None:
-    """Two processes: every bad input raises on every process, none hangs."""
-    data, p = share(dataset(), process, 2), params()
-
-    def expect(error, match, feed):
-        try:
-            flowjax.diagonal_fisher(nll, p, feed, progress=False)
-        except error as e:
-            assert re.search(match, str(e)), e
-            print(f"raised {error.__name__}: {e}", flush=True)
-        else:
-            raise AssertionError(f"no {error.__name__} for {match!r}")
-
-    expect(ValueError, "batches is empty on every process", [])
-    expect(
-        ValueError,
-        r"batches is empty on process\(es\) \[1\]",
-        [] if process == 1 else batches(data, 16),
-    )
-    # Process 1's third batch is malformed: it raises its own error, process 0 stops too.
-    feed = list(batches(data, 16))
-    if process == 1:
-        feed[2] = {k: v[:-1] if k == "x" else v for k, v in feed[2].items()}
-        expect(ValueError, "has 15 rows but the batch has 16 ids", feed)
-    else:
-        expect(RuntimeError, r"process\(es\) \[1\] failed while reading", feed)
-    # The same id on both processes: every process raises (uncaught: the process exits).
-    if process == 1:
-        data["id"][5] = share(dataset(), 0, 2)["id"][17]
-    flowjax.diagonal_fisher(nll, p, batches(data, 16), progress=False)
-
-
 def main() -> None:
     import _runtime  # run as a script: tests/ is on sys.path
 
@@ -157,9 +123,6 @@ def main() -> None:
         "--shard-params", action="store_true", help="shard W's rows over 'data'"
     )
     _runtime.add_arguments(ap)
-    ap.add_argument(
-        "--errors", action="store_true", help="then run the bad-input cases"
-    )
     args = ap.parse_args()
     _runtime.start(args)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -184,8 +147,6 @@ def main() -> None:
         f"fisher on {len(jax.devices())} devices in {jax.process_count()} processes",
         flush=True,
     )
-    if args.errors:
-        bad_inputs(flowjax, args.process_id)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,12 +207,12 @@ def test_rows_rejects_a_length_below_two_or_not_an_int(rng, bad):
 def test_token_prepass_puts_params_on_device_once_and_pipelines(rng, monkeypatch):
     """Params are placed on the device once (not sent from host numpy every step), and the
     host reads step k only after step k + _IN_FLIGHT is dispatched."""
-    from flowjax import prepass
+    from flowjax import _engine
 
     ex = _examples(rng, [5] * 9)
     params = jax.tree.map(np.asarray, _params(rng))  # host numpy params
     events, seen = [], []
-    make_step = prepass._make_step
+    make_step = _engine._make_step
 
     def spy_make_step(*args, **kwargs):
         step = make_step(*args, **kwargs)
@@ -223,7 +225,7 @@ def test_token_prepass_puts_params_on_device_once_and_pipelines(rng, monkeypatch
 
         return spy_step
 
-    monkeypatch.setattr(prepass, "_make_step", spy_make_step)
+    monkeypatch.setattr(_engine, "_make_step", spy_make_step)
     tl = flowjax.lm_token_losses(
         CountingLM(), params, ex, bucket_lengths=[8], batch_size=1, progress=False
     )
@@ -233,7 +235,7 @@ def test_token_prepass_puts_params_on_device_once_and_pipelines(rng, monkeypatch
     kinds = [k for k, _ in events]
     assert kinds.count("dispatch") == kinds.count("read") == 9
     # the first read comes only after _IN_FLIGHT + 1 dispatches
-    assert kinds[: prepass._IN_FLIGHT + 1] == ["dispatch"] * (prepass._IN_FLIGHT + 1)
+    assert kinds[: _engine._IN_FLIGHT + 1] == ["dispatch"] * (_engine._IN_FLIGHT + 1)
     monkeypatch.undo()
     ref = flowjax.lm_token_losses(
         CountingLM(), params, ex, bucket_lengths=[8], batch_size=1, progress=False
@@ -263,3 +265,30 @@ def test_prepass_names_examples_with_nan_losses(rng):
         )
     with pytest.raises(ValueError, match="NaN"):
         flowjax.lm_token_losses(CountingLM(), bad, ex, bucket_lengths=[8], batch_size=2)
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_an_example_stream_that_repeats_fails_within_one_pass(rng, level):
+    ex = _examples(rng, [5, 6, 7, 3])
+    pulled = []
+
+    def endless():
+        for e in itertools.cycle(ex):
+            pulled.append(e["id"])
+            assert len(pulled) <= 5, "the pass pulled more than one pass and an example"
+            yield e
+
+    fn = flowjax.lm_sequence_losses if level == "sequence" else flowjax.lm_token_losses
+    with pytest.raises(
+        ValueError,
+        match=rf"duplicate example ids: \[{ex[0]['id']}\] .*this loader repeats examples",
+    ):
+        fn(
+            CountingLM(),
+            _params(rng),
+            endless(),
+            bucket_lengths=[8],
+            batch_size=2,
+            progress=False,
+        )
+    assert len(pulled) == 5

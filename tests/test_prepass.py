@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import re
 
 import chex
 import jax
@@ -302,3 +303,62 @@ def test_mesh_needs_a_data_axis():
     mesh = Mesh(np.asarray(jax.devices()), ("batch",))
     with pytest.raises(ValueError, match="'data' axis"):
         _table([_batch()], mesh=mesh)
+
+
+# --- loaders that repeat examples ------------------------------------------------------------
+
+
+def _at_most(batches, limit: int):
+    """Yields at most `limit` batches, then fails the test: the pass should have stopped."""
+    for k, batch in enumerate(batches):
+        if k == limit:
+            raise AssertionError(f"the pass pulled more than {limit} batches")
+        yield batch
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        lambda data: flowjax.batches(flowjax.ArraySource(data), 16, epochs=None),
+        lambda data: flowjax.batches(
+            flowjax.ArraySource(data), 16, shuffle=True, epochs=3
+        ),
+        lambda data: itertools.cycle(list(_data.batches(data, 16))),
+    ],
+    ids=["epochs=None", "epochs=3", "itertools.cycle"],
+)
+def test_a_loader_that_repeats_examples_fails_within_one_pass(loader):
+    data = (
+        _data.dataset()
+    )  # 203 examples: 13 batches of 16 per pass, then at most 1/4 more
+    with pytest.raises(
+        ValueError,
+        match=r"duplicate example ids: \[\d+.* arrived again after an earlier batch: "
+        "this loader repeats examples: pass a single-epoch iterator",
+    ):
+        _table(_at_most(loader(data), 13 + 5))
+
+
+def test_repeated_ids_found_as_they_arrive_among_many_ids():
+    """Two passes over 400k shuffled ids: the second fails within a quarter of a pass."""
+    n, size = 400_000, 4096
+    ids = np.random.default_rng(0).permutation(n).astype(np.int64) * 3 + 7
+    pulled = []
+
+    def feed():
+        for rows in [*np.array_split(np.arange(n), n // size)] * 2:
+            pulled.append(len(rows))
+            assert sum(pulled) <= n + n // 4 + size, (
+                "went on past one pass and a quarter"
+            )
+            yield {"id": ids[rows], "x": np.zeros((len(rows), 1), np.float32)}
+
+    with pytest.raises(ValueError, match="arrived again after an earlier batch") as e:
+        flowjax.per_example_losses(
+            lambda p, ex: jnp.sum(ex["x"]) * p, jnp.float32(1.0), feed(), progress=False
+        )
+    shown, more = re.search(r"ids: \[([\d, ]+)\] and (\d+) more", str(e.value)).groups()
+    repeated = ids[: sum(pulled) - n]  # the second pass so far
+    assert set(map(int, shown.split(", "))) <= set(repeated.tolist())
+    assert 5 + int(more) <= len(repeated)
+    assert sum(pulled) > n

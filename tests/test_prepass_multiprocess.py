@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
 
 import numpy as np
 import pytest
 
 import flowjax
 
-from . import _data, _subprocess
+from . import _data, _lm_data, _subprocess
 
 pytestmark = pytest.mark.slow
 
@@ -50,3 +52,63 @@ def test_two_processes_resume_from_caches_with_different_progress(tmp_path):
         os.remove(c)
     resumed = _two_processes(tmp_path, "resumed", "--cache", cache)
     assert resumed[0] == resumed[1] == full[0]
+
+
+def _scenario_results(output: str) -> dict[str, dict]:
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    return {r["scenario"]: r for r in lines}
+
+
+def test_bad_input_on_one_process_raises_the_same_error_on_every_process_promptly(
+    tmp_path,
+):
+    """Every bad-input case, each in its turn in one two-process run (1 device each).
+
+    One process gets the bad input; both must raise the same ValueError naming the
+    process and the ids, within seconds (a process left in a collective would wait
+    for the 30 s runtime timeout, or forever), and then both go on to the next case.
+    """
+    outs = [str(tmp_path / f"s-{i}.npz") for i in range(2)]
+    procs = _subprocess.start_two(outs, "--scenarios")
+    results = [_scenario_results(_subprocess.finish(p)) for p in procs]
+    data = _data.dataset()
+    cut = len(data["id"]) * 3 // 5
+    ids0, ids1 = data["id"][:cut], data["id"][cut:]
+    lm_ids = {e["id"] for e in _lm_data.examples()}
+    stopped = r"{fn} stopped on every process because process\(es\) \[{p}\] failed on their own input: process {p}: "
+    expected = {
+        "empty": r"batches is empty on process\(es\) \[1\]",
+        "first batch without id": stopped.format(fn="per_example_losses", p=1)
+        + r'every batch must be a dict with an integer "id"',
+        "later batch with wrong shape": stopped.format(fn="per_example_losses", p=1)
+        + rf"field \['x'\] has per-example shape \(7,\); .*the batch of ids \[{ids1[48]}, ",
+        "later batch with wrong dtype": stopped.format(fn="per_example_losses", p=0)
+        + rf"field \['x'\] has dtype int32; .*the batch of ids \[{ids0[32]}, ",
+        "nan loss": rf"NaN or infinite losses for example ids \[{ids1[40]}\].*\(fed by process\(es\) \[1\]\)",
+        "id on both processes": rf"duplicate example ids: \[{ids0[10]}\] were fed by more than one process",
+        "endless loader": stopped.format(fn="per_example_losses", p=0)
+        + r"duplicate example ids: \[[\d, ]+\].* arrived again after an earlier batch: "
+        "this loader repeats examples: pass a single-epoch iterator",
+        "loader raises": stopped.format(fn="per_example_losses", p=1)
+        + "OSError: disk on fire",
+        "lm malformed example": stopped.format(fn="lm_token_losses", p=1)
+        + r"example \d+: tokens and mask must be 1-D of one length",
+        "lm id on both processes": r"duplicate example ids: \[\d+\] were fed by more than one process",
+        "fisher empty": r"batches is empty on process\(es\) \[1\]",
+        "fisher later batch with missing rows": stopped.format(
+            fn="diagonal_fisher", p=1
+        )
+        + r"field \['x'\] has 15 rows but the batch has 16 ids \(the batch of ids \[",
+    }
+    assert results[0].keys() == results[1].keys() == expected.keys()
+    for name, pattern in expected.items():
+        first, second = results[0][name], results[1][name]
+        assert first["error"] is not None, f"{name}: no error"
+        assert first["error"] == second["error"], name  # the same error everywhere
+        assert re.search(pattern, first["error"]), (name, first["error"])
+        assert max(first["seconds"], second["seconds"]) < 10, (name, first, second)
+    lm_dup = re.search(r"\[(\d+)\]", results[0]["lm id on both processes"]["error"])
+    assert int(lm_dup.group(1)) in lm_ids
+    # The repeated ids it names are process 0's own.
+    repeated = re.search(r"ids: \[([\d, ]+)\]", results[0]["endless loader"]["error"])
+    assert set(map(int, repeated.group(1).split(", "))) <= set(ids0.tolist())

@@ -1,0 +1,951 @@
+"""The one engine behind every pass over id-keyed batches: pre-pass, LM passes and the Fisher.
+
+:func:`map_examples` maps a per-example function over dict batches that carry
+an integer ``"id"`` field, and returns every example's output keyed by id (or
+their sum over examples). One process's view:
+
+1. The first batch (or a ``spec`` given up front) fixes the structure, the
+   per-example shapes and dtypes, and the per-process rows per step ``B``
+   (rounded up so that the global step ``B × process_count`` divides the
+   mesh's ``'data'`` axis). Larger batches are split; smaller ones are padded
+   by repeating a real row, and the copies are dropped. So the step is traced
+   and compiled once.
+2. The batch axis is sharded over ``'data'``; outputs come back replicated
+   (``out_shardings=P()``), so every process reads every row. With
+   ``sum_into``, the per-example outputs (a pytree) are instead summed over
+   the real rows of each step into an accumulator that keeps its own
+   sharding (the Fisher's running sum of squared gradients), and only a
+   per-row "not finite" flag comes back.
+3. Single process: numpy batches go straight into the jitted step; the host
+   keeps each step's ids. Multi-process: each process feeds only its own rows
+   through ``jax.make_array_from_process_local_data``, and every row carries
+   ``meta = (id low, id high, owning process, state)`` through the step, so
+   the replicated output tells every process every row's id, owner and state
+   (real, padding, or "this process failed"). Ids stay exact int64 without
+   ``jax_enable_x64``.
+4. Results are read ``_IN_FLIGHT`` steps behind dispatch, so the device never
+   waits for the host. A process that runs out of data feeds padding until a
+   step has no real row on any process; then all stop together.
+5. Resumable: an optional ``cache`` serves rows finished by an earlier,
+   killed run; their examples are skipped, and every process's served rows
+   are shared with one allgather at the end. The engine talks to the cache at
+   four marked call sites (``CACHE (k/4)``), through the small protocol
+   :class:`Cache` describes.
+
+Failure protocol (one for every caller). Single process: bad input raises at
+once, naming the ids. Multi-process, no process may be left waiting in a
+collective:
+
+* Errors every process sees alike, because they come from replicated data
+  (NaN/inf outputs, an id fed by two processes, a ``fn`` that returns the
+  wrong shape), raise the same ``ValueError`` on every process at the same
+  step.
+* A process-local error (no batches, a malformed batch, a bad dtype or
+  shape, an id this process fed twice, the loader itself raising) does not
+  raise on the spot: the process keeps stepping in lockstep and marks all
+  its rows "failed". When that step is read (a few steps later, the same
+  step on every process), every process joins one fixed-size allgather of
+  ``(status, message)`` and raises the same ``ValueError`` naming the
+  failed process(es) and their messages. Errors before the first step (an
+  empty or broken first batch) go through the same exchange, which also
+  agrees the step size and checks that the processes' batch layouts match.
+
+Duplicate ids are caught as they arrive (:class:`_SeenIds`: one sorted numpy
+array that kept batches are merged into once they reach a quarter of it; no
+per-id Python work), per process as batches are fed (cached ones too), and,
+multi-process, across processes as each step's replicated ids are read; so an
+endless or multi-epoch loader fails within a quarter of its second pass.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import weakref
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from flowjax import _checks
+from flowjax._types import Batches, Params
+
+_ID = "id"
+# Steps dispatched ahead of the one being read, so the device never waits for the host.
+_IN_FLIGHT = 3
+# A row's state (meta column 3).
+_REAL, _FAILED = 1, 2  # (0: padding)
+# Bytes of text each process contributes to a status exchange.
+_MESSAGE_BYTES = 2048
+_SHOW = 5  # ids an error message lists
+
+
+def default_mesh() -> Mesh:
+    """A 1-D mesh with axis ``'data'`` over all devices of all processes.
+
+    Returns:
+      ``Mesh(jax.devices(), ("data",))``: the default mesh of
+      :func:`flowjax.per_example_losses` and :func:`flowjax.diagonal_fisher`.
+
+    Example:
+      >>> import flowjax
+      >>> flowjax.default_mesh().axis_names
+      ('data',)
+    """
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+class Mapped(NamedTuple):
+    """What :func:`map_examples` returns (the same on every process)."""
+
+    ids: np.ndarray  # int64 [n]: every example of every process, unsorted, unique
+    values: Any  # float32 [n, *shape] rows in the order of ids, or the summed pytree
+    cached: int = 0  # rows served from the cache (all processes)
+
+
+class Served(Protocol):
+    """The rows a cache holds for this process (see :class:`Cache`)."""
+
+    count: int  # rows already skipped at the source
+
+    def take(self, ids: np.ndarray, leaves: list[np.ndarray]) -> np.ndarray:
+        """Marks the batch's cached rows as used; returns the mask of rows to compute."""
+
+    def used(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, values)`` of every cached row this run used (skipped at the source too)."""
+
+
+class Cache(Protocol):
+    """What the engine needs of a pass's cache (``flowjax.prepass._PassCache``)."""
+
+    def skip_at_source(self, batches: Batches) -> Batches:
+        """The batches, possibly without the examples already cached (before any is read)."""
+
+    def open(self, example_spec: str, params: Any, step: Any, args: tuple) -> Served:
+        """Checks that the cache belongs to this pass (``step(*args)`` is its program)."""
+
+    def add(self, ids: np.ndarray, values: np.ndarray) -> None:
+        """This process's finished rows; written at the cache's own pace."""
+
+    def flush(self) -> None:
+        """Writes what is pending."""
+
+
+class IdLedger:
+    """The ids one pass has seen, kept across several engine calls (e.g. an LM pass's buckets).
+
+    ``local``: the ids this process fed (checked before each batch goes in);
+    ``everywhere``: multi-process, the ids of every process (checked as each
+    step is read).
+    """
+
+    def __init__(self) -> None:
+        self.local = _SeenIds()
+        self.everywhere = _SeenIds()
+
+
+def map_examples(
+    fn: Callable,
+    params: Params,
+    batches: Batches,
+    *,
+    name: str,
+    shape: tuple[int, ...] = (),
+    sum_into: Any = None,
+    with_ids: bool = False,
+    spec: _Spec | None = None,
+    batch_size: int | None = None,
+    mesh: Mesh | None = None,
+    param_shardings: Any = None,
+    cache: Cache | None = None,
+    ledger: IdLedger | None = None,
+    progress: bool = True,
+    total: int | None = None,
+    desc: str = "pre-pass",
+    nonfinite: Callable[[np.ndarray, np.ndarray, np.ndarray | None], str],
+) -> Mapped:
+    """Maps ``fn`` over every example of ``batches``: sharded, pipelined, multi-host, resumable.
+
+    Args:
+      fn: ``fn(params, example) -> array of shape``, for ONE example (the
+        batch pytree without ``"id"`` and without the batch axis); with
+        ``with_ids``, ``fn(params, example, id_pair)`` where ``id_pair`` is
+        the example's id as int32 ``[low, high]``. With ``sum_into``, ``fn``
+        returns a pytree like ``sum_into``.
+      params: any pytree of arrays; placed once with ``param_shardings``
+        (default: replicated over ``mesh``).
+      batches: an iterable of dict batches of host arrays with an integer
+        ``"id"``; multi-process: this process's own.
+      name: the public function's name, for error messages.
+      shape: the per-example output shape (per-example mode).
+      sum_into: a zero pytree (placed with its sharding, donated): the
+        per-example outputs are summed over real rows into it instead of
+        returned per example.
+      with_ids: pass each example's id pair to ``fn``.
+      spec: the batch layout when known without a batch (every process must
+        pass the same one and the same ``batch_size``); then a process may
+        feed no batch at all. Default: taken from the first non-empty batch,
+        and (multi-process) agreed in one exchange.
+      batch_size: per-process rows per step (default: the first batch's,
+        multi-process the largest first batch of any process).
+      mesh: a mesh with a ``'data'`` axis (default :func:`default_mesh`).
+      param_shardings: shardings for ``params``.
+      cache: this pass's cache (:class:`Cache`), per-example mode only.
+      ledger: the ids seen so far, shared with other calls of one pass.
+      progress, total, desc: the progress bar (process 0 only).
+      nonfinite: ``nonfinite(bad_rows, ids, values_or_None) -> message`` of
+        the ValueError for NaN or infinite outputs.
+
+    Returns:
+      :class:`Mapped` ``(ids, values, cached)``: the ids of every example fed
+      by every process (served from the cache too), their outputs ``float32
+      [n, *shape]`` or, with ``sum_into``, the sum, and how many rows came
+      from the cache.
+
+    Raises:
+      ValueError: see the module docstring; multi-process, the same error on
+        every process.
+    """
+    mesh = default_mesh() if mesh is None else mesh
+    if "data" not in mesh.axis_names:
+        raise ValueError(
+            f"the mesh needs a 'data' axis to shard the batch over; its axes are {mesh.axis_names}."
+        )
+    if batch_size is not None and (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int | np.integer)
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}.")
+    if sum_into is not None and cache is not None:
+        raise TypeError("a summed pass has no per-example rows to cache.")
+    nproc, me = jax.process_count(), jax.process_index()
+    if cache is not None:  # CACHE (1/4): before any batch is read
+        batches = _agreed(name, nproc, lambda: cache.skip_at_source(batches))
+    it = iter(batches)
+    if spec is None:
+        first, spec, size = _first_batch(it, batch_size, nproc, name)
+        it = itertools.chain([first], it)
+    else:
+        size = spec.size if batch_size is None else int(batch_size)
+    while (size * nproc) % mesh.shape["data"]:
+        size += 1
+    data_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    params = _place_params(
+        params, replicated if param_shardings is None else param_shardings
+    )
+    reduce = sum_into is not None
+    step = _make_step(
+        fn,
+        size * nproc,
+        mesh,
+        nproc > 1,
+        tuple(shape),
+        with_ids,
+        None if not reduce else jax.tree.map(lambda x: x.sharding, sum_into),
+    )
+    acc = sum_into
+    ledger = IdLedger() if ledger is None else ledger
+
+    served = None
+    if cache is not None:  # CACHE (2/4): check the manifest, load the finished rows
+        where = {"sharding": data_sharding} if nproc > 1 else {}
+        rows = [
+            jax.ShapeDtypeStruct((size * nproc, *s), d, **where)
+            for s, d in zip(spec.shapes, spec.dtypes, strict=True)
+        ]
+        meta = jax.ShapeDtypeStruct((size * nproc, 4), np.int32, **where)
+        args = (params, rows, *([meta] if nproc > 1 else []), spec.treedef)
+        served = _agreed(
+            name, nproc, lambda: cache.open(spec.describe(), params, step, args)
+        )
+
+    bar = tqdm(
+        total=total,
+        unit="ex",
+        unit_scale=True,
+        desc=desc,
+        disable=not progress or me != 0,
+        dynamic_ncols=True,
+    )
+    if served is not None:
+        bar.update(served.count)  # rows the cache skipped at the source
+    found_ids: list[np.ndarray] = []
+    found_values: list[np.ndarray] = []
+    failed: Exception | None = None  # multi-process: this process's own error
+
+    def read(out, ids: np.ndarray) -> int:
+        """Reads one finished step (alike on every process); returns its global count of real rows."""
+        if reduce:
+            bad, meta = (np.asarray(x) for x in out)
+            values = None
+        elif nproc == 1:
+            values, meta = np.asarray(out), None
+        else:
+            meta, values = (np.asarray(x) for x in out)
+        if meta is not None:
+            state = meta[:, 3]
+            if (state == _FAILED).any():
+                raise _Stop
+            real = state == _REAL
+            ids, owners = _ids_from_pairs(meta[real, :2]), meta[real, 2]
+            mine = owners == me
+            if values is not None:
+                values = values[real]
+            if reduce:
+                bad = bad[real]
+        else:
+            values, owners, mine = values[: len(ids)], None, slice(None)
+        if not reduce:
+            bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
+        if bad.any():
+            message = nonfinite(bad, ids, values)
+            if nproc > 1:
+                message += f" (fed by process(es) {np.unique(owners[bad]).tolist()})"
+            raise ValueError(message)
+        if nproc > 1:  # every process's ids: catches an id fed by two processes
+            twice, again = ledger.everywhere.add(ids)
+            if len(twice) or len(again):
+                dup = np.union1d(twice, again)
+                who = np.unique(owners[np.isin(ids, dup)]).tolist()
+                raise ValueError(_across_processes(dup, who))
+        found_ids.append(ids)
+        if not reduce:
+            found_values.append(values)
+            if cache is not None:  # CACHE (3/4): this process's finished rows
+                cache.add(ids[mine], values[mine])
+        bar.update(len(ids))
+        return len(ids)
+
+    steps = _local_steps(it, spec, size, served, bar, ledger.local)
+    padding = None  # what a process with no data left (or a failed one) feeds
+    in_flight: collections.deque = collections.deque()  # dispatched, not yet read
+    try:
+        while True:
+            item, state = None, _REAL
+            if failed is None:
+                try:
+                    item = next(steps, None)
+                except Exception as e:
+                    if nproc == 1:
+                        raise
+                    failed = e  # tell the others through this step
+            if failed is not None:
+                state = _FAILED
+            if item is None:
+                if nproc == 1:
+                    break
+                padding = padding or _padding_step(spec, size)
+                item = padding  # keep in step with the processes that still have data
+            if nproc == 1 and not reduce:
+                # numpy straight into jit: its C++ path places the batch fastest
+                out = step(params, item.leaves, spec.treedef)
+            elif nproc == 1:
+                meta = _meta(item.ids, size, me, state)
+                acc, *out = step(params, acc, item.leaves, meta, spec.treedef)
+            else:
+                leaves = [_global(x, size, data_sharding) for x in item.leaves]
+                meta = _global(_meta(item.ids, size, me, state), size, data_sharding)
+                if reduce:
+                    acc, *out = step(params, acc, leaves, meta, spec.treedef)
+                else:
+                    out = step(params, leaves, meta, spec.treedef)
+            in_flight.append((out, item.ids))
+            # Once a step is all padding everywhere, every later one is too: stop together.
+            if len(in_flight) > _IN_FLIGHT:
+                try:
+                    if read(*in_flight.popleft()) == 0:
+                        break
+                except _Stop:
+                    break
+                except ValueError:
+                    raise
+                except Exception as e:  # e.g. the cache's disk: this process's own
+                    if nproc == 1:
+                        raise
+                    failed = failed or e
+        while nproc == 1 and in_flight:
+            read(*in_flight.popleft())
+    finally:
+        if cache is not None:
+            cache.flush()  # CACHE (4/4): what is pending (also when stopping on an error)
+        bar.close()
+    try:  # ids of the last batches that arrived twice (kept, not merged in yet)
+        twice, again = ledger.local.merge()
+        if len(twice) or len(again):
+            raise ValueError(_duplicates(twice, again))
+    except ValueError as e:
+        if nproc == 1:
+            raise
+        failed = failed or e
+    if nproc > 1:
+        # Every process stops at the same step; one exchange tells all of them whether a
+        # process failed (then each raises the same error) or all finished.
+        _exchange(name, np.zeros(0, np.int32), failed)
+        twice, again = ledger.everywhere.merge()  # alike on every process
+        if len(twice) or len(again):
+            raise ValueError(_across_processes(np.union1d(twice, again)))
+
+    if reduce:
+        return Mapped(np.concatenate([np.zeros(0, np.int64), *found_ids]), acc)
+    cached = 0
+    if served is not None:
+        s_ids, s_values = served.used()
+        if nproc > 1:
+            s_ids, s_values = _allgather_rows(s_ids, s_values)
+        found_ids, found_values = [*found_ids, s_ids], [*found_values, s_values]
+        cached = len(s_ids)
+    return Mapped(
+        np.concatenate([np.zeros(0, np.int64), *found_ids]),
+        np.concatenate([np.zeros((0, *shape), np.float32), *found_values]),
+        cached,
+    )
+
+
+class _Stop(Exception):
+    """A step read back with failed rows: every process leaves the loop at this step."""
+
+
+def _agreed(name: str, nproc: int, fn):
+    """``fn()``; multi-process, its failure on any process raises the same error on every one.
+
+    For the cache's setup steps, which can fail on one process alone (its
+    directory, its manifest): one exchange after the call, so that no process
+    goes on to the first step while another has stopped.
+    """
+    if nproc == 1:
+        return fn()
+    try:
+        out, error = fn(), None
+    except Exception as e:
+        out, error = None, e
+    _exchange(name, np.zeros(0, np.int32), error)
+    return out
+
+
+def _first_batch(it, batch_size, nproc: int, name: str):
+    """The first non-empty batch, its spec and rows per step; multi-process, agreed by all.
+
+    Multi-process: one exchange of (status, rows, layout checksum) and each
+    process's layout, so that an empty or malformed first batch on one process
+    raises the same error on every process (none waits in a collective).
+    """
+    first = spec = error = None
+    try:
+        first = next((b for b in it if _rows(b) != 0), None)
+        if first is not None:
+            spec = _Spec.from_batch(first)
+    except Exception as e:
+        if nproc == 1:
+            raise
+        error = e
+    size = 0 if spec is None else spec.size if batch_size is None else int(batch_size)
+    if nproc == 1:
+        if first is None:
+            raise ValueError("batches is empty: there is nothing to compute.")
+        return first, spec, size
+    layout = "" if spec is None else spec.describe()
+    crc = zlib.crc32(layout.encode()) & 0x7FFFFFFF
+    ints, notes = _exchange(
+        name, np.array([first is not None, size, crc], np.int32), error, layout
+    )
+    empty = np.flatnonzero(ints[:, 0] == 0).tolist()
+    if len(empty) == nproc:
+        raise ValueError(
+            "batches is empty on every process: there is nothing to compute."
+        )
+    if empty:
+        raise ValueError(
+            f"batches is empty on process(es) {empty}: every process needs at least one "
+            "example (the counts may differ)."
+        )
+    if len(set(ints[:, 2].tolist())) != 1:
+        each = "; ".join(f"process {p}: {n}" for p, n in enumerate(notes))
+        raise ValueError(
+            "processes feed batches of different structure, shapes or dtypes; they must "
+            f"agree ({each})."
+        )
+    return first, spec, int(ints[:, 1].max())
+
+
+def _exchange(
+    name: str, ints: np.ndarray, error: Exception | None, note: str = ""
+) -> tuple[np.ndarray, list[str]]:
+    """Multi-process: every process's status ints and note, in one fixed-size allgather.
+
+    If any process passes an ``error``, every process raises the same
+    ``ValueError`` naming the failed processes and their messages (on a failed
+    process it is chained to the original error).
+
+    Returns:
+      ``(ints [process_count, k], notes)``.
+    """
+    text = note if error is None else _describe_error(error)
+    raw = text.encode()[:_MESSAGE_BYTES]
+    row = np.zeros(2 + len(ints) + _MESSAGE_BYTES // 4, np.int32)
+    row[0], row[1] = error is not None, len(raw)
+    row[2 : 2 + len(ints)] = ints
+    row[2 + len(ints) :].view(np.uint8)[: len(raw)] = np.frombuffer(raw, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(row)).reshape(
+        jax.process_count(), -1
+    )
+    texts = [
+        every[p, 2 + len(ints) :]
+        .view(np.uint8)[: every[p, 1]]
+        .tobytes()
+        .decode(errors="replace")
+        for p in range(len(every))
+    ]
+    failed = np.flatnonzero(every[:, 0]).tolist()
+    if failed:
+        each = " | ".join(f"process {p}: {texts[p]}" for p in failed)
+        message = (
+            f"{name} stopped on every process because process(es) {failed} failed on "
+            f"their own input: {each}"
+        )
+        raise ValueError(message) from error
+    return every[:, 2 : 2 + len(ints)], texts
+
+
+def _describe_error(error: Exception) -> str:
+    text = str(error)
+    return text if isinstance(error, ValueError) else f"{type(error).__name__}: {text}"
+
+
+# --- duplicate ids, as they arrive -----------------------------------------------------------
+
+
+class _SeenIds:
+    """Every id added so far: one sorted, unique int64 array and the batches not yet merged in.
+
+    ``add`` only keeps a batch; once the kept ids reach a quarter of the
+    merged ones, they are sorted and merged in (a linear merge of two sorted
+    runs), and one comparison of neighbours finds every id that arrived
+    twice. Amortised, each id is copied a few times and no step does Python
+    work per id (a few microseconds per batch, millions of ids in well under
+    a second); a repeated id is found at most ``n / 4`` ids after it arrives
+    (``n`` the ids so far) or one batch later: within one pass.
+    """
+
+    def __init__(self) -> None:
+        self._merged = np.zeros(0, np.int64)
+        self._kept: list[np.ndarray] = []
+        self._kept_count = 0
+
+    def add(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Adds ``ids``; returns (ids repeated within one batch, ids that arrived again), sorted."""
+        self._kept.append(np.array(ids, np.int64))  # a copy: loaders may reuse buffers
+        self._kept_count += len(ids)
+        if self._kept_count > len(self._merged) // 4:
+            return self.merge()
+        return _NONE, _NONE
+
+    def merge(self) -> tuple[np.ndarray, np.ndarray]:
+        """Merges the kept batches in; returns :meth:`add`'s pair for everything kept."""
+        if not self._kept:
+            return _NONE, _NONE
+        kept = np.concatenate(self._kept)
+        kept.sort()
+        merged = np.concatenate([self._merged, kept])
+        merged.sort(kind="stable")  # two sorted runs: one linear merge
+        again = merged[1:] == merged[:-1]
+        if not again.any():
+            self._merged, self._kept, self._kept_count = merged, [], 0
+            return _NONE, _NONE
+        dup = np.unique(merged[1:][again])
+        # Only for the message: ids that repeat inside one batch, and all the others.
+        within = [np.sort(b) for b in self._kept]
+        within = np.unique(np.concatenate([b[1:][b[1:] == b[:-1]] for b in within]))
+        return within, np.setdiff1d(dup, within)
+
+
+_NONE = np.zeros(0, np.int64)
+
+
+def _shown(ids: np.ndarray) -> str:
+    more = f" and {len(ids) - _SHOW} more" if len(ids) > _SHOW else ""
+    return f"{ids[:_SHOW].tolist()}{more}"
+
+
+_UNIQUE = (
+    "Every example needs a stable, unique id; results are keyed by id, so a duplicate "
+    "would silently overwrite a result."
+)
+_REPEATS = (
+    "this loader repeats examples: pass a single-epoch iterator (for example "
+    "flowjax.batches(..., epochs=1)), or give every example its own id."
+)
+
+
+def _duplicates(twice: np.ndarray, again: np.ndarray) -> str:
+    """The message for ids repeated within one batch (``twice``) or seen in an earlier one."""
+    if len(again):
+        return (
+            f"duplicate example ids: {_shown(again)} arrived again after an earlier batch: "
+            f"{_REPEATS}"
+        )
+    return f"duplicate example ids within one batch: {_shown(twice)}. {_UNIQUE}"
+
+
+def _across_processes(dup: np.ndarray, who: list[int] | None = None) -> str:
+    step = "" if who is None else f" (the last copies came from process(es) {who})"
+    return (
+        f"duplicate example ids: {_shown(dup)} were fed by more than one process, or twice"
+        f"{step}: every process must feed its own examples, once; if {_REPEATS}"
+    )
+
+
+# --- the jitted step ----------------------------------------------------------------------
+
+
+# Jitted steps per fn, so later passes with the same fn and shapes reuse the compiled
+# program. Weakly keyed: a step dies with its fn.
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _make_step(
+    fn,
+    global_batch: int,
+    mesh: Mesh,
+    multiprocess: bool,
+    shape: tuple[int, ...],
+    with_ids: bool,
+    acc_shardings,
+):
+    """The jitted step of one fixed-shape global batch.
+
+    Per-example, single process: ``step(params, leaves, treedef) -> values``
+    (the host keeps the ids). Per-example, multi-process: ``step(params,
+    leaves, meta, treedef) -> (meta, values)``. Summed: ``step(params, acc,
+    leaves, meta, treedef) -> (acc + Σ_real out, bad, meta)`` with ``acc``
+    donated. Everything but ``acc`` comes back replicated, so every process
+    learns every row's id and state.
+    """
+    flat, structure = jax.tree.flatten(acc_shardings)
+    key = (global_batch, mesh, multiprocess, shape, with_ids, structure, tuple(flat))
+    try:
+        per_fn = _STEPS.setdefault(fn, {})
+    except TypeError:  # not weak-referenceable: compile for this call only
+        per_fn = {}
+    if key in per_fn:
+        return per_fn[key]
+    fn_ref = _ref(fn)  # the cached step must not keep its own key alive
+    data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+    def outputs(params, leaves, meta, treedef):
+        example = jax.tree.unflatten(treedef, leaves)
+        if with_ids:
+            return jax.vmap(fn_ref(), in_axes=(None, 0, 0))(
+                params, example, meta[:, :2]
+            )
+        return jax.vmap(fn_ref(), in_axes=(None, 0))(params, example)
+
+    def values_of(params, leaves, meta, treedef):
+        values = outputs(params, leaves, meta, treedef)
+        if not isinstance(values, jax.Array) or values.shape != (global_batch, *shape):
+            what = "ONE scalar" if not shape else f"an array of shape {shape}"
+            raise ValueError(
+                f"loss_fn must return {what} per example; vmapped over the batch it returned "
+                f"{getattr(values, 'shape', type(values))} instead of {(global_batch, *shape)}."
+            )
+        return values.astype(jnp.float32)
+
+    if acc_shardings is not None:
+
+        def step(params, acc, leaves, meta, treedef):
+            out = outputs(params, leaves, meta, treedef)
+            valid = meta[:, 3] == _REAL
+
+            def rows(x):  # valid as [B, 1, ..., 1] against a [B, ...] leaf
+                return jnp.reshape(valid, valid.shape + (1,) * (x.ndim - 1))
+
+            acc = jax.tree.map(
+                lambda a, o: (
+                    a + jnp.sum(jnp.where(rows(o), o.astype(jnp.float32), 0), axis=0)
+                ),
+                acc,
+                out,
+            )
+            bad = jnp.zeros(valid.shape, bool)
+            for o in jax.tree.leaves(out):
+                bad = bad | ~jnp.all(jnp.isfinite(o.reshape(o.shape[0], -1)), axis=1)
+            return acc, bad & valid, meta
+
+        shardings = {
+            "donate_argnums": 1,
+            "in_shardings": (None, acc_shardings, data, data),
+            "out_shardings": (acc_shardings, replicated, replicated),
+        }
+    elif multiprocess:
+
+        def step(params, leaves, meta, treedef):
+            return meta, values_of(params, leaves, meta, treedef)
+
+        shardings = {
+            "in_shardings": (None, data, data),
+            "out_shardings": (replicated, replicated),
+        }
+    else:
+
+        def step(params, leaves, treedef):
+            return values_of(params, leaves, None, treedef)
+
+        shardings = {"in_shardings": (None, data), "out_shardings": replicated}
+    # None: params keep the sharding they were placed with.
+    per_fn[key] = jax.jit(step, static_argnames="treedef", **shardings)
+    return per_fn[key]
+
+
+def _ref(fn):
+    try:
+        return weakref.ref(fn)
+    except TypeError:
+        return lambda: fn
+
+
+# --- batches: layout, validation, steps -----------------------------------------------------
+
+
+class _Spec(NamedTuple):
+    """The structure, per-example shapes and dtypes every batch must have."""
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype, ...]
+    size: int  # rows in the first batch
+    flat_keys: tuple[str, ...] | None  # the leaves' keys when batches are flat dicts
+
+    @classmethod
+    def from_batch(cls, batch) -> _Spec:
+        ids, leaves, treedef = _split(batch)
+        dtypes = tuple(np.dtype(jax.dtypes.canonicalize_dtype(x.dtype)) for x in leaves)
+        rest = {k: 0 for k in batch if k != _ID}
+        flat = jax.tree.structure(rest) == treedef
+        keys = tuple(jax.tree.unflatten(treedef, range(len(leaves)))) if flat else None
+        return cls(treedef, tuple(x.shape[1:] for x in leaves), dtypes, len(ids), keys)
+
+    def describe(self) -> str:
+        return f"{self.treedef}; shapes {list(self.shapes)}; dtypes {[d.str for d in self.dtypes]}"
+
+    def check(self, batch) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Validated ``(ids, leaves)`` of a batch, leaves cast to the canonical dtypes."""
+        fast = self._check_flat(batch)
+        if fast is not None:
+            return fast
+        ids, leaves, treedef = _split(batch)
+        if treedef != self.treedef:
+            raise ValueError(
+                f"a batch has structure {treedef}; the first batch had {self.treedef}"
+                f"{_naming(ids)}."
+            )
+        for i, (x, shape, dtype) in enumerate(
+            zip(leaves, self.shapes, self.dtypes, strict=True)
+        ):
+            if x.shape[1:] != shape:
+                raise ValueError(
+                    f"field {_leaf_name(treedef, i)} has per-example shape {x.shape[1:]}; the first "
+                    f"batch had {shape}{_naming(ids)}. Pad sequences to one fixed length so the "
+                    "pass compiles once."
+                )
+            if x.dtype != dtype:
+                leaves[i] = _to_dtype(x, dtype, _leaf_name(treedef, i), ids)
+        return ids, leaves
+
+    def _check_flat(self, batch) -> tuple[np.ndarray, list[np.ndarray]] | None:
+        """The hot path for the usual batch: a flat dict exactly like the first one.
+
+        Returns None (so that ``check`` validates and explains) on anything else.
+        """
+        if (
+            self.flat_keys is None
+            or type(batch) is not dict
+            or len(batch) != len(self.flat_keys) + 1
+        ):
+            return None
+        try:
+            ids = batch[_ID]
+            leaves = [batch[k] for k in self.flat_keys]
+        except KeyError:
+            return None
+        if not (type(ids) is np.ndarray and ids.dtype == np.int64 and ids.ndim == 1):
+            return None
+        n = len(ids)
+        for x, shape, dtype in zip(leaves, self.shapes, self.dtypes, strict=True):
+            if (
+                type(x) is not np.ndarray
+                or x.dtype != dtype
+                or x.shape[1:] != shape
+                or x.shape[0] != n
+            ):
+                return None
+        return ids, leaves
+
+
+def _naming(ids: np.ndarray) -> str:
+    """`` (batch of ids [...])``: which examples a batch-level error is about."""
+    return f" (the batch of ids {_shown(ids)})" if len(ids) else ""
+
+
+def _rows(batch) -> int:
+    """Rows of a batch; -1 (never skipped, so that validation reports it) if it is malformed."""
+    try:
+        return len(batch[_ID])
+    except Exception:
+        return -1
+
+
+def _split(batch) -> tuple[np.ndarray, list[np.ndarray], Any]:
+    if not isinstance(batch, dict) or _ID not in batch:
+        fields = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(
+            f'every batch must be a dict with an integer "id" array of example ids; got {fields}.'
+        )
+    ids = np.asarray(batch[_ID])
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        ids = _checks.as_ids(ids, 'batch["id"]')  # raises with the reason
+    elif ids.dtype != np.int64:
+        ids = _checks.as_ids(ids)
+    leaves, treedef = jax.tree.flatten({k: v for k, v in batch.items() if k != _ID})
+    leaves = [np.asarray(x) for x in leaves]
+    for i, x in enumerate(leaves):
+        if x.ndim == 0 or x.shape[0] != len(ids):
+            rows = x.shape[0] if x.ndim else "no"
+            raise ValueError(
+                f"field {_leaf_name(treedef, i)} has {rows} rows but the batch has {len(ids)} ids"
+                f"{_naming(ids)}: every field needs a leading batch axis of the same length."
+            )
+    return ids, leaves, treedef
+
+
+def _leaf_name(treedef, i: int) -> str:
+    skeleton = jax.tree.unflatten(treedef, range(treedef.num_leaves))
+    return jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(skeleton)[0][i][0])
+
+
+def _to_dtype(x: np.ndarray, dtype: np.dtype, name: str, ids: np.ndarray) -> np.ndarray:
+    """Casts to the first batch's (canonical) dtype; refuses lossy kind changes or overflow."""
+    if x.dtype.kind in "iu" and dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if x.size and (x.min() < info.min or x.max() > info.max):
+            raise ValueError(
+                f"field {name} has values outside {dtype}{_naming(ids)}; enable jax_enable_x64 "
+                "or use smaller values."
+            )
+    elif x.dtype.kind != dtype.kind:
+        raise ValueError(
+            f"field {name} has dtype {x.dtype}; the first batch had {dtype}{_naming(ids)}."
+        )
+    return x.astype(dtype)
+
+
+def _place_params(params, shardings):
+    """Puts params on the mesh once (replicated by default) so each step reads them in place."""
+
+    def put(x, s):
+        if isinstance(x, jax.Array) and x.sharding == s:
+            return x
+        if s.is_fully_addressable or (
+            isinstance(x, jax.Array) and not x.is_fully_addressable
+        ):
+            return jax.device_put(x, s)
+        x = np.asarray(x)  # multi-host, host value: every process holds the same one
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: put(x, shardings), params)
+    return jax.tree.map(put, params, shardings)
+
+
+class _Step(NamedTuple):
+    leaves: list[np.ndarray]  # fixed shape [B, ...]
+    ids: np.ndarray  # the first len(ids) rows are real, the rest padding
+
+
+def _local_steps(
+    batches, spec: _Spec, batch_size: int, served, bar, seen: _SeenIds
+) -> Iterator[_Step]:
+    """This process's fixed-shape steps: validated, duplicate-free, cached examples skipped."""
+    for batch in batches:
+        ids, leaves = spec.check(batch)
+        twice, again = seen.add(ids)
+        if len(twice) or len(again):
+            raise ValueError(_duplicates(twice, again))
+        if served is not None:  # skip the rows an earlier run finished
+            keep = served.take(ids, leaves)
+            if not keep.all():
+                bar.update(int((~keep).sum()))
+                ids, leaves = ids[keep], [x[keep] for x in leaves]
+        for start in range(0, len(ids), batch_size):
+            stop = min(start + batch_size, len(ids))
+            if stop - start == batch_size:
+                chunk = [x[start:stop] for x in leaves]
+            else:  # pad by repeating the last real row: valid inputs, dropped from the result
+                index = np.minimum(np.arange(start, start + batch_size), stop - 1)
+                chunk = [x[index] for x in leaves]
+            yield _Step(chunk, ids[start:stop])
+
+
+def _padding_step(spec: _Spec, batch_size: int) -> _Step:
+    shapes = zip(spec.shapes, spec.dtypes, strict=True)
+    return _Step(
+        [np.zeros((batch_size, *s), d) for s, d in shapes], np.zeros(0, np.int64)
+    )
+
+
+def _meta(ids: np.ndarray, size: int, me: int, state: int) -> np.ndarray:
+    """Per row: id low and high int32 halves, owning process, state (real rows first)."""
+    meta = np.zeros((size, 4), np.int32)
+    meta[: len(ids), :2] = _ids_to_pairs(ids)
+    meta[:, 2] = me
+    meta[: len(ids), 3] = _REAL
+    if state == _FAILED:
+        meta[:, 3] = _FAILED
+    return meta
+
+
+def _global(x: np.ndarray, size: int, sharding: NamedSharding) -> jax.Array:
+    """Multi-process: this process's rows of the global batch."""
+    return jax.make_array_from_process_local_data(
+        sharding, x, (size * jax.process_count(), *x.shape[1:])
+    )
+
+
+def _ids_to_pairs(ids: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(ids, np.int64).view(np.int32).reshape(-1, 2)
+
+
+def _ids_from_pairs(pairs: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(pairs, np.int32).view(np.int64).reshape(-1)
+
+
+def _allgather_rows(
+    ids: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every process's rows ``(ids [n], values [n, ...])`` on every process.
+
+    Ids travel as int32 pairs: exact without x64.
+    """
+    counts = np.asarray(
+        multihost_utils.process_allgather(np.array([len(ids)], np.int32))
+    ).reshape(-1)
+    width = max(int(counts.max()), 1)
+    pairs = np.zeros((width, 2), np.int32)
+    pairs[: len(ids)] = _ids_to_pairs(ids)
+    padded = np.zeros((width, *values.shape[1:]), np.float32)
+    padded[: len(ids)] = values
+    all_pairs = np.asarray(multihost_utils.process_allgather(pairs))
+    all_values = np.asarray(multihost_utils.process_allgather(padded))
+    return (
+        np.concatenate(
+            [_ids_from_pairs(all_pairs[p, :c]) for p, c in enumerate(counts)]
+        ),
+        np.concatenate([all_values[p, :c] for p, c in enumerate(counts)]),
+    )
