@@ -83,6 +83,18 @@ def check_counted_weights(weights, where=None) -> None:
         )
 
 
+def nan_if_negative_weights(value, weights, where=None):
+    """``value``, or NaN where a counted weight is negative: the jit-side twin of :func:`check_counted_weights`.
+
+    Under ``jax.jit`` the check cannot raise, so a negative weight must not give a
+    plausible loss (NaN and inf weights already propagate).
+    """
+    import jax.numpy as jnp
+
+    negative = weights < 0 if where is None else where & (weights < 0)
+    return jnp.where(jnp.any(negative), jnp.nan, value)
+
+
 def check_not_empty(x: np.ndarray, what: str) -> None:
     if np.size(x) == 0:
         raise ValueError(f"{what} is empty: FLOW needs at least one example.")

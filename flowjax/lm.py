@@ -417,10 +417,9 @@ def weighted_lm_loss(
     contrib = jnp.where(mask, w * nll, 0.0)  # masked NaN/inf cannot leak
     # Under jit the checks above cannot run: a negative counted weight or a denominator
     # <= 0 makes the loss NaN (NaN and inf weights already give NaN or inf).
-    ok = ~jnp.any(mask & (w < 0))
+    contrib = _checks.nan_if_negative_weights(contrib, w, mask)
     if denominator is not None:
-        ok = ok & (jnp.asarray(denominator, jnp.float32) > 0)
-    contrib = jnp.where(ok, contrib, jnp.nan)
+        contrib = jnp.where(jnp.asarray(denominator, jnp.float32) > 0, contrib, jnp.nan)
     if reduction == "sequences":
         count = jnp.sum(mask, axis=1)
         per_seq = jnp.sum(contrib, axis=1) / jnp.maximum(count, 1)

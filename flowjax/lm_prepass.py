@@ -331,7 +331,7 @@ def _bucket_passes(
         cache = (
             None if cache_dir is None else os.path.join(cache_dir, f"bucket_{length}")
         )
-        ids, values, _ = _engine.map_examples(
+        ids, values, cached = _engine.map_examples(
             loss_fn,
             params,
             _batches({length: groups[length]}, batch_size, pad_id),
@@ -355,7 +355,7 @@ def _bucket_passes(
             desc=f"{level} pre-pass T={length}",
             nonfinite=nonfinite,
         )
-        out.append((length, ids, values))
+        out.append((length, ids, values, cached))
     return buckets[-1], out
 
 
@@ -423,7 +423,8 @@ def lm_sequence_losses(
 
     Returns:
       A :class:`flowjax.LossTable` of every (not skipped) example of every
-      process, on every process.
+      process, on every process. Its attribute ``cached`` is the number of
+      rows served from ``cache_dir`` instead of computed.
 
     Raises:
       ValueError: from :func:`bucket_batches` (malformed, too long or empty
@@ -471,10 +472,12 @@ def lm_sequence_losses(
         nonfinite=_nonfinite_sequences,
         flush_seconds=prepass_kwargs.get("flush_seconds", _cache.FLUSH_SECONDS),
     )
-    return LossTable(  # sorts by id, refuses duplicates
-        np.concatenate([ids for _, ids, _ in passes]),
-        np.concatenate([values for _, _, values in passes]),
+    table = LossTable(  # sorts by id, refuses duplicates
+        np.concatenate([ids for _, ids, _, _ in passes]),
+        np.concatenate([values for _, _, values, _ in passes]),
     )
+    table.cached = sum(cached for *_, cached in passes)  # rows served from cache_dir
+    return table
 
 
 def _make_token_loss(fn_ref):
@@ -558,7 +561,8 @@ def lm_token_losses(
     Returns:
       A :class:`TokenLosses` sorted by id, of every (not skipped) example of
       every process (``.flow_weights()`` gives the token FLOW weights, looked
-      up by id with ``.lookup``).
+      up by id with ``.lookup``). Its attribute ``cached`` is the number of
+      rows served from ``cache_dir`` instead of computed.
 
     Raises:
       ValueError: from :func:`bucket_batches`; NaN/inf token losses at target
@@ -601,7 +605,7 @@ def lm_token_losses(
     )
     width = longest - 1
     ids, losses, masks = [], [], []
-    for length, got, values in passes:
+    for length, got, values, _ in passes:
         pad = ((0, 0), (0, width - (length - 1)))
         ids.append(got)
         losses.append(np.pad(values[:, 0], pad))
@@ -610,6 +614,8 @@ def lm_token_losses(
     order = np.argsort(all_ids, kind="stable")
     all_ids = all_ids[order]
     _checks.check_unique(all_ids)
-    return TokenLosses(
+    table = TokenLosses(
         all_ids, np.concatenate(losses)[order], np.concatenate(masks)[order]
     )
+    table.cached = sum(cached for *_, cached in passes)  # rows served from cache_dir
+    return table

@@ -67,6 +67,7 @@ def weighted_loss(
     Raises:
       ValueError: shapes that do not match, an unknown reduction, or (for
         concrete weights) NaN/inf or negative weights among counted entries.
+        Under ``jax.jit`` a negative counted weight makes the result NaN.
 
     Example:
       >>> import jax.numpy as jnp, flowjax
@@ -89,7 +90,8 @@ def weighted_loss(
     where = _checks.as_where(where, losses.shape)
     _checks.check_counted_weights(weights, where)
 
-    wl = weights * losses
+    # Under jit the check above cannot run: a negative counted weight gives NaN.
+    wl = _checks.nan_if_negative_weights(weights * losses, weights, where)
     if where is None:
         total, count, w_sum = jnp.sum(wl), losses.size, jnp.sum(weights)
     else:

@@ -313,17 +313,11 @@ class _IdTable:
             where=self.mask,
             ids=self.ids,
         )
-        counted = np.ones(w.shape, bool) if self.mask is None else self.mask
-        zero = counted & (w == 0)
-        if zero.any():
-            rows = zero.reshape(len(self), -1).any(axis=1)
-            raise ValueError(
-                f"exp(-f/τ) underflows to 0 at {_checks.describe(rows, self.ids)} "
-                f"(τ = {tau:.4g}): flowjax never sets a weight to 0 silently. Use a larger "
-                "temperature, normalize=, or drop those examples explicitly."
-            )
+        # FLOW's weight of a very hard example (f/τ > 103 unnormalised) is below the
+        # smallest float32 number: rounded to float32, as the official float32 code
+        # computes it, it is 0. That is the weight's value, not a replaced bad value.
         extra = () if self.mask is None else (self.mask,)
-        return weight_cls(self.ids, w, *extra, temperature=tau)
+        return weight_cls(self.ids, w.astype(np.float32), *extra, temperature=tau)
 
     # -- files ---------------------------------------------------------------------
 
@@ -513,10 +507,13 @@ class LossTable(_IdTable):
 
         Returns:
           A :class:`WeightTable` with the same ids and ``.temperature`` = τ.
+          The weights are float32: an example so hard that ``exp(-f/τ)`` is
+          below float32's smallest number (``f/τ > 103``) gets weight 0, its
+          value rounded to float32 (as in the official float32 code).
 
         Raises:
           ValueError: what :func:`flowjax.flow_weights` raises, naming the
-            ids, or a weight that underflows to 0.
+            ids.
 
         Example:
           >>> import flowjax
@@ -636,7 +633,8 @@ class TokenLosses(_TokenTable):
 
         Raises:
           ValueError: no target token, negative losses, a bad temperature or
-            a median of 0, or a weight that underflows to 0 (naming the ids).
+            a median of 0 (naming the ids). A weight below float32's range is
+            0 (see :meth:`LossTable.flow_weights`).
 
         Example:
           >>> import numpy as np, flowjax

@@ -223,6 +223,7 @@ def test_killed_token_prepass_resumes_from_its_cache(tmp_path):
     # Only the lost rows were recomputed: the cache now holds every row exactly once.
     written = _chunk_ids(os.path.join(cache, "bucket_*", "*", "chunk-*.npz"))
     assert sorted(written) == full.ids.tolist()
+    assert (full.cached, resumed.cached) == (0, len(full.ids) - len(lost))
 
 
 def _bucket_sizes(examples) -> list[int]:
@@ -291,4 +292,5 @@ def test_sequence_cache_resumes_for_its_model_and_refuses_another(tmp_path):
         _lm_data.LM(), params, ex, cache_dir=cache, **kw
     )
     assert resumed == full
+    assert (full.cached, resumed.cached) == (0, len(full.ids))
     assert sorted(_chunk_ids(pattern)) == sorted(before) == full.ids.tolist()

@@ -430,3 +430,21 @@ def test_per_example_objective_passes_extra_args_and_stacks_aux():
     )
     np.testing.assert_allclose(aux, err, rtol=1e-6)  # stacked over examples
     np.testing.assert_allclose(float(metrics["weight_mean"]), 0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "normalized"])
+def test_negative_weight_under_jit_gives_nan_not_a_number(reduction):
+    # Concretely this raises (above); under jit it cannot, so the loss must not look
+    # plausible. A negative weight on a masked-out entry is not counted and stays harmless.
+    losses = jnp.array([1.0, 2.0, 3.0])
+    reduce = jax.jit(
+        lambda l, w, m: flowjax.weighted_loss(l, w, where=m, reduction=reduction)
+    )
+    every = jnp.ones(3, bool)
+    bad = reduce(losses, jnp.array([1.0, -0.5, 1.0]), every)
+    assert np.isnan(bad)
+    masked = reduce(losses, jnp.array([1.0, -0.5, 1.0]), jnp.array([True, False, True]))
+    expected = flowjax.weighted_loss(
+        np.array([1.0, 3.0]), np.array([1.0, 1.0]), reduction=reduction
+    )
+    np.testing.assert_allclose(masked, expected, rtol=1e-6)
