@@ -438,7 +438,7 @@ def test_negative_weight_under_jit_gives_nan_not_a_number(reduction):
     # plausible. A negative weight on a masked-out entry is not counted and stays harmless.
     losses = jnp.array([1.0, 2.0, 3.0])
     reduce = jax.jit(
-        lambda l, w, m: flowjax.weighted_loss(l, w, where=m, reduction=reduction)
+        lambda x, w, m: flowjax.weighted_loss(x, w, where=m, reduction=reduction)
     )
     every = jnp.ones(3, bool)
     bad = reduce(losses, jnp.array([1.0, -0.5, 1.0]), every)
