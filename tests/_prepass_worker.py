@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -131,6 +132,8 @@ SCENARIOS = {
     "loader raises": 1,  # an OSError after two batches
     "lm malformed example": 1,
     "lm id on both processes": 1,  # in different buckets
+    "cache_dir not writable": 1,  # a path below a file
+    "cache_dir of another pre-pass": 1,
     "fisher empty": 1,
     "fisher later batch with missing rows": 1,
 }
@@ -155,6 +158,11 @@ def run_scenarios(process: int) -> None:
     def prepass(batches):
         return flowjax.per_example_losses(
             _data.loss_fn, _data.params(), batches, progress=False
+        )
+
+    def cached(cache_dir, loss_fn=_data.loss_fn):
+        return flowjax.per_example_losses(
+            loss_fn, _data.params(), feed(), progress=False, cache_dir=cache_dir
         )
 
     def bad_batch(k, **fields):
@@ -225,6 +233,17 @@ def run_scenarios(process: int) -> None:
             mine = [dict(e) for e in lm_mine]
             mine[short]["id"] = long["id"]
             return lm(mine)
+        if name == "cache_dir not writable":
+            blocker = os.path.join(tempfile.mkdtemp(), "a-file")
+            open(blocker, "w").close()
+            return cached(os.path.join(blocker, "cache") if bad else tempfile.mkdtemp())
+        if name == "cache_dir of another pre-pass":
+            # Both processes first fill a cache with another loss; then process 1 resumes
+            # into its cache with the real loss (a mismatch only it can see), process 0
+            # starts a new one.
+            old = tempfile.mkdtemp()
+            cached(old, lambda p, ex: 2.0 * _data.loss_fn(p, ex))
+            return cached(old if bad else tempfile.mkdtemp())
         if name == "fisher empty":
             return fisher([] if bad else _fisher_worker.batches(fisher_data, 16))
         if name == "fisher later batch with missing rows":

@@ -94,6 +94,10 @@ def test_bad_input_on_one_process_raises_the_same_error_on_every_process_promptl
         "lm malformed example": stopped.format(fn="lm_token_losses", p=1)
         + r"example \d+: tokens and mask must be 1-D of one length",
         "lm id on both processes": r"duplicate example ids: \[\d+\] were fed by more than one process",
+        "cache_dir not writable": stopped.format(fn="per_example_losses", p=1)
+        + r"cache_dir '.*a-file/cache' is not writable",
+        "cache_dir of another pre-pass": stopped.format(fn="per_example_losses", p=1)
+        + r"cache_dir '.*' was written by a different pre-pass \(loss_fn: ",
         "fisher empty": r"batches is empty on process\(es\) \[1\]",
         "fisher later batch with missing rows": stopped.format(
             fn="diagonal_fisher", p=1
