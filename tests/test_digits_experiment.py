@@ -396,3 +396,29 @@ def test_zoom_box_leaves_out_far_means():
     assert zoom_box([1.0, 99.0], [1.0, 99.0])[2].all()
     with pytest.raises(ValueError, match="equal-length"):
         zoom_box([1.0, 2.0], [1.0])
+
+
+def test_summary_records_diverged_runs_instead_of_failing_or_dropping_them():
+    from experiments.digits import summary
+
+    def row(seed, distance):
+        metrics = {k: 0.5 + 0.1 * seed for k in summary.METRICS}
+        metrics.update(body_distance=distance, diverged=distance is None)
+        return {
+            "seed": seed,
+            "methods": {"EWC": metrics},
+            "pretrained": {"pretrain_test_acc": 0.99},
+        }
+
+    per_seed = [row(0, 2.0), row(1, None), row(2, 4.0)]
+    out = summary.summarize(per_seed, ["EWC"])["EWC"]
+    assert out["diverged_seeds"] == [1]
+    # Accuracies count every seed (a diverged run's accuracy is what it scored) ...
+    assert out["target_acc"]["mean"] == pytest.approx(0.6)
+    # ... the distance only the runs that have one.
+    assert out["body_distance"] == {"mean": 3.0, "std": pytest.approx(2**0.5)}
+    assert summary._distance(out) == "3.00 ± 1.41 (1 diverged)"
+    every = summary.summarize([row(0, None)], ["EWC"])["EWC"]
+    assert (
+        every["body_distance"] is None and summary._distance(every) == "– (1 diverged)"
+    )

@@ -175,13 +175,18 @@ def evaluate(run: SeedRun, net: M.Net) -> dict:
     target = P.accuracy(net, ft, "test")
     pre = P.pretraining_accuracy(net, run.pretrained, run.tasks.pretrain)
     p = P.predict(net, ft, "test", run.hard_ids())
+    distance = M.body_distance(net, run.pretrained)
+    # A run that diverged (non-finite parameters) predicts one class: its accuracies are
+    # what they are, but it has no distance; it is recorded as diverged, never dropped.
+    diverged = not math.isfinite(distance)
     return {
         "target_acc": target,
         "pretrain_acc": pre,
         "average": (target + pre) / 2,
         "val_target_acc": P.accuracy(net, ft, "val"),
         "hard_acc": float(np.mean(p["pred"] == p["label"])),
-        "body_distance": M.body_distance(net, run.pretrained),
+        "body_distance": None if diverged else distance,
+        "diverged": diverged,
     }
 
 

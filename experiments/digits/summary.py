@@ -44,10 +44,19 @@ def summarize(per_seed: list[dict], names: list[str]) -> dict:
             for k in DIFF_METRICS
         }
 
-    out = {
-        name: {k: report.mean_std(by_seed(name, k).values()) for k in METRICS}
-        for name in names
-    }
+    def stats(name, k):
+        values = by_seed(name, k)
+        if k == "body_distance":  # none for a diverged run
+            values = {s: v for s, v in values.items() if v is not None}
+            if not values:
+                return None
+        return report.mean_std(values.values())
+
+    out = {name: {k: stats(name, k) for k in METRICS} for name in names}
+    for name in names:
+        out[name]["diverged_seeds"] = [
+            r["seed"] for r in per_seed if r["methods"][name].get("diverged")
+        ]
     out["pretrained"] = {
         "pretrain_test_acc": report.mean_std(
             [r["pretrained"]["pretrain_test_acc"] for r in per_seed]
@@ -85,6 +94,13 @@ def _pm(s: dict, scale: float = 100.0, digits: int = 1) -> str:
     return report.pm(s, scale, digits)
 
 
+def _distance(stats: dict) -> str:
+    """‖θ−θ₀‖ of the runs that did not diverge, and how many did."""
+    n = len(stats.get("diverged_seeds", []))
+    text = "–" if stats["body_distance"] is None else _pm(stats["body_distance"], 1, 2)
+    return text if not n else f"{text} ({n} diverged)"
+
+
 def markdown(results: dict, names: list[str]) -> str:
     s, cfg = results["summary"], results["config"]
     n = len(results["per_seed"])
@@ -114,7 +130,7 @@ def markdown(results: dict, names: list[str]) -> str:
                     name,
                     pareto.lr_label(results["selected_lr"][name]),
                     *(_pm(s[name][k]) for k in DIFF_METRICS),
-                    _pm(s[name]["body_distance"], 1, 2),
+                    _distance(s[name]),
                     METHODS[name].describe(cfg),
                 ]
                 for name in names
