@@ -81,6 +81,7 @@ import tempfile
 import time
 import types
 import warnings
+import weakref
 
 import jax
 import numpy as np
@@ -205,26 +206,29 @@ class _Unhashable(Exception):
     pass
 
 
-def fn_fingerprint(fn) -> str | None:
+def fn_fingerprint(fn, *, by_identity: bool = False) -> str | None:
     """A digest of what a Python function computes, or None when it cannot be pinned down.
 
     Hashes the bytecode and constants of ``fn`` and of every function it
-    reaches through its closure, defaults, ``functools.partial`` arguments and
-    the module globals its code names (arrays by their bytes, plain values by
-    their repr, modules, classes and builtins by their qualified name). An
-    object of any other kind (an instance with state, such as a tokenizer)
-    makes it return None: the caller then cannot vouch for the function. Not
+    reaches through its closure, defaults, ``functools.partial`` arguments,
+    weak references and the module globals its code names (arrays by their
+    bytes, plain values by their repr, modules, classes and builtins by their
+    qualified name). An object of any other kind (an instance with state, such
+    as a tokenizer or an NNX graphdef) makes it return None: the caller then
+    cannot vouch for the function. With ``by_identity`` such an object counts
+    by its identity instead (as ``jax.jit`` treats the objects a function
+    reads): a key that is right within one process only, never on disk. Not
     covered: the behaviour of imported modules and classes beyond their name.
     """
     h = hashlib.blake2b(digest_size=_DIGEST)
     try:
-        _hash_object(h, fn, set(), 0)
+        _hash_object(h, fn, set(), 0, by_identity)
     except _Unhashable:
         return None
     return h.hexdigest()
 
 
-def _hash_object(h, obj, seen: set, depth: int) -> None:
+def _hash_object(h, obj, seen: set, depth: int, by_identity: bool = False) -> None:
     if depth > 50:
         raise _Unhashable
     if obj is None or isinstance(obj, bool | numbers.Number | str | bytes):
@@ -237,13 +241,13 @@ def _hash_object(h, obj, seen: set, depth: int) -> None:
             items = sorted(obj, key=repr)
         h.update(f"<{type(obj).__name__} {len(obj)}>".encode())
         for item in items:
-            _hash_object(h, item, seen, depth + 1)
+            _hash_object(h, item, seen, depth + 1, by_identity)
     elif isinstance(obj, types.ModuleType):
         h.update(f"<module {obj.__name__}>".encode())
     elif isinstance(obj, functools.partial):
         h.update(b"<partial>")
         for part in (obj.func, obj.args, obj.keywords):
-            _hash_object(h, part, seen, depth + 1)
+            _hash_object(h, part, seen, depth + 1, by_identity)
     elif isinstance(obj, types.FunctionType):
         if id(obj) in seen:
             h.update(b"<recursion>")
@@ -252,13 +256,18 @@ def _hash_object(h, obj, seen: set, depth: int) -> None:
         _hash_code(h, obj.__code__)
         cells = [c.cell_contents for c in obj.__closure__ or ()]
         for part in (obj.__defaults__, obj.__kwdefaults__, cells):
-            _hash_object(h, part, seen, depth + 1)
+            _hash_object(h, part, seen, depth + 1, by_identity)
         for name in sorted(_global_names(obj.__code__)):
             if name in obj.__globals__:
                 h.update(f"<global {name}>".encode())
-                _hash_object(h, obj.__globals__[name], seen, depth + 1)
+                _hash_object(h, obj.__globals__[name], seen, depth + 1, by_identity)
     elif isinstance(obj, type | types.BuiltinFunctionType | np.ufunc):
         h.update(f"<{getattr(obj, '__module__', '?')}.{obj.__qualname__}>".encode())
+    elif isinstance(obj, weakref.ref):  # e.g. the LM passes' wrappers of logits_fn
+        h.update(b"<weakref>")
+        _hash_object(h, obj(), seen, depth + 1, by_identity)
+    elif by_identity:
+        h.update(f"<{type(obj).__qualname__} at {id(obj)}>".encode())
     else:
         raise _Unhashable
 

@@ -74,7 +74,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from flowjax import _checks
+from flowjax import _cache, _checks
 from flowjax._types import Batches, Params
 
 _ID = "id"
@@ -630,7 +630,12 @@ def _make_step(
     learns every row's id and state.
     """
     flat, structure = jax.tree.flatten(acc_shardings)
+    # What fn computes (code, closure, the globals it reads) is part of the key: a global
+    # changed between two passes gives a new trace, never the old program (jax.jit alone
+    # would reuse its trace of the same function object).
+    computes = _cache.fn_fingerprint(fn, by_identity=True)
     key = (global_batch, mesh, multiprocess, shape, with_ids, structure, tuple(flat))
+    key += (computes,)
     try:
         per_fn = _STEPS.setdefault(fn, {})
     except TypeError:  # not weak-referenceable: compile for this call only

@@ -49,7 +49,10 @@ def per_example_losses(
 
     ``loss_fn`` is written for ONE example and batched with ``jax.vmap``; the
     batched function is jitted once and traced once for the whole data set
-    (later calls with the same ``loss_fn`` and shapes reuse the compiled step).
+    (later calls with the same ``loss_fn`` and shapes reuse the compiled step,
+    unless what it computes changed: its code, closure, ``partial`` arguments
+    or the module globals it reads are part of the step's key, so a changed
+    global gives a new trace, where plain ``jax.jit`` would keep the old one).
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar``. ``example`` is the

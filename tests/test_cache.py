@@ -11,6 +11,7 @@ import functools
 import glob
 import json
 import os
+import sys
 import tempfile
 
 import jax
@@ -550,3 +551,35 @@ def test_parameters_spread_over_two_processes_are_fingerprinted_on_both(tmp_path
     # w1's columns are spread over the 4 devices; column 15 lives on process 1 only.
     for log in run("nudged", "--nudge-w1-column", "15", rc=1):
         assert "parameter values differ (first at ['w1'])" in log
+
+
+_SCALE = 1.0  # a module global the loss below reads (changed by the test)
+
+
+def _global_scaled_loss(w, ex):
+    return _SCALE * jnp.sum(ex["x"] * w)
+
+
+def test_a_global_the_loss_reads_changed_between_passes_is_never_stale(
+    tmp_path, monkeypatch
+):
+    # jax.jit alone reuses its trace of the same function object after a global it
+    # read has changed; the pre-pass must compute (and cache) the new program instead.
+    batches = [{"id": np.arange(4), "x": np.ones((4, 2), np.float32)}]
+    run = functools.partial(
+        flowjax.per_example_losses,
+        _global_scaled_loss,
+        jnp.ones(2),
+        batches,
+        progress=False,
+    )
+    assert run().losses.tolist() == [2.0] * 4
+    cache = str(tmp_path / "cache")
+    assert run(cache_dir=cache).cached == 0
+    monkeypatch.setattr(sys.modules[__name__], "_SCALE", 2.0)
+    assert run().losses.tolist() == [4.0] * 4  # recomputed, not the old trace
+    with pytest.raises(ValueError, match="the program differs"):
+        run(cache_dir=cache)
+    monkeypatch.setattr(sys.modules[__name__], "_SCALE", 1.0)
+    again = run(cache_dir=cache)  # the original program: served from its cache
+    assert again.cached == 4 and again.losses.tolist() == [2.0] * 4
