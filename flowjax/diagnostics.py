@@ -144,7 +144,8 @@ def weight_histogram(
 
     Returns:
       A :class:`WeightHistogram` ``(counts, edges)``: int64 ``[B]`` and
-      float64 ``[B + 1]``.
+      float64 ``[B + 1]`` (computed in the weights' dtype, float32 for a
+      table, then widened, so they equal ``numpy.histogram``'s).
 
     Raises:
       ValueError: what :func:`effective_sample_size` raises for the weights
@@ -157,7 +158,8 @@ def weight_histogram(
       >>> h.counts.tolist(), h.edges.tolist()
       ([2, 2], [0.0, 0.5, 1.0])
     """
-    w = _weights(weights)
+    _weights(weights)  # checked; binned in their own dtype, exactly as numpy.histogram
+    w = weights.weights if isinstance(weights, WeightTable) else np.asarray(weights)
     counts, edges = np.histogram(w, bins=bins, range=value_range)
     return WeightHistogram(counts.astype(np.int64), edges.astype(np.float64))
 
