@@ -176,9 +176,9 @@ def pretrain_target_average(pretrain_accuracy: float, target_accuracy: float) ->
 
     .. math:: \\mathrm{Avg} = \\tfrac12 (a_{pretrain} + a_{target})
 
-    (Sanyal et al., ICML 2025, the "Avg." columns of Tables 1-2: ImageNet
-    accuracy with the pre-trained head, and target accuracy.) Higher is
-    better.
+    (Sanyal et al., ICML 2025, the "Avg." columns of its result tables:
+    pre-training accuracy, e.g. ImageNet with the pre-trained head swapped
+    back in, and target accuracy.) Higher is better.
 
     Args:
       pretrain_accuracy: accuracy on the pre-training probe, in ``[0, 1]``.
