@@ -16,7 +16,7 @@ here::
 * objectives: :func:`weighted_objective` (per example, or ``batched=True``
   for BatchNorm models), :func:`weighted_loss`, :func:`attach_weights`.
 
-Then three namespaces (their names are also available flat, as
+Then five namespaces (their names are also available flat, as
 ``flowjax.<name>``):
 
 * :mod:`flowjax.baselines`: the methods FLOW is compared with and combined
@@ -26,7 +26,14 @@ Then three namespaces (their names are also available flat, as
   chunked cross-entropy, the LM pre-passes and their tables, the weighted LM
   objective, length-bucketed batches;
 * :mod:`flowjax.data`: id-keyed batches from in-memory or random-access
-  sources (:func:`batches`, :class:`ArraySource`).
+  sources (:func:`batches`, :class:`ArraySource`);
+* :mod:`flowjax.metrics`: forgetting metrics: retention against the
+  pre-trained model, the paper's pre-training/target average, accuracy on
+  the hardest k % by pre-trained loss, and for task sequences ACC, BWT, FWT
+  and forgetting;
+* :mod:`flowjax.diagnostics`: how concentrated FLOW's weights are: the
+  effective sample size, the weight histogram (and its plot), the most
+  down-weighted examples and a printable :func:`summary`.
 
 The linear-model theory of the paper's section 7 lives in
 :mod:`flowjax.theory`.
@@ -39,11 +46,13 @@ from flowjax.tables import LossTable, WeightTable
 from flowjax.weights import flow_weights, median_temperature
 from flowjax.objectives import attach_weights, weighted_loss, weighted_objective
 
-# Namespaces: baselines, language models, data; each one's names also flat.
-from flowjax import baselines, data, lm
+# Namespaces: baselines, language models, data, metrics, diagnostics; each one's names also flat.
+from flowjax import baselines, data, diagnostics, lm, metrics
 from flowjax.baselines import *  # noqa: F403
 from flowjax.lm import *  # noqa: F403
 from flowjax.data import *  # noqa: F403
+from flowjax.metrics import *  # noqa: F403
+from flowjax.diagnostics import *  # noqa: F403
 # isort: on
 
 __version__ = "0.1.0"
@@ -62,7 +71,11 @@ __all__ = [  # noqa: RUF022
     "baselines",
     "lm",
     "data",
+    "metrics",
+    "diagnostics",
 ]
 __all__ += baselines.__all__
 __all__ += lm.__all__
 __all__ += data.__all__
+__all__ += metrics.__all__
+__all__ += diagnostics.__all__
