@@ -268,13 +268,16 @@ def run(cfg: Config, out: Path, command: str | None = None) -> dict:
                 bar.update()
             if "FLOW" in names:
                 table, w = r.lp_losses("train"), r.flow_weights()
+                diagnostics, text = flowjax.diagnostics.summary(w, table)
                 row["flow"] = {
                     "tau": w.temperature,
                     "weight_mean": float(w.weights.mean()),
                     "weight_min": float(w.weights.min()),
                     "frac_weight_below_0.1": float(np.mean(w.weights < 0.1)),
                     "num_hard": len(r.hard_ids()),
+                    "diagnostics": diagnostics,  # ESS, the most down-weighted examples
                 }
+                bar.write(f"seed {seed}: {text}")
                 if weights_seed0 is None:
                     weights_seed0 = (table, w)
             row["wise_ft_curve"] = {

@@ -94,6 +94,20 @@ def _pm(s: dict, scale: float = 100.0, digits: int = 1) -> str:
     return report.pm(s, scale, digits)
 
 
+def _ess(per_seed: list[dict]) -> str:
+    """The weights' effective sample size as a fraction of n, mean ± std over seeds."""
+    fractions = [
+        r["flow"]["diagnostics"]["ess_fraction"]
+        for r in per_seed
+        if "diagnostics" in r["flow"]
+    ]
+    if not fractions:
+        return ""
+    return (
+        f"; effective sample size (Σw)²/Σw² = {_pm(report.mean_std(fractions))} % of n"
+    )
+
+
 def _distance(stats: dict) -> str:
     """‖θ−θ₀‖ of the runs that did not diverge, and how many did."""
     n = len(stats.get("diverged_seeds", []))
@@ -169,7 +183,9 @@ def markdown(results: dict, names: list[str]) -> str:
         lines += [
             "",
             f"τ (median LP loss, 5-9 train): {_pm(s['tau'], 1, 4)}; mean weight "
-            f"{np.mean([r['flow']['weight_mean'] for r in results['per_seed']]):.3f}.",
+            f"{np.mean([r['flow']['weight_mean'] for r in results['per_seed']]):.3f}"
+            + _ess(results["per_seed"])
+            + ".",
         ]
         flow_lpft = s["FLOW_minus"].get("LP-FT")
         if flow_lpft is not None:
