@@ -20,7 +20,8 @@ Batch = Mapping[str, Any]
 Batches = Iterable[Batch]
 # ``loss_fn(params, example) -> scalar``: the loss of one example.
 PerExampleLoss = Callable[[Params, Example], ArrayLike]
-Temperature = Literal["median"] | float
+# A FLOW temperature τ > 0, or None for the median loss.
+Temperature = float | ArrayLike | None
 Normalize = Literal["mean", "sum"] | None
 Reduction = Literal["mean", "sum", "normalized"]
 IdArray = np.ndarray

@@ -34,14 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowjax import _checks
-from flowjax._types import ArrayLike, Normalize
+from flowjax._types import ArrayLike, Normalize, Temperature
 
 __all__ = ["dro_weights", "flow_weights", "median_temperature"]
 
 _NORMALIZE = (None, "mean", "sum")
-
-
-Temperature = float | ArrayLike | None
 
 
 def median_temperature(losses: ArrayLike) -> float:
