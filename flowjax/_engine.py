@@ -47,8 +47,10 @@ collective:
   step on every process), every process joins one fixed-size allgather of
   ``(status, message)`` and raises the same ``ValueError`` naming the
   failed process(es) and their messages. Errors before the first step (an
-  empty or broken first batch) go through the same exchange, which also
-  agrees the step size and checks that the processes' batch layouts match.
+  empty or broken first batch, and the cache's setup: a directory one
+  process cannot write, another pre-pass's manifest on one process) go
+  through the same exchange, which also agrees the step size and checks that
+  the processes' batch layouts match.
 
 Duplicate ids are caught as they arrive (:class:`_SeenIds`: one sorted numpy
 array that kept batches are merged into once they reach a quarter of it; no
