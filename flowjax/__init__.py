@@ -16,7 +16,7 @@ here::
 * objectives: :func:`weighted_objective` (per example, or ``batched=True``
   for BatchNorm models), :func:`weighted_loss`, :func:`attach_weights`.
 
-Then three namespaces (their names are also available flat, as
+Then four namespaces (their names are also available flat, as
 ``flowjax.<name>``):
 
 * :mod:`flowjax.baselines`: the methods FLOW is compared with and combined
@@ -26,7 +26,10 @@ Then three namespaces (their names are also available flat, as
   chunked cross-entropy, the LM pre-passes and their tables, the weighted LM
   objective, length-bucketed batches;
 * :mod:`flowjax.data`: id-keyed batches from in-memory or random-access
-  sources (:func:`batches`, :class:`ArraySource`).
+  sources (:func:`batches`, :class:`ArraySource`);
+* :mod:`flowjax.train`: the functional train step and loop
+  (:func:`init_train_state`, :func:`make_train_step`, :func:`fit`) with
+  orbax checkpoints that resume bit-identically after a kill.
 
 The linear-model theory of the paper's section 7 lives in
 :mod:`flowjax.theory`.
@@ -39,11 +42,12 @@ from flowjax.tables import LossTable, WeightTable
 from flowjax.weights import flow_weights, median_temperature
 from flowjax.objectives import attach_weights, weighted_loss, weighted_objective
 
-# Namespaces: baselines, language models, data; each one's names also flat.
-from flowjax import baselines, data, lm
+# Namespaces: baselines, language models, data, training; each one's names also flat.
+from flowjax import baselines, data, lm, train
 from flowjax.baselines import *  # noqa: F403
 from flowjax.lm import *  # noqa: F403
 from flowjax.data import *  # noqa: F403
+from flowjax.train import *  # noqa: F403
 # isort: on
 
 __version__ = "0.1.0"
@@ -62,7 +66,9 @@ __all__ = [  # noqa: RUF022
     "baselines",
     "lm",
     "data",
+    "train",
 ]
 __all__ += baselines.__all__
 __all__ += lm.__all__
 __all__ += data.__all__
+__all__ += train.__all__

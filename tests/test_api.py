@@ -43,6 +43,7 @@ NAMESPACES = {
         "weighted_lm_loss",
     },
     "data": {"batches", "ArraySource"},
+    "train": {"TrainState", "init_train_state", "make_train_step", "fit"},
 }
 _PUBLIC = [
     n for n in flowjax.__all__ if not isinstance(getattr(flowjax, n), types.ModuleType)
@@ -51,8 +52,8 @@ _PUBLIC = [
 
 def test_all_is_layered_core_then_namespaces_then_their_names():
     assert flowjax.__all__[: len(CORE)] == CORE
-    assert flowjax.__all__[len(CORE) : len(CORE) + 3] == list(NAMESPACES)
-    rest = flowjax.__all__[len(CORE) + 3 :]
+    assert flowjax.__all__[len(CORE) : len(CORE) + len(NAMESPACES)] == list(NAMESPACES)
+    rest = flowjax.__all__[len(CORE) + len(NAMESPACES) :]
     for ns in NAMESPACES:  # each namespace's names, as one block, in namespace order
         names = getattr(flowjax, ns).__all__
         assert set(rest[: len(names)]) == set(names), ns

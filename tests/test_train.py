@@ -1,0 +1,341 @@
+"""The train step equals a hand-written optax step; fit logs, evaluates and checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import flowjax
+
+from . import _data
+
+
+def _batches(n_steps: int, batch_size: int = 16, seed: int = 0):
+    data = _data.dataset()
+    rng = np.random.default_rng(seed)
+    data["weight"] = rng.uniform(0.1, 1.0, size=len(data["id"])).astype(np.float32)
+    out = []
+    for _ in range(n_steps):
+        j = rng.choice(len(data["id"]), batch_size, replace=False)
+        out.append({key: v[j] for key, v in data.items()})
+    return out
+
+
+def _reference_step(params, opt_state, batch, tx):
+    """Hand-written: weighted mean of the per-example losses, optax update."""
+
+    def loss(p):
+        losses = jax.vmap(_data.loss_fn, in_axes=(None, 0))(
+            p, {"x": batch["x"], "y": batch["y"]}
+        )
+        return jnp.sum(batch["weight"] * losses) / len(losses)
+
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value, grads
+
+
+@pytest.mark.parametrize("method", ["adam", "l2sp+sgd"])
+def test_step_equals_a_hand_written_optax_step(method):
+    params = _data.params()
+    theta0 = jax.tree.map(jnp.copy, params)
+    if method == "adam":
+        tx = optax.adam(1e-2)
+    else:
+        tx = optax.chain(flowjax.l2sp(0.5), optax.sgd(0.1, momentum=0.9))
+    objective = flowjax.weighted_objective(_data.loss_fn, return_metrics=True)
+    step = flowjax.make_train_step(objective, tx, anchor=theta0)
+    state = flowjax.init_train_state(params, tx, rng=3)
+    ref_params, ref_opt = params, tx.init(params)
+    for k, batch in enumerate(_batches(4)):
+        state, metrics = step(state, batch)
+        ref_params, ref_opt, ref_loss, ref_grads = _reference_step(
+            ref_params, ref_opt, batch, tx
+        )
+        np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=1e-6)
+        # numpy references for the metrics
+        g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(ref_grads)])
+        np.testing.assert_allclose(
+            metrics["grad_norm"], np.sqrt(np.sum(g.astype(np.float64) ** 2)), rtol=1e-5
+        )
+        d = np.concatenate(
+            [
+                np.ravel(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+                for a, b in zip(
+                    jax.tree.leaves(ref_params), jax.tree.leaves(theta0), strict=True
+                )
+            ]
+        )
+        np.testing.assert_allclose(
+            metrics["param_distance"], np.linalg.norm(d), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            metrics["weight_mean"], batch["weight"].mean(), rtol=1e-6
+        )
+        assert int(state.step) == k + 1
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        state.params,
+        ref_params,
+    )
+    assert float(metrics["param_distance"]) > 0
+    assert {"loss_unweighted"} <= set(metrics)
+    np.testing.assert_array_equal(state.rng, jax.random.PRNGKey(3))
+
+
+def test_donation_leaves_the_callers_params_and_anchor_alive():
+    params = _data.params()
+    tx = optax.sgd(0.1)
+    step = flowjax.make_train_step(
+        flowjax.weighted_objective(_data.loss_fn),
+        tx,
+        anchor=params,
+        return_metrics=False,
+    )
+    state = flowjax.init_train_state(params, tx)
+    for batch in _batches(2):
+        state, metrics = step(state, batch)
+    # params doubles as the anchor; the state's copies were donated, not these
+    assert float(jnp.sum(params["w1"])) == float(jnp.sum(_data.params()["w1"]))
+    assert float(metrics["weight_mean"]) == pytest.approx(
+        float(_batches(2)[1]["weight"].mean())
+    )
+
+
+class _BNNet(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(_data.DIM, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, momentum=0.5, rngs=rngs)
+        self.head = nnx.Linear(8, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.bn(self.lin(x))))[:, 0]
+
+
+def test_batchnorm_model_through_the_batched_objective_updates_running_stats():
+    model = _BNNet(nnx.Rngs(0))
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+    def batch_loss(params, batch, stats):
+        m = nnx.merge(graphdef, params, stats, copy=True)
+        losses = (m(batch["x"]) - batch["y"]) ** 2
+        return losses, nnx.state(m, nnx.BatchStat)
+
+    objective = flowjax.weighted_objective(
+        batch_loss, batched=True, has_aux=True, return_metrics=True
+    )
+    tx = optax.sgd(0.05)
+    step = flowjax.make_train_step(objective, tx, anchor=params, has_aux=True)
+    state = flowjax.init_train_state(params, tx, model_state=stats)
+    batch = _batches(1)[0]
+    new, metrics = step(state, batch)
+    # The running mean moved toward the batch mean of the BN input (momentum 0.5).
+    kernel, bias = (np.asarray(params["lin"][k][...]) for k in ("kernel", "bias"))
+    pre = batch["x"] @ kernel + bias
+    np.testing.assert_allclose(
+        new.model_state["bn"]["mean"][...], 0.5 * pre.mean(0), rtol=1e-5, atol=1e-6
+    )
+    # The loss is the hand-computed weighted mean in train mode (batch statistics).
+    m = nnx.merge(graphdef, params, stats, copy=True)
+    ref = np.mean(batch["weight"] * (np.asarray(m(batch["x"])) - batch["y"]) ** 2)
+    np.testing.assert_allclose(metrics["loss"], ref, rtol=1e-5)
+    assert not np.allclose(
+        new.params["head"]["kernel"][...], params["head"]["kernel"][...]
+    )
+
+
+def test_lora_trains_only_the_adapters_and_rng_passed_per_step():
+    base = _MLP(nnx.Rngs(0))
+    model = flowjax.add_lora(base, 2, rngs=nnx.Rngs(1))
+    graphdef, params = nnx.split(model, nnx.Param)
+    seen = []
+
+    def loss(p, ex, key):
+        seen.append(key)
+        return (nnx.merge(graphdef, p)(ex["x"]) - ex["y"]) ** 2
+
+    tx = flowjax.train_only(optax.adam(1e-2), nnx.LoRAParam)
+    step = flowjax.make_train_step(
+        flowjax.weighted_objective(loss),
+        tx,
+        anchor=params,
+        return_metrics=False,
+        pass_rng=True,
+    )
+    state = flowjax.init_train_state(params, tx, rng=jax.random.key(5))
+    for batch in _batches(3):
+        state, metrics = step(state, batch)
+    new = state.params
+    np.testing.assert_array_equal(new["up"]["kernel"][...], params["up"]["kernel"][...])
+    assert not np.allclose(new["up"]["lora"]["lora_b"][...], 0)
+    assert float(metrics["param_distance"]) > 0
+    assert len(seen) == 1  # traced once
+
+
+class _MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(_data.DIM, 8, rngs=rngs)
+        self.down = nnx.Linear(8, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(nnx.tanh(self.up(x)))[..., 0]
+
+
+def test_bad_inputs_are_clear_errors():
+    params = _data.params()
+    tx = optax.sgd(0.1)
+    objective = flowjax.weighted_objective(_data.loss_fn)
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        flowjax.make_train_step(objective, "sgd", anchor=params)
+    with pytest.raises(ValueError, match="'data' axis"):
+        flowjax.make_train_step(
+            objective,
+            tx,
+            anchor=params,
+            mesh=jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",)),
+        )
+    step = flowjax.make_train_step(objective, tx, anchor=params)  # return_metrics=True
+    state = flowjax.init_train_state(params, tx)
+    with pytest.raises(ValueError, match=r"\(loss, metrics\)"):
+        step(state, _batches(1)[0])
+    with pytest.raises(ValueError, match="TrainState"):
+        step((state.params,), _batches(1)[0])
+    other = flowjax.make_train_step(objective, tx, anchor={"w": jnp.ones(1)})
+    with pytest.raises(ValueError, match="different structures"):
+        other(state, _batches(1)[0])
+    with pytest.raises(ValueError, match="floating-point"):
+        flowjax.init_train_state({"n": jnp.zeros(2, jnp.int32)}, tx)
+    with pytest.raises(ValueError, match="rng"):
+        flowjax.init_train_state(params, tx, rng="seed")
+    with pytest.raises(ValueError, match="mesh"):
+        flowjax.init_train_state(params, tx, param_shardings={})
+    good = flowjax.make_train_step(objective, tx, anchor=params, return_metrics=False)
+    with pytest.raises(ValueError, match="num_steps"):
+        flowjax.fit(good, state, _batches(2), num_steps=0)
+    with pytest.raises(ValueError, match="eval_fn"):
+        flowjax.fit(good, state, _batches(2), num_steps=2, eval_every=1)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        flowjax.fit(
+            good, state, iter(_batches(2)), num_steps=2, checkpoint_dir="/tmp/x"
+        )
+
+
+def _setup(tx=None):
+    params = _data.params()
+    tx = tx or optax.adam(1e-2)
+    objective = flowjax.weighted_objective(_data.loss_fn, return_metrics=True)
+    step = flowjax.make_train_step(objective, tx, anchor=params)
+    return step, flowjax.init_train_state(params, tx, rng=0)
+
+
+def test_fit_logs_json_lines_evaluates_and_matches_the_hand_loop(tmp_path):
+    batches = _batches(7)
+    step, state = _setup()
+    calls = []
+
+    def eval_fn(s):
+        calls.append(int(s.step))
+        return {"eval/w2_sum": jnp.sum(s.params["w2"])}
+
+    path = tmp_path / "m.jsonl"
+    result = flowjax.fit(
+        step,
+        state,
+        batches,
+        num_steps=7,
+        eval_fn=eval_fn,
+        eval_every=3,
+        log_every=2,
+        metrics_path=path,
+        progress=False,
+    )
+    assert calls == [3, 6, 7]
+    steps = [r["step"] for r in result.history]
+    assert steps == [2, 3, 4, 6, 7]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == result.history
+    assert "eval/w2_sum" in lines[1] and "eval/w2_sum" not in lines[0]
+    # the same as stepping by hand
+    step2, s = _setup()
+    hand = []
+    for b in batches:
+        s, m = step2(s, b)
+        hand.append(float(m["loss"]))
+    assert [r["loss"] for r in result.history] == [hand[t - 1] for t in steps]
+    np.testing.assert_array_equal(result.state.params["w1"], s.params["w1"])
+    assert result.resumed_from is None
+    assert lines[-1]["eval/w2_sum"] == float(jnp.sum(s.params["w2"]))
+
+
+def test_fit_stops_when_data_runs_out_and_eval_name_clash_is_an_error(tmp_path):
+    step, state = _setup()
+    result = flowjax.fit(step, state, _batches(3), num_steps=10, progress=False)
+    assert int(result.state.step) == 3 and result.history[-1]["step"] == 3
+    step, state = _setup()
+    with pytest.raises(ValueError, match="loss"):
+        flowjax.fit(
+            step,
+            state,
+            _batches(3),
+            num_steps=2,
+            eval_fn=lambda s: {"loss": 0.0},
+            progress=False,
+        )
+
+
+def test_fit_resumes_in_process_from_a_checkpoint(tmp_path, capsys):
+    batches = _batches(6)
+    ck, path = tmp_path / "ck", tmp_path / "m.jsonl"
+    step, state = _setup()
+    ref = flowjax.fit(step, state, batches, num_steps=6, progress=False)
+    step, state = _setup()
+    # A run stopped after 4 steps (data ran out), checkpointing every 2.
+    flowjax.fit(
+        step,
+        state,
+        batches[:4],
+        num_steps=6,
+        checkpoint_dir=ck,
+        checkpoint_every=2,
+        metrics_path=path,
+        progress=False,
+    )
+    with open(path, "a") as f:  # a line written after the last checkpoint
+        f.write('{"step": 99}\n')
+    step, state = _setup()
+    out = flowjax.fit(
+        step,
+        state,
+        lambda start: batches[start:],
+        num_steps=6,
+        checkpoint_dir=ck,
+        checkpoint_every=2,
+        metrics_path=path,
+        progress=False,
+    )
+    assert out.resumed_from == 4
+    assert "resumed from step 4" in capsys.readouterr().out
+    assert out.history == ref.history
+    assert [json.loads(x) for x in path.read_text().splitlines()] == ref.history
+    for a, b in zip(
+        jax.tree.leaves(out.state), jax.tree.leaves(ref.state), strict=True
+    ):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    # a finished run resumes to its end without a step
+    step, state = _setup()
+    again = flowjax.fit(
+        step, state, batches, num_steps=6, checkpoint_dir=ck, progress=False
+    )
+    assert again.resumed_from == 6 and again.history == ref.history
+    # another state structure cannot restore it
+    step, state = _setup(optax.sgd(0.1))
+    with pytest.raises(ValueError, match="another structure"):
+        flowjax.fit(
+            step, state, batches, num_steps=6, checkpoint_dir=ck, progress=False
+        )
