@@ -42,7 +42,8 @@ A one-shot iterator (a generator object) cannot be restarted and is rejected
 when ``checkpoint_dir`` is set. The step's randomness is
 ``fold_in(state.rng, state.step)``, so it too depends only on the step.
 Then a run killed at any point (SIGKILL included: orbax only lists
-checkpoints whose write finished) ends with the same parameter bytes and the
+checkpoints whose write finished; saves are asynchronous, so a kill just
+after a save, before its write is final, resumes from the one before) ends with the same parameter bytes and the
 same metrics file as an uninterrupted run, on the same devices and mesh. On
 another topology (device count, mesh shape) the restore still works (the
 arrays are re-sharded as the given state's), but reductions over the batch
@@ -174,7 +175,17 @@ def init_train_state(
     opt_state = jax.jit(tx.init)(params)
     step = jnp.zeros((), jnp.int32)
     if mesh is not None:
-        step = jax.device_put(step, NamedSharding(mesh, P()))
+        step = jax.device_put(step, replicated)
+        # Leaves tx.init makes from nothing (counts) land on one device: replicate them.
+        devices = set(mesh.devices.flat)
+        opt_state = jax.tree.map(
+            lambda x: (
+                x
+                if set(x.sharding.device_set) == devices
+                else jax.device_put(x, replicated)
+            ),
+            opt_state,
+        )
     return TrainState(step, params, opt_state, key, model_state)
 
 
@@ -557,7 +568,7 @@ def _save(manager, t: int, state: TrainState, history) -> None:
         "step": t,
         "batches_consumed": t,
         "leaves": _state_fingerprint(state),
-        "history": history,
+        "history": list(history),  # a copy: the save may be written later (async)
     }
     manager.save(
         t,
