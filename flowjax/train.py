@@ -139,7 +139,8 @@ def init_train_state(
       mesh: optional ``jax.sharding.Mesh``; the state is placed on it,
         replicated unless ``param_shardings`` says otherwise.
       param_shardings: optional pytree of ``jax.sharding.Sharding`` with the
-        structure of ``params`` (needs ``mesh``); the optimiser state follows
+        structure of ``params`` or a prefix of it (a sharding may stand for
+        an ``nnx.Variable`` or a whole subtree; needs ``mesh``); the optimiser state follows
         the params' shardings, as XLA propagates them through ``tx.init``.
 
     Returns:
@@ -781,16 +782,18 @@ def _check_float_params(params) -> None:
 
 
 def _match_shardings(params, shardings):
+    """``shardings`` (a tree prefix of ``params``) broadcast to every leaf of ``params``."""
+    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
     try:
         return jax.tree.map(
-            lambda _, s: s,
-            params,
+            lambda s, sub: jax.tree.map(lambda _: s, sub),
             shardings,
-            is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+            params,
+            is_leaf=is_sharding,
         )
     except ValueError as e:
         raise ValueError(
-            f"param_shardings must have the structure of params: {e}"
+            f"param_shardings must have the structure of params (or a prefix of it): {e}"
         ) from None
 
 

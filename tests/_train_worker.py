@@ -3,7 +3,7 @@
 Used by tests/test_train_kill.py:
 
     python tests/_train_worker.py OUT [--devices N] [--model plain|lora] [--steps S]
-        [--kill-at K --kill-in data|step|eval] [--compile-cache DIR]
+        [--kill-at K --kill-in data|step|eval] [--shard-params] [--compile-cache DIR]
 
 ``--kill-at K`` SIGKILLs the process itself when batch K (0-based) is fetched
 (``data``), inside the K-th step (``step``: before its metrics are written)
@@ -37,6 +37,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--kill-at", type=int, default=-1)
     ap.add_argument("--kill-in", choices=["data", "step", "eval"], default="data")
+    ap.add_argument(
+        "--shard-params",
+        action="store_true",
+        help="shard up.kernel's columns over 'data'",
+    )
     ap.add_argument("--compile-cache", default=None, help="JAX's persistent cache dir")
     args = ap.parse_args()
     _runtime.start(args)
@@ -135,7 +140,17 @@ def main() -> None:
         kill("eval", int(state.step))
         return {"eval/loss": held_out_loss(state.params)}
 
-    state = flowjax.init_train_state(params, tx, rng=11, mesh=mesh)
+    shardings = None
+    if args.shard_params:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        columns = NamedSharding(mesh, P(None, "data"))
+        shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
+        shardings["up"]["kernel"] = columns
+    state = flowjax.init_train_state(
+        params, tx, rng=11, mesh=mesh, param_shardings=shardings
+    )
     result = flowjax.fit(
         killing_step,
         state,
@@ -149,6 +164,10 @@ def main() -> None:
         keep=2,
         progress=False,
     )
+    if args.shard_params:  # the step kept the user's shardings
+        kernel = result.state.params["up"]["kernel"][...]
+        assert kernel.sharding == columns, kernel.sharding
+        assert kernel.addressable_shards[0].data.shape == (_data.DIM, 16 // 8)
     leaves = jax.tree.leaves(result.state)
     np.savez(os.path.join(args.out, "params.npz"), *[np.asarray(x) for x in leaves])
     print(f"done: {int(result.state.step)} steps", flush=True)

@@ -67,39 +67,48 @@ def compile_cache(tmp_path_factory):
 _ONE_DEVICE: dict[str, list[np.ndarray]] = {}
 
 
-CASES = {
-    "plain-1dev": ("plain", 1, 3, 0),
-    "lora-1dev": ("lora", 1, 3, 1),
-    "plain-8dev": ("plain", 8, 2, 2),
-    "lora-8dev": ("lora", 8, 2, 3),
+CASES = {  # model, devices, kills, seed, extra worker arguments
+    "plain-1dev": ("plain", 1, 3, 0, ()),
+    "lora-1dev": ("lora", 1, 3, 1, ()),
+    "plain-8dev": ("plain", 8, 2, 2, ()),
+    "lora-8dev": ("lora", 8, 2, 3, ()),
+    # up.kernel's columns sharded over 'data' (the worker checks the final sharding)
+    "plain-8dev-sharded-params": ("plain", 8, 1, 4, ("--shard-params",)),
 }
 
 
-@pytest.mark.parametrize("model,devices,kills,seed", CASES.values(), ids=list(CASES))
+@pytest.mark.parametrize(
+    "model,devices,kills,seed,extra", CASES.values(), ids=list(CASES)
+)
 def test_killed_and_resumed_run_is_bit_identical(
-    compile_cache, tmp_path, model, devices, kills, seed
+    compile_cache, tmp_path, model, devices, kills, seed, extra
 ):
-    dev = ["--model", model, "--devices", str(devices)]
+    dev = ["--model", model, "--devices", str(devices), *extra]
     # The uninterrupted run, beside the killed ones.
     ref = _start(str(tmp_path / "ref"), compile_cache, *dev)
-    out = str(tmp_path / "killed")
-    resumed, previous_kill = [], None
-    for k, kind in _kill_points(seed, kills):
-        text = _run(
-            out,
-            compile_cache,
-            *dev,
-            "--kill-at",
-            str(k),
-            "--kill-in",
-            kind,
-            expect_rc=-9,
-        )
+    try:
+        out = str(tmp_path / "killed")
+        resumed, previous_kill = [], None
+        for k, kind in _kill_points(seed, kills):
+            text = _run(
+                out,
+                compile_cache,
+                *dev,
+                "--kill-at",
+                str(k),
+                "--kill-in",
+                kind,
+                expect_rc=-9,
+            )
+            resumed.append((_resumed(text), previous_kill))
+            previous_kill = k
+        text = _run(out, compile_cache, *dev)
         resumed.append((_resumed(text), previous_kill))
-        previous_kill = k
-    text = _run(out, compile_cache, *dev)
-    resumed.append((_resumed(text), previous_kill))
-    assert "done: 30 steps" in text
+        assert "done: 30 steps" in text
+    except BaseException:
+        ref.kill()  # do not leave the uninterrupted run behind
+        ref.communicate()
+        raise
     _subprocess.finish(ref)
     ref_leaves, ref_metrics = _read(str(tmp_path / "ref"))
 
