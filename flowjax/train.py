@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -71,7 +72,14 @@ from jax.sharding import PartitionSpec as P
 
 from flowjax._types import Array, Batch, Params, PyTree
 
-__all__ = ["FitResult", "TrainState", "fit", "init_train_state", "make_train_step"]
+__all__ = [
+    "FitResult",
+    "RetentionMonitor",
+    "TrainState",
+    "fit",
+    "init_train_state",
+    "make_train_step",
+]
 
 _CHECKPOINT_FORMAT = "flowjax.fit/1"
 
@@ -106,11 +114,17 @@ class FitResult(NamedTuple):
       history: every metrics record of the run (resumed parts included), as
         written to the metrics file: dicts with ``"step"`` and float values.
       resumed_from: the step the run restored from a checkpoint, or None.
+      stopped_at: the step at which ``stop_fn`` stopped the run, or None.
+      best: the state with the highest ``best_fn`` score, or None.
+      best_step: its step, or None.
     """
 
     state: TrainState
     history: list[dict[str, Any]]
     resumed_from: int | None
+    stopped_at: int | None = None
+    best: TrainState | None = None
+    best_step: int | None = None
 
 
 def init_train_state(
@@ -364,6 +378,8 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
     keep: int = 3,
+    stop_fn: Callable[[Mapping[str, float]], bool] | None = None,
+    best_fn: Callable[[Mapping[str, float]], float | None] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> FitResult:
@@ -382,9 +398,19 @@ def fit(
     ``checkpoint_every`` steps and at the end, keeping the last ``keep``;
     started again with the same arguments it resumes from the latest
     checkpoint and ends bit-identical to an uninterrupted run (see the module
-    doc for how ``data`` must behave). A run that already finished returns
-    its final state without a step. The state given is the template the
-    checkpoint is restored into (its structure, dtypes and shardings).
+    doc for how ``data`` must behave). A run that already finished (or was
+    stopped) returns its final state without a step. The state given is the
+    template the checkpoint is restored into (its structure, dtypes and
+    shardings).
+
+    After every evaluation, ``stop_fn(record)`` may stop the run (the record
+    of that step is written, the state checkpointed, and ``stopped_at`` set);
+    ``best_fn(record)`` scores the state (higher is better; ``None``: not
+    eligible) and the best one is kept (``best``, ``best_step``) and saved in
+    every checkpoint as its item ``"best"`` (a flat dict of the state's
+    leaves, in ``jax.tree.leaves`` order). A :class:`RetentionMonitor` gives
+    all three: ``eval_fn=monitor``, ``stop_fn=monitor.should_stop``,
+    ``best_fn=monitor.best_score``.
 
     Args:
       step: from :func:`make_train_step`, or any function of that signature
@@ -403,11 +429,15 @@ def fit(
       checkpoint_dir: a directory for orbax checkpoints (made absolute).
       checkpoint_every: save every this many steps (0: only at the end).
       keep: how many checkpoints to keep (>= 1).
+      stop_fn: ``stop_fn(record) -> bool``, called on every evaluated record.
+      best_fn: ``best_fn(record) -> float | None``, called on every evaluated
+        record.
       progress: show a tqdm progress bar (process 0).
       log: where the ``resumed from step N`` line goes.
 
     Returns:
-      A :class:`FitResult` ``(state, history, resumed_from)``.
+      A :class:`FitResult` ``(state, history, resumed_from, stopped_at,
+      best, best_step)``.
 
     Raises:
       ValueError: a non-positive ``num_steps``, ``log_every`` or ``keep``; a
@@ -439,6 +469,11 @@ def fit(
     _check_int(checkpoint_every, "checkpoint_every", 0)
     if eval_every and eval_fn is None:
         raise ValueError("eval_every needs an eval_fn(state) -> dict to call.")
+    if (stop_fn is not None or best_fn is not None) and eval_fn is None:
+        raise ValueError(
+            "stop_fn and best_fn read evaluated records: pass an eval_fn (e.g. a "
+            "flowjax.RetentionMonitor)."
+        )
     restartable = callable(data) or not isinstance(data, Iterator)
     if checkpoint_dir is not None and not restartable:
         raise ValueError(
@@ -447,30 +482,30 @@ def fit(
             "list) or a function start -> batches from batch index start."
         )
     main = jax.process_index() == 0
-    history: list[dict[str, Any]] = []
+    run = _Run(history=[])
     resumed_from = None
     manager = None
     if checkpoint_dir is not None:
         manager = _manager(checkpoint_dir, keep)
         latest = manager.latest_step()
         if latest is not None:
-            state, history = _restore(manager, latest, state, num_steps)
+            state, run = _restore(manager, latest, state, num_steps)
             resumed_from = latest
             log(f"resumed from step {latest}")
     start = resumed_from or 0
     if metrics_path is not None and main:
-        _write_records(metrics_path, history)
+        _write_records(metrics_path, run.history)
     out = open(metrics_path, "a") if metrics_path is not None and main else None
     bar = _bar(num_steps, start, progress and main)
     try:
-        if start < num_steps:
+        if start < num_steps and run.stopped_at is None:
             state, taken = _run(
                 step,
                 state,
                 _batches_from(data, start),
                 start,
                 num_steps,
-                history,
+                run,
                 out,
                 bar,
                 eval_fn=eval_fn,
@@ -478,9 +513,11 @@ def fit(
                 log_every=log_every,
                 manager=manager,
                 checkpoint_every=checkpoint_every,
+                stop_fn=stop_fn,
+                best_fn=best_fn,
             )
             if manager is not None and taken > start and manager.latest_step() != taken:
-                _save(manager, taken, state, history)
+                _save(manager, taken, state, run)
     finally:
         bar.close()
         if out is not None:
@@ -488,7 +525,20 @@ def fit(
         if manager is not None:
             manager.wait_until_finished()
             manager.close()
-    return FitResult(state, history, resumed_from)
+    return FitResult(
+        state, run.history, resumed_from, run.stopped_at, run.best, run.best_step
+    )
+
+
+class _Run:
+    """What :func:`fit` carries beside the state, and checkpoints with it."""
+
+    def __init__(
+        self, history, stopped_at=None, best=None, best_step=None, best_score=None
+    ):
+        self.history = history
+        self.stopped_at = stopped_at
+        self.best, self.best_step, self.best_score = best, best_step, best_score
 
 
 def _run(
@@ -497,7 +547,7 @@ def _run(
     batches,
     start,
     num_steps,
-    history,
+    run,
     out,
     bar,
     *,
@@ -506,6 +556,8 @@ def _run(
     log_every,
     manager,
     checkpoint_every,
+    stop_fn,
+    best_fn,
 ):
     """The loop of :func:`fit`; returns the state and the number of steps taken."""
     t = start
@@ -530,7 +582,7 @@ def _run(
                         "prefix them (e.g. 'eval/loss')."
                     )
                 record.update(extra)
-            history.append(record)
+            run.history.append(record)
             if out is not None:
                 out.write(json.dumps(record) + "\n")
                 out.flush()
@@ -540,12 +592,175 @@ def _run(
                 ex_per_s=f"{examples / max(now - last, 1e-9):.4g}",
             )
             last, examples = now, 0
+        stop = False
+        if evaluate:
+            if best_fn is not None:
+                score = best_fn(record)
+                if score is not None and (
+                    run.best_score is None or float(score) > run.best_score
+                ):
+                    run.best, run.best_step = _copy(state), t
+                    run.best_score = float(score)
+            if stop_fn is not None and stop_fn(record):
+                run.stopped_at, stop = t, True
         bar.update(1)
         if manager is not None and checkpoint_every and t % checkpoint_every == 0:
-            _save(manager, t, state, history)
-        if final:
+            _save(manager, t, state, run)
+        if final or stop:
             break
     return state, t
+
+
+class RetentionMonitor:
+    """Retention probes as an evaluation hook: log them, stop early, keep the best in budget.
+
+    Seed 002's recipe against forgetting, built in: measure general ability on
+    held-out "retention probes" during fine-tuning (a classification set with
+    the pre-trained head swapped back in, held-out pre-training text, ...)
+    and stop or back off when it drops. For probe :math:`k` with score
+    :math:`s_k(\\theta_t)` and pre-trained score :math:`s_k(\\theta_0)`:
+
+    .. math::
+        r_k(t) = \\frac{s_k(\\theta_t)}{s_k(\\theta_0)} \\;(\\text{higher is better, e.g. accuracy}),
+        \\qquad r_k(t) = \\frac{s_k(\\theta_0)}{s_k(\\theta_t)} \\;(\\text{lower is better,
+        e.g. perplexity}),
+
+    and the run is within budget while :math:`r_k(t) \\ge b` for every probe
+    (``budget=0.95``: keep at least 95 % of pre-trained accuracy).
+
+    Use it with :func:`fit`: ``eval_fn=monitor`` logs ``probe/<name>`` (the
+    score), ``retention/<name>`` (:math:`r_k`) and the ``target`` metrics
+    beside the step's metrics; ``stop_fn=monitor.should_stop`` stops at the
+    first evaluation out of budget; ``best_fn=monitor.best_score`` keeps the
+    state with the best ``target_key`` among the evaluations within budget.
+
+    Args:
+      probes: ``{name: probe(state) -> scalar}``; each reads the state's
+        params (and ``model_state``) and returns a score.
+      pretrained: the state before fine-tuning (e.g. the state from
+        :func:`init_train_state`, before :func:`fit` donates it): the
+        baseline scores are the probes on it, computed here. Or pass
+        ``baseline``.
+      baseline: ``{name: pre-trained score}`` instead of ``pretrained``.
+      budget: the least retention allowed, in (0, 1]; a float for every probe
+        or ``{name: budget}``.
+      higher_is_better: per probe (a bool or ``{name: bool}``): True for
+        accuracy-like scores, False for losses and perplexities.
+      target: optional ``target(state) -> {name: scalar}``, the fine-tuning
+        metrics to log beside retention (e.g. ``{"target/acc": ...}``).
+      target_key: the record key :meth:`best_score` ranks by (e.g.
+        ``"target/acc"``); ``None``: rank by the mean retention.
+      target_higher_is_better: the sense of ``target_key``.
+
+    Raises:
+      ValueError: no probes; both or neither of ``pretrained`` and
+        ``baseline``; a baseline missing a probe, non-finite or zero; a
+        budget outside (0, 1]; per-probe options naming unknown probes.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, flowjax
+      >>> state0 = flowjax.init_train_state({"w": jnp.array(0.0)}, optax.sgd(0.1))
+      >>> acc = lambda s: 1.0 - jnp.abs(s.params["w"]) / 10   # a retention probe
+      >>> monitor = flowjax.RetentionMonitor({"pretrain_acc": acc}, pretrained=state0)
+      >>> monitor.baseline
+      {'pretrain_acc': 1.0}
+      >>> later = state0._replace(params={"w": jnp.array(1.0)})
+      >>> record = {"step": 5, **{k: float(v) for k, v in monitor(later).items()}}
+      >>> record["retention/pretrain_acc"], monitor.should_stop(record)
+      (0.9, True)
+    """
+
+    def __init__(
+        self,
+        probes: Mapping[str, Callable[[TrainState], Any]],
+        *,
+        pretrained: TrainState | None = None,
+        baseline: Mapping[str, float] | None = None,
+        budget: float | Mapping[str, float] = 0.95,
+        higher_is_better: bool | Mapping[str, bool] = True,
+        target: Callable[[TrainState], Mapping[str, Any]] | None = None,
+        target_key: str | None = None,
+        target_higher_is_better: bool = True,
+    ):
+        if not isinstance(probes, Mapping) or not probes:
+            raise ValueError("probes must be a non-empty dict {name: probe(state)}.")
+        for name, fn in probes.items():
+            if not callable(fn):
+                raise ValueError(f"probe {name!r} is not callable.")
+        self.probes = dict(probes)
+        names = list(self.probes)
+        if (pretrained is None) == (baseline is None):
+            raise ValueError(
+                "pass exactly one of pretrained= (the state before fine-tuning) and "
+                "baseline= (the pre-trained scores)."
+            )
+        if pretrained is not None:
+            baseline = {
+                n: float(jax.device_get(fn(pretrained))) for n, fn in probes.items()
+            }
+        missing = sorted(set(names) - set(baseline))
+        if missing:
+            raise ValueError(f"baseline has no score for probes {missing}.")
+        self.baseline = {n: float(baseline[n]) for n in names}
+        for n, v in self.baseline.items():
+            if not math.isfinite(v) or v == 0:
+                raise ValueError(
+                    f"the pre-trained score of probe {n!r} is {v}: retention is a ratio to "
+                    "it, which needs a finite, non-zero score."
+                )
+        self.budget = _per_probe(budget, names, "budget")
+        for n, b in self.budget.items():
+            if not isinstance(b, int | float) or not 0 < b <= 1:
+                raise ValueError(f"budget for {n!r} must be in (0, 1]; got {b!r}.")
+        self.higher_is_better = _per_probe(higher_is_better, names, "higher_is_better")
+        self.target = target
+        self.target_key = target_key
+        self.target_higher_is_better = target_higher_is_better
+
+    def __call__(self, state: TrainState) -> dict[str, Any]:
+        """The evaluation: ``probe/<name>``, ``retention/<name>`` and the target metrics."""
+        out: dict[str, Any] = {}
+        for name, fn in self.probes.items():
+            score = float(jax.device_get(fn(state)))
+            base = self.baseline[name]
+            ratio = score / base if self.higher_is_better[name] else base / score
+            out[f"probe/{name}"] = score
+            out[f"retention/{name}"] = ratio
+        if self.target is not None:
+            out.update(self.target(state))
+        return out
+
+    def within_budget(self, record: Mapping[str, float]) -> bool:
+        """Whether every probe's retention in ``record`` is at least its budget."""
+        return all(record[f"retention/{n}"] >= self.budget[n] for n in self.probes)
+
+    def should_stop(self, record: Mapping[str, float]) -> bool:
+        """For ``fit(stop_fn=...)``: True once retention is below the budget."""
+        return not self.within_budget(record)
+
+    def best_score(self, record: Mapping[str, float]) -> float | None:
+        """For ``fit(best_fn=...)``: the target score within budget, else None."""
+        if not self.within_budget(record):
+            return None
+        if self.target_key is None:
+            return float(np.mean([record[f"retention/{n}"] for n in self.probes]))
+        if self.target_key not in record:
+            raise ValueError(
+                f"target_key={self.target_key!r} is not in the record ({sorted(record)})."
+            )
+        value = float(record[self.target_key])
+        return value if self.target_higher_is_better else -value
+
+
+def _per_probe(value, names, what):
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(names))
+        if unknown or set(value) != set(names):
+            raise ValueError(
+                f"{what} must name every probe ({names}); got {sorted(value)}."
+            )
+        return dict(value)
+    return dict.fromkeys(names, value)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -562,22 +777,26 @@ def _state_fingerprint(state: TrainState) -> list[str]:
     return [f"{np.dtype(x.dtype).name}{list(np.shape(x))}" for x in leaves]
 
 
-def _save(manager, t: int, state: TrainState, history) -> None:
-    leaves = {f"{i:06d}": x for i, x in enumerate(jax.tree.leaves(state))}
+def _save(manager, t: int, state: TrainState, run: _Run) -> None:
+    items = {"state": ocp.args.StandardSave(_flat(state))}
+    if run.best is not None:
+        items["best"] = ocp.args.StandardSave(_flat(run.best))
     meta = {
         "format": _CHECKPOINT_FORMAT,
         "step": t,
         "batches_consumed": t,
         "leaves": _state_fingerprint(state),
-        "history": list(history),  # a copy: the save may be written later (async)
+        "history": list(run.history),  # a copy: the save may be written later (async)
+        "stopped_at": run.stopped_at,
+        "best_step": run.best_step,
+        "best_score": run.best_score,
     }
-    manager.save(
-        t,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(leaves), meta=ocp.args.JsonSave(meta)
-        ),
-        force=True,
-    )
+    items["meta"] = ocp.args.JsonSave(meta)
+    manager.save(t, args=ocp.args.Composite(**items), force=True)
+
+
+def _flat(state) -> dict[str, Array]:
+    return {f"{i:06d}": x for i, x in enumerate(jax.tree.leaves(state))}
 
 
 def _restore(manager, t: int, template: TrainState, num_steps: int):
@@ -606,11 +825,22 @@ def _restore(manager, t: int, template: TrainState, num_steps: int):
         f"{i:06d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x))
         for i, x in enumerate(leaves)
     }
-    restored = manager.restore(
-        t, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-    )["state"]
-    state = jax.tree.unflatten(treedef, [restored[k] for k in sorted(restored)])
-    return state, list(meta["history"])
+    items = {"state": ocp.args.StandardRestore(abstract)}
+    if meta.get("best_step") is not None:
+        items["best"] = ocp.args.StandardRestore(abstract)
+    restored = manager.restore(t, args=ocp.args.Composite(**items))
+
+    def unflat(flat):
+        return jax.tree.unflatten(treedef, [flat[k] for k in sorted(flat)])
+
+    run = _Run(
+        list(meta["history"]),
+        meta.get("stopped_at"),
+        unflat(restored["best"]) if "best" in items else None,
+        meta.get("best_step"),
+        meta.get("best_score"),
+    )
+    return unflat(restored["state"]), run
 
 
 def _sharding_of(x):

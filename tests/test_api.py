@@ -43,7 +43,13 @@ NAMESPACES = {
         "weighted_lm_loss",
     },
     "data": {"batches", "ArraySource"},
-    "train": {"TrainState", "init_train_state", "make_train_step", "fit"},
+    "train": {
+        "TrainState",
+        "init_train_state",
+        "make_train_step",
+        "fit",
+        "RetentionMonitor",
+    },
 }
 _PUBLIC = [
     n for n in flowjax.__all__ if not isinstance(getattr(flowjax, n), types.ModuleType)

@@ -339,3 +339,115 @@ def test_fit_resumes_in_process_from_a_checkpoint(tmp_path, capsys):
         flowjax.fit(
             step, state, batches, num_steps=6, checkpoint_dir=ck, progress=False
         )
+
+
+def _drift_run():
+    """w starts at 0 and moves to 5: w_t = 5 (1 - 0.9^t) with SGD(0.05) on (w - 5)²."""
+    params = {"w": jnp.array(0.0)}
+    tx = optax.sgd(0.05)
+    objective = flowjax.weighted_objective(
+        lambda p, ex: (p["w"] - ex["y"]) ** 2, return_metrics=True
+    )
+    step = flowjax.make_train_step(objective, tx, anchor=params)
+    state = flowjax.init_train_state(params, tx)
+    batch = {"y": np.full(4, 5.0, np.float32), "weight": np.ones(4, np.float32)}
+    return step, state, [batch] * 20
+
+
+def _monitor(state0, budget=0.8):
+    return flowjax.RetentionMonitor(
+        {"acc": lambda s: 1.0 - jnp.abs(s.params["w"]) / 10},  # pre-trained acc 1.0
+        pretrained=state0,
+        budget=budget,
+        target=lambda s: {"target/neg_mse": -((s.params["w"] - 5.0) ** 2)},
+        target_key="target/neg_mse",
+    )
+
+
+def _first_step_out_of_budget(budget, eval_every):
+    """numpy: the first evaluated step with retention 1 - w_t/10 < budget."""
+    t = eval_every
+    while 1 - 5 * (1 - 0.9**t) / 10 >= budget:
+        t += eval_every
+    return t
+
+
+@pytest.mark.parametrize("eval_every", [1, 3])
+def test_retention_monitor_stops_at_the_first_step_out_of_budget(eval_every):
+    step, state, batches = _drift_run()
+    monitor = _monitor(state)
+    assert monitor.baseline == {"acc": 1.0}
+    result = flowjax.fit(
+        step,
+        state,
+        batches,
+        num_steps=20,
+        eval_fn=monitor,
+        eval_every=eval_every,
+        stop_fn=monitor.should_stop,
+        best_fn=monitor.best_score,
+        progress=False,
+    )
+    expected = _first_step_out_of_budget(0.8, eval_every)
+    assert expected == (5 if eval_every == 1 else 6)
+    assert result.stopped_at == expected == int(result.state.step)
+    last = result.history[-1]
+    assert last["step"] == expected and last["retention/acc"] < 0.8
+    w = float(result.state.params["w"])
+    assert last["probe/acc"] == pytest.approx(1 - w / 10)
+    assert last["target/neg_mse"] == pytest.approx(-((w - 5) ** 2), rel=1e-6)
+    # best: the last evaluation within budget (the target improves every step)
+    assert result.best_step == expected - eval_every
+    np.testing.assert_allclose(
+        float(result.best.params["w"]), 5 * (1 - 0.9**result.best_step), rtol=1e-5
+    )
+    evaluated = [r for r in result.history if "retention/acc" in r]
+    assert [r["step"] for r in evaluated] == list(
+        range(eval_every, expected + 1, eval_every)
+    )
+    assert all(r["retention/acc"] >= 0.8 for r in evaluated[:-1])
+
+
+def test_a_stopped_run_resumes_as_stopped_with_its_best(tmp_path, capsys):
+    step, state, batches = _drift_run()
+    monitor = _monitor(state)
+    kwargs = dict(
+        num_steps=20,
+        eval_fn=monitor,
+        eval_every=1,
+        stop_fn=monitor.should_stop,
+        best_fn=monitor.best_score,
+        checkpoint_dir=tmp_path / "ck",
+        checkpoint_every=2,
+        progress=False,
+    )
+    first = flowjax.fit(step, state, batches, **kwargs)
+    step, state, batches = _drift_run()
+    again = flowjax.fit(step, state, batches, **kwargs)
+    assert "resumed from step 5" in capsys.readouterr().out
+    assert (again.stopped_at, again.best_step, again.resumed_from) == (5, 4, 5)
+    assert again.history == first.history
+    assert float(again.best.params["w"]) == float(first.best.params["w"])
+    assert int(again.state.step) == 5
+
+
+def test_retention_monitor_lower_is_better_and_bad_inputs():
+    step, state, _ = _drift_run()
+    ppl = lambda s: 2.0 + jnp.abs(s.params["w"])  # noqa: E731
+    monitor = flowjax.RetentionMonitor(
+        {"ppl": ppl}, baseline={"ppl": 2.0}, higher_is_better=False, budget=0.9
+    )
+    out = monitor(state._replace(params={"w": jnp.array(0.5)}))
+    assert out["retention/ppl"] == pytest.approx(2.0 / 2.5)
+    assert monitor.should_stop({"retention/ppl": 0.8})
+    assert monitor.best_score({"retention/ppl": 0.95}) == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="exactly one"):
+        flowjax.RetentionMonitor({"ppl": ppl})
+    with pytest.raises(ValueError, match="budget"):
+        flowjax.RetentionMonitor({"ppl": ppl}, baseline={"ppl": 2.0}, budget=1.5)
+    with pytest.raises(ValueError, match="no score"):
+        flowjax.RetentionMonitor({"ppl": ppl}, baseline={"acc": 2.0})
+    with pytest.raises(ValueError, match="non-zero"):
+        flowjax.RetentionMonitor({"ppl": ppl}, baseline={"ppl": 0.0})
+    with pytest.raises(ValueError, match="eval_fn"):
+        flowjax.fit(step, state, [], num_steps=1, stop_fn=monitor.should_stop)
