@@ -29,14 +29,16 @@ checkpoint, prints ``resumed from step N``, rewrites the metrics file from the
 checkpoint (dropping lines written after it) and continues from batch ``N``.
 The data position is the step: one step consumes one batch, so a resumed run
 must see, from step ``N`` on, exactly the batches an uninterrupted run sees
-there. ``data`` is therefore either
+there. ``data`` is therefore one of
 
 * a function ``start -> iterable`` that yields the batches from batch index
   ``start`` on (cheap: nothing before ``start`` is read), or
-* a re-iterable whose iteration order is a pure function of its arguments,
-  such as :func:`flowjax.batches` (its shuffles and ``map_fn`` randomness
-  depend only on ``(seed, epoch, id)``) or a list; the first ``start``
-  batches are read and dropped.
+* :func:`flowjax.batches` (its shuffles and ``map_fn`` randomness depend
+  only on ``(seed, epoch, id)``): its ``from_batch(start)`` starts there
+  without reading the batches before, or
+* any other re-iterable whose iteration order is a pure function of its
+  arguments, such as a list; the first ``start`` batches are read and
+  dropped.
 
 A one-shot iterator (a generator object) cannot be restarted and is rejected
 when ``checkpoint_dir`` is set. The step's randomness is
@@ -866,6 +868,10 @@ def _write_records(path, history) -> None:
 def _batches_from(data, start: int) -> Iterator[Batch]:
     if callable(data):
         return iter(data(start))
+    if callable(
+        getattr(data, "from_batch", None)
+    ):  # flowjax.batches: no batch read twice
+        return iter(data.from_batch(start))
     return itertools.islice(iter(data), start, None)
 
 

@@ -16,7 +16,6 @@ OUT/metrics.jsonl.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import signal
 import sys
@@ -116,7 +115,7 @@ def main() -> None:
     )
 
     def batches_from(start):
-        for k, batch in enumerate(itertools.islice(stream, start, None), start):
+        for k, batch in enumerate(stream.from_batch(start), start):
             kill("data", k)
             batch = flowjax.attach_weights(batch, weights)
             yield {**batch, "x": batch["x"].astype(np.float32)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import jax
@@ -451,3 +452,60 @@ def test_retention_monitor_lower_is_better_and_bad_inputs():
         flowjax.RetentionMonitor({"ppl": ppl}, baseline={"ppl": 0.0})
     with pytest.raises(ValueError, match="eval_fn"):
         flowjax.fit(step, state, [], num_steps=1, stop_fn=monitor.should_stop)
+
+
+@pytest.mark.parametrize("epochs", [None, 3])
+def test_batches_from_batch_is_the_tail_of_a_full_iteration(epochs):
+    data = _data.dataset()
+    noise = lambda ex, rng: {**ex, "x": ex["x"] + rng.normal(size=ex["x"].shape)}  # noqa: E731
+    stream = flowjax.batches(
+        data, 16, shuffle=True, seed=2, epochs=epochs, map_fn=noise, shard=(0, 1)
+    )
+    per = stream.steps_per_epoch  # 13, the last batch of each epoch ragged
+    full = list(itertools.islice(iter(stream), 3 * per))
+    for start in (0, 5, per - 1, per, 2 * per + 3):
+        tail = list(itertools.islice(stream.from_batch(start), 3 * per - start))
+        assert len(tail) == 3 * per - start
+        for a, b in zip(tail, full[start:], strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+    if epochs is not None:
+        assert list(stream.from_batch(3 * per)) == []
+    with pytest.raises(ValueError, match="start"):
+        stream.from_batch(-1)
+
+
+def test_fit_resumes_a_flowjax_batches_stream_without_reading_the_skipped_batches(
+    tmp_path, monkeypatch
+):
+    data = _data.dataset()
+    data["weight"] = np.ones(len(data["id"]), np.float32)
+    stream = flowjax.batches(data, 16, shuffle=True, epochs=None, shard=(0, 1))
+    step, state = _setup()
+    ref = flowjax.fit(step, state, stream, num_steps=8, progress=False)
+    step, state = _setup()
+    flowjax.fit(
+        step,
+        state,
+        list(itertools.islice(stream, 5)),
+        num_steps=8,
+        checkpoint_dir=tmp_path,
+        checkpoint_every=5,
+        progress=False,
+    )
+    starts = []
+    original = type(stream).from_batch
+
+    def spy(self, start):
+        starts.append(start)
+        return original(self, start)
+
+    monkeypatch.setattr(type(stream), "from_batch", spy)
+    step, state = _setup()
+    out = flowjax.fit(
+        step, state, stream, num_steps=8, checkpoint_dir=tmp_path, progress=False
+    )
+    assert starts == [5] and out.resumed_from == 5
+    assert out.history == ref.history
+    np.testing.assert_array_equal(out.state.params["w1"], ref.state.params["w1"])
