@@ -80,6 +80,7 @@ __all__ = [
     "TrainState",
     "fit",
     "init_train_state",
+    "low_lr_recipe",
     "make_train_step",
 ]
 
@@ -763,6 +764,84 @@ def _per_probe(value, names, what):
             )
         return dict(value)
     return dict.fromkeys(names, value)
+
+
+def low_lr_recipe(
+    steps_per_epoch: int,
+    *,
+    epochs: int = 2,
+    learning_rate: float = 1e-5,
+    warmup_fraction: float = 0.1,
+    schedule: str = "cosine",
+    weight_decay: float = 0.0,
+) -> tuple[optax.GradientTransformation, int]:
+    """The short, low-learning-rate fine-tuning recipe that limits forgetting, ready to use.
+
+    .. math::
+        \\eta_t = \\eta \\cdot \\begin{cases} t / W & t < W \\\\
+        \\tfrac12\\left(1 + \\cos\\pi\\frac{t - W}{T - W}\\right) & \\text{cosine} \\\\
+        1 & \\text{constant} \\end{cases}, \\qquad T = \\text{epochs} \\cdot
+        \\text{steps\\_per\\_epoch}, \\; W = \\lfloor \\text{warmup\\_fraction} \\cdot T \\rfloor
+
+    with AdamW. The practice the seed documents name against forgetting: a
+    low learning rate (default 1e-5, the usual full fine-tuning rate of
+    pre-trained transformers; LoRA adapters take about 10x more), a short
+    run (1-3 epochs, default 2), linear warm-up and cosine decay to 0 (or a
+    constant rate after warm-up), with retention watched during training
+    (:class:`RetentionMonitor`). Chain a regulariser before it:
+    ``optax.chain(flowjax.l2sp(1e-2), tx)``.
+
+    Args:
+      steps_per_epoch: the steps of one pass over the data (e.g.
+        ``flowjax.batches(...).steps_per_epoch``), an int >= 1.
+      epochs: passes over the data, an int >= 1 (1-3 recommended).
+      learning_rate: the peak rate, > 0.
+      warmup_fraction: the fraction of the steps spent warming up, in [0, 1).
+      schedule: ``"cosine"`` or ``"constant"`` after warm-up.
+      weight_decay: AdamW's decoupled weight decay, >= 0.
+
+    Returns:
+      ``(tx, num_steps)``: the optax transform and the number of steps to
+      pass to :func:`fit`.
+
+    Raises:
+      ValueError: a value out of range or an unknown schedule.
+
+    Example:
+      >>> import flowjax
+      >>> tx, num_steps = flowjax.low_lr_recipe(50, epochs=2, learning_rate=1e-4)
+      >>> num_steps
+      100
+    """
+    _check_int(steps_per_epoch, "steps_per_epoch", 1)
+    _check_int(epochs, "epochs", 1)
+    if not (isinstance(learning_rate, int | float) and 0 < learning_rate < math.inf):
+        raise ValueError(
+            f"learning_rate must be a finite number > 0; got {learning_rate!r}."
+        )
+    if not (isinstance(warmup_fraction, int | float) and 0 <= warmup_fraction < 1):
+        raise ValueError(f"warmup_fraction must be in [0, 1); got {warmup_fraction!r}.")
+    if not (isinstance(weight_decay, int | float) and 0 <= weight_decay < math.inf):
+        raise ValueError(
+            f"weight_decay must be a finite number >= 0; got {weight_decay!r}."
+        )
+    total = steps_per_epoch * epochs
+    warmup = int(warmup_fraction * total)
+    if schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, warmup, total, end_value=0.0
+        )
+    elif schedule == "constant":
+        lr = optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, learning_rate, max(warmup, 1)),
+                optax.constant_schedule(learning_rate),
+            ],
+            [warmup],
+        )
+    else:
+        raise ValueError(f'schedule must be "cosine" or "constant"; got {schedule!r}.')
+    return optax.adamw(lr, weight_decay=weight_decay), total
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -509,3 +509,32 @@ def test_fit_resumes_a_flowjax_batches_stream_without_reading_the_skipped_batche
     assert starts == [5] and out.resumed_from == 5
     assert out.history == ref.history
     np.testing.assert_array_equal(out.state.params["w1"], ref.state.params["w1"])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_low_lr_recipe_warms_up_then_decays_or_holds(schedule):
+    tx, total = flowjax.low_lr_recipe(
+        10, epochs=2, learning_rate=1e-3, warmup_fraction=0.25, schedule=schedule
+    )
+    assert total == 20
+    params = {"w": jnp.zeros(())}
+    state = tx.init(params)
+    rates = []
+    for _ in range(total):  # constant gradients: Adam's step is the learning rate
+        updates, state = tx.update({"w": jnp.ones(())}, state, params)
+        rates.append(-float(updates["w"]))
+    t = np.arange(total)
+    warm = t / 5 * 1e-3
+    if schedule == "cosine":
+        after = 0.5 * (1 + np.cos(np.pi * (t - 5) / 15)) * 1e-3
+    else:
+        after = np.full(total, 1e-3)
+    np.testing.assert_allclose(
+        rates, np.where(t < 5, warm, after), rtol=1e-5, atol=1e-12
+    )
+    with pytest.raises(ValueError, match="epochs"):
+        flowjax.low_lr_recipe(10, epochs=0)
+    with pytest.raises(ValueError, match="schedule"):
+        flowjax.low_lr_recipe(10, schedule="linear")
+    with pytest.raises(ValueError, match="warmup_fraction"):
+        flowjax.low_lr_recipe(10, warmup_fraction=1.0)
