@@ -212,6 +212,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     anchor: Params,
+    frozen: PyTree = None,
     has_aux: bool = False,
     return_metrics: bool = True,
     pass_rng: bool = False,
@@ -227,9 +228,11 @@ def make_train_step(
         \\quad \\theta' = \\theta + u
 
     ``objective(params, batch, *args)`` is called as
-    :func:`flowjax.weighted_objective` calls ``loss_fn``: ``args`` is
-    ``(state.model_state,)`` when the state has one, then the step key
-    ``fold_in(state.rng, state.step)`` when ``pass_rng``. Its output is one of
+    :func:`flowjax.weighted_objective` calls ``loss_fn``: ``args`` is, in
+    this order, ``state.model_state`` when the state has one, ``frozen``
+    when given, and the step key ``fold_in(state.rng, state.step)`` when
+    ``pass_rng`` (the same key for every example of a per-example
+    objective: fold in something per example for per-example noise). Its output is one of
     ``loss``, ``(loss, metrics)`` (``return_metrics``, the default, as from
     ``weighted_objective(..., return_metrics=True)``), ``(loss, aux)``
     (``has_aux``) or ``(loss, (aux, metrics))``; ``aux`` is the new
@@ -244,8 +247,9 @@ def make_train_step(
     before ``tx``); ``param_distance`` (‖θ−θ₀‖, the global L2 norm of
     ``params - anchor``); then the objective's own metrics.
 
-    ``anchor`` (θ₀) is an argument of the compiled step, not a closed-over
-    constant and not part of the state (so it is never checkpointed). The
+    ``anchor`` (θ₀) and ``frozen`` are arguments of the compiled step, not
+    closed-over constants and not part of the state (so they are never
+    checkpointed: a run rebuilds them the same way on restart). The
     step is traced once per batch shape; the state is donated (its buffers
     are reused for the new state) unless ``donate=False``.
 
@@ -262,6 +266,8 @@ def make_train_step(
         nnx.LoRAParam)``.
       anchor: θ₀, a pytree with the structure of the params (usually the
         pre-trained params themselves).
+      frozen: optional frozen inputs of the objective (an LwF teacher, the
+        frozen base of a model split with ``nnx.split``), any pytree.
       has_aux: the objective returns the new ``model_state`` as aux.
       return_metrics: the objective returns a metrics dict (as
         ``weighted_objective(..., return_metrics=True)``).
@@ -307,8 +313,10 @@ def make_train_step(
         )
     anchor_treedef = jax.tree.structure(anchor)
 
-    def inner(state: TrainState, batch, anchor):
+    def inner(state: TrainState, batch, anchor, frozen):
         args = () if state.model_state is None else (state.model_state,)
+        if frozen is not None:
+            args = (*args, frozen)
         if pass_rng:
             args = (*args, jax.random.fold_in(state.rng, state.step))
 
@@ -363,7 +371,7 @@ def make_train_step(
                 out_shardings=None if shardings is None else (shardings, None),
             )
             compiled[treedef] = fn
-        return fn(state, batch, anchor)
+        return fn(state, batch, anchor, frozen)
 
     return step
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 import flowjax
 
-from . import _data
+from . import _data, _methods
 
 
 def _batches(n_steps: int, batch_size: int = 16, seed: int = 0):
@@ -538,3 +538,30 @@ def test_low_lr_recipe_warms_up_then_decays_or_holds(schedule):
         flowjax.low_lr_recipe(10, schedule="linear")
     with pytest.raises(ValueError, match="warmup_fraction"):
         flowjax.low_lr_recipe(10, warmup_fraction=1.0)
+
+
+@pytest.mark.parametrize("name", [m.name for m in _methods.METHODS])
+def test_every_method_of_the_battery_trains_through_make_train_step(name):
+    """The battery's own jitted step (tests/_methods.py) and the library's agree."""
+    method = _methods.BY_NAME[name]
+    ref, _, ref_losses = _methods.train(method, method.strength, steps=3)
+    objective, tx, frozen, start = method.build(method.strength, _methods.params())
+    step = flowjax.make_train_step(
+        lambda p, b, *fr: objective(p, fr[0] if fr else None, b),
+        tx,
+        anchor=start,
+        frozen=frozen,
+        return_metrics=False,
+    )
+    state = flowjax.init_train_state(start, tx)
+    b = _methods.batch()
+    b = b if method.data is None else method.data(method.strength, b)
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, b)
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    got, want = _methods.leaves(state.params), _methods.leaves(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
