@@ -282,7 +282,8 @@ def make_train_step(
 
     Raises:
       ValueError: a mesh without a ``'data'`` axis; when called, a state
-        that is not a :class:`TrainState`, params whose structure differs
+        that is not a :class:`TrainState` (or, with a mesh, not placed on
+        it), params whose structure differs
         from the anchor's, an objective output that does not match
         ``has_aux`` / ``return_metrics``, a non-scalar loss, or a batch whose
         leading axis does not divide over ``'data'``.
@@ -365,6 +366,15 @@ def make_train_step(
             shardings = None
             if mesh is not None:
                 shardings = jax.tree.map(lambda x: x.sharding, state)
+                devices = set(mesh.devices.flat)
+                for path, sh in jax.tree_util.tree_leaves_with_path(shardings):
+                    if set(sh.device_set) != devices:
+                        raise ValueError(
+                            f"state leaf {jax.tree_util.keystr(path)} lives on "
+                            f"{len(sh.device_set)} device(s), not on the step's mesh of "
+                            f"{len(devices)}: build the state with "
+                            "init_train_state(..., mesh=mesh)."
+                        )
             fn = jax.jit(
                 inner,
                 donate_argnums=(0,) if donate else (),
@@ -391,6 +401,7 @@ def fit(
     keep: int = 3,
     stop_fn: Callable[[Mapping[str, float]], bool] | None = None,
     best_fn: Callable[[Mapping[str, float]], float | None] | None = None,
+    run_info: Mapping[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> FitResult:
@@ -443,6 +454,11 @@ def fit(
       stop_fn: ``stop_fn(record) -> bool``, called on every evaluated record.
       best_fn: ``best_fn(record) -> float | None``, called on every evaluated
         record.
+      run_info: JSON data naming the run's inputs that are not state, saved
+        in every checkpoint and compared on resume: e.g. the FLOW weight
+        table's path and a digest of it (``hashlib.sha256(
+        table.weights.tobytes()).hexdigest()``), the config. A resumed run
+        given other ``run_info`` raises instead of mixing two runs.
       progress: show a tqdm progress bar (process 0).
       log: where the ``resumed from step N`` line goes.
 
@@ -455,8 +471,9 @@ def fit(
         negative ``eval_every`` or ``checkpoint_every``; ``eval_every``
         without ``eval_fn``; a one-shot iterator with ``checkpoint_dir``; an
         ``eval_fn`` returning a name the step's metrics already use, or a
-        non-scalar; a checkpoint written for a state of another structure or
-        for more than ``num_steps`` steps.
+        non-scalar; a checkpoint written for a state of another structure, for
+        more than ``num_steps`` steps or with other ``run_info``; a
+        ``run_info`` that is not JSON data.
 
     Example:
       >>> import jax.numpy as jnp, numpy as np, optax, flowjax
@@ -492,15 +509,20 @@ def fit(
             "see the batches it would have seen. Pass a re-iterable (flowjax.batches(...), a "
             "list) or a function start -> batches from batch index start."
         )
+    if run_info is not None:
+        try:
+            run_info = json.loads(json.dumps(dict(run_info)))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"run_info must be JSON data (a dict): {e}") from None
     main = jax.process_index() == 0
-    run = _Run(history=[])
+    run = _Run(history=[], run_info=run_info)
     resumed_from = None
     manager = None
     if checkpoint_dir is not None:
         manager = _manager(checkpoint_dir, keep)
         latest = manager.latest_step()
         if latest is not None:
-            state, run = _restore(manager, latest, state, num_steps)
+            state, run = _restore(manager, latest, state, num_steps, run_info)
             resumed_from = latest
             log(f"resumed from step {latest}")
     start = resumed_from or 0
@@ -545,9 +567,16 @@ class _Run:
     """What :func:`fit` carries beside the state, and checkpoints with it."""
 
     def __init__(
-        self, history, stopped_at=None, best=None, best_step=None, best_score=None
+        self,
+        history,
+        stopped_at=None,
+        best=None,
+        best_step=None,
+        best_score=None,
+        run_info=None,
     ):
         self.history = history
+        self.run_info = run_info
         self.stopped_at = stopped_at
         self.best, self.best_step, self.best_score = best, best_step, best_score
 
@@ -879,6 +908,7 @@ def _save(manager, t: int, state: TrainState, run: _Run) -> None:
         "stopped_at": run.stopped_at,
         "best_step": run.best_step,
         "best_score": run.best_score,
+        "run_info": run.run_info,
     }
     items["meta"] = ocp.args.JsonSave(meta)
     manager.save(t, args=ocp.args.Composite(**items), force=True)
@@ -888,7 +918,7 @@ def _flat(state) -> dict[str, Array]:
     return {f"{i:06d}": x for i, x in enumerate(jax.tree.leaves(state))}
 
 
-def _restore(manager, t: int, template: TrainState, num_steps: int):
+def _restore(manager, t: int, template: TrainState, num_steps: int, run_info):
     meta = manager.restore(t, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
         "meta"
     ]
@@ -903,6 +933,12 @@ def _restore(manager, t: int, template: TrainState, num_steps: int):
             f"structure ({len(meta['leaves'])} leaves {meta['leaves'][:4]}...) than the state "
             f"given ({_state_fingerprint(template)[:4]}...): another model, optimiser or "
             "method wrote it. Use a new checkpoint_dir."
+        )
+    if meta.get("run_info") != run_info:
+        raise ValueError(
+            f"the checkpoint at {manager.directory} (step {t}) was written with run_info="
+            f"{meta.get('run_info')!r}, this run has run_info={run_info!r}: another run's "
+            "inputs (weights, config). Use a new checkpoint_dir."
         )
     if t > num_steps:
         raise ValueError(
@@ -928,6 +964,7 @@ def _restore(manager, t: int, template: TrainState, num_steps: int):
         unflat(restored["best"]) if "best" in items else None,
         meta.get("best_step"),
         meta.get("best_score"),
+        run_info,
     )
     return unflat(restored["state"]), run
 

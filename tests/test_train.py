@@ -565,3 +565,44 @@ def test_every_method_of_the_battery_trains_through_make_train_step(name):
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_run_info_must_match_on_resume_and_progress_bar_shows_loss(tmp_path, capsys):
+    batches = _batches(4)
+    step, state = _setup()
+    info = {"weights_sha256": "abc", "lr": 0.01}
+    flowjax.fit(
+        step,
+        state,
+        batches[:2],
+        num_steps=4,
+        checkpoint_dir=tmp_path,
+        run_info=info,
+        progress=True,
+    )
+    err = capsys.readouterr().err
+    assert "ex_per_s" in err and "loss" in err and "2/4" in err
+    step, state = _setup()
+    with pytest.raises(ValueError, match="run_info"):
+        flowjax.fit(
+            step,
+            state,
+            batches,
+            num_steps=4,
+            checkpoint_dir=tmp_path,
+            run_info={**info, "lr": 0.02},
+            progress=False,
+        )
+    step, state = _setup()
+    out = flowjax.fit(
+        step,
+        state,
+        batches,
+        num_steps=4,
+        checkpoint_dir=tmp_path,
+        run_info=info,
+        progress=False,
+    )
+    assert out.resumed_from == 2 and int(out.state.step) == 4
+    with pytest.raises(ValueError, match="JSON"):
+        flowjax.fit(step, state, batches, num_steps=4, run_info={"f": object()})
