@@ -29,7 +29,9 @@ Then four namespaces (their names are also available flat, as
   sources (:func:`batches`, :class:`ArraySource`);
 * :mod:`flowjax.train`: the functional train step and loop
   (:func:`init_train_state`, :func:`make_train_step`, :func:`fit`) with
-  orbax checkpoints that resume bit-identically after a kill.
+  orbax checkpoints that resume bit-identically after a kill, retention
+  monitoring with early stopping (:class:`RetentionMonitor`) and the
+  low-LR short-run recipe (:func:`low_lr_recipe`).
 
 The linear-model theory of the paper's section 7 lives in
 :mod:`flowjax.theory`.

@@ -15,6 +15,12 @@ orbax checkpoints. A hand-written loop is three lines::
     for batch in batches:
         state, metrics = step(state, batch)
 
+Against forgetting, :class:`RetentionMonitor` measures retention probes
+during training, logs them beside the target metric, stops early when
+retention leaves a budget and keeps the best state within it;
+:func:`low_lr_recipe` is the short low-learning-rate recipe as a ready
+optimiser.
+
 The pre-trained parameters θ₀ (``anchor``, for ‖θ−θ₀‖) and any frozen model
 are ARGUMENTS of the compiled step, never part of the state: they are not
 checkpointed (they are an input of the run, rebuilt the same way on
@@ -257,7 +263,8 @@ def make_train_step(
     ``'data'`` on its leading axis (one process: ``jax.device_put``; several:
     each process passes its own rows, joined with
     ``jax.make_array_from_process_local_data``), and the new state keeps the
-    shardings of the state given (see :func:`init_train_state`).
+    shardings of the state given (see :func:`init_train_state`); ``anchor``
+    is placed once with the params' shardings and ``frozen`` replicated.
 
     Args:
       objective: the batch objective (see above).
@@ -346,7 +353,7 @@ def make_train_step(
         new = TrainState(state.step + 1, params, opt_state, state.rng, model_state)
         return new, metrics
 
-    compiled: dict[Any, Callable] = {}
+    compiled: dict[Any, tuple[Callable, tuple[Any, Any]]] = {}
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         if not isinstance(state, TrainState):
@@ -375,13 +382,20 @@ def make_train_step(
                             f"{len(devices)}: build the state with "
                             "init_train_state(..., mesh=mesh)."
                         )
-            fn = jax.jit(
+            placed = (anchor, frozen)
+            if mesh is not None:  # θ₀ sharded as the params; frozen inputs replicated
+                placed = (
+                    jax.device_put(anchor, shardings.params),
+                    jax.device_put(frozen, NamedSharding(mesh, P())),
+                )
+            jitted = jax.jit(
                 inner,
                 donate_argnums=(0,) if donate else (),
                 out_shardings=None if shardings is None else (shardings, None),
             )
-            compiled[treedef] = fn
-        return fn(state, batch, anchor, frozen)
+            fn = compiled[treedef] = (jitted, placed)
+        jitted, (anchor_, frozen_) = fn
+        return jitted(state, batch, anchor_, frozen_)
 
     return step
 
