@@ -16,7 +16,7 @@ here::
 * objectives: :func:`weighted_objective` (per example, or ``batched=True``
   for BatchNorm models), :func:`weighted_loss`, :func:`attach_weights`.
 
-Then five namespaces (their names are also available flat, as
+Then six namespaces (their names are also available flat, as
 ``flowjax.<name>``):
 
 * :mod:`flowjax.baselines`: the methods FLOW is compared with and combined
@@ -27,13 +27,18 @@ Then five namespaces (their names are also available flat, as
   objective, length-bucketed batches;
 * :mod:`flowjax.data`: id-keyed batches from in-memory or random-access
   sources (:func:`batches`, :class:`ArraySource`);
+* :mod:`flowjax.train`: the functional train step and loop
+  (:func:`init_train_state`, :func:`make_train_step`, :func:`fit`) with
+  orbax checkpoints that resume bit-identically after a kill, retention
+  monitoring with early stopping (:class:`RetentionMonitor`) and the
+  low-LR short-run recipe (:func:`low_lr_recipe`);
 * :mod:`flowjax.metrics`: forgetting metrics: retention against the
   pre-trained model, the paper's pre-training/target average, accuracy on
   the hardest k % by pre-trained loss, and for task sequences ACC, BWT, FWT
   and forgetting;
 * :mod:`flowjax.diagnostics`: how concentrated FLOW's weights are: the
   effective sample size, the weight histogram (and its plot), the most
-  down-weighted examples and a printable :func:`summary`.
+  down-weighted examples and a printable :func:`weight_summary`.
 
 The linear-model theory of the paper's section 7 lives in
 :mod:`flowjax.theory`.
@@ -46,11 +51,13 @@ from flowjax.tables import LossTable, WeightTable
 from flowjax.weights import flow_weights, median_temperature
 from flowjax.objectives import attach_weights, weighted_loss, weighted_objective
 
-# Namespaces: baselines, language models, data, metrics, diagnostics; each one's names also flat.
-from flowjax import baselines, data, diagnostics, lm, metrics
+# Namespaces: baselines, language models, data, training, metrics, diagnostics; each
+# one's names also flat.
+from flowjax import baselines, data, diagnostics, lm, metrics, train
 from flowjax.baselines import *  # noqa: F403
 from flowjax.lm import *  # noqa: F403
 from flowjax.data import *  # noqa: F403
+from flowjax.train import *  # noqa: F403
 from flowjax.metrics import *  # noqa: F403
 from flowjax.diagnostics import *  # noqa: F403
 # isort: on
@@ -71,11 +78,13 @@ __all__ = [  # noqa: RUF022
     "baselines",
     "lm",
     "data",
+    "train",
     "metrics",
     "diagnostics",
 ]
 __all__ += baselines.__all__
 __all__ += lm.__all__
 __all__ += data.__all__
+__all__ += train.__all__
 __all__ += metrics.__all__
 __all__ += diagnostics.__all__

@@ -246,6 +246,12 @@ def batches(
       ``examples_per_epoch`` give the per-epoch counts on this process. No
       progress bar: progress belongs to the consumer.
 
+      ``from_batch(k)`` iterates from batch index ``k`` on (counted over
+      epochs), yielding exactly the batches ``k, k + 1, ...`` of a full
+      iteration without reading or mapping the first ``k``: the data
+      position a resumed training run starts from (:func:`flowjax.fit` uses
+      it).
+
       Resuming a pre-pass (:func:`flowjax.per_example_losses` with
       ``cache_dir``) uses two more methods so that cached examples are never
       read: ``cache_key()`` is a digest of everything the batches' data
@@ -294,6 +300,8 @@ def batches(
       >>> noisy = flowjax.batches(data, 4, map_fn=scale, seed=1, shard=(0, 1))
       >>> [b["x"].shape for b in noisy]
       [(4, 1), (4, 1), (2, 1)]
+      >>> [b["id"].tolist() for b in stream.from_batch(4)] == [b["id"].tolist() for b in stream][4:]
+      True
     """
     return _Batches(
         source,
@@ -434,14 +442,27 @@ class _Batches:
         return self._epochs * self.steps_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self.from_batch(0)
+
+    def from_batch(self, start: int) -> Iterator[dict[str, np.ndarray]]:
+        """The batches from batch index ``start`` on (see :func:`batches`)."""
+        _check_int(start, "start", 0)
+        return self._iter(start)
+
+    def _iter(self, start: int) -> Iterator[dict[str, np.ndarray]]:
         spec: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         seen: set[int] | None = set() if self._has_id else None
-        epochs = itertools.count() if self._epochs is None else range(self._epochs)
+        per = self.steps_per_epoch
+        first = start // per
+        if self._epochs is None:
+            epochs = itertools.count(first)
+        else:
+            epochs = range(first, self._epochs)
         for epoch in epochs:
             order = self._rows_of_epoch(epoch)
             if self._skip is not None:
                 order = order[~np.isin(self._ids_of(order), self._skip)]
-            for step in range(self.steps_per_epoch):
+            for step in range(start - epoch * per if epoch == first else 0, per):
                 rows = order[step * self._batch_size : (step + 1) * self._batch_size]
                 batch = self._batch(rows, epoch)
                 _check_spec(spec, batch)

@@ -12,7 +12,7 @@ from a :class:`flowjax.WeightTable` (and, for the losses, its
   imported only there, from the ``test`` / ``experiments`` extras);
 * :func:`most_down_weighted`: the ids, weights and losses of the examples
   with the smallest weights;
-* :func:`summary`: a small dict and a one-paragraph text for experiments to
+* :func:`weight_summary`: a small dict and a one-paragraph text for experiments to
   print.
 """
 
@@ -33,8 +33,8 @@ __all__ = [
     "effective_sample_size",
     "most_down_weighted",
     "plot_weight_histogram",
-    "summary",
     "weight_histogram",
+    "weight_summary",
 ]
 
 
@@ -285,7 +285,7 @@ def plot_weight_histogram(
     return path
 
 
-def summary(
+def weight_summary(
     weights: WeightTable,
     losses: LossTable | None = None,
     *,
@@ -323,7 +323,7 @@ def summary(
     Example:
       >>> import flowjax
       >>> lt = flowjax.LossTable([1, 2, 3, 4], [0.5, 1.0, 1.0, 5.0])
-      >>> info, text = flowjax.summary(lt.flow_weights(), lt, k=2)
+      >>> info, text = flowjax.weight_summary(lt.flow_weights(), lt, k=2)
       >>> info["n"], info["temperature"], info["down_weighted_ids"], info["fraction_below"]
       (4, 1.0, [4, 2], 0.25)
       >>> print(text)

@@ -43,6 +43,13 @@ NAMESPACES = {
         "weighted_lm_loss",
     },
     "data": {"batches", "ArraySource"},
+    "train": {
+        "TrainState",
+        "init_train_state",
+        "make_train_step",
+        "fit",
+        "RetentionMonitor",
+    },
     "metrics": {
         "retention",
         "perplexity_retention",
@@ -59,7 +66,7 @@ NAMESPACES = {
         "weight_histogram",
         "plot_weight_histogram",
         "most_down_weighted",
-        "summary",
+        "weight_summary",
     },
 }
 _PUBLIC = [

@@ -132,7 +132,7 @@ def test_plot_is_written(tmp_path, rng):
 def test_summary_values_and_text(rng):
     lt, wt = _table(rng, n=40)
     w = wt.weights.astype(np.float64)
-    info, text = diagnostics.summary(wt, lt)
+    info, text = diagnostics.weight_summary(wt, lt)
     order = np.lexsort((wt.ids, wt.weights))[:5]
     assert info["n"] == 40
     assert info["temperature"] == wt.temperature == pytest.approx(np.median(lt.losses))
@@ -150,7 +150,7 @@ def test_summary_values_and_text(rng):
     for i in info["down_weighted_ids"]:
         assert str(i) in text.splitlines()[1]
     # without losses or a known temperature
-    info, text = diagnostics.summary(
+    info, text = diagnostics.weight_summary(
         flowjax.WeightTable([3, 1, 2], [1.0, 0.05, 0.5]), k=2
     )
     assert info["temperature"] is None and "τ = unknown" in text

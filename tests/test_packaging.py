@@ -11,9 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 tomllib = pytest.importorskip("tomllib")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-# Declared for the training loop of the next issue (checkpoints of the trainable state and the
-# tables); flowjax/ does not import it yet.
-DECLARED_AHEAD = {"orbax-checkpoint"}
+# Declared but not imported by flowjax/ (none since flowjax.train imports orbax-checkpoint).
+DECLARED_AHEAD: set[str] = set()
 
 
 def _name(requirement: str) -> str:

@@ -268,7 +268,7 @@ def run(cfg: Config, out: Path, command: str | None = None) -> dict:
                 bar.update()
             if "FLOW" in names:
                 table, w = r.lp_losses("train"), r.flow_weights()
-                diagnostics, text = flowjax.diagnostics.summary(w, table)
+                diagnostics, text = flowjax.diagnostics.weight_summary(w, table)
                 row["flow"] = {
                     "tau": w.temperature,
                     "weight_mean": float(w.weights.mean()),
