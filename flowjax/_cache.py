@@ -214,11 +214,14 @@ def fn_fingerprint(fn, *, by_identity: bool = False) -> str | None:
     weak references and the module globals its code names (arrays by their
     bytes, plain values by their repr, modules, classes and builtins by their
     qualified name). An object of any other kind (an instance with state, such
-    as a tokenizer or an NNX graphdef) makes it return None: the caller then
-    cannot vouch for the function. With ``by_identity`` such an object counts
-    by its identity instead (as ``jax.jit`` treats the objects a function
-    reads): a key that is right within one process only, never on disk. Not
-    covered: the behaviour of imported modules and classes beyond their name.
+    as a tokenizer or an NNX graphdef, or an array of Python objects) makes it
+    return None: the caller then cannot vouch for the function. With
+    ``by_identity`` an immutable object with a value hash (an NNX graphdef, a
+    frozen dataclass) counts by ``hash(obj)`` instead: a key that is right
+    within one process only, never on disk; an object hashed by identity (one
+    that may change in place, such as an ``nnx.Module``) still gives None.
+    Not covered: the behaviour of imported modules and classes beyond their
+    name.
     """
     h = hashlib.blake2b(digest_size=_DIGEST)
     try:
@@ -234,6 +237,8 @@ def _hash_object(h, obj, seen: set, depth: int, by_identity: bool = False) -> No
     if obj is None or isinstance(obj, bool | numbers.Number | str | bytes):
         h.update(repr((type(obj).__name__, obj)).encode())
     elif isinstance(obj, np.ndarray | np.generic | jax.Array):
+        if np.dtype(obj.dtype).hasobject:  # Python objects: no bytes to hash
+            raise _Unhashable
         hash_array(h, obj)
     elif isinstance(obj, tuple | list | dict | set | frozenset):
         items = obj.items() if isinstance(obj, dict) else obj
@@ -266,8 +271,11 @@ def _hash_object(h, obj, seen: set, depth: int, by_identity: bool = False) -> No
     elif isinstance(obj, weakref.ref):  # e.g. the LM passes' wrappers of logits_fn
         h.update(b"<weakref>")
         _hash_object(h, obj(), seen, depth + 1, by_identity)
-    elif by_identity:
-        h.update(f"<{type(obj).__qualname__} at {id(obj)}>".encode())
+    elif by_identity and type(obj).__hash__ not in (None, object.__hash__):
+        try:  # a value hash (immutable objects): equal within this process
+            h.update(f"<{type(obj).__qualname__} hash {hash(obj)}>".encode())
+        except TypeError:
+            raise _Unhashable from None
     else:
         raise _Unhashable
 

@@ -634,12 +634,13 @@ def _make_step(
     flat, structure = jax.tree.flatten(acc_shardings)
     # What fn computes (code, closure, the globals it reads) is part of the key: a global
     # changed between two passes gives a new trace, never the old program (jax.jit alone
-    # would reuse its trace of the same function object).
+    # would reuse its trace of the same function object). When fn reads something that
+    # can change in place unseen (an nnx.Module, a mutable object), no step is reused.
     computes = _cache.fn_fingerprint(fn, by_identity=True)
     key = (global_batch, mesh, multiprocess, shape, with_ids, structure, tuple(flat))
     key += (computes,)
     try:
-        per_fn = _STEPS.setdefault(fn, {})
+        per_fn = {} if computes is None else _STEPS.setdefault(fn, {})
     except TypeError:  # not weak-referenceable: compile for this call only
         per_fn = {}
     if key in per_fn:
@@ -838,7 +839,18 @@ def _leaf_name(treedef, i: int) -> str:
 
 
 def _to_dtype(x: np.ndarray, dtype: np.dtype, name: str, ids: np.ndarray) -> np.ndarray:
-    """Casts to the first batch's (canonical) dtype; refuses lossy kind changes or overflow."""
+    """Casts to the first batch's (canonical) dtype; refuses lossy kind changes, overflow or rounding."""
+    if x.dtype.kind == "f" and dtype.kind == "f" and x.dtype.itemsize > dtype.itemsize:
+        with np.errstate(over="ignore"):  # an overflow is reported below, naming the ids
+            cast = x.astype(dtype)
+        lost = ~((cast.astype(x.dtype) == x) | (np.isnan(cast) & np.isnan(x)))
+        if lost.any():
+            raise ValueError(
+                f"field {name} has dtype {x.dtype}; the first batch had {dtype}, and "
+                f"{int(lost.sum())} of its values would change (overflow or rounding)"
+                f"{_naming(ids)}: feed every batch in one dtype."
+            )
+        return cast
     if x.dtype.kind in "iu" and dtype.kind in "iu":
         info = np.iinfo(dtype)
         if x.size and (x.min() < info.min or x.max() > info.max):
@@ -882,6 +894,9 @@ def _local_steps(
     """This process's fixed-shape steps: validated, duplicate-free, cached examples skipped."""
     for batch in batches:
         ids, leaves = spec.check(batch)
+        # A copy: the ids are read (and cached) steps later, and a loader may refill its
+        # arrays in place for the next batch. (The fields are consumed at dispatch.)
+        ids = np.array(ids, np.int64)
         twice, again = seen.add(ids)
         if len(twice) or len(again):
             raise ValueError(_duplicates(twice, again))

@@ -583,3 +583,70 @@ def test_a_global_the_loss_reads_changed_between_passes_is_never_stale(
     monkeypatch.setattr(sys.modules[__name__], "_SCALE", 1.0)
     again = run(cache_dir=cache)  # the original program: served from its cache
     assert again.cached == 4 and again.losses.tolist() == [2.0] * 4
+
+
+def _refilling_loader(reuse: bool, n_batches: int = 8, size: int = 4):
+    """Batches whose example i has loss 2i; with ``reuse`` the same arrays are refilled."""
+    ids, x = np.zeros(size, np.int64), np.zeros((size, 2), np.float32)
+    for b in range(n_batches):
+        if not reuse:
+            ids, x = np.zeros(size, np.int64), np.zeros((size, 2), np.float32)
+        ids[:] = np.arange(b * size, (b + 1) * size)
+        x[:] = ids[:, None]
+        yield {"id": ids, "x": x}
+
+
+def test_a_loader_that_refills_its_arrays_gets_right_rows_and_leaves_a_right_cache(
+    tmp_path,
+):
+    # The ids are read steps after their batch was fed: a loader that refills its
+    # buffers must not shift them (nor leave shifted rows for a later run to serve).
+    def loss(w, ex):
+        return jnp.sum(ex["x"] * w)
+
+    cache = str(tmp_path / "cache")
+    kw = {"progress": False, "cache_dir": cache, "flush_seconds": 0.0}
+    first = flowjax.per_example_losses(loss, jnp.ones(2), _refilling_loader(True), **kw)
+    assert first.ids.tolist() == list(range(32))
+    np.testing.assert_array_equal(first.losses, 2 * first.ids)
+    again = flowjax.per_example_losses(
+        loss, jnp.ones(2), _refilling_loader(False), **kw
+    )
+    assert again.cached == 32 and again == first
+
+
+def test_a_model_closed_over_and_changed_in_place_is_never_stale(tmp_path):
+    # An nnx.Module read from a closure can change in place, unseen by any key: the
+    # step is traced again on every call (so the new weights are used), and the cache
+    # of the old weights is refused.
+    from flax import nnx
+
+    model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+
+    def loss(_, ex):
+        return jnp.sum(model(ex["x"]) ** 2)
+
+    batches = [{"id": np.arange(3), "x": np.ones((3, 2), np.float32)}]
+    cache = str(tmp_path / "cache")
+    before = flowjax.per_example_losses(
+        loss, {}, batches, progress=False, cache_dir=cache
+    )
+    model.kernel[...] = model.kernel[...] * 10
+    truth = float(jnp.sum(model(batches[0]["x"][0]) ** 2))
+    after = flowjax.per_example_losses(loss, {}, batches, progress=False)
+    np.testing.assert_allclose(after.losses, truth, rtol=1e-6)
+    assert not np.allclose(after.losses, before.losses)
+    with pytest.raises(ValueError, match="the program differs"):
+        flowjax.per_example_losses(loss, {}, batches, progress=False, cache_dir=cache)
+
+
+def test_fingerprints_of_functions_reading_object_arrays():
+    vocabulary = np.array(["a", "b"], dtype=object)  # no bytes to hash
+
+    def loss(w, ex):
+        return jnp.sum(ex["x"] * w) * len(vocabulary)
+
+    assert _cache.fn_fingerprint(loss) is None
+    batches = [{"id": np.arange(3), "x": np.ones((3, 2), np.float32)}]
+    table = flowjax.per_example_losses(loss, jnp.ones(2), batches, progress=False)
+    assert table.losses.tolist() == [4.0] * 3

@@ -362,3 +362,24 @@ def test_repeated_ids_found_as_they_arrive_among_many_ids():
     assert set(map(int, shown.split(", "))) <= set(repeated.tolist())
     assert 5 + int(more) <= len(repeated)
     assert sum(pulled) > n
+
+
+def test_a_later_float_batch_is_never_rounded_or_overflowed_silently():
+    def loss(w, ex):
+        return jnp.sum(ex["x"].astype(jnp.float32) * w)
+
+    first = {"id": np.array([0]), "x": np.ones((1, 1), np.float16)}
+    exact = {"id": np.array([1]), "x": np.array([[0.5]], np.float32)}  # a float16 value
+    table = flowjax.per_example_losses(
+        loss, jnp.ones(1), [first, exact], progress=False
+    )
+    assert table.losses.tolist() == [1.0, 0.5]
+    for value in (1.0001, 70000.0):  # rounds, overflows in float16
+        later = {"id": np.array([7]), "x": np.array([[value]], np.float32)}
+        with pytest.raises(
+            ValueError,
+            match=r"dtype float32; the first batch had float16, and 1 of its values would change.*\[7\]",
+        ):
+            flowjax.per_example_losses(
+                loss, jnp.ones(1), [first, later], progress=False
+            )
