@@ -841,7 +841,9 @@ def _leaf_name(treedef, i: int) -> str:
 def _to_dtype(x: np.ndarray, dtype: np.dtype, name: str, ids: np.ndarray) -> np.ndarray:
     """Casts to the first batch's (canonical) dtype; refuses lossy kind changes, overflow or rounding."""
     if x.dtype.kind == "f" and dtype.kind == "f" and x.dtype.itemsize > dtype.itemsize:
-        with np.errstate(over="ignore"):  # an overflow is reported below, naming the ids
+        with np.errstate(
+            over="ignore"
+        ):  # an overflow is reported below, naming the ids
             cast = x.astype(dtype)
         lost = ~((cast.astype(x.dtype) == x) | (np.isnan(cast) & np.isnan(x)))
         if lost.any():

@@ -617,11 +617,16 @@ def _run(
     t = start
     last = time.perf_counter()
     examples = 0
-    for batch in batches:
+    it = iter(batches)
+    batch = next(it, _END) if t < num_steps else _END
+    while batch is not _END:
         state, metrics = step(state, batch)
         t += 1
         examples += _batch_size(batch)
-        final = t == num_steps
+        # One batch ahead, so that the last step taken is known to be the last even when
+        # the data runs out before num_steps: it gets the final record and evaluation.
+        batch = next(it, _END) if t < num_steps else _END
+        final = batch is _END
         evaluate = eval_fn is not None and (
             final or (eval_every and t % eval_every == 0)
         )
@@ -663,6 +668,9 @@ def _run(
         if final or stop:
             break
     return state, t
+
+
+_END = object()  # no batch left
 
 
 class RetentionMonitor:

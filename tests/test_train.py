@@ -606,3 +606,31 @@ def test_run_info_must_match_on_resume_and_progress_bar_shows_loss(tmp_path, cap
     assert out.resumed_from == 2 and int(out.state.step) == 4
     with pytest.raises(ValueError, match="JSON"):
         flowjax.fit(step, state, batches, num_steps=4, run_info={"f": object()})
+
+
+def test_data_that_runs_out_before_num_steps_still_gets_the_final_record_and_evaluation():
+    loss = lambda p, ex: (p["w"] * ex["x"] - ex["y"]) ** 2  # noqa: E731
+    objective = flowjax.weighted_objective(loss, return_metrics=True)
+    params, tx = {"w": jnp.array(0.0)}, optax.sgd(0.05)
+    data = {"x": np.linspace(-1, 1, 20, dtype=np.float32)}
+    data["y"], data["weight"] = 3 * data["x"], np.ones(20, np.float32)
+    calls = []
+
+    def evaluate(state):
+        calls.append(int(state.step))
+        return {"eval/w": float(state.params["w"])}
+
+    result = flowjax.fit(
+        flowjax.make_train_step(objective, tx, anchor=params),
+        flowjax.init_train_state(params, tx),
+        flowjax.batches(data, 4, epochs=1, shard=(0, 1)),  # 5 batches
+        num_steps=10,
+        log_every=3,
+        eval_fn=evaluate,
+        progress=False,
+    )
+    assert int(result.state.step) == 5
+    assert [r["step"] for r in result.history] == [3, 5]
+    assert calls == [5] and result.history[-1]["eval/w"] == float(
+        result.state.params["w"]
+    )
