@@ -216,10 +216,12 @@ def fn_fingerprint(fn, *, by_identity: bool = False) -> str | None:
     qualified name). An object of any other kind (an instance with state, such
     as a tokenizer or an NNX graphdef, or an array of Python objects) makes it
     return None: the caller then cannot vouch for the function. With
-    ``by_identity`` an immutable object with a value hash (an NNX graphdef, a
-    frozen dataclass) counts by ``hash(obj)`` instead: a key that is right
-    within one process only, never on disk; an object hashed by identity (one
-    that may change in place, such as an ``nnx.Module``) still gives None.
+    ``by_identity`` the key only has to be right within one process (never on
+    disk): an ``nnx.Module`` counts by its graphdef and its current arrays, an
+    immutable object with a value hash (an NNX graphdef, a frozen dataclass)
+    by ``hash(obj)``, another callable object by its identity (as ``jax.jit``
+    treats a callable), and any other object hashed by identity (plain state
+    that may change in place unseen) still gives None.
     Not covered: the behaviour of imported modules and classes beyond their
     name.
     """
@@ -271,12 +273,28 @@ def _hash_object(h, obj, seen: set, depth: int, by_identity: bool = False) -> No
     elif isinstance(obj, weakref.ref):  # e.g. the LM passes' wrappers of logits_fn
         h.update(b"<weakref>")
         _hash_object(h, obj(), seen, depth + 1, by_identity)
-    elif by_identity and type(obj).__hash__ not in (None, object.__hash__):
+    elif by_identity:
+        _hash_in_process(h, obj, seen, depth)
+    else:
+        raise _Unhashable
+
+
+def _hash_in_process(h, obj, seen: set, depth: int) -> None:
+    """``fn_fingerprint(by_identity=True)`` of an object no digest on disk could pin down."""
+    from flax import nnx
+
+    if isinstance(obj, nnx.Module):  # its structure and its current arrays
+        graphdef, state = nnx.split(obj)
+        h.update(f"<nnx {type(obj).__qualname__} {hash(graphdef)}>".encode())
+        _hash_object(h, jax.tree.leaves(state), seen, depth + 1, True)
+    elif type(obj).__hash__ not in (None, object.__hash__):
         try:  # a value hash (immutable objects): equal within this process
             h.update(f"<{type(obj).__qualname__} hash {hash(obj)}>".encode())
         except TypeError:
             raise _Unhashable from None
-    else:
+    elif callable(obj):  # a callable object stands for itself, as it does for jax.jit
+        h.update(f"<{type(obj).__qualname__} at {id(obj)}>".encode())
+    else:  # plain state that can change in place unseen
         raise _Unhashable
 
 

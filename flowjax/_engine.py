@@ -634,8 +634,9 @@ def _make_step(
     flat, structure = jax.tree.flatten(acc_shardings)
     # What fn computes (code, closure, the globals it reads) is part of the key: a global
     # changed between two passes gives a new trace, never the old program (jax.jit alone
-    # would reuse its trace of the same function object). When fn reads something that
-    # can change in place unseen (an nnx.Module, a mutable object), no step is reused.
+    # would reuse its trace of the same function object); an nnx.Module it reads counts
+    # by its arrays. When fn reads plain state that can change in place unseen, no step
+    # is reused.
     computes = _cache.fn_fingerprint(fn, by_identity=True)
     key = (global_batch, mesh, multiprocess, shape, with_ids, structure, tuple(flat))
     key += (computes,)

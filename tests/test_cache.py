@@ -616,9 +616,9 @@ def test_a_loader_that_refills_its_arrays_gets_right_rows_and_leaves_a_right_cac
 
 
 def test_a_model_closed_over_and_changed_in_place_is_never_stale(tmp_path):
-    # An nnx.Module read from a closure can change in place, unseen by any key: the
-    # step is traced again on every call (so the new weights are used), and the cache
-    # of the old weights is refused.
+    # An nnx.Module read from a closure can change in place, unseen by jax.jit: its
+    # arrays are part of the step's key, so the new weights give a new trace (and so a
+    # new program hash: the cache of the old weights is refused).
     from flax import nnx
 
     model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
