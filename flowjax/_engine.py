@@ -544,7 +544,9 @@ class _SeenIds:
 
     def add(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Adds ``ids``; returns (ids repeated within one batch, ids that arrived again), sorted."""
-        self._kept.append(np.array(ids, np.int64))  # a copy: loaders may reuse buffers
+        # Callers pass arrays of their own (_local_steps copies each batch's ids as it takes
+        # it; the cross-process ids are fresh from the step's output): kept as they are.
+        self._kept.append(np.asarray(ids, np.int64))
         self._kept_count += len(ids)
         if self._kept_count > len(self._merged) // 4:
             return self.merge()
