@@ -62,6 +62,7 @@ saves every process's shards, and process 0 writes the metrics file.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import math
@@ -78,6 +79,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flowjax import _cache
 from flowjax._types import Array, Batch, Params, PyTree
 
 __all__ = [
@@ -196,7 +198,10 @@ def init_train_state(
             params = jax.device_put(params, _match_shardings(params, param_shardings))
         model_state = jax.device_put(model_state, replicated)
         key = jax.device_put(key, replicated)
-    opt_state = jax.jit(tx.init)(params)
+    # Without a mesh tx.init runs op by op: nothing to compile for each new tx (every
+    # stage, seed and learning rate of a sweep builds one). With a mesh it is jitted, so
+    # XLA gives the optimiser state the params' shardings.
+    opt_state = tx.init(params) if mesh is None else jax.jit(tx.init)(params)
     step = jnp.zeros((), jnp.int32)
     if mesh is not None:
         step = jax.device_put(step, replicated)
@@ -257,7 +262,13 @@ def make_train_step(
     closed-over constants and not part of the state (so they are never
     checkpointed: a run rebuilds them the same way on restart). The
     step is traced once per batch shape; the state is donated (its buffers
-    are reused for the new state) unless ``donate=False``.
+    are reused for the new state) unless ``donate=False``. Steps that
+    compute the same thing share one compiled program: building a step
+    again, for another anchor, other ``frozen`` inputs of the same shapes, or
+    a learning rate that ``optax.inject_hyperparams`` keeps in the optimiser
+    state, compiles nothing new (the key is what the objective and
+    ``tx.update`` compute, by value, as :func:`flowjax.per_example_losses`
+    keys its step; a learning rate closed over by ``tx`` is part of it).
 
     With a ``mesh`` (axes ``('data', ...)``) the batch is sharded over
     ``'data'`` on its leading axis (one process: ``jax.device_put``; several:
@@ -354,6 +365,12 @@ def make_train_step(
         return new, metrics
 
     compiled: dict[Any, tuple[Callable, tuple[Any, Any]]] = {}
+    # What the step computes: the objective and tx.update (tx.init never runs in the
+    # step, so hyper-parameters that optax.inject_hyperparams keeps in the state are not
+    # part of it) and the flags. Steps that compute the same thing share one program.
+    computes = _step_fingerprint(
+        objective, tx, (has_aux, return_metrics, pass_rng, weight_key)
+    )
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         if not isinstance(state, TrainState):
@@ -388,16 +405,54 @@ def make_train_step(
                     jax.device_put(anchor, shardings.params),
                     jax.device_put(frozen, NamedSharding(mesh, P())),
                 )
-            jitted = jax.jit(
+            jitted = _program(
                 inner,
-                donate_argnums=(0,) if donate else (),
-                out_shardings=None if shardings is None else (shardings, None),
+                computes,
+                donate,
+                None if shardings is None else (shardings, None),
             )
             fn = compiled[treedef] = (jitted, placed)
         jitted, (anchor_, frozen_) = fn
         return jitted(state, batch, anchor_, frozen_)
 
     return step
+
+
+# Programs shared between steps that compute the same thing (same objective and tx.update
+# by value, same flags): a step built again for another anchor, another seed's frozen
+# inputs or another learning rate held in the optimiser state (optax.inject_hyperparams)
+# reuses the compiled program instead of tracing and compiling again. Bounded: the oldest
+# programs are dropped first.
+_PROGRAMS: collections.OrderedDict[Any, Callable] = collections.OrderedDict()
+_MAX_PROGRAMS = 32
+
+
+def _step_fingerprint(objective, tx, flags) -> str | None:
+    """A key for what a step computes, or None when the objective or ``tx.update`` cannot be pinned down."""
+    parts = [_cache.fn_fingerprint(f, by_identity=True) for f in (objective, tx.update)]
+    return None if None in parts else "/".join([*parts, repr(flags)])
+
+
+def _program(inner, computes, donate: bool, out_shardings):
+    """``jax.jit(inner, ...)``, shared with every earlier step whose ``computes`` and options match."""
+    options = {
+        "donate_argnums": (0,) if donate else (),
+        "out_shardings": out_shardings,
+    }
+    if computes is None:
+        return jax.jit(inner, **options)
+    key = (computes, donate)
+    if out_shardings is not None:
+        leaves, treedef = jax.tree.flatten(out_shardings)
+        key += (treedef, tuple(leaves))
+    jitted = _PROGRAMS.get(key)
+    if jitted is None:
+        jitted = _PROGRAMS[key] = jax.jit(inner, **options)
+        while len(_PROGRAMS) > _MAX_PROGRAMS:
+            _PROGRAMS.popitem(last=False)
+    else:
+        _PROGRAMS.move_to_end(key)
+    return jitted
 
 
 def fit(

@@ -2,9 +2,15 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 from sklearn.datasets import load_digits
 
@@ -21,9 +27,16 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    results = run.main(["--quick", "--out", str(out)])
-    return out, results
+    """``--quick --out digits`` from a temporary directory (a relative --out: the command
+    recorded in results.json is then the same for the kill test's run elsewhere)."""
+    base = tmp_path_factory.mktemp("digits")
+    cwd = os.getcwd()
+    os.chdir(base)
+    try:
+        results = run.main(["--quick", "--out", "digits"])
+    finally:
+        os.chdir(cwd)
+    return base / "digits", results
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +49,17 @@ def seed_run():
 def test_writes_every_output(quick_run):
     out, results = quick_run
     assert json.loads((out / "results.json").read_text()) == results
-    for name in ("pareto.png", "weights.png"):
+    for name in ("pareto.png", "weights.png", "retention.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG and len(data) > 10_000, name
+    # Wall-clock values live in timing.json only: results.json compares byte for byte.
+    timing = json.loads((out / "timing.json").read_text())
+    assert timing["total_s"] > 0 and timing["stages_restored_from_checkpoints"] == 0
+    assert "runtime" not in json.dumps(results) and '_s"' not in json.dumps(results)
+    # Every stage checkpointed under --out/checkpoints (pre-training included).
+    stages = list((out / "checkpoints" / "seed0").iterdir())
+    assert any(p.name.startswith("pretrain-") for p in stages)
+    assert all(any(c.name.isdigit() for c in p.iterdir()) for p in stages)
     md = (out / "results.md").read_text()
     for name in get_config(quick=True).methods:
         assert f"\n| {name} | " in md
@@ -181,14 +202,103 @@ def test_shift_is_a_translation():
 
 
 def test_cosine_schedule_is_per_epoch():
-    assert P.lr_at(0.2, 0, 10, "cosine") == 0.2
-    assert P.lr_at(0.2, 5, 10, "cosine") == pytest.approx(0.1)
-    assert P.lr_at(0.2, 9, 10, "cosine") == pytest.approx(
-        0.1 * (1 + math.cos(0.9 * math.pi))
+    assert P.lr_factor(0, 10, "cosine") == 1.0
+    assert P.lr_factor(5, 10, "cosine") == pytest.approx(0.5)
+    assert P.lr_factor(9, 10, "cosine") == pytest.approx(
+        (1 + math.cos(0.9 * math.pi)) / 2
     )
-    assert P.lr_at(0.2, 7, 10, "constant") == 0.2
+    assert P.lr_factor(7, 10, "constant") == 1.0
     with pytest.raises(ValueError, match="schedule"):
-        P.lr_at(0.2, 0, 10, "linear")
+        P.lr_factor(0, 10, "linear")
+    # The stage's transformation: -lr × factor(step // steps_per_epoch) × direction.
+    tx = P.stage_tx(optax.identity(), 0.2, 4, 3, "cosine")
+    state = tx.init({"w": np.zeros(1, np.float32)})
+    for step in range(12):
+        u, state = tx.update({"w": np.ones(1, np.float32)}, state)
+        want = -0.2 * (1 + math.cos(math.pi * (step // 3) / 4)) / 2
+        np.testing.assert_allclose(u["w"], [want], rtol=1e-6)
+
+
+def test_curves_end_at_each_methods_final_numbers(quick_run):
+    """A method's retention curve: step 0 is its starting model, its last point its final model."""
+    _, res = quick_run
+    row = res["per_seed"][0]
+    cfg = get_config(quick=True)
+    steps = cfg.epochs * (res["split"]["finetune_train"] // cfg.batch_size)
+    for name, m in row["methods"].items():
+        curve = m["curve"]
+        if methods.METHODS[name].lr_grid == ():  # WiSE-FT: trains nothing itself
+            assert curve is None
+            continue
+        rounds = 2 if name in ("FLOW", "FLOW + LoRA", "DRO") else 1
+        assert curve["step"][0] == 0 and curve["step"][-1] == rounds * steps, name
+        assert curve["step"] == sorted(set(curve["step"]))
+        assert len(curve["step"]) == 1 + rounds * cfg.epochs // cfg.curve_every
+        assert curve["target_acc"][-1] == m["target_acc"], name
+        assert curve["pretrain_acc"][-1] == m["pretrain_acc"], name
+    # LP-FT and FLOW start from the LP model: the pre-trained accuracy at step 0.
+    pre = row["pretrained"]["pretrain_test_acc"]
+    assert row["methods"]["FLOW"]["curve"]["pretrain_acc"][0] == pre
+    assert (
+        row["methods"]["LP-FT"]["curve"]["target_acc"][0]
+        == row["methods"]["LP"]["target_acc"]
+    )
+
+
+def _finished_stages(checkpoints: Path) -> int:
+    """Stage directories holding at least one finished orbax checkpoint."""
+    if not checkpoints.is_dir():
+        return 0
+    return sum(
+        any(c.name.isdigit() for c in stage.iterdir())
+        for seed in checkpoints.iterdir()
+        for stage in seed.iterdir()
+    )
+
+
+@pytest.mark.slow
+def test_killed_three_times_and_restarted_gives_the_same_results_json(
+    quick_run, tmp_path
+):
+    """``--quick --out digits`` SIGKILLed three times and restarted equals one uninterrupted run, byte for byte."""
+    uninterrupted, _ = quick_run
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    # Restarts reuse compiled programs from a persistent cache (faster, same numbers).
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax-cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    cmd = [sys.executable, "-m", "experiments.digits.run", "--quick", "--out", "digits"]
+    checkpoints = tmp_path / "digits" / "checkpoints"
+    rng = np.random.default_rng(0)
+    kill_at = sorted(rng.choice(np.arange(2, 26), size=3, replace=False).tolist())
+    logs = []
+    for i, target in enumerate([*kill_at, None]):
+        log = tmp_path / f"run{i}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=f, stderr=f)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if target is not None and _finished_stages(checkpoints) >= target:
+                time.sleep(
+                    float(rng.uniform(0, 0.3))
+                )  # land anywhere in the next stage
+                proc.kill()
+                break
+            time.sleep(0.02)
+        rc = proc.wait(timeout=300)
+        logs.append(log.read_text())
+        if target is None:
+            assert rc == 0, logs[-1][-3000:]
+        else:
+            assert rc == -9, (
+                f"run {i} ended (rc {rc}) before its kill point:\n{logs[-1][-3000:]}"
+            )
+    for text in logs[1:]:  # every restart says what it took from the checkpoints
+        assert "restored" in text or "resumed from step" in text, text[-3000:]
+    assert (tmp_path / "digits" / "results.json").read_bytes() == (
+        uninterrupted / "results.json"
+    ).read_bytes()
 
 
 def _leaves_equal(a, b):

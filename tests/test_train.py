@@ -634,3 +634,72 @@ def test_data_that_runs_out_before_num_steps_still_gets_the_final_record_and_eva
     assert calls == [5] and result.history[-1]["eval/w"] == float(
         result.state.params["w"]
     )
+
+
+class _Traces:
+    """Counts jaxpr traces (jax.monitoring events) while active."""
+
+    def __init__(self):
+        self.count, self.on = 0, False
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event, duration, **kwargs):
+        if self.on and event == "/jax/core/compile/jaxpr_trace_duration":
+            self.count += 1
+
+    def __enter__(self):
+        self.count, self.on = 0, True
+        return self
+
+    def __exit__(self, *exc):
+        self.on = False
+
+
+_TRACES = _Traces()
+
+
+def test_steps_that_compute_the_same_thing_share_one_program_and_others_do_not():
+    """A rebuilt step (new anchor, new LR in inject_hyperparams) reuses the program; a changed closure never does."""
+    params = _data.params()
+    batch = _batches(1)[0]
+
+    def build(lr, scale, anchor_shift=0.0):
+        def loss(
+            p, ex
+        ):  # a fresh closure each time, computing the same thing if scale is
+            return scale * _data.loss_fn(p, ex)
+
+        objective = flowjax.weighted_objective(loss, return_metrics=True)
+        tx = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
+        anchor = jax.tree.map(lambda p: p + anchor_shift, params)
+        return flowjax.make_train_step(objective, tx, anchor=anchor), tx
+
+    def states(*builds):  # tx.init traces on its own: outside the counted part
+        return [(step, flowjax.init_train_state(params, tx)) for step, tx in builds]
+
+    (s1, i1), (s2, i2), (s3, i3) = states(
+        build(0.1, 1.0), build(0.3, 1.0, anchor_shift=0.5), build(0.1, 2.0)
+    )
+    first = s1(i1, batch)
+    with _TRACES as t:
+        second = s2(i2, batch)
+    assert t.count == 0  # same computation: no trace (so no compile)
+    with _TRACES as t:
+        third = s3(i3, batch)
+    assert t.count >= 1  # the closure's constant changed: a new program
+
+    # And each computed what its own arguments say (nothing stale served).
+    ref_params, _, ref_loss, _ = _reference_step(
+        params, optax.sgd(0.3).init(params), batch, optax.sgd(0.3)
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+        second[0].params,
+        ref_params,
+    )
+    distance = optax.tree.norm(
+        jax.tree.map(lambda p, a: p - (a + 0.5), second[0].params, params)
+    )
+    np.testing.assert_allclose(second[1]["param_distance"], distance, rtol=1e-5)
+    np.testing.assert_allclose(third[1]["loss"], 2 * first[1]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(first[1]["loss"], ref_loss, rtol=1e-6)

@@ -60,6 +60,10 @@ class Config:
     max_shift: int = 1  # training augmentation: random translation, pixels
     # Evaluation.
     hard_fraction: float = 0.1
+    curve_every: int = 2  # epochs between the evaluations of the retention curves
+    # Checkpoints (flowjax.fit, under --out/checkpoints): every this many epochs and at
+    # the end of every stage.
+    checkpoint_every: int = 10
     # Methods and their settings.
     methods: tuple[str, ...] = ALL_METHODS
     l2sp_strength: float = (
@@ -83,7 +87,14 @@ class Config:
 
 
 def get_config(quick: bool = False) -> Config:
-    """The default config, or with ``quick`` the smoke-test one (1 seed, 4 + 2 epochs, 2 LRs)."""
+    """The default config, or with ``quick`` the smoke-test one (1 seed, 4 + 2 epochs, 2 LRs, every epoch evaluated and checkpointed)."""
     if quick:
-        return Config(seeds=1, pretrain_epochs=4, epochs=2, lr_grid=(0.01, 0.1))
+        return Config(
+            seeds=1,
+            pretrain_epochs=4,
+            epochs=2,
+            lr_grid=(0.01, 0.1),
+            curve_every=1,
+            checkpoint_every=1,
+        )
     return Config()

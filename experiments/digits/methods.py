@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,7 @@ import numpy as np
 import optax
 
 import flowjax
+from experiments import report
 from experiments.digits import model as M
 from experiments.digits import protocol as P
 from experiments.digits.config import Config
@@ -51,13 +55,53 @@ def optimizer(
     return body if extra is None else optax.chain(extra, body)
 
 
-class SeedRun:
-    """Everything one seed needs: the pre-trained model, memoised fits, FLOW weights."""
+def _digest(value) -> str:
+    """SHA-256 of JSON data, or of the bytes of a tree of arrays."""
+    h = hashlib.sha256()
+    leaves = jax.tree.leaves(value)
+    if leaves and all(isinstance(x, np.ndarray | jax.Array) for x in leaves):
+        for path, x in jax.tree_util.tree_leaves_with_path(value):
+            x = np.asarray(x)
+            h.update(f"{jax.tree_util.keystr(path)}{x.dtype}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+    else:
+        h.update(json.dumps(value, sort_keys=True).encode())
+    return h.hexdigest()
 
-    def __init__(self, cfg: Config, tasks: P.Tasks, seed: int, lrs: dict[str, float]):
+
+class SeedRun:
+    """Everything one seed needs: the pre-trained model, memoised fits, FLOW weights.
+
+    With ``checkpoints`` (a directory) every training stage of the seed runs
+    through ``flowjax.fit`` with its own checkpoint directory under
+    ``checkpoints/seed<seed>/``, named by the stage's label (method, LR,
+    round) and a digest of everything it depends on (the config, the seed,
+    the label, the starting parameters and the FLOW weights): a rerun with
+    the same inputs restores finished stages and resumes the interrupted one
+    ("resumed from step N"), a changed input gets a new directory, and
+    nothing stale is ever restored. Every fine-tuning stage is evaluated every
+    ``cfg.curve_every`` epochs (target accuracy and pre-training accuracy
+    after the swap, on the test splits); :meth:`curve` gives a method's own
+    stages as one curve.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        tasks: P.Tasks,
+        seed: int,
+        lrs: dict[str, float],
+        checkpoints: Path | None = None,
+        log=print,
+    ):
         self.cfg, self.tasks, self.seed, self.lrs = cfg, tasks, seed, lrs
+        self.checkpoints, self.log = checkpoints, log
+        self.restored: list[str] = []  # labels of stages restored finished
         self._fits: dict[tuple[str, float | None], M.Net] = {}
         self._memo: dict[str, object] = {}
+        self._stack: list[list] = []  # [name, lr, stages so far] of the fits running
+        self._curves: dict[tuple[str, float | None], list[dict]] = {}
+        self._config_digest = _digest(report.config_dict(cfg))
         self.key = jax.random.key(seed)
         init = M.init(jax.random.fold_in(self.key, 0))
         self.pretrained, _ = P.train(
@@ -70,6 +114,70 @@ class SeedRun:
             seed=seed,
             optim=cfg.optim,
             make_tx=optimizer,
+            stage=self._stage("pretrain", init, None, evaluate=False),
+        )
+
+    def _stage(
+        self,
+        label: str,
+        net: M.Net,
+        weights: flowjax.WeightTable | None,
+        evaluate: bool = True,
+    ) -> P.Stage:
+        """The :class:`~experiments.digits.protocol.Stage` of one training stage."""
+        epochs = self.cfg.pretrain_epochs if label == "pretrain" else self.cfg.epochs
+        steps_per_epoch = len(self.tasks.finetune.train) // self.cfg.batch_size
+        if label == "pretrain":
+            steps_per_epoch = len(self.tasks.pretrain.train) // self.cfg.batch_size
+        eval_fn = None
+        if evaluate:
+            ft, pre = self.tasks.finetune, self.tasks.pretrain
+
+            def eval_fn(net):
+                net = self.plain(net)
+                return {
+                    "target_acc": P.accuracy(net, ft, "test"),
+                    "pretrain_acc": P.pretraining_accuracy(net, self.pretrained, pre),
+                }
+
+        if self.checkpoints is None:
+            return P.Stage(
+                eval_fn=eval_fn, eval_every=self.cfg.curve_every * steps_per_epoch
+            )
+        info = {
+            "config": self._config_digest,
+            "seed": self.seed,
+            "stage": label,
+            "start": _digest(jax.tree.map(np.asarray, M.state(net))),
+            "weights": None if weights is None else _digest(weights.weights),
+        }
+        slug = label.replace(" ", "").replace("/", "_").replace("+", "-")
+        directory = (
+            self.checkpoints / f"seed{self.seed}" / f"{slug}-{_digest(info)[:12]}"
+        )
+
+        def log(message: str) -> None:
+            if message.startswith("resumed from step"):
+                step = int(message.split()[-1])
+                if step == epochs * steps_per_epoch:
+                    self.restored.append(label)
+                    if len(self.restored) == 1:
+                        self.log(
+                            f"seed {self.seed}: restored finished stage {label} from "
+                            f"{directory.parent} (further finished stages are restored "
+                            "without a line each)"
+                        )
+                    return
+                message = f"seed {self.seed} {label}: {message}"
+            self.log(message)
+
+        return P.Stage(
+            checkpoint_dir=directory,
+            checkpoint_every=self.cfg.checkpoint_every * steps_per_epoch,
+            run_info=info,
+            eval_fn=eval_fn,
+            eval_every=self.cfg.curve_every * steps_per_epoch,
+            log=log,
         )
 
     # ---- building blocks for methods ------------------------------------
@@ -93,7 +201,19 @@ class SeedRun:
         ``hooks`` go to :func:`experiments.digits.protocol.train` (weights,
         objective, extra, reference).
         """
-        out, _ = P.train(
+        if not self._stack:
+            raise RuntimeError(
+                "SeedRun.train runs inside a method's fit (SeedRun.fit)."
+            )
+        top = self._stack[-1]
+        name, method_lr, round_ = top[0], top[1], len(top[2]) + 1
+        label = f"{name}@{method_lr:g}/{round_}"
+        if round_ > 1:
+            label += (
+                f"@{lr:g}"  # a later round may use another method's LR (FLOW's round 2)
+            )
+        start = net
+        out, result = P.train(
             net,
             self.tasks.finetune,
             trainable=M.trainable(net, trainable),
@@ -103,15 +223,59 @@ class SeedRun:
             seed=self.seed,
             optim=self.cfg.optim,
             make_tx=optimizer,
+            stage=self._stage(label, start, hooks.get("weights")),
             **hooks,
         )
+        top[2].append((start, result.history))
         return out
 
     def fit(self, name: str, lr: float | None) -> M.Net:
         """Method ``name`` at learning rate ``lr`` (memoised per seed)."""
         if (name, lr) not in self._fits:
-            self._fits[name, lr] = METHODS[name].fit(self, lr)
+            self._stack.append([name, lr, []])
+            try:
+                net = METHODS[name].fit(self, lr)
+            finally:
+                _, _, stages = self._stack.pop()
+            self._fits[name, lr] = net
+            self._curves[name, lr] = self._join(stages)
         return self._fits[name, lr]
+
+    def plain(self, net: M.Net) -> M.Net:
+        """``net`` as a plain CNN: LoRA factors merged (``flowjax.merge_lora``) if it has any."""
+        if jax.tree.structure(net.params) == jax.tree.structure(self.pretrained.params):
+            return net
+        return M.merge_lora(net, self.pretrained)
+
+    def curve(self, name: str, lr: float | None) -> dict[str, list[float]] | None:
+        """Method ``name``'s own training stages (not those of the methods it starts from) as one curve.
+
+        ``{"step": [...], "target_acc": [...], "pretrain_acc": [...]}``: step 0
+        is the model the method starts from, then every evaluation of its
+        stages, later rounds' steps continuing the first's. None for a method
+        that trains nothing itself (WiSE-FT).
+        """
+        self.fit(name, lr)
+        return self._curves[name, lr]
+
+    def _join(self, stages: list) -> dict[str, list[float]] | None:
+        if not stages:
+            return None
+        ft, pre = self.tasks.finetune, self.tasks.pretrain
+        start = self.plain(stages[0][0])
+        curve = {
+            "step": [0],
+            "target_acc": [P.accuracy(start, ft, "test")],
+            "pretrain_acc": [P.pretraining_accuracy(start, self.pretrained, pre)],
+        }
+        offset = 0
+        for _, history in stages:
+            for record in history:
+                curve["step"].append(offset + record["step"])
+                curve["target_acc"].append(record["target_acc"])
+                curve["pretrain_acc"].append(record["pretrain_acc"])
+            offset += history[-1]["step"]
+        return curve
 
     def lp(self) -> M.Net:
         """The LP model at LP's selected learning rate."""
@@ -224,7 +388,7 @@ def l2sp(run: SeedRun, lr: float) -> M.Net:
     """FT plus L2-SP: ``g += λ (θ − θ₀)`` on every pre-trained parameter (not the new head)."""
     net = run.new_head()
     tx = flowjax.l2sp(run.cfg.l2sp_strength, mask=run.shared(net))
-    return run.train(net, lr=lr, trainable="all", schedule="cosine", extra=("l2sp", tx))
+    return run.train(net, lr=lr, trainable="all", schedule="cosine", extra=tx)
 
 
 def ewc(run: SeedRun, lr: float) -> M.Net:
@@ -246,7 +410,7 @@ def ewc(run: SeedRun, lr: float) -> M.Net:
     mean = float(sum(np.sum(x) for x in kept) / sum(x.size for x in kept))
     f_hat = jax.tree.map(lambda x: x / mean, f)
     tx = flowjax.ewc(run.cfg.ewc_strength, f_hat, mask=mask)
-    return run.train(net, lr=lr, trainable="all", schedule="cosine", extra=("ewc", tx))
+    return run.train(net, lr=lr, trainable="all", schedule="cosine", extra=tx)
 
 
 def lora(run: SeedRun, lr: float) -> M.Net:

@@ -19,15 +19,17 @@ particular method.
   with labels 0-4 (a new head). Test = the dataset's fixed stratified
   ``test`` split (20 %); validation = a stratified 20 % of its ``train``
   split (:func:`make_tasks`), for learning-rate selection only.
-* Training: :func:`train` runs one stage (SGD with momentum and weight decay,
-  PyTorch-style, built by the caller's ``make_tx``; per-epoch
-  cosine or constant LR), with a per-example weight on every example (1
-  unless a ``WeightTable`` is given) and the official vision reduction
-  ``Σ w_i ℓ_i / B``. The step is a ``jax.jit``-compiled pure function of
-  arrays (optimizer state donated), compiled once per model structure,
-  trainable mask, objective and regulariser kind; the learning rate is an
-  argument, so every LR of a grid and every epoch of a schedule reuse it. The
-  last partial training batch of an epoch is dropped (one shape). A seed's
+* Training: :func:`train` runs one stage through ``flowjax.fit`` with a
+  ``flowjax.make_train_step`` step (SGD with momentum and weight decay,
+  PyTorch-style, built by the caller's ``make_tx``; per-epoch cosine or
+  constant LR, :func:`stage_tx`), with a per-example weight on every example
+  (1 unless a ``WeightTable`` is given) and the official vision reduction
+  ``Σ w_i ℓ_i / B``. The learning rate lives in the optimiser state, so every
+  LR of a grid, every seed and every stage of one kind share one compiled
+  program. A :class:`Stage` gives the stage a checkpoint directory (it then
+  resumes bit for bit after a kill) and an evaluation every N steps (its
+  curve). The last partial training batch of an epoch is dropped (one
+  shape). A seed's
   training stream of a task (:func:`train_stream`) is drawn once and shared
   by every stage and method of that seed: the methods of one seed see the
   same batches in the same order with the same augmentation (common random
@@ -43,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import zlib
 from collections.abc import Callable
@@ -249,13 +250,44 @@ class Optim:
     max_shift: int = 1  # training augmentation: random translation, pixels
 
 
-def lr_at(lr: float, epoch: int, epochs: int, schedule: Schedule) -> float:
-    """Per-epoch learning rate: ``lr (1 + cos(π e / T)) / 2`` (cosine) or ``lr``."""
+def lr_factor(epoch, epochs: int, schedule: Schedule):
+    """Per-epoch learning-rate factor: ``(1 + cos(π e / T)) / 2`` (cosine) or 1 (constant).
+
+    ``epoch`` may be a traced integer (the step count // steps per epoch).
+    """
     if schedule == "cosine":
-        return lr * (1.0 + math.cos(math.pi * epoch / epochs)) / 2.0
+        return (1.0 + jnp.cos(jnp.pi * epoch / epochs)) / 2.0
     if schedule == "constant":
-        return lr
+        return jnp.ones_like(epoch, jnp.float32)
     raise ValueError(f"schedule must be 'cosine' or 'constant'; got {schedule!r}.")
+
+
+def stage_tx(
+    direction: optax.GradientTransformation,
+    lr: float,
+    epochs: int,
+    steps_per_epoch: int,
+    schedule: Schedule,
+) -> optax.GradientTransformation:
+    """``direction`` scaled by ``-lr`` times the per-epoch factor (:func:`lr_factor`).
+
+    The learning rate is held in the optimiser state
+    (``optax.inject_hyperparams``), not in the transformation's code, so
+    every learning rate of a grid shares one compiled step
+    (``flowjax.make_train_step`` shares programs between steps that compute
+    the same thing).
+    """
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant'; got {schedule!r}.")
+
+    def factor(count):
+        return lr_factor(count // steps_per_epoch, epochs, schedule)
+
+    return optax.chain(
+        direction,
+        optax.scale_by_schedule(factor),
+        optax.inject_hyperparams(optax.scale)(step_size=-lr),
+    )
 
 
 MakeTx = Callable[..., optax.GradientTransformation]
@@ -281,56 +313,42 @@ def cross_entropy(model, batch: dict, reference: Any) -> tuple[jax.Array, dict]:
 
 Objective = Callable[[Any, dict, Any], tuple[jax.Array, dict]]
 
-_STEPS: dict[tuple, Callable] = {}
 
-Extra = tuple[str, optax.GradientTransformation] | None
+@functools.cache
+def step_objective(graphdef: Any, objective: Objective):
+    """``objective`` in ``flowjax.make_train_step``'s form, for one model structure.
 
-
-def _compiled_step(
-    graphdef: Any,
-    trainable: dict,
-    optim: Optim,
-    objective: Objective,
-    extra: Extra,
-    make_tx: MakeTx,
-):
-    """``(tx, jitted step)`` for this model structure, mask, objective and regulariser.
-
-    ``extra`` is ``(kind, transformation)``: the step is cached by ``kind``,
-    not by the transformation object, because the regularisers keep their
-    per-seed data (θ₀, the Fisher) in the optimizer STATE, a jit argument; two
-    transformations of one kind (same strength and mask, different anchors)
-    share one compiled step. The optimizer state is donated.
+    ``fn(params, batch, stats, frozen) -> (loss, (new_stats, metrics))``: the
+    module is merged in train mode (BatchNorm normalises with the batch and
+    updates its running statistics, returned as the aux output);
+    ``frozen = (reference,)``.
     """
-    kind, extra_tx = (None, None) if extra is None else extra
-    tx = make_tx(trainable, optim.momentum, optim.weight_decay, extra_tx)
-    key = (
-        graphdef,
-        tuple(jax.tree.leaves(trainable)),
-        jax.tree.structure(trainable),
-        optim.momentum,
-        optim.weight_decay,
-        objective,
-        kind,
-        make_tx,
-    )
-    if key not in _STEPS:
 
-        def step(params, stats, opt_state, batch, lr, reference):
-            def loss_fn(p):
-                model = M.merge(graphdef, p, stats, train=True)
-                loss, metrics = objective(model, batch, reference)
-                return loss, (M.batch_stats(model), metrics)
+    def fn(params, batch, stats, frozen):
+        model = M.merge(graphdef, params, stats, train=True)
+        loss, metrics = objective(model, batch, frozen[0])
+        return loss, (M.batch_stats(model), metrics)
 
-            (_, (new_stats, metrics)), grads = jax.value_and_grad(
-                loss_fn, has_aux=True
-            )(params)
-            direction, opt_state = tx.update(grads, opt_state, params)
-            params = jax.tree.map(lambda p, d: p - lr * d, params, direction)
-            return params, new_stats, opt_state, metrics
+    return fn
 
-        _STEPS[key] = jax.jit(step, donate_argnums=2)
-    return tx, _STEPS[key]
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Where a stage checkpoints and what it evaluates while it trains (both optional).
+
+    ``checkpoint_dir``: the stage's own directory (``flowjax.fit`` saves
+    there every ``checkpoint_every`` steps and at the end, and resumes from
+    it); ``run_info``: JSON data naming the stage's inputs (compared on
+    resume). ``eval_fn(net) -> {name: float}`` is called every ``eval_every``
+    steps and at the end; its records are the stage's curve.
+    """
+
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 0
+    run_info: dict | None = None
+    eval_fn: Callable[[Any], dict] | None = None
+    eval_every: int = 0
+    log: Callable[[str], None] = print
 
 
 def train(
@@ -346,14 +364,19 @@ def train(
     make_tx: MakeTx,
     weights: flowjax.WeightTable | None = None,
     objective: Objective = cross_entropy,
-    extra: Extra = None,
+    extra: optax.GradientTransformation | None = None,
     reference: Any = None,
-) -> tuple[M.Net, dict]:
-    """One training stage on ``task``'s train split; returns the new model and metrics.
+    stage: Stage = Stage(),
+) -> tuple[M.Net, flowjax.FitResult]:
+    """One training stage on ``task``'s train split, through ``flowjax.fit``.
 
     Every stage starts a fresh optimizer (as the official code does per
     phase). BatchNorm runs in train mode throughout, so running statistics
-    update even where every parameter is frozen (linear probing).
+    update even where every parameter is frozen (linear probing). The step
+    is ``flowjax.make_train_step`` over :func:`step_objective` with ‖θ−θ₀‖
+    measured from the stage's starting parameters; programs are shared
+    between stages, seeds and learning rates (the LR lives in the optimiser
+    state, the regularisers' θ₀ and Fisher too).
 
     Args:
       net: the starting model.
@@ -369,35 +392,61 @@ def train(
         ``extra`` (:data:`MakeTx`).
       weights: per-example weights by id (FLOW); None means weight 1.
       objective: the loss (see :func:`cross_entropy`).
-      extra: ``(kind, transformation)`` chained before weight decay (L2-SP,
-        EWC); see :func:`_compiled_step`.
+      extra: an optax transformation chained before weight decay (L2-SP, EWC).
       reference: arrays passed to ``objective`` (jit arguments, never closed over).
+      stage: checkpointing and evaluation (:class:`Stage`).
 
     Returns:
-      ``(net, {"loss": last epoch's mean objective, ...})``.
+      ``(net, fit_result)``: the trained model and ``flowjax.fit``'s result
+      (its ``history`` is the stage's curve when ``stage.eval_fn`` is set).
     """
-    tx, step = _compiled_step(net.graphdef, trainable, optim, objective, extra, make_tx)
     stream = train_stream(task, seed, epochs, optim)
     per_epoch = len(stream) // epochs
-    params, stats = net.arrays
-    opt_state = tx.init(params)
-    last: list[dict] = []
-    for i, batch in enumerate(stream):
-        epoch = i // per_epoch
-        if i % per_epoch == 0:
-            last = []
-        if weights is None:
-            w = np.ones(len(batch["id"]), np.float32)
-        else:
-            w = flowjax.attach_weights(batch, weights)["weight"]
-        inputs = {"image": batch["image"], "label": batch["label"], "weight": w}
-        lr_e = np.float32(lr_at(lr, epoch, epochs, schedule))
-        params, stats, opt_state, metrics = step(
-            params, stats, opt_state, inputs, lr_e, reference
-        )
-        last.append(metrics)
-    summary = {k: float(np.mean([m[k] for m in last])) for k in last[0]} if last else {}
-    return net._replace(params=params, stats=stats), summary
+    tx = stage_tx(
+        make_tx(trainable, optim.momentum, optim.weight_decay, extra),
+        lr,
+        epochs,
+        per_epoch,
+        schedule,
+    )
+    step = flowjax.make_train_step(
+        step_objective(net.graphdef, objective),
+        tx,
+        anchor=net.params,
+        frozen=(reference,),
+        has_aux=True,
+    )
+    state = flowjax.init_train_state(net.params, tx, rng=seed, model_state=net.stats)
+
+    def data(start: int):
+        for batch in stream[start:]:
+            if weights is None:
+                w = np.ones(len(batch["id"]), np.float32)
+            else:
+                w = flowjax.attach_weights(batch, weights)["weight"]
+            yield {"image": batch["image"], "label": batch["label"], "weight": w}
+
+    def as_net(s: flowjax.TrainState) -> M.Net:
+        return net._replace(params=s.params, stats=s.model_state)
+
+    eval_fn = None if stage.eval_fn is None else (lambda s: stage.eval_fn(as_net(s)))
+    every = stage.eval_every if eval_fn is not None else 0
+    result = flowjax.fit(
+        step,
+        state,
+        data,
+        num_steps=len(stream),
+        eval_fn=eval_fn,
+        eval_every=every,
+        log_every=every or len(stream),
+        checkpoint_dir=stage.checkpoint_dir,
+        checkpoint_every=stage.checkpoint_every,
+        keep=1,
+        run_info=stage.run_info,
+        progress=False,
+        log=stage.log,
+    )
+    return as_net(result.state), result
 
 
 # --------------------------------------------------------------------------

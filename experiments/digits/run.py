@@ -7,7 +7,7 @@ and the theory experiment)::
     python -m experiments.digits.run --out DIR  # elsewhere
     python -m experiments.digits.run --quick    # 1 seed, tiny budget (smoke test)
     python -m experiments.digits.run --set lora_rank=8 --set seeds=3  # any config field
-    python -m experiments.digits.run --replot   # redraw pareto.png from results.json
+    python -m experiments.digits.run --replot   # redraw pareto.png and retention.png from results.json
 
 Outputs: ``results.json`` (config, selected learning rates with their
 validation grid, per-seed per-method numbers, WiSE-FT sweeps, runtime),
@@ -236,10 +236,19 @@ def run(cfg: Config, out: Path, command: str | None = None) -> dict:
     lrs: dict[str, float] = {}
 
     n_grid = sum(len(METHODS[n].grid(cfg)) for n in names)
+    checkpoints = out / "checkpoints"
+    restored: list[str] = []
+
+    def seed_run(seed: int, bar) -> SeedRun:
+        r = SeedRun(cfg, tasks, seed, lrs, checkpoints=checkpoints, log=bar.write)
+        runs.append(r)
+        return r
+
+    runs: list[SeedRun] = []
     with tqdm(
         total=n_grid, desc=f"LR selection (seed {seeds[0]})", dynamic_ncols=True
     ) as bar:
-        first = SeedRun(cfg, tasks, seeds[0], lrs)
+        first = seed_run(seeds[0], bar)
         grids = select_lrs(cfg, first, bar)
     t_select = time.perf_counter() - t0
 
@@ -249,7 +258,7 @@ def run(cfg: Config, out: Path, command: str | None = None) -> dict:
         total=len(seeds) * len(names), desc="seeds × methods", dynamic_ncols=True
     ) as bar:
         for seed in seeds:
-            r = first if seed == seeds[0] else SeedRun(cfg, tasks, seed, lrs)
+            r = first if seed == seeds[0] else seed_run(seed, bar)
             pre = r.pretrained
             row = {
                 "seed": seed,
@@ -264,6 +273,7 @@ def run(cfg: Config, out: Path, command: str | None = None) -> dict:
                 row["methods"][name] = {
                     "lr": lrs[name],
                     **evaluate(r, r.fit(name, lrs[name])),
+                    "curve": r.curve(name, lrs[name]),
                 }
                 bar.update()
             if "FLOW" in names:
@@ -299,24 +309,33 @@ def run(cfg: Config, out: Path, command: str | None = None) -> dict:
         "lr_selection": grids,
         "per_seed": per_seed,
         "summary": summary.summarize(per_seed, names),
-        "runtime_s": {
-            "lr_selection": t_select,
-            "total": time.perf_counter() - t0,
-            "cpu": time.process_time() - c0,
-        },
         "command": command,
     }
     plot_pareto(results, names, out / "pareto.png")
+    plot_retention(results, names, out / "retention.png")
     if weights_seed0 is not None:
         plot_weights(*weights_seed0, seeds[0], out / "weights.png")
-    results["runtime_s"]["total"] = time.perf_counter() - t0
-    results["runtime_s"]["cpu"] = time.process_time() - c0
     results = report.write_json(out / "results.json", results)
     md = summary.markdown(results, names)
     report.write_text(out / "results.md", md)
+    restored = [label for r in runs for label in r.restored]
+    timing = {
+        "lr_selection_s": t_select,
+        "total_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
+        "stages_restored_from_checkpoints": len(restored),
+    }
+    report.write_json(out / "timing.json", timing)
     print(md)
+    if restored:
+        print(
+            f"restored {len(restored)} finished training stages from {checkpoints} "
+            "(their results are bit-identical to a fresh run's)"
+        )
     print(
-        f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'pareto.png'}, {out / 'weights.png'}"
+        f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'pareto.png'}, "
+        f"{out / 'retention.png'}, {out / 'weights.png'}; "
+        f"{timing['total_s']:.0f} s wall ({out / 'timing.json'})"
     )
     return results
 
@@ -324,6 +343,53 @@ def run(cfg: Config, out: Path, command: str | None = None) -> dict:
 def plot_pareto(results: dict, names: list[str], path: Path) -> None:
     """Draws ``pareto.png`` (:mod:`experiments.digits.pareto`) from the results alone."""
     pareto.plot_pareto(results, names, {n: METHODS[n].marker for n in names}, path)
+
+
+def plot_retention(results: dict, names: list[str], path: Path) -> None:
+    """Draws ``retention.png``: target and pre-training accuracy against training steps, per method.
+
+    Mean over seeds of each method's own stages (:meth:`SeedRun.curve`):
+    step 0 is the model the method starts from (a fresh head, or the LP
+    model), later rounds continue the step count. Methods that train
+    nothing themselves (WiSE-FT) are drawn as their final point at their
+    base method's last step.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
+    keys = (
+        ("target_acc", "target accuracy, digits 5-9 (test)"),
+        (
+            "pretrain_acc",
+            "pre-training accuracy, digits 0-4 (test, head + BN swapped back)",
+        ),
+    )
+    cmap = plt.get_cmap("tab20")
+    for i, name in enumerate(names):
+        rows = [row["methods"][name] for row in results["per_seed"]]
+        curves = [r["curve"] for r in rows]
+        style = {"color": cmap(i % 20), "marker": METHODS[name].marker, "ms": 4}
+        for ax, (key, _) in zip(axes, keys, strict=True):
+            if curves[0] is None:
+                base = METHODS[name].needs[0]
+                last = results["per_seed"][0]["methods"][base]["curve"]["step"][-1]
+                value = 100 * np.mean([r[key] for r in rows])
+                ax.plot([last], [value], ls="none", label=name, **{**style, "ms": 9})
+                continue
+            steps = curves[0]["step"]
+            values = 100 * np.array([c[key] for c in curves])
+            ax.plot(steps, values.mean(0), label=name, lw=1.4, **style)
+    for ax, (_, title) in zip(axes, keys, strict=True):
+        ax.set_xlabel("training steps of the method's own stages")
+        ax.set_ylabel("accuracy (%), mean over seeds")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2, loc="lower left")
+    seeds = len(results["per_seed"])
+    fig.suptitle(
+        f"Retention during fine-tuning ({seeds} seed{'s' if seeds > 1 else ''}): "
+        "target metric and pre-training accuracy against steps"
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def replot(out: Path) -> dict:
@@ -341,8 +407,10 @@ def replot(out: Path) -> dict:
     names = list(results["per_seed"][0]["methods"])
     ordered(names)  # unknown names -> ValueError
     plot_pareto(results, names, out / "pareto.png")
+    plot_retention(results, names, out / "retention.png")
     print(
-        f"redrew {out / 'pareto.png'} from {path} (weights.png not redrawn: needs the per-example losses)"
+        f"redrew {out / 'pareto.png'} and {out / 'retention.png'} from {path} (weights.png not "
+        "redrawn: needs the per-example losses)"
     )
     return results
 
@@ -381,7 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--replot",
         action="store_true",
-        help="only redraw pareto.png from --out/results.json (no training)",
+        help="only redraw pareto.png and retention.png from --out/results.json (no training)",
     )
     args = parser.parse_args(argv)
     if args.replot:
