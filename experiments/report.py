@@ -216,3 +216,73 @@ def _check_finite(x: Any, where: str) -> None:
 def write_text(path: Path, text: str) -> None:
     """Writes a Markdown (or any text) report, UTF-8."""
     Path(path).write_text(text, encoding="utf-8")
+
+
+def digest(value: Any) -> str:
+    """SHA-256 (hex) of JSON data, or of the paths, dtypes, shapes and bytes of a tree of arrays.
+
+    Names what a checkpointed training stage depends on (its config, its starting
+    parameters, its weights): a stage's checkpoint directory carries it, so changed inputs
+    get a new directory and a stale checkpoint is never restored.
+    """
+    import hashlib
+
+    import jax
+
+    h = hashlib.sha256()
+    leaves = jax.tree.leaves(value)
+    if leaves and all(isinstance(x, np.ndarray | jax.Array) for x in leaves):
+        for path, x in jax.tree_util.tree_leaves_with_path(value):
+            x = np.asarray(x)
+            h.update(f"{jax.tree_util.keystr(path)}{x.dtype}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+    else:
+        h.update(json.dumps(to_jsonable(value), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+class ResumeLog:
+    """What a rerun took from its checkpoints, from ``flowjax.fit``'s ``resumed from step N`` lines.
+
+    Give :meth:`stage` as ``fit``'s ``log``: a stage resumed part-way prints
+    ``<label>: resumed from step N``; finished stages restored whole are counted
+    (:attr:`restored`) and the first one is announced, so a rerun of a hundred finished
+    stages says so in one line.
+    """
+
+    def __init__(self, write=print):
+        self.write = write
+        self.restored: list[str] = []
+        self.resumed: list[tuple[str, int]] = []
+
+    def stage(self, label: str, num_steps: int):
+        """``log(message)`` for the stage ``label`` of ``num_steps`` steps."""
+
+        def log(message: str) -> None:
+            if message.startswith("resumed from step"):
+                step = int(message.split()[-1])
+                if step == num_steps:
+                    self.restored.append(label)
+                    if len(self.restored) == 1:
+                        self.write(
+                            f"restored finished stage {label} from its checkpoint "
+                            "(further finished stages are restored without a line each)"
+                        )
+                    return
+                self.resumed.append((label, step))
+                message = f"{label}: {message}"
+            self.write(message)
+
+        return log
+
+    def summary(self, where: Any) -> str | None:
+        """One line on what came from the checkpoints in ``where``, or None when nothing did."""
+        if not self.restored and not self.resumed:
+            return None
+        parts = [f"restored {len(self.restored)} finished training stages"]
+        if self.resumed:
+            parts.append(
+                "resumed "
+                + ", ".join(f"{lab} from step {s}" for lab, s in self.resumed)
+            )
+        return f"{'; '.join(parts)} from {where} (bit-identical to a run without interruption)"

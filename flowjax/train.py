@@ -275,7 +275,9 @@ def make_train_step(
     each process passes its own rows, joined with
     ``jax.make_array_from_process_local_data``), and the new state keeps the
     shardings of the state given (see :func:`init_train_state`); ``anchor``
-    is placed once with the params' shardings and ``frozen`` replicated.
+    is placed once with the params' shardings, and ``frozen`` arrays already
+    spread over the mesh's devices keep their shardings (a tensor-parallel
+    base under LoRA) while any other frozen input is replicated.
 
     Args:
       objective: the batch objective (see above).
@@ -400,10 +402,22 @@ def make_train_step(
                             "init_train_state(..., mesh=mesh)."
                         )
             placed = (anchor, frozen)
-            if mesh is not None:  # θ₀ sharded as the params; frozen inputs replicated
+            if mesh is not None:
+                # θ₀ sharded as the params; a frozen array already spread over the mesh
+                # (a tensor-parallel base under LoRA) keeps its sharding, any other
+                # frozen input is replicated.
+                replicated = NamedSharding(mesh, P())
                 placed = (
                     jax.device_put(anchor, shardings.params),
-                    jax.device_put(frozen, NamedSharding(mesh, P())),
+                    jax.tree.map(
+                        lambda x: (
+                            x
+                            if isinstance(x, jax.Array)
+                            and set(x.sharding.device_set) == devices
+                            else jax.device_put(x, replicated)
+                        ),
+                        frozen,
+                    ),
                 )
             jitted = _program(
                 inner,

@@ -80,12 +80,60 @@ def test_outputs_well_formed(quick):
     assert sum(k["n"] for k in kinds.values()) == w["token"]["n"]
     assert kinds["scaffold"]["n"] == 14 * w["sequence"]["n"]
     assert kinds["EOS"]["n"] == kinds["'.'"]["n"] == w["sequence"]["n"]
-    assert report["pretrain"]["cache_hit"] is False
-    assert report["pretrain"]["steps_run"] == quick_cfg.pretrain.steps
+    timing = json.loads((out / "timing.json").read_text())
+    assert timing["pretrain"]["cache_hit"] is False
+    assert timing["pretrain"]["steps_run"] == quick_cfg.pretrain.steps
+    assert "cache_hit" not in report["pretrain"]
     md = (out / "results.md").read_text()
     assert all(f"| {m.name} | " in md for m in lm_methods.METHODS.values())
-    for png in ("tradeoff.png", "weights.png"):
+    for png in ("tradeoff.png", "weights.png", "retention.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    timing = json.loads((out / "timing.json").read_text())
+    assert timing["wall_s"] > 0 and timing["runs_restored_from_checkpoints"] == 0
+    assert "wall_s" not in json.dumps(report) and "time" not in report
+
+
+def test_retention_curves_end_at_the_final_evaluation(quick):
+    """Each seed's curve: the pre-trained model at step 0, then every curve_every steps to the end."""
+    report = json.loads((quick / "out" / "results.json").read_text())
+    cfg = get_config(quick=True)
+    pre = report["pretrained"]
+    for m in report["methods"].values():
+        assert len(m["curves"]) == len(cfg.seeds)
+        for curve, ppl in zip(m["curves"], m["perplexity"]["values"], strict=True):
+            assert curve["step"] == list(range(0, cfg.ft_steps + 1, cfg.curve_every))
+            assert curve["heldout_ppl"][0] == pytest.approx(pre["perplexity"], rel=1e-6)
+            assert curve["retention"][0] == 1.0
+            # the last point is the final model: the test-time perplexity on the same windows
+            assert curve["heldout_ppl"][-1] == pytest.approx(ppl, rel=1e-6)
+            for p, r in zip(curve["heldout_ppl"], curve["retention"], strict=True):
+                assert r == pytest.approx(pre["perplexity"] / p, rel=1e-6)
+            assert all(0 <= e <= 1 for e in curve["val_exact_match"])
+
+
+def test_a_rerun_restores_every_run_and_gives_the_same_results(quick, capsys):
+    """Run again into the same --out: every fine-tuning run comes from its checkpoint, same bytes."""
+    out = quick / "out"
+    before = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    lm_run.main(
+        [
+            "--quick",
+            "--out",
+            str(out),
+            "--cache_dir",
+            str(quick / "cache"),
+            "--no_progress",
+        ]
+    )
+    printed = capsys.readouterr()
+    assert "restored finished stage" in printed.out + printed.err
+    assert (out / "results.json").read_bytes() == before
+    timing = json.loads((out / "timing.json").read_text())
+    cfg = get_config(quick=True)
+    runs = len(cfg.methods) * (len(cfg.lr_grid) + len(cfg.seeds) - 1)
+    assert timing["runs_restored_from_checkpoints"] == runs
+    assert len(list((out / "checkpoints").iterdir())) == runs
 
 
 def test_pretraining_cache_is_reused(quick, capsys):

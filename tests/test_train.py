@@ -703,3 +703,53 @@ def test_steps_that_compute_the_same_thing_share_one_program_and_others_do_not()
     np.testing.assert_allclose(second[1]["param_distance"], distance, rtol=1e-5)
     np.testing.assert_allclose(third[1]["loss"], 2 * first[1]["loss"], rtol=1e-6)
     np.testing.assert_allclose(first[1]["loss"], ref_loss, rtol=1e-6)
+
+
+_FROZEN_SHARDING_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np, optax, flowjax
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = flowjax.default_mesh()
+cols = NamedSharding(mesh, P(None, "data"))
+base = jax.device_put(jnp.arange(32.0).reshape(4, 8), cols)  # a sharded frozen base
+bias = np.ones(8, np.float32)                                  # a host frozen input
+seen = {}
+def objective(params, batch, frozen):
+    base, bias = frozen
+    jax.debug.inspect_array_sharding(base, callback=lambda s: seen.update(base=s))
+    jax.debug.inspect_array_sharding(bias, callback=lambda s: seen.update(bias=s))
+    out = batch["x"] @ (base * params["s"]) + bias
+    return jnp.mean(out ** 2)
+params = {"s": jnp.ones(())}
+tx = optax.sgd(1e-3)
+step = flowjax.make_train_step(objective, tx, anchor=params, frozen=(base, bias),
+                               return_metrics=False, mesh=mesh)
+state = flowjax.init_train_state(params, tx, mesh=mesh)
+state, m = step(state, {"x": np.ones((8, 4), np.float32)})
+want = np.mean((np.ones((8, 4)) @ np.arange(32.0).reshape(4, 8) + 1) ** 2)
+assert abs(float(m["loss"]) - want) < 1e-3 * want, (float(m["loss"]), want)
+print("base", seen["base"].spec, "bias", seen["bias"].spec)
+"""
+
+
+@pytest.mark.slow
+def test_a_frozen_base_spread_over_the_mesh_keeps_its_sharding_other_inputs_are_replicated():
+    """LoRA on a tensor-parallel base: the step must not gather the frozen base onto every device."""
+    import subprocess
+    import sys
+
+    env = {
+        **__import__("os").environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _FROZEN_SHARDING_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "base P(None, 'data') bias P()" in out.stdout, (
+        out.stdout
+    )

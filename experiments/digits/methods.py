@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -55,20 +53,6 @@ def optimizer(
     return body if extra is None else optax.chain(extra, body)
 
 
-def _digest(value) -> str:
-    """SHA-256 of JSON data, or of the bytes of a tree of arrays."""
-    h = hashlib.sha256()
-    leaves = jax.tree.leaves(value)
-    if leaves and all(isinstance(x, np.ndarray | jax.Array) for x in leaves):
-        for path, x in jax.tree_util.tree_leaves_with_path(value):
-            x = np.asarray(x)
-            h.update(f"{jax.tree_util.keystr(path)}{x.dtype}{x.shape}".encode())
-            h.update(np.ascontiguousarray(x).tobytes())
-    else:
-        h.update(json.dumps(value, sort_keys=True).encode())
-    return h.hexdigest()
-
-
 class SeedRun:
     """Everything one seed needs: the pre-trained model, memoised fits, FLOW weights.
 
@@ -92,16 +76,16 @@ class SeedRun:
         seed: int,
         lrs: dict[str, float],
         checkpoints: Path | None = None,
-        log=print,
+        resume_log: report.ResumeLog | None = None,
     ):
         self.cfg, self.tasks, self.seed, self.lrs = cfg, tasks, seed, lrs
-        self.checkpoints, self.log = checkpoints, log
-        self.restored: list[str] = []  # labels of stages restored finished
+        self.checkpoints = checkpoints
+        self.resume_log = report.ResumeLog() if resume_log is None else resume_log
         self._fits: dict[tuple[str, float | None], M.Net] = {}
         self._memo: dict[str, object] = {}
         self._stack: list[list] = []  # [name, lr, stages so far] of the fits running
         self._curves: dict[tuple[str, float | None], list[dict]] = {}
-        self._config_digest = _digest(report.config_dict(cfg))
+        self._config_digest = report.digest(report.config_dict(cfg))
         self.key = jax.random.key(seed)
         init = M.init(jax.random.fold_in(self.key, 0))
         self.pretrained, _ = P.train(
@@ -148,28 +132,13 @@ class SeedRun:
             "config": self._config_digest,
             "seed": self.seed,
             "stage": label,
-            "start": _digest(jax.tree.map(np.asarray, M.state(net))),
-            "weights": None if weights is None else _digest(weights.weights),
+            "start": report.digest(jax.tree.map(np.asarray, M.state(net))),
+            "weights": None if weights is None else report.digest(weights.weights),
         }
         slug = label.replace(" ", "").replace("/", "_").replace("+", "-")
         directory = (
-            self.checkpoints / f"seed{self.seed}" / f"{slug}-{_digest(info)[:12]}"
+            self.checkpoints / f"seed{self.seed}" / f"{slug}-{report.digest(info)[:12]}"
         )
-
-        def log(message: str) -> None:
-            if message.startswith("resumed from step"):
-                step = int(message.split()[-1])
-                if step == epochs * steps_per_epoch:
-                    self.restored.append(label)
-                    if len(self.restored) == 1:
-                        self.log(
-                            f"seed {self.seed}: restored finished stage {label} from "
-                            f"{directory.parent} (further finished stages are restored "
-                            "without a line each)"
-                        )
-                    return
-                message = f"seed {self.seed} {label}: {message}"
-            self.log(message)
 
         return P.Stage(
             checkpoint_dir=directory,
@@ -177,7 +146,9 @@ class SeedRun:
             run_info=info,
             eval_fn=eval_fn,
             eval_every=self.cfg.curve_every * steps_per_epoch,
-            log=log,
+            log=self.resume_log.stage(
+                f"seed {self.seed} {label}", epochs * steps_per_epoch
+            ),
         )
 
     # ---- building blocks for methods ------------------------------------

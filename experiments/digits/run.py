@@ -237,18 +237,15 @@ def run(cfg: Config, out: Path, command: str | None = None) -> dict:
 
     n_grid = sum(len(METHODS[n].grid(cfg)) for n in names)
     checkpoints = out / "checkpoints"
-    restored: list[str] = []
+    resume_log = report.ResumeLog(tqdm.write)
 
-    def seed_run(seed: int, bar) -> SeedRun:
-        r = SeedRun(cfg, tasks, seed, lrs, checkpoints=checkpoints, log=bar.write)
-        runs.append(r)
-        return r
+    def seed_run(seed: int) -> SeedRun:
+        return SeedRun(cfg, tasks, seed, lrs, checkpoints, resume_log)
 
-    runs: list[SeedRun] = []
     with tqdm(
         total=n_grid, desc=f"LR selection (seed {seeds[0]})", dynamic_ncols=True
     ) as bar:
-        first = seed_run(seeds[0], bar)
+        first = seed_run(seeds[0])
         grids = select_lrs(cfg, first, bar)
     t_select = time.perf_counter() - t0
 
@@ -258,7 +255,7 @@ def run(cfg: Config, out: Path, command: str | None = None) -> dict:
         total=len(seeds) * len(names), desc="seeds × methods", dynamic_ncols=True
     ) as bar:
         for seed in seeds:
-            r = first if seed == seeds[0] else seed_run(seed, bar)
+            r = first if seed == seeds[0] else seed_run(seed)
             pre = r.pretrained
             row = {
                 "seed": seed,
@@ -318,20 +315,18 @@ def run(cfg: Config, out: Path, command: str | None = None) -> dict:
     results = report.write_json(out / "results.json", results)
     md = summary.markdown(results, names)
     report.write_text(out / "results.md", md)
-    restored = [label for r in runs for label in r.restored]
     timing = {
         "lr_selection_s": t_select,
         "total_s": time.perf_counter() - t0,
         "cpu_s": time.process_time() - c0,
-        "stages_restored_from_checkpoints": len(restored),
+        "stages_restored_from_checkpoints": len(resume_log.restored),
+        "stages_resumed_part_way": len(resume_log.resumed),
     }
     report.write_json(out / "timing.json", timing)
     print(md)
-    if restored:
-        print(
-            f"restored {len(restored)} finished training stages from {checkpoints} "
-            "(their results are bit-identical to a fresh run's)"
-        )
+    line = resume_log.summary(checkpoints)
+    if line:
+        print(line)
     print(
         f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'pareto.png'}, "
         f"{out / 'retention.png'}, {out / 'weights.png'}; "

@@ -61,6 +61,10 @@ class Config:
     # Evaluation.
     ppl_windows: int | None = 512  # None: every held-out window
     max_new_tokens: int = 20  # greedy decoding budget for exact match
+    # Retention curves and checkpoints (flowjax.fit, under --out/checkpoints): every this
+    # many fine-tuning steps held-out perplexity and validation exact match are measured
+    # and the run is checkpointed.
+    curve_every: int = 100
     n_train: int | None = None  # None: all 2,200 training problems
     n_eval: int | None = None  # None: all validation / test problems
 
@@ -79,6 +83,7 @@ def get_config(quick: bool = False) -> Config:
         seeds=(0, 1),
         lora_rank=2,
         ppl_windows=32,
+        curve_every=4,
         n_train=256,
         n_eval=64,
     )

@@ -31,7 +31,10 @@ Steps: the pre-pass on the restored (frozen) model
 (:func:`flowjax.lm_sequence_losses`, sharded over ``'data'``, or
 :func:`flowjax.lm_token_losses` for ``--level token``); FLOW weights with τ =
 median; fine-tuning on :func:`flowjax.weighted_lm_loss` (official
-``reduction="tokens"``) with AdamW (no decay), 3 % warm-up + cosine, clip 1;
+``reduction="tokens"``) with AdamW (no decay), 3 % warm-up + cosine, clip 1,
+through :func:`flowjax.make_train_step` (data parallel over the mesh's
+``'data'`` axis, parameters kept in their restored shardings) and
+:func:`flowjax.fit`;
 full fine-tuning or LoRA (``--lora_rank``, :func:`flowjax.add_lora` on the
 ``--lora_targets`` layers). ``--chunked_ce C`` computes the NLL with
 :func:`flowjax.chunked_token_nll` from ``model.hidden(tokens)`` and the
@@ -43,7 +46,11 @@ Outputs in ``--out`` (absolute or made absolute): ``losses.npz`` (the
 pre-pass: ids and sequence losses, or ids / token losses / mask),
 ``weights.npz`` (ids and weights, τ), ``trainable/`` (orbax: the trainable
 state only, i.e. the LoRA factors with ``--lora_rank``, never the frozen
-base) and ``summary.json``.
+base), ``metrics.jsonl`` (one line per step: loss, mean weight, gradient
+norm, ‖θ−θ₀‖), ``checkpoints/`` (``flowjax.fit``'s train-state checkpoints
+every ``--checkpoint_every`` steps: the same command started again after a
+pre-emption prints ``resumed from step N`` and ends bit-identical to an
+uninterrupted run) and ``summary.json``.
 
 Measured here (shared 2-core CPU, load about 5; the 1-layer d_model 32 random
 model of ``tests/test_lm_checkpoint.py``, 12 examples): restore + pre-pass +
@@ -56,6 +63,7 @@ test checks that the restored model gives the saved model's pre-pass losses
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import time
@@ -65,11 +73,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import flowjax
 from experiments.lm import train as lm_train
@@ -304,48 +309,76 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         )
     )
     total = args.steps or args.epochs * per_epoch
-    tx = lm_train.make_tx(total)
-    opt_state = tx.init(trainable)
-    data_sharding = NamedSharding(mesh, P("data"))
+    tx = lm_train.make_tx(total, args.lr)
     lookup = {int(i): r for r, i in enumerate(weights["ids"])}
 
-    @jax.jit
-    def step(trainable, frozen, opt_state, tokens, mask, w):
-        def loss_fn(tr):
-            nll, m = nll_fn((tr, frozen), tokens, mask)
-            return flowjax.weighted_lm_loss(
-                nll, m, w, level=args.level, reduction="tokens"
-            )
+    def objective(trainable, batch, frozen):
+        nll, m = nll_fn((trainable, frozen), batch["tokens"], batch["mask"])
+        return flowjax.weighted_lm_loss(
+            nll, m, batch["weight"], level=args.level, reduction="tokens"
+        )
 
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        updates = jax.tree.map(lambda u: -args.lr * u, updates)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+    step = flowjax.make_train_step(
+        objective,
+        tx,
+        anchor=trainable,
+        frozen=frozen,
+        return_metrics=False,
+        mesh=mesh,
+    )
+    state = flowjax.init_train_state(
+        trainable,
+        tx,
+        rng=args.seed,
+        mesh=mesh,
+        param_shardings=jax.tree.map(lambda x: x.sharding, trainable),
+    )
 
-    rng = np.random.default_rng(args.seed)
-    losses_seen, done = [], 0
-    while done < total:
-        order = rng.permutation(len(examples))
-        for b in flowjax.bucket_batches(
-            [examples[i] for i in order], buckets, args.batch_size, pad_id=args.pad
-        ):
-            if done >= total:
-                break
-            rows = np.array([lookup[int(i)] for i in b["id"]])
-            w = weights["weights"][rows]
-            if args.level == "token":
-                w = w[:, : b["tokens"].shape[1] - 1]
-            tokens, mask, w = _pad_rows(
-                b["tokens"], b["mask"], w, args.batch_size, args.pad
-            )
-            tokens, mask, w = (
-                jax.device_put(x, data_sharding) for x in (tokens, mask, w)
-            )
-            trainable, opt_state, loss = step(
-                trainable, frozen, opt_state, tokens, mask, w
-            )
-            losses_seen.append(float(loss))
-            done += 1
+    def data(start: int):
+        """Batch ``start`` on: epochs of seeded permutations, bucketed (a pure function of the seed)."""
+        rng = np.random.default_rng(args.seed)
+        t = 0
+        while True:
+            order = rng.permutation(len(examples))
+            for b in flowjax.bucket_batches(
+                [examples[i] for i in order], buckets, args.batch_size, pad_id=args.pad
+            ):
+                if t >= start:
+                    rows = np.array([lookup[int(i)] for i in b["id"]])
+                    w = weights["weights"][rows]
+                    if args.level == "token":
+                        w = w[:, : b["tokens"].shape[1] - 1]
+                    tokens, mask, w = _pad_rows(
+                        b["tokens"], b["mask"], w, args.batch_size, args.pad
+                    )
+                    yield {"tokens": tokens, "mask": mask, "weight": w}
+                t += 1
+
+    # Checkpoints of the whole train state in --out/checkpoints: the same command
+    # started again after a pre-emption resumes where it stopped, bit for bit.
+    result = flowjax.fit(
+        step,
+        state,
+        data,
+        num_steps=total,
+        log_every=1,
+        metrics_path=out / "metrics.jsonl",
+        checkpoint_dir=out / "checkpoints",
+        checkpoint_every=args.checkpoint_every,
+        run_info={
+            "checkpoint": str(args.checkpoint),
+            "weights_sha256": hashlib.sha256(
+                np.ascontiguousarray(weights["weights"]).tobytes()
+            ).hexdigest(),
+            "level": args.level,
+            "lr": args.lr,
+            "lora_rank": args.lora_rank,
+            "seed": args.seed,
+        },
+    )
+    trainable = result.state.params
+    losses_seen = [r["loss"] for r in result.history]
+    done = result.history[-1]["step"]
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(out / "trainable", trainable, force=True)
     checkpointer.wait_until_finished()
@@ -408,6 +441,12 @@ def parser() -> argparse.ArgumentParser:
         "--buckets", default="256,512,1024", help="padded lengths, comma-separated"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--checkpoint_every",
+        type=int,
+        default=100,
+        help="save the train state every this many steps (and at the end)",
+    )
     p.add_argument("--bos", type=int, default=BYTE_BOS)
     p.add_argument("--eos", type=int, default=BYTE_EOS)
     p.add_argument("--pad", type=int, default=BYTE_PAD)

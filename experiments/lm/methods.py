@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 import flowjax
+from experiments import report
 from experiments.lm import data as lm_data
 from experiments.lm import train as lm_train
 from experiments.lm.config import Config
@@ -126,13 +127,49 @@ def flow_weights(params, graphdef, train: dict, cfg: Config) -> dict:
 
 
 class FineTuner:
-    """Runs every method of :data:`METHODS`; compiles one step per (structure, level, regulariser)."""
+    """Runs every method of :data:`METHODS` through ``flowjax.fit``.
 
-    def __init__(self, params, graphdef, task, weights, cfg: Config, progress: bool):
+    One program per (structure, level, regulariser): the learning rate lives
+    in the optimiser state and ``flowjax.make_train_step`` shares programs
+    between steps that compute the same thing. With ``checkpoints`` (a
+    directory) each run (method, learning rate, seed) checkpoints into its
+    own directory there, named by a digest of everything it depends on (the
+    config, the method, the learning rate, the seed, the pre-trained
+    parameters and the FLOW weights): a rerun restores finished runs and
+    resumes an interrupted one bit for bit, and changed inputs never meet a
+    stale checkpoint. Every ``cfg.curve_every`` steps a
+    ``flowjax.RetentionMonitor`` measures retention (held-out pydoc
+    perplexity against the pre-trained model's) beside the target metric
+    (validation exact match): the run's curve.
+    """
+
+    def __init__(
+        self,
+        params,
+        graphdef,
+        task,
+        weights,
+        cfg: Config,
+        progress: bool,
+        *,
+        windows: np.ndarray | None = None,
+        checkpoints: Path | None = None,
+        resume_log: report.ResumeLog | None = None,
+    ):
         self.params, self.graphdef, self.task = params, graphdef, task
         self.weights, self.cfg, self.progress = weights, cfg, progress
-        self.steps: dict[str, object] = {}
+        self.windows, self.checkpoints = windows, checkpoints
+        self.resume_log = report.ResumeLog() if resume_log is None else resume_log
         self.evaluators: dict[str, lm_train.Evaluator] = {}
+        self.curves: dict[tuple[str, float, int], list[dict]] = {}
+        self._baseline: dict[str, float] | None = None
+        self._inputs = {
+            "config": report.digest(report.config_dict(cfg)),
+            "pretrained": report.digest(jax.tree.map(np.asarray, params)),
+            "weights": report.digest(
+                {k: v for k, v in weights.items() if isinstance(v, np.ndarray)}
+            ),
+        }
 
     def _model(self, method: str, seed: int):
         base = nnx.merge(self.graphdef, self.params)
@@ -161,54 +198,120 @@ class FineTuner:
             )
         return kind, (trainable, frozen)
 
+    def _monitor(self, kind: str, frozen) -> flowjax.RetentionMonitor:
+        """Held-out perplexity as the retention probe, validation exact match as the target."""
+        ev = self.evaluators[kind]
+        if self._baseline is None:
+            k, pre = self.state("standard", 0)
+            self._baseline = {
+                "heldout_ppl": self.evaluators[k].perplexity(pre, self.windows)
+            }
+        val = self.task["val"]
+        return flowjax.RetentionMonitor(
+            {"heldout_ppl": lambda s: ev.perplexity((s.params, frozen), self.windows)},
+            baseline=self._baseline,
+            higher_is_better=False,
+            target=lambda s: {
+                "target/val_exact_match": ev.exact_match((s.params, frozen), val)[
+                    "answer"
+                ]
+            },
+            target_key="target/val_exact_match",
+        )
+
     def run(self, method: str, lr: float, seed: int):
         """Fine-tunes and returns ``(kind, state)``; ``state`` = ``(trainable, frozen)``."""
         cfg, train = self.cfg, self.task["train"]
         kind, (graphdef, trainable, frozen) = self._model(method, seed)
         level = "token" if METHODS[method].weights == "token" else "sequence"
         l2sp = cfg.l2sp_strength if METHODS[method].l2sp else None
-        key = f"{kind}/{level}/{l2sp}"
         tx = lm_train.make_tx(
             cfg.ft_steps,
+            lr,
             regularizer=None if l2sp is None else flowjax.l2sp(l2sp),
             warmup_frac=cfg.warmup_frac,
             clip_norm=cfg.clip_norm,
         )
-        if key not in self.steps:
-            self.steps[key] = lm_train.make_train_step(
-                graphdef, tx, functools.partial(sft_loss, level=level)
-            )
         if kind not in self.evaluators:
             self.evaluators[kind] = lm_train.Evaluator(
                 graphdef, max_new=cfg.max_new_tokens
             )
-        step, opt_state = self.steps[key], tx.init(trainable)
-        rng = np.random.default_rng(seed)
-        n, b = len(train["id"]), cfg.ft_batch
-        order = np.array([], np.int64)
-        bar = tqdm(
-            range(cfg.ft_steps),
-            desc=f"{method} lr={lr:g} seed={seed}",
-            leave=False,
-            disable=not self.progress,
+        step = flowjax.make_train_step(
+            lm_train.step_objective(graphdef, functools.partial(sft_loss, level=level)),
+            tx,
+            anchor=trainable,
+            frozen=frozen,
+            return_metrics=False,
         )
-        for _ in bar:
-            if len(order) < b:
-                order = np.concatenate([order, rng.permutation(n)])
-            rows, order = order[:b], order[b:]
-            trainable, opt_state, loss = step(
-                trainable,
-                frozen,
-                opt_state,
-                jnp.float32(lr),
-                train["tokens"][rows],
-                train["mask"][rows],
-                self._weights(method, rows),
-            )
-        loss = float(loss)
+        state = flowjax.init_train_state(trainable, tx, rng=seed)
+        # The batch order: epochs of seeded permutations, cut into batches; batch t is
+        # a pure function of (seed, t), so a resumed run sees the same batches.
+        n, b = len(train["id"]), cfg.ft_batch
+        rng = np.random.default_rng(seed)
+        epochs = -(-cfg.ft_steps * b // n)
+        order = np.concatenate([rng.permutation(n) for _ in range(epochs)])
+        order = order[: cfg.ft_steps * b].reshape(cfg.ft_steps, b)
+
+        def data(start: int):
+            for rows in order[start:]:
+                yield {
+                    "tokens": train["tokens"][rows],
+                    "mask": train["mask"][rows],
+                    "weight": self._weights(method, rows),
+                }
+
+        label = f"{method} lr={lr:g} seed={seed}"
+        options = {}
+        if self.windows is not None:
+            monitor = self._monitor(kind, frozen)
+            options = {"eval_fn": monitor, "eval_every": cfg.curve_every}
+        if self.checkpoints is not None:
+            info = {**self._inputs, "method": method, "lr": lr, "seed": seed}
+            name = f"{method}-lr{lr:g}-seed{seed}-{report.digest(info)[:12]}"
+            options |= {
+                "checkpoint_dir": self.checkpoints / name,
+                "checkpoint_every": cfg.curve_every,
+                "keep": 1,
+                "run_info": info,
+            }
+        result = flowjax.fit(
+            step,
+            state,
+            data,
+            num_steps=cfg.ft_steps,
+            log_every=cfg.curve_every,
+            progress=self.progress,
+            log=self.resume_log.stage(label, cfg.ft_steps),
+            **options,
+        )
+        loss = result.history[-1]["loss"]
         if not np.isfinite(loss):
-            raise FloatingPointError(f"{method} lr={lr} seed={seed}: loss {loss}")
-        return kind, (trainable, frozen)
+            raise FloatingPointError(f"{label}: loss {loss}")
+        self.curves[method, lr, seed] = result.history
+        return kind, (result.state.params, frozen)
+
+    def curve(self, method: str, lr: float, seed: int) -> dict[str, list[float]]:
+        """The run's retention curve: ``{"step", "heldout_ppl", "retention", "val_exact_match", "loss"}``.
+
+        Step 0 is the pre-trained model (its perplexity, retention 1 and
+        validation exact match); then every ``cfg.curve_every`` steps.
+        """
+        history = self.curves[method, lr, seed]
+        if self._baseline is None:
+            raise ValueError(
+                "curves need the held-out windows (FineTuner(windows=...))."
+            )
+        kind, pre = self.state("standard", 0)
+        em0 = self.evaluators[kind].exact_match(pre, self.task["val"])["answer"]
+        rows = [r for r in history if "probe/heldout_ppl" in r]
+        return {
+            "step": [0] + [r["step"] for r in rows],
+            "heldout_ppl": [self._baseline["heldout_ppl"]]
+            + [r["probe/heldout_ppl"] for r in rows],
+            "retention": [1.0] + [r["retention/heldout_ppl"] for r in rows],
+            "val_exact_match": [em0] + [r["target/val_exact_match"] for r in rows],
+            "loss": [None] + [r["loss"] for r in rows],
+        }
 
     def evaluate(self, kind, state, split: str, windows=None) -> dict:
         ev = self.evaluators[kind]

@@ -94,7 +94,7 @@ What it does:
    (``ocp.StandardCheckpointer``) in ``<cache_dir>/pretrain-<fingerprint>/``
    together with ``config.json``, the fingerprint's source (model and
    pre-training config, sha256 of the text, split rule). A rerun with the
-   same fingerprint restores it and skips pre-training (``results.json``:
+   same fingerprint restores it and skips pre-training (``timing.json``:
    ``pretrain.cache_hit``). **One pre-trained model is shared by every
    fine-tuning method and seed.**
 2. **FLOW pre-pass** on the pre-trained model over the training problems:
@@ -150,6 +150,8 @@ from experiments.lm.model import build
 from experiments.lm.pretrain import pretrained_params
 
 REPO = Path(__file__).resolve().parents[2]
+# Pre-training facts about this execution, kept out of results.json (timing.json has them).
+_EXECUTION = ("cache_hit", "steps_run", "seconds")
 
 
 def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
@@ -175,7 +177,19 @@ def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
         0
     ]
     weights = flow_weights(params, graphdef, task["train"], cfg)
-    tuner = FineTuner(params, graphdef, task, weights, cfg, progress)
+    checkpoints = out / "checkpoints"
+    resume_log = report.ResumeLog(tqdm.write)
+    tuner = FineTuner(
+        params,
+        graphdef,
+        task,
+        weights,
+        cfg,
+        progress,
+        windows=windows,
+        checkpoints=checkpoints,
+        resume_log=resume_log,
+    )
     kind, pre_state = tuner.state("standard", 0)  # also compiles the shared evaluator
     pre_metrics = tuner.evaluate(kind, pre_state, "test", windows)
     print(f"pre-trained: {pre_metrics}")
@@ -191,13 +205,14 @@ def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
             grid_ppl[lr] = ev["perplexity"]  # reported, never used for the choice
         # Best validation exact match; ties: the smaller learning rate.
         lr = max(cfg.lr_grid, key=lambda x: (grid[x][0], -x))
-        per_seed = []
+        per_seed, curves = [], []
         for seed in cfg.seeds:
             if seed == cfg.seeds[0]:
                 kind, state = grid[lr][1:]
             else:
                 kind, state = tuner.run(method, lr, seed)
             per_seed.append(tuner.evaluate(kind, state, "test", windows))
+            curves.append(tuner.curve(method, lr, seed))
         by_method[method] = {
             "name": METHODS[method].name,
             "lr": lr,
@@ -207,15 +222,28 @@ def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
                 k: report.mean_std([r[k] for r in per_seed], keep_values=True)
                 for k in ("perplexity", "exact_match", "exact_response")
             },
+            "curves": curves,  # per seed, at the chosen lr
         }
         print(
             f"{METHODS[method].name:16s} lr={lr:g} ppl={by_method[method]['perplexity']['mean']:.3f} "
             f"em={by_method[method]['exact_match']['mean']:.3f}"
         )
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    timing = {
+        "wall_s": time.perf_counter() - wall0,
+        "user_s": cpu1.ru_utime - cpu0.ru_utime,
+        "sys_s": cpu1.ru_stime - cpu0.ru_stime,
+        "loadavg_start": list(load0),
+        "loadavg_end": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
+        # How this run got its pre-trained model (not a result: a rerun hits the cache).
+        "pretrain": {k: pre_info[k] for k in _EXECUTION if k in pre_info},
+        "runs_restored_from_checkpoints": len(resume_log.restored),
+        "runs_resumed_part_way": len(resume_log.resumed),
+    }
     results = {
         "config": report.config_dict(cfg),
-        "pretrain": pre_info,
+        "pretrain": {k: v for k, v in pre_info.items() if k not in _EXECUTION},
         "pretrained": pre_metrics,
         "weights": summary.weight_stats(weights),
         "methods": by_method,
@@ -226,24 +254,56 @@ def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
             "heldout_windows": len(windows),
             "heldout_tokens_predicted": int(windows.shape[0] * (windows.shape[1] - 1)),
         },
-        "time": {
-            "wall_s": time.perf_counter() - wall0,
-            "user_s": cpu1.ru_utime - cpu0.ru_utime,
-            "sys_s": cpu1.ru_stime - cpu0.ru_stime,
-            "loadavg_start": list(load0),
-            "loadavg_end": list(os.getloadavg()),
-            "cpus": os.cpu_count(),
-        },
     }
     results = report.write_json(out / "results.json", results)
+    report.write_json(out / "timing.json", timing)
     report.write_text(out / "results.md", summary.markdown(results))
     _plots(results, weights, out)
-    return results
+    line = resume_log.summary(checkpoints)
+    if line:
+        print(line)
+    return results, timing
 
 
 def _plots(r: dict, w: dict, out: Path) -> None:
     tradeoff_plot(r, out)
+    retention_plot(r, out)
     _weights_plot(w, out)
+
+
+def retention_plot(r: dict, out: Path) -> None:
+    """``retention.png``: validation exact match and held-out perplexity against steps, per method.
+
+    Mean over seeds at each method's chosen learning rate; step 0 is the
+    pre-trained model.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
+    for i, m in enumerate(r["methods"].values()):
+        steps = m["curves"][0]["step"]
+        style = {"marker": MARKERS[i % len(MARKERS)], "ms": 4, "lw": 1.4}
+        label = f"{m['name']} (lr {m['lr']:g})"
+        em = np.mean([c["val_exact_match"] for c in m["curves"]], axis=0)
+        ppl = np.exp(np.mean([np.log(c["heldout_ppl"]) for c in m["curves"]], axis=0))
+        axes[0].plot(steps, em, label=label, **style)
+        axes[1].plot(steps, ppl, label=label, **style)
+    axes[0].set_ylabel("validation exact match (addition)")
+    axes[0].set_ylim(-0.03, 1.03)
+    axes[1].set_ylabel("held-out pydoc perplexity (log; geometric mean over seeds)")
+    axes[1].set_yscale("log")
+    axes[1].axhline(r["pretrained"]["perplexity"], color="k", ls="--", lw=1)
+    for ax in axes:
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8, loc="best")
+    n = len(r["config"]["seeds"])
+    fig.suptitle(
+        f"Retention during fine-tuning: target metric and forgetting against steps "
+        f"(mean over {n} seeds)",
+        fontsize=10,
+    )
+    fig.savefig(out / "retention.png", dpi=120)
+    plt.close(fig)
 
 
 def _pyplot():
@@ -335,13 +395,12 @@ def main(argv=None) -> None:
         check_methods(cfg.methods)
     except ValueError as e:
         parser.error(str(e))
-    results = run(
+    _, t = run(
         cfg,
         Path(args.out).resolve(),
         Path(args.cache_dir).resolve(),
         progress=not args.no_progress,
     )
-    t = results["time"]
     print(f"done: wall {t['wall_s']:.1f} s, user {t['user_s']:.1f} s -> {args.out}")
 
 

@@ -142,13 +142,10 @@ def markdown(r: dict) -> str:
             ],
         ),
     ]
-    t = r["time"]
     lines += [
         "",
-        f"Pre-training: cache hit = {r['pretrain']['cache_hit']}. Run time: wall "
-        f"{t['wall_s']:.0f} s, user {t['user_s']:.0f} s (load average "
-        f"{t['loadavg_start'][0]:.1f} at start, {t['loadavg_end'][0]:.1f} at end, "
-        f"{t['cpus']} CPUs).",
+        "Wall-clock times and whether the pre-trained model came from the cache: "
+        "`timing.json`.",
         "",
     ]
     return "\n".join(lines)

@@ -8,6 +8,8 @@ base weights, passed to the jitted step as an argument, never closed over).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +36,7 @@ def schedule(total_steps: int, warmup_frac: float = 0.03, floor: float = 0.0):
 
 def make_tx(
     total_steps: int,
+    lr: float,
     *,
     regularizer: optax.GradientTransformation | None = None,
     warmup_frac: float = 0.03,
@@ -42,10 +45,13 @@ def make_tx(
 ):
     """Adam (β=(0.9, 0.999), ε=1e-8, no weight decay) with grad-norm clipping and the schedule.
 
-    The learning rate is applied in the step (``-lr * update``), so one
-    compiled step serves every learning rate of the grid. A ``regularizer``
-    (L2-SP: :func:`flowjax.l2sp`, anchored at the parameters given to
-    ``init``, the pre-trained ones) comes first in the chain.
+    The learning rate ``lr`` is held in the optimiser state
+    (``optax.inject_hyperparams``), not in the transformation's code, so one
+    compiled step (``flowjax.make_train_step`` shares programs between steps
+    that compute the same thing) serves every learning rate of the grid and
+    every seed. A ``regularizer`` (L2-SP: :func:`flowjax.l2sp`, anchored at
+    the parameters given to ``init``, the pre-trained ones) comes first in
+    the chain.
     """
     parts = [] if regularizer is None else [regularizer]
     parts += [
@@ -54,30 +60,27 @@ def make_tx(
         optax.scale_by_schedule(
             schedule(total_steps, warmup_frac=warmup_frac, floor=floor)
         ),
+        optax.inject_hyperparams(optax.scale)(step_size=-lr),
     ]
     return optax.chain(*parts)
 
 
-def make_train_step(graphdef, tx, objective):
-    """Jitted ``step(trainable, frozen, opt_state, lr, tokens, mask, weights)``.
+@functools.cache
+def step_objective(graphdef, objective):
+    """``objective`` in ``flowjax.make_train_step``'s form: ``fn(trainable, batch, frozen) -> loss``.
 
     ``objective(logits, tokens, mask, weights) -> scalar`` is the method's loss
-    (:func:`experiments.lm.methods.sft_loss`); ``weights`` is ``[B]`` per
-    sequence or ``[B, T-1]`` per token.
+    (:func:`experiments.lm.methods.sft_loss`); the batch holds ``tokens``,
+    ``mask`` and ``weight`` (``[B]`` per sequence or ``[B, T-1]`` per token);
+    ``frozen`` is the rest of the ``nnx.split`` state (the base weights under
+    LoRA; empty for full fine-tuning).
     """
 
-    @jax.jit
-    def step(trainable, frozen, opt_state, lr, tokens, mask, weights):
-        def loss_fn(tr):
-            logits = nnx.merge(graphdef, tr, frozen)(tokens)
-            return objective(logits, tokens, mask, weights)
+    def fn(trainable, batch, frozen):
+        logits = nnx.merge(graphdef, trainable, frozen)(batch["tokens"])
+        return objective(logits, batch["tokens"], batch["mask"], batch["weight"])
 
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        updates = jax.tree.map(lambda u: -lr * u, updates)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return step
+    return fn
 
 
 def make_mean_nll(graphdef):
