@@ -52,7 +52,8 @@ def open_tree(root: str, folder: str, archives: Sequence[str]) -> FileTree:
 
     Args:
       root: the directory the user downloaded into.
-      folder: the folder the archive unpacks to (``"."`` for the root itself).
+      folder: the folder the archive unpacks to (``"."``: members at the top of
+        the archive; then only the archives are looked for).
       archives: file names of tarballs holding ``folder/...`` (members may also
         sit at the top of the tarball, without the ``folder/`` prefix).
 
@@ -64,7 +65,7 @@ def open_tree(root: str, folder: str, archives: Sequence[str]) -> FileTree:
     if not os.path.isdir(root):
         raise FileNotFoundError(f"the data directory {root!r} does not exist.")
     base = os.path.normpath(os.path.join(root, folder))
-    if os.path.isdir(base):
+    if folder not in ("", ".") and os.path.isdir(base):
         return _folder_tree(base)
     for name in archives:
         path = os.path.join(root, name)
