@@ -179,6 +179,46 @@ def test_training_transform_is_the_crop_resize_and_flip_of_its_generator():
     np.testing.assert_allclose(out, _normalised(ref), atol=1e-6)
 
 
+def test_color_jitter_is_pils_enhancers_in_the_drawn_order():
+    from PIL import ImageEnhance
+
+    pixels = _pixels(16, 16, seed=4)
+    fn = datasets.image_transform(
+        train=True,
+        image_size=16,
+        resize_size=16,
+        resize="square",
+        train_crop="random",
+        color_jitter=0.2,
+    )
+    outs = []
+    for seed in range(4):
+        out = fn({"image": pixels, "label": 0}, np.random.default_rng(seed))["image"]
+        rng = np.random.default_rng(
+            seed
+        )  # crop (the whole image), coin, order, factors
+        rng.integers(0, 1), rng.integers(0, 1)
+        img = Image.fromarray(pixels)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        order, factors = rng.permutation(3), rng.uniform(0.8, 1.2, size=3)
+        assert ((0.8 <= factors) & (factors <= 1.2)).all()
+        for k in order:
+            img = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[
+                k
+            ](img).enhance(factors[k])
+        np.testing.assert_allclose(out, _normalised(np.asarray(img)), atol=1e-6)
+        outs.append(out)
+    plain = datasets.image_transform(
+        train=True, image_size=16, resize_size=16, resize="square", train_crop="random"
+    )
+    assert not np.allclose(
+        outs[0], plain({"image": pixels, "label": 0}, np.random.default_rng(0))["image"]
+    )
+    with pytest.raises(ValueError, match="color_jitter"):
+        datasets.image_transform(train=True, color_jitter=1.5)
+
+
 def test_transform_options_are_checked_and_bfloat16_is_the_float32_cast():
     pixels = _pixels(9, 9)
     f32 = datasets.image_transform(train=False, image_size=8, resize_size=9)(
