@@ -324,7 +324,12 @@ def check_split(split: str, name: str, val_fraction: float) -> None:
 def carve(
     source: VisionSource, split: str, val_fraction: float, val_seed: int
 ) -> VisionSource:
-    """``"val"`` or ``"train_minus_val"`` of a training source (a seeded stratified split)."""
+    """``"val"`` or ``"train_minus_val"`` of a training source (a seeded stratified split).
+
+    Any other split returns ``source`` itself.
+    """
+    if split not in ("val", "train_minus_val"):
+        return source
     val = np.zeros(len(source), bool)
     val[stratified_rows(source.labels, seed=val_seed, fraction=val_fraction)] = True
     rows = np.flatnonzero(val if split == "val" else ~val)

@@ -86,9 +86,7 @@ def stanford_cars(
     source = _files.VisionSource(
         f"stanford_cars/{base}", ids, labels - 1, images, classes
     )
-    if split in ("val", "train_minus_val"):
-        return _files.carve(source, split, val_fraction, val_seed)
-    return source
+    return _files.carve(source, split, val_fraction, val_seed)
 
 
 def _annotations(data: bytes, what: str) -> tuple[list[str], np.ndarray]:

@@ -146,9 +146,7 @@ def _read(root, split, val_fraction, val_seed, classes) -> _files.VisionSource:
     source = _files.VisionSource(
         f"{name}/{'test' if is_test else 'train'}", ids, labels, images, class_names
     )
-    if split in ("val", "train_minus_val"):
-        return _files.carve(source, split, val_fraction, val_seed)
-    return source
+    return _files.carve(source, split, val_fraction, val_seed)
 
 
 _ALLOWED = {

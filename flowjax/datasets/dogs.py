@@ -78,9 +78,7 @@ def stanford_dogs(
     source = _files.VisionSource(
         f"stanford_dogs/{base}", ids, labels - 1, images, classes
     )
-    if split in ("val", "train_minus_val"):
-        return _files.carve(source, split, val_fraction, val_seed)
-    return source
+    return _files.carve(source, split, val_fraction, val_seed)
 
 
 def _list(root: str, name: str, trees) -> tuple[list[str], np.ndarray]:

@@ -290,17 +290,7 @@ def image_batches(
     drop_remainder: bool | None = None,
     shard: tuple[int, int] | None = None,
     num_threads: int | None = None,
-    image_size: int = 224,
-    resize_size: int = 256,
-    resize: str = "shorter_side",
-    train_crop: str = "random_resized",
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip: bool = True,
-    color_jitter: float = 0.0,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    dtype: str = "float32",
+    **transform_options: Any,
 ):
     """Batches of decoded, augmented, normalised images with ids: what :func:`flowjax.fit` takes as ``data``.
 
@@ -331,17 +321,10 @@ def image_batches(
       shard: ``(process_index, process_count)``; default JAX's.
       num_threads: threads decoding batches ahead (default ``min(8, CPUs)``;
         0 or 1: decode in the caller's thread). Only the speed changes.
-      image_size: see :func:`image_transform`.
-      resize_size: see :func:`image_transform`.
-      resize: see :func:`image_transform`.
-      train_crop: see :func:`image_transform`.
-      scale: see :func:`image_transform`.
-      ratio: see :func:`image_transform`.
-      flip: see :func:`image_transform`.
-      color_jitter: see :func:`image_transform`.
-      mean: see :func:`image_transform`.
-      std: see :func:`image_transform`.
-      dtype: ``"float32"`` or ``"bfloat16"`` images.
+      **transform_options: :func:`image_transform`'s options (``image_size``,
+        ``resize_size``, ``resize``, ``train_crop``, ``scale``, ``ratio``,
+        ``flip``, ``color_jitter``, ``mean``, ``std``, ``dtype``:
+        ``"float32"`` or ``"bfloat16"`` images).
 
     Returns:
       A re-iterable of ``{"id": int64 [b], "image": dtype [b, S, S, 3]
@@ -353,7 +336,7 @@ def image_batches(
     Raises:
       ValueError: bad transform options (see :func:`image_transform`) or
         batching options (see :func:`flowjax.batches`), or ``num_threads < 0``.
-      TypeError: a source without ``len``/``[]``.
+      TypeError: a source without ``len``/``[]``, or an unknown option.
 
     Example:
       >>> import numpy as np, flowjax
@@ -367,20 +350,7 @@ def image_batches(
       >>> [b["id"].tolist() for b in data.from_batch(3)] == [b["id"].tolist() for b in data][3:]
       True
     """
-    transform = image_transform(
-        train=train,
-        image_size=image_size,
-        resize_size=resize_size,
-        resize=resize,
-        train_crop=train_crop,
-        scale=scale,
-        ratio=ratio,
-        flip=flip,
-        color_jitter=color_jitter,
-        mean=mean,
-        std=std,
-        dtype=dtype,
-    )
+    transform = image_transform(train=train, **transform_options)
     if num_threads is None:
         num_threads = min(8, os.cpu_count() or 1)
     if (
