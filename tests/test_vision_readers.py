@@ -555,3 +555,37 @@ def test_vision_source_checks_and_subsets():
     assert int(src[-1]["id"]) == 9
     with pytest.raises(IndexError):
         src[3]
+
+
+def test_truncated_tarballs_are_named(tmp_path):
+    files = {_val_name(k): _jpeg(k, size=(64, 48)) for k in _TRUTH}
+    _tar(tmp_path / "full.tar", files)
+    data = (tmp_path / "full.tar").read_bytes()
+    (tmp_path / "LOC_synset_mapping.txt").write_text(
+        "".join(f"{w} x\n" for w in _WNIDS)
+    )
+    rows = "".join(f"{_val_name(k)[:-5]},{w} 1 2 3 4\n" for k, w in _TRUTH.items())
+    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + rows)
+    # cut inside the last image: the index still lists it, reading it fails
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        last = max(m.offset_data + m.size for m in tar)
+    (tmp_path / "ILSVRC2012_img_val.tar").write_bytes(data[: last - 10])
+    try:
+        source = datasets.imagenet_val(tmp_path)
+    except ValueError as e:  # or the index already sees the cut
+        assert "ILSVRC2012_img_val.tar" in str(e)
+    else:
+        assert source[0]["image"] == files[_val_name(1)]
+        with pytest.raises(ValueError, match=r"ILSVRC2012_img_val\.tar.*truncated"):
+            source[len(source) - 1]["image"]
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w:gz") as tar:
+        for name, v in files.items():
+            info = tarfile.TarInfo(f"101_ObjectCategories/a/{name}")
+            info.size = len(v)
+            tar.addfile(info, io.BytesIO(v))
+    (tmp_path / "101_ObjectCategories.tar.gz").write_bytes(packed.getvalue()[:-200])
+    with pytest.raises(
+        ValueError, match=r"101_ObjectCategories\.tar\.gz.*not a readable tarball"
+    ):
+        datasets.caltech101(tmp_path)

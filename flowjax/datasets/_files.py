@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -147,23 +148,32 @@ def _bytes_reader(data: bytes) -> Callable[[], bytes]:
 
 
 class _Pread:
-    """One read-only file descriptor per process; ``os.pread`` needs no lock."""
+    """One read-only file descriptor per process; ``os.pread`` itself needs no lock."""
 
     def __init__(self, path: str):
         self.path, self._fd, self._pid = path, None, None
+        self._lock = threading.Lock()
 
     def reader(self, offset: int, size: int) -> Callable[[], bytes]:
         return lambda: self.read(offset, size)
 
+    def _descriptor(self) -> int:
+        with self._lock:  # (re)open once per process, e.g. after a fork
+            if self._pid != os.getpid():
+                self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+            return self._fd
+
     def read(self, offset: int, size: int) -> bytes:
-        if self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        data = os.pread(self._fd, size, offset)
+        data = os.pread(self._descriptor(), size, offset)
         if len(data) != size:
             raise ValueError(
                 f"{self.path!r} is truncated at byte {offset + len(data)}."
             )
         return data
+
+    def __del__(self):
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
 
 
 class VisionSource:

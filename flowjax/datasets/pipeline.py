@@ -305,6 +305,12 @@ def image_batches(
     ``from_batch(k)`` (which :func:`flowjax.fit` calls on resume) yields
     batches ``k, k + 1, …`` without decoding the first ``k``.
 
+    The FLOW code's pre-pass (τ and the weights) reads the training set once,
+    in order, with the *training* augmentations: ``image_batches(train_source,
+    B, train=True, shuffle=False, drop_remainder=False)``. Sources are read
+    from the threads of one process; a :class:`VisionSource` is safe after a
+    fork (each process reopens its tar file) but is not picklable.
+
     Args:
       source: a random-access source of ``{"id", "image", "label"}`` records,
         e.g. a :class:`flowjax.datasets.VisionSource` from one of the readers.
