@@ -30,8 +30,15 @@ Pillow to decode, SciPy to read ``.mat`` files) and is not imported by
 
     from flowjax import datasets
     train = datasets.flowers102("~/data/flowers102", "train")
+    # the pre-pass: one ordered pass with the training augmentations (as the FLOW code)
+    once = datasets.image_batches(train, 256, train=True, shuffle=False, drop_remainder=False)
+    weights = flowjax.per_example_losses(loss_fn, lp_params, once).flow_weights()
     data = datasets.image_batches(train, 128, train=True, epochs=25)
-    result = flowjax.fit(step, state, data, checkpoint_dir=...)
+    result = flowjax.fit(
+        step, state,
+        lambda k: (flowjax.attach_weights(b, weights) for b in data.from_batch(k)),
+        num_steps=len(data), checkpoint_dir="/abs/ckpt",
+    )
 """
 
 from flowjax.datasets._files import VisionSource, stratified_rows
