@@ -374,6 +374,36 @@ def test_stanford_cars_reads_the_devkit_and_the_image_tarballs(tmp_path):
         datasets.stanford_cars(tmp_path)
 
 
+def test_stanford_cars_reads_the_one_set_layout_car_ims_and_cars_annos(tmp_path):
+    paths = [f"car_ims/{k:06d}.jpg" for k in range(1, 8)]
+    classes, is_test = [2, 2, 1, 196, 1, 2, 196], [0, 1, 0, 0, 1, 0, 1]
+    jpegs = {p: _jpeg(k) for k, p in enumerate(paths)}
+    _tar(tmp_path / "car_ims.tgz", jpegs, "w:gz")
+    ann = np.zeros(
+        (1, 7), dtype=[("relative_im_path", "O"), ("class", "O"), ("test", "O")]
+    )
+    for i in range(7):
+        ann[0, i] = (
+            np.array([paths[i]]),
+            np.array([[classes[i]]], np.uint8),
+            np.array([[is_test[i]]], np.uint8),
+        )
+    names = np.array([f"Car {c}" for c in range(1, 197)], dtype=object)[None, :]
+    (tmp_path / "cars_annos.mat").write_bytes(
+        _mat({"annotations": ann, "class_names": names})
+    )
+    train = datasets.stanford_cars(tmp_path)
+    test = datasets.stanford_cars(tmp_path, "test")
+    np.testing.assert_array_equal(train.ids, [0, 2, 3, 5])
+    np.testing.assert_array_equal(test.ids, [1, 4, 6])
+    np.testing.assert_array_equal(train.labels, [1, 0, 195, 1])
+    np.testing.assert_array_equal(test.labels, [1, 0, 195])
+    assert test[2]["image"] == jpegs[paths[6]] and train.classes[0] == "Car 1"
+    assert (
+        len(datasets.stanford_cars(tmp_path, "val", val_fraction=0.5)) == 1
+    )  # only class 2 has two
+
+
 # ----------------------------------------------------------------------------- Stanford Dogs
 
 

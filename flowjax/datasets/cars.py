@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from flowjax.datasets import _files
@@ -23,6 +25,12 @@ def stanford_cars(
       ``fname`` and ``class``, 1 … 196, per training image);
     * ``cars_test_annos_withlabels.mat`` (released after the devkit, whose
       ``cars_test_annos.mat`` has no labels), in ``root`` or ``devkit/``.
+
+    Or the same images as one set: ``car_ims.tgz`` (or ``car_ims/``) with
+    ``cars_annos.mat`` (``annotations``: ``relative_im_path``, ``class`` and
+    ``test``, 1 for the 8,041 test images; ``class_names``). It is used when
+    ``cars_annos.mat`` is in ``root``; then the id is the image's position
+    in ``cars_annos.mat`` (ids differ between the two layouts).
 
     The official code reads an ImageFolder copy (train/test by class name)
     of this same split, so only the class order differs: here the label is
@@ -55,17 +63,21 @@ def stanford_cars(
       (8041, 196, 8144)
     """
     _files.check_split(split, "stanford_cars", val_fraction)
+    if os.path.isfile(
+        os.path.join(os.path.expanduser(os.fspath(root)), "cars_annos.mat")
+    ):
+        return _files.carve(_one_set(root, split), split, val_fraction, val_seed)
     devkit = _files.open_tree(root, "devkit", ["car_devkit.tgz", "car_devkit.tar.gz"])
     meta = _files.loadmat(
         _files.find_file(root, ["cars_meta.mat"], [devkit]), "cars_meta.mat"
     )
     classes = [str(c) for c in _files.mat_field(meta, "class_names", "cars_meta.mat")]
-    train_names, train_labels = _annotations(
+    train_names, train_labels, _ = _annotations(
         _files.find_file(root, ["cars_train_annos.mat"], [devkit]),
         "cars_train_annos.mat",
     )
     if split == "test":
-        names, labels = _annotations(
+        names, labels, _ = _annotations(
             _files.find_file(root, ["cars_test_annos_withlabels.mat"], [devkit]),
             "cars_test_annos_withlabels.mat",
         )
@@ -89,11 +101,39 @@ def stanford_cars(
     return _files.carve(source, split, val_fraction, val_seed)
 
 
-def _annotations(data: bytes, what: str) -> tuple[list[str], np.ndarray]:
+def _one_set(root, split: str) -> _files.VisionSource:
+    """The ``car_ims`` + ``cars_annos.mat`` layout."""
+    data = _files.find_file(root, ["cars_annos.mat"])
+    mat = _files.loadmat(data, "cars_annos.mat")
+    classes = [str(c) for c in _files.mat_field(mat, "class_names", "cars_annos.mat")]
+    names, labels, ann = _annotations(
+        data, "cars_annos.mat", "relative_im_path", "test"
+    )
+    test = np.array([int(t) for t in ann["test"]]) == 1
+    rows = np.flatnonzero(test if split == "test" else ~test)
+    tree = _files.open_tree(
+        root, "car_ims", ["car_ims.tgz", "car_ims.tar.gz", "car_ims.tar"]
+    )
+    prefix = "car_ims/"
+    images = [
+        tree.reader(
+            names[r][len(prefix) :] if names[r].startswith(prefix) else names[r]
+        )
+        for r in rows
+    ]
+    base = "test" if split == "test" else "train"
+    return _files.VisionSource(
+        f"stanford_cars/{base}", rows, labels[rows] - 1, images, classes
+    )
+
+
+def _annotations(
+    data: bytes, what: str, path: str = "fname", *extra: str
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     mat = _files.loadmat(data, what)
     ann = _files.mat_field(mat, "annotations", what)
     fields = ann.dtype.names or ()
-    missing = [f for f in ("fname", "class") if f not in fields]
+    missing = [f for f in (path, "class", *extra) if f not in fields]
     if missing:
         hint = (
             " (cars_test_annos.mat has no labels: use cars_test_annos_withlabels.mat)"
@@ -103,6 +143,6 @@ def _annotations(data: bytes, what: str) -> tuple[list[str], np.ndarray]:
         raise ValueError(
             f"{what}: the annotations lack {missing} (they have {list(fields)}){hint}."
         )
-    names = [str(n) for n in ann["fname"]]
+    names = [str(n) for n in ann[path]]
     labels = np.array([int(c) for c in ann["class"]], np.int64)
-    return names, labels
+    return names, labels, ann
