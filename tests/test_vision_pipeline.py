@@ -162,13 +162,9 @@ def test_training_transform_is_the_crop_resize_and_flip_of_its_generator():
         np.testing.assert_allclose(out, _normalised(ref), atol=1e-6)
     assert 0 < flipped < 12
     # random crop of a square resize (the FLOW code's Cars/Dogs training transform)
+    square_random = {"resize": "square", "train_crop": "random"}
     fn = datasets.image_transform(
-        train=True,
-        image_size=10,
-        resize_size=16,
-        resize="square",
-        train_crop="random",
-        flip=False,
+        train=True, image_size=10, resize_size=16, flip=False, **square_random
     )
     out = fn({"image": pixels, "label": 0}, np.random.default_rng(1))["image"]
     rng = np.random.default_rng(1)
@@ -183,14 +179,8 @@ def test_color_jitter_is_pils_enhancers_in_the_drawn_order():
     from PIL import ImageEnhance
 
     pixels = _pixels(16, 16, seed=4)
-    fn = datasets.image_transform(
-        train=True,
-        image_size=16,
-        resize_size=16,
-        resize="square",
-        train_crop="random",
-        color_jitter=0.2,
-    )
+    cars = {"resize_size": 16, "resize": "square", "train_crop": "random"}
+    fn = datasets.image_transform(train=True, image_size=16, color_jitter=0.2, **cars)
     outs = []
     for seed in range(4):
         out = fn({"image": pixels, "label": 0}, np.random.default_rng(seed))["image"]

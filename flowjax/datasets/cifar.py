@@ -67,10 +67,10 @@ def cifar100(
     paper's 100 classes). Splits and ids as in :func:`cifar10`.
 
     Args:
-      root: the directory holding the tarball or its folder.
-      split: ``"train"``, ``"test"``, ``"val"`` or ``"train_minus_val"``.
-      val_fraction: the fraction of each class held out as ``"val"``.
-      val_seed: the seed of that split.
+      root: the directory holding ``cifar-100-python.tar.gz`` or its folder.
+      split: as in :func:`cifar10`.
+      val_fraction: the fraction of each fine class held out as ``"val"``.
+      val_seed: the seed of the validation split.
 
     Returns:
       A :class:`flowjax.datasets.VisionSource`, ``classes`` the fine label

@@ -33,10 +33,11 @@ def stanford_dogs(
     bytes.
 
     Args:
-      root: the directory holding the files.
-      split: ``"train"``, ``"test"``, ``"val"`` or ``"train_minus_val"``.
-      val_fraction: the fraction of each class held out as ``"val"``.
-      val_seed: the seed of that split.
+      root: the directory holding ``images.tar`` (or ``Images/``) and the lists.
+      split: ``"train"`` or ``"test"`` (the official lists), ``"val"`` or
+        ``"train_minus_val"`` (parts of ``"train"``).
+      val_fraction: the fraction of each breed held out as ``"val"``.
+      val_seed: the seed of the validation split.
 
     Returns:
       A :class:`flowjax.datasets.VisionSource` in list order.
