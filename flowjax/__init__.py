@@ -41,7 +41,10 @@ Then six namespaces (their names are also available flat, as
   down-weighted examples and a printable :func:`weight_summary`.
 
 The linear-model theory of the paper's section 7 lives in
-:mod:`flowjax.theory`.
+:mod:`flowjax.theory`. The paper's vision datasets, read from their original
+downloads without TensorFlow, and the seeded, resumable image pipeline live in
+:mod:`flowjax.datasets` (``from flowjax import datasets``; it needs the
+``data`` extra and is not imported by ``import flowjax``).
 """
 
 # isort: off

@@ -10,6 +10,7 @@ import types
 import pytest
 
 import flowjax
+import flowjax.datasets
 
 # The core, in reading order: pre-pass, tables, weights, objectives.
 CORE = (
@@ -150,3 +151,52 @@ def test_namespaces_are_documented(ns):
     assert doc.strip()
     if ns == "baselines":
         assert "Example:" in doc and "nnx.PathContains" in doc
+
+
+# Namespaces `import flowjax` does not import (they need an extra): their own layer.
+SEPARATE = {
+    "datasets": {
+        "VisionSource",
+        "cifar10",
+        "cifar100",
+        "flowers102",
+        "caltech101",
+        "stanford_cars",
+        "stanford_dogs",
+        "imagenet_val",
+        "stratified_rows",
+        "image_batches",
+        "image_transform",
+        "random_resized_crop_box",
+        "center_crop_box",
+        "IMAGENET_MEAN",
+        "IMAGENET_STD",
+    }
+}
+
+
+def test_separate_namespaces_are_complete_documented_and_not_flat():
+    for ns, names in SEPARATE.items():
+        module = getattr(flowjax, ns)
+        assert set(module.__all__) == names, ns
+        assert f"flowjax.{ns}" in flowjax.__doc__, ns
+        assert not names & set(flowjax.__all__), ns
+        for name in names:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                doc = inspect.getdoc(obj) or ""
+                assert doc, f"{ns}.{name} has no docstring"
+            if inspect.isfunction(obj):
+                for section in ("Args:", "Returns:", "Raises:", "Example:"):
+                    assert section in doc, f"{ns}.{name} docstring lacks {section}"
+
+
+def test_import_flowjax_does_not_import_the_separate_namespaces():
+    import subprocess
+    import sys
+
+    code = "import sys, flowjax; print(sorted(m for m in sys.modules if m.startswith('flowjax.datasets') or m == 'PIL'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
