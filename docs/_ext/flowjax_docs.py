@@ -10,9 +10,10 @@ Two generators run when the builder starts (``builder-inited``), into
   ``flowjax.__all__``, in its (layered) order, then :mod:`flowjax.theory`.
 * **The experiment results** (:func:`results_pages`): for each directory under
   ``results/``, its report (``results.md`` or ``summary.md``, headings moved
-  one level down) or, for the benchmarks, tables rendered from the JSON
+  two levels down) or, for the benchmarks, tables rendered from the JSON
   files, then a figure for every PNG in it. The experiment pages include
-  them; a results directory that no page includes is a build warning (an
+  them under a second-level heading (the report's title becomes a third-level
+  one); a results directory that no page includes is a build warning (an
   error under ``-W``).
 
 A reference to a flat name (``flowjax.l2sp``, or ``l2sp`` from another
@@ -261,10 +262,12 @@ JSON_TABLES = {
 }
 
 
-def results_page(directory: pathlib.Path, figures_dir: pathlib.Path) -> str:
+def results_page(
+    directory: pathlib.Path, figures_dir: pathlib.Path, docs: pathlib.Path = DOCS
+) -> str:
     """Markdown for one results directory: its report or JSON tables, then its figures.
 
-    The PNGs are copied into ``figures_dir`` (inside the docs source) and shown
+    The PNGs are copied into ``figures_dir`` (inside the docs source ``docs``) and shown
     with their file name as caption.
 
     Raises:
@@ -274,12 +277,12 @@ def results_page(directory: pathlib.Path, figures_dir: pathlib.Path) -> str:
     report = next((directory / r for r in REPORTS if (directory / r).is_file()), None)
     tables = [p for p in sorted(directory.glob("*.json")) if p.name in JSON_TABLES]
     if report is not None:
-        parts.append(_shift_headings(report.read_text()))
+        parts.append(_shift_headings(report.read_text(), by=2))
     elif tables:
         for path in tables:
             title, render = JSON_TABLES[path.name]
             parts += [
-                f"## {title}",
+                f"### {title}",
                 "",
                 f"From `results/{directory.name}/{path.name}`:",
                 "",
@@ -293,10 +296,10 @@ def results_page(directory: pathlib.Path, figures_dir: pathlib.Path) -> str:
     pngs = sorted(directory.glob("*.png"))
     if pngs:
         figures_dir.mkdir(parents=True, exist_ok=True)
-        parts += ["", "## Figures", ""]
+        parts += ["", "### Figures", ""]
     for png in pngs:
         shutil.copy2(png, figures_dir / png.name)
-        rel = figures_dir.relative_to(DOCS).as_posix()
+        rel = figures_dir.relative_to(docs).as_posix()
         parts += [
             f"```{{figure}} /{rel}/{png.name}",
             f":alt: results/{directory.name}/{png.name}",
@@ -308,13 +311,18 @@ def results_page(directory: pathlib.Path, figures_dir: pathlib.Path) -> str:
     return "\n".join(parts) + "\n"
 
 
-def results_pages(results: pathlib.Path, out: pathlib.Path) -> list[str]:
-    """Write ``out/results/<name>.md`` for every directory of ``results``; return the names."""
+def results_pages(
+    results: pathlib.Path, out: pathlib.Path, docs: pathlib.Path = DOCS
+) -> list[str]:
+    """Write ``out/results/<name>.md`` for every directory of ``results``; return the names.
+
+    ``out`` lies inside ``docs``, the docs source (figure paths are relative to it).
+    """
     dest = out / "results"
     dest.mkdir(parents=True, exist_ok=True)
     names = []
     for directory in sorted(p for p in results.iterdir() if p.is_dir()):
-        page = results_page(directory, dest / directory.name)
+        page = results_page(directory, dest / directory.name, docs)
         (dest / f"{directory.name}.md").write_text(page)
         names.append(directory.name)
     return names
