@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flowjax-installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: install test demo theory digits bench lm lint clean
+.PHONY: install test demo theory digits bench lm lint clean docs dist wheel-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,10 +51,37 @@ bench: $(STAMP)
 lm: $(STAMP)
 	$(PY) -m experiments.lm.run --out results/lm
 
+# The documentation site (Sphinx) into docs/_build/html; warnings (a broken docstring, a dead
+# cross-reference, a public name without an entry, a results directory no page shows) are errors.
+DOCS_STAMP := $(VENV)/.flowjax-docs-installed
+
+$(DOCS_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[docs]'
+	@touch $@
+
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
+# The sdist and, built from it, the wheel, into dist/.
+DIST_STAMP := $(VENV)/.flowjax-dist-installed
+
+$(DIST_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[dist]'
+	@touch $@
+
+dist: $(DIST_STAMP)
+	rm -rf dist
+	$(PY) -m build --no-isolation --outdir dist .
+
+# Checks the built sdist and wheel, installs the wheel into a fresh venv (not editable, no
+# repository on sys.path) and runs the quick start and the theory example from it.
+wheel-check: dist
+	$(PY) .ci/check_wheel.py dist
+
 lint: $(STAMP)
 	$(PY) -m pip install $(PIP_FLAGS) 'ruff>=0.6'
 	$(PY) -m ruff format --check flowjax experiments tests
 	$(PY) -m ruff check flowjax experiments tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache dist docs/_build docs/_generated docs/api

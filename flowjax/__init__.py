@@ -65,7 +65,7 @@ from flowjax.metrics import *  # noqa: F403
 from flowjax.diagnostics import *  # noqa: F403
 # isort: on
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Layered, not sorted: the core, the namespaces, then every name of each namespace.
 __all__ = [  # noqa: RUF022

@@ -89,3 +89,14 @@ def test_what_tests_and_experiments_need_is_in_the_extras_make_test_installs():
         "tensorflow-datasets",
     ):
         assert dist in installed, dist
+
+
+def test_one_version_source_and_a_changelog_entry_for_it():
+    # hatch reads the version from flowjax/__init__.py; pyproject states none of its own.
+    assert "version" not in PYPROJECT["project"]
+    assert PYPROJECT["project"]["dynamic"] == ["version"]
+    assert PYPROJECT["tool"]["hatch"]["version"]["path"] == "flowjax/__init__.py"
+    init = (ROOT / "flowjax" / "__init__.py").read_text()
+    (version,) = re.findall(r'^__version__ = "([^"]+)"$', init, flags=re.M)
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert re.search(rf"^## {re.escape(version)} ", changelog, flags=re.M), version

@@ -21,7 +21,7 @@ separately). The reported ratio is the median over rounds of
 shared machine; the ratio of median throughputs is in the JSON too. Goal:
 ratio >= 0.95. The losses of both paths are checked to agree (1e-4).
 
-Expected output (2-core CPU, 2026-11-21, batch 256; the README quotes one run):
+Expected output (2-core CPU, 2026-11-21, batch 256; docs/experiments/benchmarks.md quotes one run):
 a ratio of about 0.95-1.0 for the MLP and 1.0-1.07 for the CNN.
 """
 

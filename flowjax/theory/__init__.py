@@ -1,6 +1,6 @@
 """Theory as code: the linear model of the FLOW paper's section 7.
 
-:mod:`flowjax.theory.linear` holds the setting, Theorem 7.2's weighted
+``flowjax.theory.linear`` holds the setting, Theorem 7.2's weighted
 covariance, the eigen-analysis of Lemma F.3, closed-form and iterated gradient
 descent, the errors, model averaging (Lemma F.4), the median temperature, and
 finite-sample FLOW run through :func:`flowjax.flow_weights`. Everything is
