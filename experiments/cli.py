@@ -29,7 +29,8 @@ def add_config_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
 def override(cfg: Any, assignments: list[str]) -> Any:
     """``cfg`` (a frozen dataclass) with ``name=value`` assignments applied.
 
-    Values are parsed with :func:`ast.literal_eval`; lists become tuples (configs hold tuples).
+    Values are parsed with :func:`ast.literal_eval`; lists become tuples (configs hold tuples);
+    a field holding a string also takes unquoted text (``--set data_dir=/abs/cifar10``).
     ``a.b=value`` sets field ``b`` of the dataclass in field ``a``.
 
     Raises:
@@ -51,11 +52,18 @@ def override(cfg: Any, assignments: list[str]) -> Any:
         try:
             value = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError) as e:
-            raise ValueError(
-                f"--set {a!r}: cannot parse {text.strip()!r} ({e})."
-            ) from None
+            value = _Raw(text.strip(), e)  # a plain string field takes it unquoted
         cfg = _set(cfg, name.strip().split("."), value, a)
     return cfg
+
+
+class _Raw(str):
+    """Unparsed ``--set`` text: accepted (as the string) only by a field holding a string."""
+
+    def __new__(cls, text: str, error: Exception):
+        self = super().__new__(cls, text)
+        self.error = error
+        return self
 
 
 def _set(cfg: Any, path: list[str], value: Any, assignment: str) -> Any:
@@ -72,6 +80,12 @@ def _set(cfg: Any, path: list[str], value: Any, assignment: str) -> Any:
                 f"--set {assignment!r}: {path[0]!r} is not a nested config."
             )
         value = _set(inner, path[1:], value, assignment)
+    elif isinstance(value, _Raw):
+        if not isinstance(getattr(cfg, path[0]), str):
+            raise ValueError(
+                f"--set {assignment!r}: cannot parse {str(value)!r} ({value.error})."
+            )
+        value = str(value)  # a path or a name, unquoted
     elif isinstance(value, list):
         value = tuple(value)
     return dataclasses.replace(cfg, **{path[0]: value})

@@ -28,29 +28,9 @@ from experiments import report
 from experiments.digits import model as M
 from experiments.digits import protocol as P
 from experiments.digits.config import Config
+from experiments.training import torch_sgd
 
-
-def optimizer(
-    trainable,
-    momentum: float,
-    weight_decay: float,
-    extra: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformation:
-    """PyTorch SGD direction (decay added to the gradient, then momentum), frozen where not trainable.
-
-    The caller multiplies the result by ``-lr``. ``flowjax.train_only`` gives
-    frozen parameters a zero update and no optimizer state. ``extra`` (an
-    L2-SP or EWC pull toward θ₀) comes FIRST in the chain, on the raw
-    gradients of every parameter, so the optimizer sees the regularised
-    gradient (frozen parameters still get a zero update).
-    """
-    body = flowjax.train_only(
-        optax.chain(
-            optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum)
-        ),
-        trainable,
-    )
-    return body if extra is None else optax.chain(extra, body)
+optimizer = torch_sgd  # the digits name of experiments.training.torch_sgd
 
 
 class SeedRun:

@@ -58,6 +58,7 @@ import optax
 
 import flowjax
 from experiments.digits import model as M
+from experiments.training import lr_factor, stage_tx  # noqa: F401 (part of this module's API)
 
 PRETRAIN_DIGITS = (0, 1, 2, 3, 4)
 FINETUNE_DIGITS = (5, 6, 7, 8, 9)
@@ -248,46 +249,6 @@ class Optim:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     max_shift: int = 1  # training augmentation: random translation, pixels
-
-
-def lr_factor(epoch, epochs: int, schedule: Schedule):
-    """Per-epoch learning-rate factor: ``(1 + cos(π e / T)) / 2`` (cosine) or 1 (constant).
-
-    ``epoch`` may be a traced integer (the step count // steps per epoch).
-    """
-    if schedule == "cosine":
-        return (1.0 + jnp.cos(jnp.pi * epoch / epochs)) / 2.0
-    if schedule == "constant":
-        return jnp.ones_like(epoch, jnp.float32)
-    raise ValueError(f"schedule must be 'cosine' or 'constant'; got {schedule!r}.")
-
-
-def stage_tx(
-    direction: optax.GradientTransformation,
-    lr: float,
-    epochs: int,
-    steps_per_epoch: int,
-    schedule: Schedule,
-) -> optax.GradientTransformation:
-    """``direction`` scaled by ``-lr`` times the per-epoch factor (:func:`lr_factor`).
-
-    The learning rate is held in the optimiser state
-    (``optax.inject_hyperparams``), not in the transformation's code, so
-    every learning rate of a grid shares one compiled step
-    (``flowjax.make_train_step`` shares programs between steps that compute
-    the same thing).
-    """
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant'; got {schedule!r}.")
-
-    def factor(count):
-        return lr_factor(count // steps_per_epoch, epochs, schedule)
-
-    return optax.chain(
-        direction,
-        optax.scale_by_schedule(factor),
-        optax.inject_hyperparams(optax.scale)(step_size=-lr),
-    )
 
 
 MakeTx = Callable[..., optax.GradientTransformation]

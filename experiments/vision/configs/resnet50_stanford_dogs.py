@@ -1,0 +1,12 @@
+"""resnet50 (ImageNet-1K pre-trained) on stanford_dogs: the paper's protocol with the official settings.
+
+    python -m experiments.vision.run --config experiments/vision/configs/resnet50_stanford_dogs.py \
+        --workdir DIR --set weights=/abs/resnet50.safetensors --set data_dir=/abs/stanford_dogs \
+        --set imagenet_dir=/abs/imagenet_val
+"""
+
+from experiments.vision.config import paper
+
+
+def get_config():
+    return paper("resnet50", "stanford_dogs")
