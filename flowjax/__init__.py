@@ -41,7 +41,8 @@ Then six namespaces (their names are also available flat, as
   down-weighted examples and a printable :func:`weight_summary`.
 
 The linear-model theory of the paper's section 7 lives in
-:mod:`flowjax.theory`.
+:mod:`flowjax.theory`; torchvision-exact ResNets and their weights loader in
+:mod:`flowjax.models` (``import flowjax.models``; not imported here).
 """
 
 # isort: off

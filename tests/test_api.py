@@ -150,3 +150,33 @@ def test_namespaces_are_documented(ns):
     assert doc.strip()
     if ns == "baselines":
         assert "Example:" in doc and "nnx.PathContains" in doc
+
+
+# flowjax.models (torchvision-exact ResNets) is a namespace of its own: not imported by
+# `import flowjax` (it would pull the vision models into every import), not flat.
+def test_models_namespace_is_separate_and_documented():
+    import subprocess
+    import sys
+
+    code = "import sys, flowjax; print('flowjax.models' in sys.modules, 'safetensors' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["False", "False"]
+    import flowjax.models as models
+
+    assert "flowjax.models" in flowjax.__doc__
+    assert not set(models.__all__) & set(flowjax.__all__)
+    assert {"resnet", "load_resnet", "torch_state_dict", "task_parts", "ResNet"} <= set(
+        models.__all__
+    )
+    for name in models.__all__:
+        obj = getattr(models, name)
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            doc = inspect.getdoc(obj) or ""
+            assert doc, f"flowjax.models.{name} has no docstring"
+        if inspect.isfunction(obj):
+            for section in ("Args:", "Returns:", "Raises:", "Example:"):
+                assert section in doc, (
+                    f"flowjax.models.{name} docstring lacks {section}"
+                )
