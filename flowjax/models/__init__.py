@@ -32,7 +32,7 @@ Example:
 """
 
 from flowjax.models.convert import load_resnet, torch_state_dict
-from flowjax.models.resnet import (
+from flowjax.models.resnets import (
     ARCHS,
     BasicBlock,
     BatchNorm,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flowjax.models.resnet import ResNet, _arch, _head
+from flowjax.models.resnets import ResNet, _arch, _head
 
 __all__ = ["load_resnet", "torch_state_dict"]
 

@@ -185,7 +185,10 @@ def _conv(cin, cout, k, stride, pad, dtype, rngs):
 
 
 def _downsample(cin, cout, stride, dtype, rngs):
-    """torchvision's ``downsample``: ``Sequential(conv1x1, BatchNorm)`` as ``[0]``, ``[1]``."""
+    """torchvision's ``downsample`` where the shape changes (else ``None``):
+    ``Sequential(conv1x1, BatchNorm)``, as ``[0]``, ``[1]``."""
+    if stride == 1 and cin == cout:
+        return None
     return nnx.List(
         [
             _conv(cin, cout, 1, stride, 0, dtype, rngs),
@@ -222,11 +225,7 @@ class BasicBlock(nnx.Module):
         self.bn1 = BatchNorm(planes, dtype=dtype, rngs=rngs)
         self.conv2 = _conv(planes, planes, 3, 1, 1, dtype, rngs)
         self.bn2 = BatchNorm(planes, dtype=dtype, rngs=rngs)
-        self.downsample = (
-            _downsample(cin, planes, stride, dtype, rngs)
-            if stride != 1 or cin != planes
-            else None
-        )
+        self.downsample = _downsample(cin, planes, stride, dtype, rngs)
 
     def __call__(self, x):
         y = nnx.relu(self.bn1(self.conv1(x)))
@@ -259,11 +258,7 @@ class Bottleneck(nnx.Module):
         self.bn2 = BatchNorm(planes, dtype=dtype, rngs=rngs)
         self.conv3 = _conv(planes, cout, 1, 1, 0, dtype, rngs)
         self.bn3 = BatchNorm(cout, dtype=dtype, rngs=rngs)
-        self.downsample = (
-            _downsample(cin, cout, stride, dtype, rngs)
-            if stride != 1 or cin != cout
-            else None
-        )
+        self.downsample = _downsample(cin, cout, stride, dtype, rngs)
 
     def __call__(self, x):
         y = nnx.relu(self.bn1(self.conv1(x)))
