@@ -255,6 +255,31 @@ def test_batchnorm_is_torchs_batchnorm2d():
         bn(jnp.ones((1, 1, 1, 6)))
 
 
+def test_batchnorm_with_an_axis_name_uses_the_global_batch():
+    """Cross-replica BatchNorm (pmap / shard_map / vmap with axis_name): every replica's
+    output and running statistics are those of the whole batch."""
+    x = np.random.default_rng(1).normal(size=(3, 2, 4, 4, 6)).astype(np.float32) * 2 + 1
+    graphdef, state = nnx.split(fm.BatchNorm(6, rngs=nnx.Rngs(0), axis_name="d"))
+
+    def replica(state, x):
+        bn = nnx.merge(graphdef, state)
+        return bn(x), nnx.state(bn)
+
+    y, states = jax.vmap(replica, in_axes=(None, 0), axis_name="d")(
+        state, jnp.asarray(x)
+    )
+    whole = fm.BatchNorm(6, rngs=nnx.Rngs(0))
+    want = whole(jnp.asarray(x.reshape(6, 4, 4, 6)))
+    np.testing.assert_allclose(
+        np.asarray(y).reshape(6, 4, 4, 6), want, rtol=1e-5, atol=1e-5
+    )
+    for stat in ("mean", "var"):  # n = 6·4·4 in the unbiased variance, not 2·4·4
+        for r in range(3):
+            np.testing.assert_allclose(
+                states[stat][...][r], getattr(whole, stat)[...], rtol=1e-5, atol=1e-6
+            )
+
+
 def test_swap_task_parts_puts_the_pretrained_head_and_batchnorm_back():
     pre = _tiny(classes=5)
     pre_state = nnx.state(pre)

@@ -15,6 +15,8 @@ name alone (:mod:`flowjax.models.convert`):
 
 Inputs are NHWC images (``(batch, height, width, 3)``). Parameters are
 float32; ``dtype`` is the compute dtype (``jnp.bfloat16`` on accelerators).
+On GPUs, XLA may run float32 convolutions in TF32; for float32 parity with
+torch there, set ``jax.config.update("jax_default_matmul_precision", "highest")``.
 BatchNorm is :class:`BatchNorm`: torch's ε = 1e-5, momentum 0.1 (Flax's 0.9)
 and torch's *unbiased* running variance.
 """
