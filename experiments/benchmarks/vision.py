@@ -37,7 +37,6 @@ the unweighted step (ratio 1.17, range 0.71-1.32), 1.8 GFLOP per example;
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -51,6 +50,7 @@ from flax import nnx
 
 import flowjax
 import flowjax.models
+from experiments.report import write_json
 
 # Dense peak FLOP/s per chip by jax's device_kind, (bfloat16, float32), from the vendors'
 # data sheets (GPU float32: plain FP32, not TF32). Unknown devices report no fraction.
@@ -120,6 +120,27 @@ def _flops(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+def _compare(times: dict, n: int, flops_per_batch, batch_size: int, dtype) -> dict:
+    """examples/s of both sides, the median per-round ratio base/other, FLOPs and peak."""
+    (base, base_t), (other, other_t) = times.items()
+    ratios = np.asarray(base_t) / np.asarray(other_t)
+    eps = {k: n / float(np.median(v)) for k, v in times.items()}
+    peak = _peak(dtype)
+    per_example = flops_per_batch / batch_size if flops_per_batch else None
+    achieved = per_example * eps[other] if per_example else None
+    return {
+        f"{base}_examples_per_s": eps[base],
+        f"{other}_examples_per_s": eps[other],
+        "ratio": float(np.median(ratios)),
+        "ratio_range": [float(ratios.min()), float(ratios.max())],
+        "flops_per_example": per_example,
+        f"{other}_flops_per_s": achieved,
+        "peak_flops_per_s": peak,
+        f"{other}_fraction_of_peak": achieved / peak if achieved and peak else None,
+        "times_s": times,
+    }
+
+
 def _alternate(fns: dict, rounds: int) -> dict:
     times = {k: [] for k in fns}
     for _ in range(rounds):
@@ -179,26 +200,12 @@ def bench_prepass(model, args, dtype) -> dict:
     if not diff <= tol:
         raise AssertionError(f"pre-pass and plain losses differ by {diff} (> {tol})")
     times = _alternate({"plain": run_plain, "prepass": run_prepass}, args.rounds)
-    ratios = np.asarray(times["plain"]) / np.asarray(times["prepass"])
-    eps = {k: n / float(np.median(v)) for k, v in times.items()}
-    peak = _peak(dtype)
-    per_example = flops / args.batch_size if flops else None
     return {
         "examples": n,
-        "plain_examples_per_s": eps["plain"],
-        "prepass_examples_per_s": eps["prepass"],
-        "ratio": float(np.median(ratios)),
-        "ratio_range": [float(ratios.min()), float(ratios.max())],
-        "flops_per_example": per_example,
-        "prepass_flops_per_s": per_example * eps["prepass"] if per_example else None,
-        "peak_flops_per_s": peak,
-        "prepass_fraction_of_peak": per_example * eps["prepass"] / peak
-        if per_example and peak
-        else None,
+        **_compare(times, n, flops, args.batch_size, dtype),
         "plain_compile_s": cold_plain,
         "prepass_first_call_s": cold_prepass,
         "max_abs_loss_diff": diff,
-        "times_s": times,
     }
 
 
@@ -270,24 +277,12 @@ def bench_train(model, args, dtype) -> dict:
     if not math.isfinite(loss):
         raise AssertionError(f"the FLOW step's loss is {loss}")
     times = _alternate({"unweighted": run_plain, "flow": run_flow}, args.rounds)
-    ratios = np.asarray(times["unweighted"]) / np.asarray(times["flow"])
     n = args.batch_size * args.train_steps
-    eps = {k: n / float(np.median(v)) for k, v in times.items()}
-    peak = _peak(dtype)
-    per_example = flops / args.batch_size if flops else None
     return {
         "steps_per_round": args.train_steps,
-        "unweighted_examples_per_s": eps["unweighted"],
-        "flow_examples_per_s": eps["flow"],
-        "ratio": float(np.median(ratios)),
-        "ratio_range": [float(ratios.min()), float(ratios.max())],
-        "flops_per_example": per_example,
-        "flow_fraction_of_peak": per_example * eps["flow"] / peak
-        if per_example and peak
-        else None,
+        **_compare(times, n, flops, args.batch_size, dtype),
         "unweighted_compile_s": cold_plain,
         "flow_first_call_s": cold_flow,
-        "times_s": times,
     }
 
 
@@ -341,8 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"  {result['wall_s']:.0f} s in all"
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    result = write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 
