@@ -90,8 +90,11 @@ class BatchNorm(nnx.BatchNorm):
       momentum: Flax's momentum, ``1 - torch_momentum``.
       epsilon: added to the variance.
       dtype: the output (compute) dtype; ``None`` keeps the input's.
+      use_running_average: start in eval mode (``True``) or train mode.
+      axis_name: a named axis (``pmap``, ``shard_map``, ``vmap``) over which
+        the batch statistics are combined; not needed under ``jax.jit`` with
+        sharded arrays (XLA reduces over the global batch).
       rngs: unused by the initialisers (scale 1, bias 0), required by NNX.
-      **kwargs: passed on to ``nnx.BatchNorm`` (e.g. ``axis_name``).
 
     Raises:
       ValueError: in train mode, a batch with one value per channel (torch
@@ -115,17 +118,19 @@ class BatchNorm(nnx.BatchNorm):
         momentum: float = 0.9,
         epsilon: float = 1e-5,
         dtype: Any = None,
+        use_running_average: bool = False,
+        axis_name: str | None = None,
         rngs: nnx.Rngs,
-        **kwargs,
     ):
         super().__init__(
             num_features,
             momentum=momentum,
             epsilon=epsilon,
             dtype=dtype,
+            use_running_average=use_running_average,
+            axis_name=axis_name,
             use_fast_variance=False,
             rngs=rngs,
-            **kwargs,
         )
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -143,7 +148,7 @@ class BatchNorm(nnx.BatchNorm):
             mean, var = self.mean[...], self.var[...]
         else:
             n = math.prod(x.shape[:-1])
-            if n < 2:
+            if n < 2 and self.axis_name is None:
                 raise ValueError(
                     f"BatchNorm in train mode needs more than one value per channel, "
                     f"got input shape {x.shape}; call model.eval() for single examples."
@@ -153,7 +158,7 @@ class BatchNorm(nnx.BatchNorm):
             if self.axis_name is not None:  # shard_map / pmap: the global batch
                 mean2 = jax.lax.pmean(var + jnp.square(mean), self.axis_name)
                 mean = jax.lax.pmean(mean, self.axis_name)
-                var = mean2 - jnp.square(mean)
+                var = jnp.maximum(mean2 - jnp.square(mean), 0.0)  # rounding
                 n = n * jax.lax.psum(1, self.axis_name)
             m = self.momentum
             self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
