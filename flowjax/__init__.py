@@ -44,7 +44,9 @@ The linear-model theory of the paper's section 7 lives in
 :mod:`flowjax.theory`. The paper's vision datasets, read from their original
 downloads without TensorFlow, and the seeded, resumable image pipeline live in
 :mod:`flowjax.datasets` (``from flowjax import datasets``; it needs the
-``data`` extra and is not imported by ``import flowjax``).
+``data`` extra and is not imported by ``import flowjax``). Torchvision-exact
+ResNets and their weights loader live in :mod:`flowjax.models` (``import
+flowjax.models``; not imported by ``import flowjax`` either).
 """
 
 # isort: off

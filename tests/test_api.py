@@ -11,6 +11,7 @@ import pytest
 
 import flowjax
 import flowjax.datasets
+import flowjax.models
 
 # The core, in reading order: pre-pass, tables, weights, objectives.
 CORE = (
@@ -171,7 +172,18 @@ SEPARATE = {
         "center_crop_box",
         "IMAGENET_MEAN",
         "IMAGENET_STD",
-    }
+    },
+    "models": {
+        "ARCHS",
+        "BasicBlock",
+        "BatchNorm",
+        "Bottleneck",
+        "ResNet",
+        "load_resnet",
+        "resnet",
+        "task_parts",
+        "torch_state_dict",
+    },
 }
 
 
@@ -195,7 +207,10 @@ def test_import_flowjax_does_not_import_the_separate_namespaces():
     import subprocess
     import sys
 
-    code = "import sys, flowjax; print(sorted(m for m in sys.modules if m.startswith('flowjax.datasets') or m == 'PIL'))"
+    code = (
+        "import sys, flowjax; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('PIL', 'safetensors') or m.startswith(('flowjax.datasets', 'flowjax.models'))))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )

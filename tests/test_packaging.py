@@ -87,6 +87,7 @@ def test_what_tests_and_experiments_need_is_in_the_extras_make_test_installs():
         "matplotlib",
         "scikit-learn",
         "tensorflow-datasets",
+        "safetensors",  # tests/test_models_resnet.py writes and reads .safetensors
     ):
         assert dist in installed, dist
 
