@@ -152,9 +152,7 @@ def train(
             yield {"image": batch["image"], "label": batch["label"], "weight": w}
 
     def as_net(s: flowjax.TrainState) -> Net:
-        return net._replace(
-            params=jax.device_get(s.params), stats=jax.device_get(s.model_state)
-        )
+        return net._replace(params=s.params, stats=s.model_state)
 
     eval_fn = None if stage.eval_fn is None else (lambda s: stage.eval_fn(as_net(s)))
     every = stage.eval_every * per_epoch if eval_fn is not None else 0
@@ -234,8 +232,14 @@ def accuracy(net: Net, source: Any, cfg: Any, imagenet: bool = False) -> float:
 
 
 def restore_task_parts(finetuned: Net, pretrained: Net, parts) -> Net:
-    """The pre-trained head and every BatchNorm put back into the fine-tuned body."""
-    swapped = flowjax.swap_task_parts(state(finetuned), state(pretrained), parts)
+    """The pre-trained head and every BatchNorm put back into the fine-tuned body.
+
+    ``parts`` is ``flowjax.models.task_parts(model)``, a filter on the model's own paths;
+    :func:`state` nests them under ``"params"`` / ``"stats"``.
+    """
+    swapped = flowjax.swap_task_parts(
+        state(finetuned), state(pretrained), lambda path, leaf: parts(path[1:], leaf)
+    )
     return from_state(pretrained.graphdef, swapped)
 
 
