@@ -43,6 +43,8 @@ def _entries(api: pathlib.Path) -> dict[str, set[str]]:
 
 def _public_objects() -> list[tuple[str, object]]:
     """Every public name a user can reach, flat or in a namespace, with its object."""
+    import flowjax.datasets
+    import flowjax.models
     from flowjax import theory
 
     names = [
@@ -50,7 +52,9 @@ def _public_objects() -> list[tuple[str, object]]:
         for n in flowjax.__all__
         if not isinstance(getattr(flowjax, n), types.ModuleType)
     ]
-    names += [(f"theory.{n}", getattr(theory, n)) for n in theory.__all__]
+    for ns in (theory, flowjax.datasets, flowjax.models):
+        short = ns.__name__.split(".")[-1]
+        names += [(f"{short}.{n}", getattr(ns, n)) for n in ns.__all__]
     return names
 
 
@@ -60,7 +64,11 @@ def test_every_public_name_has_an_api_entry(tmp_path):
     namespaces = [
         n for n in flowjax.__all__ if isinstance(getattr(flowjax, n), types.ModuleType)
     ]
-    assert pages[1:] == [f"flowjax.{n}" for n in namespaces] + ["flowjax.theory"]
+    assert pages[1:] == [f"flowjax.{n}" for n in namespaces] + [
+        "flowjax.theory",
+        "flowjax.datasets",
+        "flowjax.models",
+    ]
     entries = _entries(tmp_path / "api")
     documented = {
         id(getattr(sys.modules[module], name))

@@ -29,6 +29,7 @@ test suite runs them without Sphinx (``tests/test_docs.py``).
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import pathlib
 import shutil
@@ -39,7 +40,7 @@ DOCS = ROOT / "docs"
 GENERATED = DOCS / "_generated"
 API = DOCS / "api"
 # Namespaces documented although not in flowjax.__all__ (imported on their own).
-EXTRA_NAMESPACES = ("theory",)
+EXTRA_NAMESPACES = ("theory", "datasets", "models")
 
 
 # -- the API reference ------------------------------------------------------------------
@@ -398,7 +399,16 @@ def _check(app, env) -> None:
         )
 
 
+def _no_builtin_type_docs(app, what, name, obj, options, lines):
+    """A public constant (a dict, a tuple) shows its value, not its builtin type's docstring."""
+    if what in ("data", "attribute") and type(obj).__module__ == "builtins":
+        type_doc = (type(obj).__doc__ or "").strip()
+        if type_doc and "\n".join(lines).strip() == inspect.cleandoc(type_doc):
+            lines[:] = []
+
+
 def setup(app):
+    app.connect("autodoc-process-docstring", _no_builtin_type_docs)
     app.connect("builder-inited", _builder_inited)
     app.connect("missing-reference", resolve_alias)
     app.connect("env-check-consistency", _check)
