@@ -111,6 +111,7 @@ def main() -> None:
         progress=False,
         cache_dir=args.cache,
         flush_seconds=0.0,  # write every finished step: the kill test needs a cache
+        step_size=args.batch_size,  # a step per batch: the kill lands between read steps
         mesh=mesh,
         param_shardings=shardings,
     )
@@ -156,13 +157,18 @@ def run_scenarios(process: int) -> None:
         return list(_data.batches(d, 16))
 
     def prepass(batches):
-        return flowjax.per_example_losses(
-            _data.loss_fn, _data.params(), batches, progress=False
+        return flowjax.per_example_losses(  # a step per batch, as the scenarios count
+            _data.loss_fn, _data.params(), batches, progress=False, step_size=16
         )
 
     def cached(cache_dir, loss_fn=_data.loss_fn):
         return flowjax.per_example_losses(
-            loss_fn, _data.params(), feed(), progress=False, cache_dir=cache_dir
+            loss_fn,
+            _data.params(),
+            feed(),
+            progress=False,
+            cache_dir=cache_dir,
+            step_size=16,
         )
 
     def bad_batch(k, **fields):

@@ -27,6 +27,7 @@ from . import _data, _subprocess
 
 def _table(batches, fn=_data.loss_fn, params=None, **kw):
     params = _data.params() if params is None else params
+    kw.setdefault("step_size", 16)  # a step per batch: kills land between read steps
     return flowjax.per_example_losses(fn, params, batches, progress=False, **kw)
 
 
