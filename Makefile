@@ -42,9 +42,10 @@ theory: $(STAMP)
 digits: $(STAMP)
 	$(PY) -m experiments.digits.run --out results/digits
 
-# Pre-pass throughput against a plain jitted forward (not a test: timings vary by machine).
+# What FLOW costs, every figure a ratio measured side by side in one run (not a test: timings
+# vary by machine): results/benchmarks/suite.json and suite.md.
 bench: $(STAMP)
-	$(PY) -m experiments.benchmarks.prepass --repeats 21 --out results/benchmarks/prepass.json
+	$(PY) -m experiments.benchmarks.suite --out results/benchmarks
 
 # FLOW on a small byte-level LM (pydoc pre-training, addition fine-tuning) into results/lm/;
 # the pre-trained model is cached with orbax in .cache/lm/ (git-ignored).

@@ -196,9 +196,10 @@ def map_examples(
       batched: ``fn(params, batch) -> [B, *shape]`` takes the whole step
         (the batch pytree without ``"id"``, with its batch axis) instead of
         one example; per-example mode only. Its rows must be independent
-        (row i's output depends on row i alone): the first step is run a
-        second time with half its rows replaced, and a ``ValueError`` is
-        raised if the other rows' outputs change (see :func:`_coupled`).
+        (row i's output depends on row i alone): the first step of a new
+        compiled step is run a second time with half its rows replaced, and
+        a ``ValueError`` is raised if the other rows' outputs change (see
+        :func:`_check_rows_independent`).
       spec: the batch layout when known without a batch (every process must
         pass the same one and the same ``batch_size``); then a process may
         feed no batch at all. Default: taken from the first non-empty batch,
@@ -350,7 +351,7 @@ def map_examples(
     steps = _local_steps(it, spec, size, served, bar, ledger.local)
     padding = None  # what a process with no data left (or a failed one) feeds
     in_flight: collections.deque = collections.deque()  # dispatched, not yet read
-    probe_first = batched
+    probe_first = batched and step not in _CHECKED
     try:
         while True:
             item, state = None, _REAL
@@ -392,6 +393,7 @@ def map_examples(
                 _check_rows_independent(
                     out if nproc == 1 else out[1], again, size, name
                 )
+                _CHECKED.add(step)  # once per compiled step: its later passes skip it
             in_flight.append((out, item.ids))
             # Once a step is all padding everywhere, every later one is too: stop together.
             if len(in_flight) > _IN_FLIGHT:
@@ -465,6 +467,10 @@ class _Progress:
 
 
 _BAR_SECONDS = 0.25
+
+
+# Compiled batched steps whose rows were found independent (the check costs one step).
+_CHECKED: weakref.WeakSet = weakref.WeakSet()
 
 
 def _probe_rows(x: np.ndarray) -> np.ndarray:

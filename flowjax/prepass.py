@@ -84,9 +84,10 @@ def per_example_losses(
         loss must depend on that row alone (BatchNorm in eval mode is fine;
         in train mode it is not): steps are merged from batches and padded,
         so a function that mixes rows would give losses that depend on the
-        padding and on the order of the data. The first step is therefore
-        run a second time with half its rows replaced, and a ``ValueError``
-        is raised if the other rows' losses change.
+        padding and on the order of the data. The first step of a new
+        compiled step is therefore run a second time with half its rows
+        replaced (one step's compute, once), and a ``ValueError`` is raised
+        if the other rows' losses change.
       step_size: rows per compiled step (per process). Batches are split
         and merged into steps of this size, so the loader's batch size and
         the step's are independent; only the last step is padded. Default:
