@@ -327,9 +327,13 @@ def map_examples(
                 bad = bad[real]
         else:
             values, owners, mine = values[: len(ids)], None, slice(None)
-        if not reduce:
-            bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
-        if bad.any():
+        if not reduce:  # one float64 sum is finite exactly when every value is
+            bad = (
+                None
+                if np.isfinite(np.sum(values, dtype=np.float64))
+                else ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
+            )
+        if bad is not None and bad.any():
             message = nonfinite(bad, ids, values)
             if nproc > 1:
                 message += f" (fed by process(es) {np.unique(owners[bad]).tolist()})"
@@ -620,31 +624,88 @@ def _describe_error(error: Exception) -> str:
 
 
 class _SeenIds:
-    """Every id added so far: one sorted, unique int64 array and the batches not yet merged in.
+    """Every id added so far, checked for repeats as batches arrive; no Python work per id.
 
-    ``add`` only keeps a batch; once the kept ids reach a quarter of the
-    merged ones, they are sorted and merged in (a linear merge of two sorted
-    runs), and one comparison of neighbours finds every id that arrived
-    twice. Amortised, each id is copied a few times and no step does Python
-    work per id (a few microseconds per batch, millions of ids in well under
+    Dense ids (the usual ``0 .. n-1``, or any ids whose range stays within
+    a few times their count, plus 1M): an int32 stamp per id of the range.
+    ``add`` reads the batch's stamps (set: seen before), writes each row's
+    position and reads them back (another position: repeated within the
+    batch): a few microseconds per batch, every repeat found in its batch.
+
+    Sparse ids (the first batch whose range would make the stamps too big
+    switches over for good): one sorted, unique int64 array and the batches
+    not yet merged in. Once the kept ids reach a quarter of the merged ones,
+    they are sorted and merged in (a linear merge of two sorted runs), and
+    one comparison of neighbours finds every id that arrived twice.
+    Amortised, each id is copied a few times (millions of ids in well under
     a second); a repeated id is found at most ``n / 4`` ids after it arrives
     (``n`` the ids so far) or one batch later: within one pass.
     """
+
+    _SLACK = 1 << 20  # stamps allowed beyond 4 per id seen
 
     def __init__(self) -> None:
         self._merged = np.zeros(0, np.int64)
         self._kept: list[np.ndarray] = []
         self._kept_count = 0
+        self._stamp: np.ndarray | None = (
+            None  # dense: int32 per id of [base, base + len)
+        )
+        self._base, self._seen, self._dense = 0, 0, True
+        self._pos = np.zeros(0, np.int32)
 
     def add(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Adds ``ids``; returns (ids repeated within one batch, ids that arrived again), sorted."""
         # Callers pass arrays of their own (_local_steps copies each batch's ids as it takes
         # it; the cross-process ids are fresh from the step's output): kept as they are.
-        self._kept.append(np.asarray(ids, np.int64))
+        ids = np.asarray(ids, np.int64)
+        if self._dense and len(ids):
+            if self._cover(int(ids.min()), int(ids.max()), len(ids)):
+                return self._add_dense(ids)
+            self._to_sorted()
+        self._kept.append(ids)
         self._kept_count += len(ids)
         if self._kept_count > len(self._merged) // 4:
             return self.merge()
         return _NONE, _NONE
+
+    def _cover(self, lo: int, hi: int, n: int) -> bool:
+        """Grows the stamps to cover ``[lo, hi]``; False when they would be too sparse."""
+        stamp, base = self._stamp, self._base
+        if stamp is not None and base <= lo and hi < base + len(stamp):
+            return True
+        new_lo = lo if stamp is None else min(lo, base)
+        new_hi = hi if stamp is None else max(hi, base + len(stamp) - 1)
+        span = new_hi - new_lo + 1
+        if span > 4 * (self._seen + n) + self._SLACK:
+            return False
+        size = max(span, 2 * (0 if stamp is None else len(stamp)), 1 << 12)
+        grown = np.full(size, -1, np.int32)
+        if stamp is not None:
+            grown[base - new_lo : base - new_lo + len(stamp)] = stamp
+        self._stamp, self._base = grown, new_lo
+        return True
+
+    def _add_dense(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(ids)
+        if len(self._pos) < n:
+            self._pos = np.arange(n, dtype=np.int32)
+        pos, idx, stamp = self._pos[:n], ids - self._base, self._stamp
+        before = stamp[idx]
+        stamp[idx] = pos
+        within, again = stamp[idx] != pos, before >= 0
+        self._seen += n
+        if not (within | again).any():
+            return _NONE, _NONE
+        twice = np.unique(ids[within])
+        return twice, np.setdiff1d(np.unique(ids[again]), twice)
+
+    def _to_sorted(self) -> None:
+        if self._stamp is not None:
+            self._merged = (
+                np.flatnonzero(self._stamp >= 0).astype(np.int64) + self._base
+            )
+        self._stamp, self._dense = None, False
 
     def merge(self) -> tuple[np.ndarray, np.ndarray]:
         """Merges the kept batches in; returns :meth:`add`'s pair for everything kept."""

@@ -187,3 +187,29 @@ def test_progress_bar_redraws_at_most_a_few_times_a_second():
     assert bar.calls <= 2
     progress.close()
     assert bar.n == 30_000 and bar.closed
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_repeated_ids_are_caught_for_dense_and_sparse_ids(dense):
+    """Ids 0..n-1 take the stamp path, spread-out ids the sorted one; both catch repeats."""
+    data = _data.dataset()
+    if dense:
+        data["id"] = np.arange(len(data["id"]), dtype=np.int64)[::-1].copy()
+    within = [{k: v[:4] for k, v in data.items()}]
+    within[0]["id"] = within[0]["id"][[0, 1, 0, 2]]
+    with pytest.raises(ValueError, match="within one batch"):
+        _table(within)
+    again = [*_data.batches(data, 16), {k: v[50:52] for k, v in data.items()}]
+    with pytest.raises(ValueError, match=r"arrived again.*repeats examples"):
+        _table(again)
+
+
+def test_ids_that_turn_sparse_midway_still_catch_a_repeat_of_an_early_id():
+    seen = _engine._SeenIds()
+    assert [len(x) for x in seen.add(np.arange(100, 200))] == [0, 0]
+    seen.add(np.array([10**12]))  # the range would be too sparse: sorted from here on
+    for start in range(300, 400, 10):
+        seen.add(np.arange(start, start + 10))
+    seen.add(np.array([150, 7]))
+    twice, again = seen.merge()
+    assert twice.tolist() == [] and again.tolist() == [150]
