@@ -239,8 +239,9 @@ def map_examples(
             or batch_size < 1
         )
     ):
+        arg = "step_size" if name == "per_example_losses" else "batch_size"
         raise ValueError(
-            f"step_size (rows per step) must be an int >= 1 or None; got {batch_size!r}."
+            f"{arg} (rows per step) must be an int >= 1 or None; got {batch_size!r}."
         )
     if sum_into is not None and cache is not None:
         raise TypeError("a summed pass has no per-example rows to cache.")
@@ -1037,8 +1038,10 @@ def _place_params(params, shardings):
     """Puts params on the mesh once (replicated by default) so each step reads them in place."""
 
     def put(x, s):
-        if isinstance(x, jax.Array) and x.sharding == s:
-            return x
+        if isinstance(x, jax.Array) and (
+            x.sharding == s or x.sharding.is_equivalent_to(s, x.ndim)
+        ):
+            return x  # already in place (a device_put would still cost ~0.1 ms a leaf)
         if s.is_fully_addressable or (
             isinstance(x, jax.Array) and not x.is_fully_addressable
         ):

@@ -17,10 +17,7 @@ def _table(batches, fn=_data.loss_fn, **kw):
     return flowjax.per_example_losses(fn, _data.params(), batches, progress=False, **kw)
 
 
-def batch_loss(p, batch):
-    """The squared error of _data.loss_fn, written for a batch: ``[B]``."""
-    h = jnp.tanh(batch["x"] @ p["w1"] + p["b1"][None])
-    return (h @ p["w2"] - batch["y"]) ** 2
+batch_loss = _data.batch_loss
 
 
 def _mixed_batches(data, sizes):
@@ -109,12 +106,12 @@ def test_a_batched_loss_that_couples_rows_is_refused():
             progress=False,
         )
 
-    def mean_centred(p, batch):  # a mean over the batch axis: padding would leak in
-        out = batch_loss(p, batch)
-        return out - jnp.mean(out) + 1.0
-
-    with pytest.raises(ValueError, match="couples the rows"):
-        _table(_data.batches(_data.dataset(), 16), fn=mean_centred, batched=True)
+    with pytest.raises(ValueError, match="couples the rows"):  # a mean over the batch
+        _table(
+            _data.batches(_data.dataset(), 16),
+            fn=_data.coupled_batch_loss,
+            batched=True,
+        )
 
 
 def test_batchnorm_in_eval_mode_is_exact_per_example():
