@@ -38,6 +38,10 @@ code on tiny sizes (the test suite runs it). The figures:
   per-sequence one: target tokens/s of each, their ratio, and the share of
   padded token slots (bucketing's waste).
 
+With ``results/benchmarks/torch.json`` present (``make bench-torch``,
+:mod:`experiments.benchmarks.torch_flow`, optional), the table adds
+PyTorch's official-style FLOW loop / its fine-tuning beside flowjax's.
+
 Spread: shared CPUs give noisy times; the memory figures are exact. The
 README quotes one run of this table.
 """
@@ -495,6 +499,25 @@ def markdown(result: dict) -> str:
                         "<= 1",
                     ]
                 )
+    for t in result.get("torch", {}).get("rows", []):  # make bench-torch's torch.json
+        ours = {tr["model"]: tr for tr in result["training"]}.get(t["model"])
+        for e in ("3", "10"):
+            rows.append(
+                [
+                    f"PyTorch {result['torch']['torch']}: official-style FLOW loop / its "
+                    f"fine-tuning, {t['model']}, {e} epochs",
+                    _fmt(t["flow_over_ft"][f"{e}_epochs"]),
+                    "",
+                ]
+            )
+            if ours is not None:
+                rows.append(
+                    [
+                        f"flowjax: FLOW / fine-tuning, {t['model']}, {e} epochs (batched, as above)",
+                        _fmt(ours["end_to_end"][f"batched_{e}_epochs"]),
+                        "<= PyTorch's" if e == "3" else "",
+                    ]
+                )
     lm = result["lm_prepass"]
     rows.append(
         [
@@ -551,6 +574,10 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "lm_prepass": bench_lm(32 if q else 2048, args.rounds),
     }
+    torch_json = os.path.join(args.out, "torch.json")
+    if os.path.exists(torch_json) and not q:  # from make bench-torch (optional)
+        with open(torch_json) as f:
+            result["torch"] = json.load(f)
     result["config"] = {
         "quick": q,
         "rounds": args.rounds,
