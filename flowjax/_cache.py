@@ -162,26 +162,31 @@ def row_digests(leaves: list[np.ndarray], n: int) -> np.ndarray:
 
     ``leaves`` are the batch's fields, each with a leading axis of ``n``; the
     fields' layout (shapes and dtypes) is in the manifest, so the bytes alone
-    identify the example. One field is hashed row by row in place; with
-    several, each large field (256 bytes or more per example) is hashed in
-    place and its digest stands for it beside the small fields' bytes, so
-    that no field is copied: the digest of ``[large digests | small bytes]``.
+    identify the example. No field is copied: one field is hashed row by
+    row in place; a large field (256 bytes or more per example) is hashed in
+    place, and the small fields' bytes, when they fit in 16, are XORed into
+    its digest (an injective change of a 128-bit digest: a change of the
+    small fields alone always changes it); otherwise the digest of
+    ``[large digests | small bytes]``.
     """
     parts = [
         np.ascontiguousarray(x).reshape(n, int(np.prod(x.shape[1:]))).view(np.uint8)
         for x in leaves
     ]
+    large = [p for p in parts if p.shape[1] >= _LARGE]
+    small = [p for p in parts if p.shape[1] < _LARGE]
+    small = np.concatenate(small, axis=1) if small else np.zeros((n, 0), np.uint8)
+    if len(large) == 1 and small.shape[1] <= _DIGEST:
+        out = _digest_rows(large[0])
+        out[:, : small.shape[1]] ^= small
+        return out
     if len(parts) == 1:
         rows = parts[0]
     else:
-        rows = np.concatenate(
-            [_digest_rows(p) if p.shape[1] >= _LARGE else p for p in parts]
-            or [np.zeros((n, 0), np.uint8)],
-            axis=1,
-        )
+        rows = np.concatenate([*(_digest_rows(p) for p in large), small], axis=1)
     if rows.shape[1] == 0:
         rows = np.zeros((n, 1), np.uint8)
-    return _digest_rows(np.ascontiguousarray(rows))
+    return _digest_rows(rows)
 
 
 _LARGE = 256  # bytes per example from which a field is digested on its own
@@ -199,7 +204,7 @@ def _digest_rows(rows: np.ndarray) -> np.ndarray:
     flat = memoryview(rows.reshape(-1))
     digest = xxhash.xxh3_128_digest
     out = b"".join([digest(flat[i : i + m]) for i in range(0, len(rows) * m, m)])
-    return np.frombuffer(out, np.uint8).reshape(len(rows), _DIGEST)
+    return np.frombuffer(out, np.uint8).reshape(len(rows), _DIGEST).copy()
 
 
 def hash_array(h, x) -> None:
