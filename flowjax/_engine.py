@@ -503,7 +503,8 @@ def _check_rows_independent(out, again, size: int, name: str) -> None:
         raise ValueError(
             f"{name}: the batched loss_fn couples the rows of a batch: replacing half of the "
             "first step's rows changed the losses of the other half (e.g. BatchNorm in train "
-            "mode, which normalises by the batch's statistics, or a mean over the batch). A "
+            "mode, which normalises by the batch's statistics, a mean over the batch, or "
+            "Dropout left on, which draws new noise for every call). A "
             "batched loss must give each example's loss from that example alone, or the "
             "losses would depend on the padding, on how batches are merged into steps and on "
             "the order of the data: run the model in eval mode (model.eval(), or "
