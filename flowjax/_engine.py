@@ -7,9 +7,11 @@ their sum over examples). One process's view:
 1. The first batch (or a ``spec`` given up front) fixes the structure, the
    per-example shapes and dtypes, and the per-process rows per step ``B``
    (rounded up so that the global step ``B × process_count`` divides the
-   mesh's ``'data'`` axis). Larger batches are split; smaller ones are padded
-   by repeating a real row, and the copies are dropped. So the step is traced
-   and compiled once.
+   mesh's ``'data'`` axis). Batches are split and merged into steps of
+   ``B`` rows; only the last step is padded, by repeating a real row, and the
+   copies are dropped. So the step is traced and compiled once. ``fn`` is
+   per example (vmapped) or, ``batched``, takes the step's rows at once
+   (checked row-independent once per compiled step).
 2. The batch axis is sharded over ``'data'``; outputs come back replicated
    (``out_shardings=P()``), so every process reads every row. With
    ``sum_into``, the per-example outputs (a pytree) are instead summed over
@@ -52,9 +54,10 @@ collective:
   through the same exchange, which also agrees the step size and checks that
   the processes' batch layouts match.
 
-Duplicate ids are caught as they arrive (:class:`_SeenIds`: one sorted numpy
-array that kept batches are merged into once they reach a quarter of it; no
-per-id Python work), per process as batches are fed (cached ones too), and,
+Duplicate ids are caught as they arrive (:class:`_SeenIds`: an int32 stamp per
+id for dense ids, else one sorted numpy array that kept batches are merged
+into once they reach a quarter of it; no per-id Python work), per process as
+batches are fed (cached ones too), and,
 multi-process, across processes as each step's replicated ids are read; so an
 endless or multi-epoch loader fails within a quarter of its second pass.
 """
