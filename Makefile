@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flowjax-installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: install test demo theory digits bench lm lint clean docs dist wheel-check
+.PHONY: install test demo theory digits bench bench-torch lm lint clean docs dist wheel-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +42,19 @@ theory: $(STAMP)
 digits: $(STAMP)
 	$(PY) -m experiments.digits.run --out results/digits
 
-# Pre-pass throughput against a plain jitted forward (not a test: timings vary by machine).
+# What FLOW costs, every figure a ratio measured side by side in one run (not a test: timings
+# vary by machine): results/benchmarks/suite.json and suite.md.
 bench: $(STAMP)
-	$(PY) -m experiments.benchmarks.prepass --repeats 21 --out results/benchmarks/prepass.json
+	$(PY) -m experiments.benchmarks.suite --out results/benchmarks
+
+# Optional: PyTorch's official-style FLOW loop against its own fine-tuning, in a separate venv
+# (torch 2.13.0, a CPU wheel) made only here; never part of make test. Run before make bench,
+# which then quotes it.
+TORCH_VENV ?= .venv-torch
+bench-torch:
+	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install $(PIP_FLAGS) 'torch==2.13.0' numpy
+	$(TORCH_VENV)/bin/python -m experiments.benchmarks.torch_flow --out results/benchmarks/torch.json
 
 # FLOW on a small byte-level LM (pydoc pre-training, addition fine-tuning) into results/lm/;
 # the pre-trained model is cached with orbax in .cache/lm/ (git-ignored).

@@ -7,9 +7,11 @@ their sum over examples). One process's view:
 1. The first batch (or a ``spec`` given up front) fixes the structure, the
    per-example shapes and dtypes, and the per-process rows per step ``B``
    (rounded up so that the global step ``B × process_count`` divides the
-   mesh's ``'data'`` axis). Larger batches are split; smaller ones are padded
-   by repeating a real row, and the copies are dropped. So the step is traced
-   and compiled once.
+   mesh's ``'data'`` axis). Batches are split and merged into steps of
+   ``B`` rows; only the last step is padded, by repeating a real row, and the
+   copies are dropped. So the step is traced and compiled once. ``fn`` is
+   per example (vmapped) or, ``batched``, takes the step's rows at once
+   (checked row-independent once per compiled step).
 2. The batch axis is sharded over ``'data'``; outputs come back replicated
    (``out_shardings=P()``), so every process reads every row. With
    ``sum_into``, the per-example outputs (a pytree) are instead summed over
@@ -52,9 +54,10 @@ collective:
   through the same exchange, which also agrees the step size and checks that
   the processes' batch layouts match.
 
-Duplicate ids are caught as they arrive (:class:`_SeenIds`: one sorted numpy
-array that kept batches are merged into once they reach a quarter of it; no
-per-id Python work), per process as batches are fed (cached ones too), and,
+Duplicate ids are caught as they arrive (:class:`_SeenIds`: an int32 stamp per
+id for dense ids, else one sorted numpy array that kept batches are merged
+into once they reach a quarter of it; no per-id Python work), per process as
+batches are fed (cached ones too), and,
 multi-process, across processes as each step's replicated ids are read; so an
 endless or multi-epoch loader fails within a quarter of its second pass.
 """
@@ -63,6 +66,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterator
@@ -162,8 +166,9 @@ def map_examples(
     shape: tuple[int, ...] = (),
     sum_into: Any = None,
     with_ids: bool = False,
+    batched: bool = False,
     spec: _Spec | None = None,
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
     mesh: Mesh | None = None,
     param_shardings: Any = None,
     cache: Cache | None = None,
@@ -191,11 +196,19 @@ def map_examples(
         per-example outputs are summed over real rows into it instead of
         returned per example.
       with_ids: pass each example's id pair to ``fn``.
+      batched: ``fn(params, batch) -> [B, *shape]`` takes the whole step
+        (the batch pytree without ``"id"``, with its batch axis) instead of
+        one example; per-example mode only. Its rows must be independent
+        (row i's output depends on row i alone): the first step of a new
+        compiled step is run a second time with half its rows replaced, and
+        a ``ValueError`` is raised if the other rows' outputs change (see
+        :func:`_check_rows_independent`).
       spec: the batch layout when known without a batch (every process must
         pass the same one and the same ``batch_size``); then a process may
         feed no batch at all. Default: taken from the first non-empty batch,
         and (multi-process) agreed in one exchange.
       batch_size: per-process rows per step (default: the first batch's,
+        or ``"auto"``: :func:`auto_step_rows` of the first batch;
         multi-process the largest first batch of any process).
       mesh: a mesh with a ``'data'`` axis (default :func:`default_mesh`).
       param_shardings: shardings for ``params``.
@@ -220,14 +233,23 @@ def map_examples(
         raise ValueError(
             f"the mesh needs a 'data' axis to shard the batch over; its axes are {mesh.axis_names}."
         )
-    if batch_size is not None and (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int | np.integer)
-        or batch_size < 1
+    if (
+        batch_size is not None
+        and batch_size != "auto"
+        and (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, int | np.integer)
+            or batch_size < 1
+        )
     ):
-        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}.")
+        arg = "step_size" if name == "per_example_losses" else "batch_size"
+        raise ValueError(
+            f"{arg} (rows per step) must be an int >= 1 or None; got {batch_size!r}."
+        )
     if sum_into is not None and cache is not None:
         raise TypeError("a summed pass has no per-example rows to cache.")
+    if batched and (sum_into is not None or with_ids):
+        raise TypeError("batched=True is for per-example outputs without ids.")
     nproc, me = jax.process_count(), jax.process_index()
     if cache is not None:  # CACHE (1/4): before any batch is read
         batches = _agreed(name, nproc, lambda: cache.skip_at_source(batches))
@@ -236,7 +258,7 @@ def map_examples(
         first, spec, size = _first_batch(it, batch_size, nproc, name)
         it = itertools.chain([first], it)
     else:
-        size = spec.size if batch_size is None else int(batch_size)
+        size = _step_rows(spec, batch_size)
     while (size * nproc) % mesh.shape["data"]:
         size += 1
     data_sharding = NamedSharding(mesh, P("data"))
@@ -253,6 +275,7 @@ def map_examples(
         tuple(shape),
         with_ids,
         None if not reduce else jax.tree.map(lambda x: x.sharding, sum_into),
+        batched,
     )
     acc = sum_into
     ledger = IdLedger() if ledger is None else ledger
@@ -270,13 +293,15 @@ def map_examples(
             name, nproc, lambda: cache.open(spec.describe(), params, step, args)
         )
 
-    bar = tqdm(
-        total=total,
-        unit="ex",
-        unit_scale=True,
-        desc=desc,
-        disable=not progress or me != 0,
-        dynamic_ncols=True,
+    bar = _Progress(
+        tqdm(
+            total=total,
+            unit="ex",
+            unit_scale=True,
+            desc=desc,
+            disable=not progress or me != 0,
+            dynamic_ncols=True,
+        )
     )
     if served is not None:
         bar.update(served.count)  # rows the cache skipped at the source
@@ -306,9 +331,13 @@ def map_examples(
                 bad = bad[real]
         else:
             values, owners, mine = values[: len(ids)], None, slice(None)
-        if not reduce:
-            bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
-        if bad.any():
+        if not reduce:  # one float64 sum is finite exactly when every value is
+            bad = (
+                None
+                if np.isfinite(np.sum(values, dtype=np.float64))
+                else ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
+            )
+        if bad is not None and bad.any():
             message = nonfinite(bad, ids, values)
             if nproc > 1:
                 message += f" (fed by process(es) {np.unique(owners[bad]).tolist()})"
@@ -330,6 +359,7 @@ def map_examples(
     steps = _local_steps(it, spec, size, served, bar, ledger.local)
     padding = None  # what a process with no data left (or a failed one) feeds
     in_flight: collections.deque = collections.deque()  # dispatched, not yet read
+    probe_first = batched and step not in _CHECKED
     try:
         while True:
             item, state = None, _REAL
@@ -360,6 +390,18 @@ def map_examples(
                     acc, *out = step(params, acc, leaves, meta, spec.treedef)
                 else:
                     out = step(params, leaves, meta, spec.treedef)
+            if probe_first:  # batched: the first step once more, half its rows changed
+                probe_first = False
+                probe = [_probe_rows(x) for x in item.leaves]
+                if nproc == 1:
+                    again = step(params, probe, spec.treedef)
+                else:
+                    probe = [_global(x, size, data_sharding) for x in probe]
+                    again = step(params, probe, meta, spec.treedef)[1]
+                _check_rows_independent(
+                    out if nproc == 1 else out[1], again, size, name
+                )
+                _CHECKED.add(step)  # once per compiled step: its later passes skip it
             in_flight.append((out, item.ids))
             # Once a step is all padding everywhere, every later one is too: stop together.
             if len(in_flight) > _IN_FLIGHT:
@@ -412,6 +454,67 @@ def map_examples(
     )
 
 
+class _Progress:
+    """A tqdm bar that redraws at most every ``_BAR_SECONDS`` (tqdm checks the clock per call)."""
+
+    def __init__(self, bar) -> None:
+        self._bar, self._pending = bar, 0
+        self._next = time.monotonic() + _BAR_SECONDS
+
+    def update(self, n: int) -> None:
+        self._pending += n
+        if self._pending and time.monotonic() >= self._next:
+            self._bar.update(self._pending)
+            self._pending, self._next = 0, time.monotonic() + _BAR_SECONDS
+
+    def close(self) -> None:
+        if self._pending:
+            self._bar.update(self._pending)
+            self._pending = 0
+        self._bar.close()
+
+
+_BAR_SECONDS = 0.25
+
+
+# Compiled batched steps whose rows were found independent (the check costs one step).
+_CHECKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _probe_rows(x: np.ndarray) -> np.ndarray:
+    """``x`` with rows ``[h, 2h)`` replaced by rows ``[0, h)`` reversed (``h`` = half the rows)."""
+    half = len(x) // 2
+    y = np.array(x)
+    y[half : 2 * half] = x[:half][::-1]
+    return y
+
+
+def _check_rows_independent(out, again, size: int, name: str) -> None:
+    """Batched ``fn``: raises unless changing half of each process's rows left the other half alone.
+
+    ``out`` and ``again`` are the first step's outputs for its rows and for
+    :func:`_probe_rows` of them (on every process). A function whose rows
+    are coupled (BatchNorm in train mode, a mean over the batch) would give
+    each example a loss that depends on the rest of its step: on the
+    padding, on how batches were merged, on the order of the data.
+    """
+    out, again = np.asarray(out), np.asarray(again)
+    kept = np.arange(len(out)) % size < size // 2  # each process's unchanged rows
+    a, b = out[kept].astype(np.float64), again[kept].astype(np.float64)
+    same = np.isclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    if not same.all():
+        raise ValueError(
+            f"{name}: the batched loss_fn couples the rows of a batch: replacing half of the "
+            "first step's rows changed the losses of the other half (e.g. BatchNorm in train "
+            "mode, which normalises by the batch's statistics, a mean over the batch, or "
+            "Dropout left on, which draws new noise for every call). A "
+            "batched loss must give each example's loss from that example alone, or the "
+            "losses would depend on the padding, on how batches are merged into steps and on "
+            "the order of the data: run the model in eval mode (model.eval(), or "
+            "nnx.view(model, use_running_average=True)) before nnx.split."
+        )
+
+
 class _Stop(Exception):
     """A step read back with failed rows: every process leaves the loop at this step."""
 
@@ -449,7 +552,7 @@ def _first_batch(it, batch_size, nproc: int, name: str):
         if nproc == 1:
             raise
         error = e
-    size = 0 if spec is None else spec.size if batch_size is None else int(batch_size)
+    size = 0 if spec is None else _step_rows(spec, batch_size)
     if nproc == 1:
         if first is None:
             raise ValueError("batches is empty: there is nothing to compute.")
@@ -526,31 +629,88 @@ def _describe_error(error: Exception) -> str:
 
 
 class _SeenIds:
-    """Every id added so far: one sorted, unique int64 array and the batches not yet merged in.
+    """Every id added so far, checked for repeats as batches arrive; no Python work per id.
 
-    ``add`` only keeps a batch; once the kept ids reach a quarter of the
-    merged ones, they are sorted and merged in (a linear merge of two sorted
-    runs), and one comparison of neighbours finds every id that arrived
-    twice. Amortised, each id is copied a few times and no step does Python
-    work per id (a few microseconds per batch, millions of ids in well under
+    Dense ids (the usual ``0 .. n-1``, or any ids whose range stays within
+    a few times their count, plus 1M): an int32 stamp per id of the range.
+    ``add`` reads the batch's stamps (set: seen before), writes each row's
+    position and reads them back (another position: repeated within the
+    batch): a few microseconds per batch, every repeat found in its batch.
+
+    Sparse ids (the first batch whose range would make the stamps too big
+    switches over for good): one sorted, unique int64 array and the batches
+    not yet merged in. Once the kept ids reach a quarter of the merged ones,
+    they are sorted and merged in (a linear merge of two sorted runs), and
+    one comparison of neighbours finds every id that arrived twice.
+    Amortised, each id is copied a few times (millions of ids in well under
     a second); a repeated id is found at most ``n / 4`` ids after it arrives
     (``n`` the ids so far) or one batch later: within one pass.
     """
+
+    _SLACK = 1 << 20  # stamps allowed beyond 4 per id seen
 
     def __init__(self) -> None:
         self._merged = np.zeros(0, np.int64)
         self._kept: list[np.ndarray] = []
         self._kept_count = 0
+        self._stamp: np.ndarray | None = (
+            None  # dense: int32 per id of [base, base + len)
+        )
+        self._base, self._seen, self._dense = 0, 0, True
+        self._pos = np.zeros(0, np.int32)
 
     def add(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Adds ``ids``; returns (ids repeated within one batch, ids that arrived again), sorted."""
         # Callers pass arrays of their own (_local_steps copies each batch's ids as it takes
         # it; the cross-process ids are fresh from the step's output): kept as they are.
-        self._kept.append(np.asarray(ids, np.int64))
+        ids = np.asarray(ids, np.int64)
+        if self._dense and len(ids):
+            if self._cover(int(ids.min()), int(ids.max()), len(ids)):
+                return self._add_dense(ids)
+            self._to_sorted()
+        self._kept.append(ids)
         self._kept_count += len(ids)
         if self._kept_count > len(self._merged) // 4:
             return self.merge()
         return _NONE, _NONE
+
+    def _cover(self, lo: int, hi: int, n: int) -> bool:
+        """Grows the stamps to cover ``[lo, hi]``; False when they would be too sparse."""
+        stamp, base = self._stamp, self._base
+        if stamp is not None and base <= lo and hi < base + len(stamp):
+            return True
+        new_lo = lo if stamp is None else min(lo, base)
+        new_hi = hi if stamp is None else max(hi, base + len(stamp) - 1)
+        span = new_hi - new_lo + 1
+        if span > 4 * (self._seen + n) + self._SLACK:
+            return False
+        size = max(span, 2 * (0 if stamp is None else len(stamp)), 1 << 12)
+        grown = np.full(size, -1, np.int32)
+        if stamp is not None:
+            grown[base - new_lo : base - new_lo + len(stamp)] = stamp
+        self._stamp, self._base = grown, new_lo
+        return True
+
+    def _add_dense(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(ids)
+        if len(self._pos) < n:
+            self._pos = np.arange(n, dtype=np.int32)
+        pos, idx, stamp = self._pos[:n], ids - self._base, self._stamp
+        before = stamp[idx]
+        stamp[idx] = pos
+        within, again = stamp[idx] != pos, before >= 0
+        self._seen += n
+        if not (within | again).any():
+            return _NONE, _NONE
+        twice = np.unique(ids[within])
+        return twice, np.setdiff1d(np.unique(ids[again]), twice)
+
+    def _to_sorted(self) -> None:
+        if self._stamp is not None:
+            self._merged = (
+                np.flatnonzero(self._stamp >= 0).astype(np.int64) + self._base
+            )
+        self._stamp, self._dense = None, False
 
     def merge(self) -> tuple[np.ndarray, np.ndarray]:
         """Merges the kept batches in; returns :meth:`add`'s pair for everything kept."""
@@ -623,8 +783,12 @@ def _make_step(
     shape: tuple[int, ...],
     with_ids: bool,
     acc_shardings,
+    batched: bool = False,
 ):
     """The jitted step of one fixed-shape global batch.
+
+    ``fn`` is vmapped over the rows, or, ``batched``, called on the whole
+    batch.
 
     Per-example, single process: ``step(params, leaves, treedef) -> values``
     (the host keeps the ids). Per-example, multi-process: ``step(params,
@@ -641,7 +805,7 @@ def _make_step(
     # is reused.
     computes = _cache.fn_fingerprint(fn, by_identity=True)
     key = (global_batch, mesh, multiprocess, shape, with_ids, structure, tuple(flat))
-    key += (computes,)
+    key += (batched, computes)
     try:
         per_fn = {} if computes is None else _STEPS.setdefault(fn, {})
     except TypeError:  # not weak-referenceable: compile for this call only
@@ -653,6 +817,8 @@ def _make_step(
 
     def outputs(params, leaves, meta, treedef):
         example = jax.tree.unflatten(treedef, leaves)
+        if batched:
+            return fn_ref()(params, example)
         if with_ids:
             return jax.vmap(fn_ref(), in_axes=(None, 0, 0))(
                 params, example, meta[:, :2]
@@ -663,9 +829,11 @@ def _make_step(
         values = outputs(params, leaves, meta, treedef)
         if not isinstance(values, jax.Array) or values.shape != (global_batch, *shape):
             what = "ONE scalar" if not shape else f"an array of shape {shape}"
+            how = "called on a batch of" if batched else "vmapped over"
             raise ValueError(
-                f"loss_fn must return {what} per example; vmapped over the batch it returned "
-                f"{getattr(values, 'shape', type(values))} instead of {(global_batch, *shape)}."
+                f"loss_fn must return {what} per example; {how} {global_batch} rows it "
+                f"returned {getattr(values, 'shape', type(values))} instead of "
+                f"{(global_batch, *shape)}."
             )
         return values.astype(jnp.float32)
 
@@ -874,8 +1042,10 @@ def _place_params(params, shardings):
     """Puts params on the mesh once (replicated by default) so each step reads them in place."""
 
     def put(x, s):
-        if isinstance(x, jax.Array) and x.sharding == s:
-            return x
+        if isinstance(x, jax.Array) and (
+            x.sharding == s or x.sharding.is_equivalent_to(s, x.ndim)
+        ):
+            return x  # already in place (a device_put would still cost ~0.1 ms a leaf)
         if s.is_fully_addressable or (
             isinstance(x, jax.Array) and not x.is_fully_addressable
         ):
@@ -896,7 +1066,19 @@ class _Step(NamedTuple):
 def _local_steps(
     batches, spec: _Spec, batch_size: int, served, bar, seen: _SeenIds
 ) -> Iterator[_Step]:
-    """This process's fixed-shape steps: validated, duplicate-free, cached examples skipped."""
+    """This process's fixed-shape steps: validated, duplicate-free, cached examples skipped.
+
+    Batches are split and merged into steps of ``batch_size`` rows: whole
+    steps inside a batch go as views (consumed at dispatch), the rest is
+    copied once into the next step's buffer, which fills across batches (so
+    a loader that refills its arrays in place cannot change rows waiting
+    there). Only the last step is padded, by repeating its last real row
+    (valid inputs; dropped from the result).
+    """
+    shapes = list(zip(spec.shapes, spec.dtypes, strict=True))
+    buf: list[np.ndarray] | None = None  # the step being filled, across batches
+    buf_ids: list[np.ndarray] = []
+    filled = 0
     for batch in batches:
         ids, leaves = spec.check(batch)
         # A copy: the ids are read (and cached) steps later, and a loader may refill its
@@ -910,14 +1092,66 @@ def _local_steps(
             if not keep.all():
                 bar.update(int((~keep).sum()))
                 ids, leaves = ids[keep], [x[keep] for x in leaves]
-        for start in range(0, len(ids), batch_size):
-            stop = min(start + batch_size, len(ids))
-            if stop - start == batch_size:
-                chunk = [x[start:stop] for x in leaves]
-            else:  # pad by repeating the last real row: valid inputs, dropped from the result
-                index = np.minimum(np.arange(start, start + batch_size), stop - 1)
-                chunk = [x[index] for x in leaves]
-            yield _Step(chunk, ids[start:stop])
+        n, start = len(ids), 0
+        while start < n:
+            if not filled and n - start >= batch_size:  # a whole step: views
+                stop = start + batch_size
+                yield _Step([x[start:stop] for x in leaves], ids[start:stop])
+                start = stop
+                continue
+            if buf is None:
+                buf = [np.empty((batch_size, *s), d) for s, d in shapes]
+            take = min(batch_size - filled, n - start)
+            for b, x in zip(buf, leaves, strict=True):
+                b[filled : filled + take] = x[start : start + take]
+            buf_ids.append(ids[start : start + take])
+            filled, start = filled + take, start + take
+            if filled == batch_size:
+                yield _Step(buf, np.concatenate(buf_ids))
+                buf, buf_ids, filled = None, [], 0
+    if (
+        filled
+    ):  # pad by repeating the last real row: valid inputs, dropped from the result
+        for b in buf:
+            b[filled:] = b[filled - 1]
+        yield _Step(buf, np.concatenate(buf_ids))
+
+
+# The default step of per_example_losses: batches are merged up to this much input per step.
+STEP_BYTES = 4 * 2**20
+_MERGE_AT_MOST = 4  # ... and up to this many times the first batch's rows
+_MAX_STEP_ROWS = 4096
+
+
+def auto_step_rows(spec: _Spec) -> int:
+    """Rows per step for throughput: the first batch's, merged up to about 4 MiB of input.
+
+    .. math:: B = \\max\\bigl(b,\\ \\min(4b,\\ 4096,\\ 2^{\\lfloor \\log_2(
+        \\text{4 MiB} / \\text{bytes per example}) \\rfloor})\\bigr)
+
+    with ``b`` the first batch's rows. Each step has a fixed cost (dispatch,
+    host bookkeeping, XLA's per-call work, about 20-50 µs on a CPU) that
+    small steps of a cheap model pay often: an MLP pre-pass is about 15 %
+    faster in steps of 1024 rows than of 256. The input's bytes stand in for
+    the activations' (unknown before the one trace), so a step is never more
+    than 4 times the batch the caller chose: a large model fed small batches
+    for memory keeps steps close to them.
+    """
+    example = sum(
+        int(np.prod(s, dtype=np.int64)) * d.itemsize
+        for s, d in zip(spec.shapes, spec.dtypes, strict=True)
+    )
+    budget = STEP_BYTES // max(example, 1)
+    rows = 1 << max(int(budget).bit_length() - 1, 0)  # a power of two <= the budget
+    return max(spec.size, min(_MERGE_AT_MOST * spec.size, _MAX_STEP_ROWS, rows))
+
+
+def _step_rows(spec: _Spec, batch_size) -> int:
+    if batch_size is None:
+        return spec.size
+    if batch_size == "auto":
+        return auto_step_rows(spec)
+    return int(batch_size)
 
 
 def _padding_step(spec: _Spec, batch_size: int) -> _Step:

@@ -20,6 +20,8 @@ Batch = Mapping[str, Any]
 Batches = Iterable[Batch]
 # ``loss_fn(params, example) -> scalar``: the loss of one example.
 PerExampleLoss = Callable[[Params, Example], ArrayLike]
+# ``loss_fn(params, batch) -> [B]``: the losses of a batch's examples, each from its own row.
+BatchedLoss = Callable[[Params, Any], ArrayLike]
 # A FLOW temperature τ > 0, or None for the median loss.
 Temperature = float | ArrayLike | None
 Normalize = Literal["mean", "sum"] | None

@@ -32,7 +32,7 @@ def chunked_token_nll(
     unembedding: ArrayLike,
     targets: ArrayLike,
     *,
-    chunk_size: int = 8192,
+    chunk_size: int | None = None,
     mask: ArrayLike | None = None,
     logit_softcap: float | None = None,
     layout: Layout = "dv",
@@ -71,7 +71,12 @@ def chunked_token_nll(
       targets: integer target token ids ``[N]`` (for a causal LM: the input
         tokens shifted left by one, see :func:`flowjax.token_nll`).
       chunk_size: vocabulary columns per chunk (clipped to ``V``). Working
-        memory is about ``N * chunk_size * 4`` bytes.
+        memory is about ``(N + D) * chunk_size * 4`` bytes: one float32
+        ``[N, chunk_size]`` block of logits and the chunk of ``W``. Default
+        (``None``): the largest power of two (at least 512) whose working
+        memory fits :data:`CHUNK_BYTES` (16 MiB), e.g. 4096 columns for
+        ``N = 512, D = 128`` and 1024 for ``N = 2048``: at ``V = 128k``
+        about 1/25 (forward) of the plain ``[N, V]`` logits and less below.
       mask: optional boolean ``[N]``; positions where it is False get NLL 0,
         contribute no gradient, and their targets are never read (so an
         ignore index such as -100 is harmless there).
@@ -129,8 +134,16 @@ def chunked_token_nll(
         raise ValueError(
             f"targets must be integer token ids; got dtype {targets.dtype}."
         )
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(n, d)
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, int)
+        or chunk_size < 1
+    ):
+        raise ValueError(
+            f"chunk_size must be a positive int or None; got {chunk_size!r}."
+        )
     if logit_softcap is not None:
         try:
             cap_value = float(logit_softcap)
@@ -166,24 +179,55 @@ def chunked_token_nll(
     )
 
 
+# The working memory the default chunk size aims at: logits block plus W chunk, float32.
+CHUNK_BYTES = 16 * 2**20
+_MIN_CHUNK = 512
+
+
+def _default_chunk_size(n: int, d: int) -> int:
+    """The default ``chunk_size`` of :func:`chunked_token_nll` for ``N`` tokens and width ``D``.
+
+    .. math:: c = \\max\\bigl(512,\\ 2^{\\lfloor \\log_2
+        (\\mathrm{CHUNK\\_BYTES} / (4 (N + D))) \\rfloor}\\bigr)
+
+    (4096 columns for ``N = 512, D = 128``; 1024 for ``N = 2048``.)
+    """
+    budget = CHUNK_BYTES // (4 * max(n + d, 1))
+    return max(_MIN_CHUNK, 1 << max(int(budget).bit_length() - 1, 0))
+
+
 def _cap(z: Array, cap: float | None) -> Array:
     return z if cap is None else cap * jnp.tanh(z / cap)
 
 
-def _chunks(v: int, c: int) -> tuple[int, Array]:
-    """Number of chunks and, per chunk, its start (the last one shifted to end at V)."""
+def _over_chunks(step, init, v: int, c: int):
+    """Folds ``step(carry, start, fresh)`` over the vocabulary chunks of ``c`` columns.
+
+    One ``lax.scan``. When ``c`` divides ``V``, ``fresh`` is None (no mask at
+    all). Otherwise the last chunk is shifted to end at ``V`` (so ``W`` is
+    never padded or copied) and ``fresh`` is the boolean ``[c]`` mask of the
+    columns no earlier chunk saw: all True but in that chunk. (Running the
+    shifted chunk outside the scan would allocate its own ``[N, c]`` block
+    beside the loop's.)
+    """
     k = -(-v // c)
-    return k, jnp.minimum(jnp.arange(k) * c, v - c)
+    starts = jnp.minimum(jnp.arange(k) * c, v - c)
+    ragged = k * c != v
+
+    def body(carry, xs):
+        i, start = xs
+        fresh = start + jnp.arange(c) >= i * c if ragged else None
+        return step(carry, start, fresh), None
+
+    carry, _ = jax.lax.scan(body, init, (jnp.arange(k), starts))
+    return carry
 
 
 def _chunk_logits(h, w, start, c, layout):
-    if layout == "dv":
-        wk = jax.lax.dynamic_slice_in_dim(w, start, c, axis=1)
-        z = jnp.einsum("nd,dc->nc", h, wk, preferred_element_type=jnp.float32)
-    else:
-        wk = jax.lax.dynamic_slice_in_dim(w, start, c, axis=0)
-        z = jnp.einsum("nd,cd->nc", h, wk, preferred_element_type=jnp.float32)
-    return wk, z
+    axis = 1 if layout == "dv" else 0
+    wk = jax.lax.dynamic_slice_in_dim(w, start, c, axis=axis)
+    spec = "nd,dc->nc" if layout == "dv" else "nd,cd->nc"
+    return wk, jnp.einsum(spec, h, wk, preferred_element_type=jnp.float32)
 
 
 def _target_logits(h, w, targets, layout):
@@ -194,22 +238,22 @@ def _target_logits(h, w, targets, layout):
 
 def _lse(c, cap, layout, h, w):
     v = w.shape[1] if layout == "dv" else w.shape[0]
-    k, starts = _chunks(v, c)
     n = h.shape[0]
 
-    def body(carry, xs):
+    def step(carry, start, fresh):
         m, s = carry
-        i, start = xs
-        _, z = _chunk_logits(h, w, start, c, layout)
-        z = _cap(z, cap)
-        fresh = start + jnp.arange(c) >= i * c  # columns not seen by an earlier chunk
-        z = jnp.where(fresh, z, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(z, axis=1))
-        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
-        return (m_new, s), None
+        _, z = _chunk_logits(h, w, start, c, layout)  # the one [N, c] buffer
+        # The cap is increasing, so the max of the capped logits is the cap of their
+        # max; the shifted last chunk's columns already seen are logits too, harmless
+        # in the max. Both reductions read z: nothing else of [N, c] is materialised.
+        m_new = jnp.maximum(m, _cap(jnp.max(z, axis=1), cap))
+        e = jnp.exp(_cap(z, cap) - m_new[:, None])
+        if fresh is not None:
+            e = jnp.where(fresh, e, 0.0)
+        return m_new, s * jnp.exp(m - m_new) + jnp.sum(e, axis=1)
 
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32))
-    (m, s), _ = jax.lax.scan(body, init, (jnp.arange(k), starts))
+    m, s = _over_chunks(step, init, v, c)
     return m + jnp.log(s)
 
 
@@ -246,15 +290,14 @@ def _nll_bwd(c, cap, layout, res, g):
     # A target outside the vocabulary has no gradient: NaN reaches its row of dh and all of dW.
     g = jnp.where(bad, jnp.nan, jnp.where(mask, g, 0.0)).astype(jnp.float32)
     v = w.shape[1] if layout == "dv" else w.shape[0]
-    k, starts = _chunks(v, c)
 
-    def body(carry, xs):
+    def step(carry, start, fresh):
         dh, dw = carry
-        i, start = xs
         wk, z = _chunk_logits(h, w, start, c, layout)
         cz = _cap(z, cap)
-        fresh = start + jnp.arange(c) >= i * c
-        p = jnp.where(fresh, jnp.exp(cz - lse[:, None]), 0.0)
+        p = jnp.exp(cz - lse[:, None])
+        if fresh is not None:
+            p = jnp.where(fresh, p, 0.0)
         gz = g[:, None] * p * _dcap(cz, cap)  # [N, C], softmax part only
         if need_dh:
             spec = "nc,dc->nd" if layout == "dv" else "nc,cd->nd"
@@ -265,7 +308,7 @@ def _nll_bwd(c, cap, layout, res, g):
             axis = 1 if layout == "dv" else 0
             old = jax.lax.dynamic_slice_in_dim(dw, start, c, axis=axis)
             dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dwk, start, axis=axis)
-        return (dh, dw), None
+        return dh, dw
 
     # An unneeded gradient is never allocated: for a frozen W (LoRA, tied
     # embeddings) this saves the [D, V] float32 dW buffer.
@@ -273,7 +316,7 @@ def _nll_bwd(c, cap, layout, res, g):
         jnp.zeros(h.shape, jnp.float32) if need_dh else None,
         jnp.zeros(w.shape, jnp.float32) if need_dw else None,
     )
-    (dh, dw), _ = jax.lax.scan(body, init, (jnp.arange(k), starts))
+    dh, dw = _over_chunks(step, init, v, c)
     # The one-hot part: -g (1 - (c_y/s)^2) at each target column.
     wt, zt = _target_logits(h, w, targets, layout)
     gt = g * _dcap(_cap(zt, cap), cap)  # [N]

@@ -21,7 +21,8 @@ per bucket, resumable with ``cache_dir``.
 An example is a dict ``{"id": int, "tokens": int [L], "mask": bool [L]}``:
 ``tokens`` unpadded (prompt, response, EOS), ``mask`` True at the target
 positions (see :func:`flowjax.response_mask`). ``logits_fn(params, tokens)``
-maps ONE padded token sequence ``[T]`` to logits ``[T, V]``; the model must be
+maps ONE padded token sequence ``[T]`` to logits ``[T, V]`` (or, with
+``batched=True``, a batch ``[B, T]`` to ``[B, T, V]``); the model must be
 causal, so the right padding cannot change the logits of real positions.
 """
 
@@ -206,9 +207,16 @@ def _batches(groups, batch_size: int, pad_id: int) -> Iterator[dict[str, np.ndar
 
 _PREPASS_KWARGS = frozenset({"mesh", "progress", "param_shardings", "flush_seconds"})
 
-# One loss function / jitted step per logits_fn, so every call and bucket reuses them.
-_SEQ_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_TOK_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# One loss function / jitted step per logits_fn and form (per sequence or batched), so
+# every call and bucket reuses them.
+_SEQ_FNS: dict[bool, weakref.WeakKeyDictionary] = {
+    False: weakref.WeakKeyDictionary(),
+    True: weakref.WeakKeyDictionary(),
+}
+_TOK_FNS: dict[bool, weakref.WeakKeyDictionary] = {
+    False: weakref.WeakKeyDictionary(),
+    True: weakref.WeakKeyDictionary(),
+}
 
 
 def _per_fn(cache, logits_fn, make):
@@ -221,6 +229,8 @@ def _per_fn(cache, logits_fn, make):
 
 
 def _make_sequence_loss(fn_ref):
+    """``example`` is one sequence, or (a batched ``logits_fn``) a batch: the maths is per row."""
+
     def sequence_loss(params, example):
         logits = fn_ref()(params, example["tokens"])
         nll, mask = _lm.token_nll(logits, example["tokens"], example["mask"])
@@ -286,6 +296,7 @@ def _bucket_passes(
     level: str,
     nonfinite: Callable[[np.ndarray, np.ndarray, np.ndarray], str],
     flush_seconds: float = _cache.FLUSH_SECONDS,
+    batched: bool = False,
 ) -> tuple[int, list[tuple[int, np.ndarray, np.ndarray]]]:
     """The pre-pass of every bucket some process holds examples of: ``(T_max, [(T, ids, values)])``.
 
@@ -323,6 +334,8 @@ def _bucket_passes(
         params, replicated if param_shardings is None else param_shardings
     )
     fn_name = f"{level}_nll of {prepass._describe_fn(logits_fn)}"
+    if batched:
+        fn_name += " (batched)"
     out = []
     ledger = _engine.IdLedger()  # ids across buckets: one fed by two processes raises
     for length, count in zip(buckets, counts, strict=True):
@@ -337,6 +350,7 @@ def _bucket_passes(
             _batches({length: groups[length]}, batch_size, pad_id),
             name=name,
             shape=shape(length),
+            batched=batched,
             spec=_bucket_spec(length),
             batch_size=batch_size,
             mesh=mesh,
@@ -377,6 +391,7 @@ def lm_sequence_losses(
     pad_id: int = 0,
     on_empty: Literal["raise", "skip"] = "raise",
     cache_dir: str | None = None,
+    batched: bool = False,
     **prepass_kwargs: Any,
 ) -> LossTable:
     """Sequence-level pre-pass: every example's mean target-token NLL, keyed by id.
@@ -415,6 +430,12 @@ def lm_sequence_losses(
         code and constants), the parameters' bytes and each example's
         tokens: another model in the same ``cache_dir`` raises, a changed
         example is recomputed.
+      batched: ``logits_fn(params, tokens [B, T]) -> logits [B, T, V]``
+        takes a batch of sequences (a Flax model called on a batch; faster
+        than vmapping a model written for batches over single sequences).
+        Its rows must be independent, as in
+        :func:`flowjax.per_example_losses` (checked on each bucket's first
+        step).
       **prepass_kwargs: ``mesh`` (with a ``'data'`` axis; default all
         devices), ``progress`` (a progress bar per bucket on process 0;
         default True), ``param_shardings`` (default: replicated) and
@@ -447,6 +468,10 @@ def lm_sequence_losses(
       ...                                     progress=False)
       >>> losses.ids.tolist(), losses.losses.round(4).tolist()  # log 3
       ([7], [1.0986])
+      >>> batched = flowjax.lm_sequence_losses(logits_fn, table, ex, bucket_lengths=[4],
+      ...                                      batch_size=2, batched=True, progress=False)
+      >>> batched == losses  # the table lookup works on [B, T] too
+      True
     """
     unknown = sorted(set(prepass_kwargs) - _PREPASS_KWARGS)
     if unknown:
@@ -455,7 +480,7 @@ def lm_sequence_losses(
             f"takes {sorted(_PREPASS_KWARGS)} (it counts each bucket's examples itself)."
         )
     _, passes = _bucket_passes(
-        _per_fn(_SEQ_FNS, logits_fn, _make_sequence_loss),
+        _per_fn(_SEQ_FNS[bool(batched)], logits_fn, _make_sequence_loss),
         logits_fn,
         params,
         examples,
@@ -471,6 +496,7 @@ def lm_sequence_losses(
         level="sequence",
         nonfinite=_nonfinite_sequences,
         flush_seconds=prepass_kwargs.get("flush_seconds", _cache.FLUSH_SECONDS),
+        batched=bool(batched),
     )
     table = LossTable(  # sorts by id, refuses duplicates
         np.concatenate([ids for _, ids, _, _ in passes]),
@@ -482,11 +508,14 @@ def lm_sequence_losses(
 
 def _make_token_loss(fn_ref):
     def token_loss(params, example):
-        """``[2, T - 1]``: target-token NLLs (0 elsewhere) and the target mask, of ONE example."""
+        """``[..., 2, T - 1]``: target-token NLLs (0 elsewhere) and the target mask.
+
+        Of ONE example, or of each row of a batch (a batched ``logits_fn``).
+        """
         logits = fn_ref()(params, example["tokens"])
         nll, mask = _lm.token_nll(logits, example["tokens"], example["mask"])
         # token_nll selects with where: NaN at a non-target position becomes 0, at a target stays.
-        return jnp.stack([nll, mask.astype(jnp.float32)])
+        return jnp.stack([nll, mask.astype(jnp.float32)], axis=-2)
 
     return token_loss
 
@@ -513,6 +542,7 @@ def lm_token_losses(
     cache_dir: str | None = None,
     param_shardings: Any = None,
     flush_seconds: float = _cache.FLUSH_SECONDS,
+    batched: bool = False,
 ) -> TokenLosses:
     """Token-level pre-pass: the NLL of every target token of every example, keyed by id.
 
@@ -557,6 +587,8 @@ def lm_token_losses(
         replicated over ``mesh``).
       flush_seconds: with ``cache_dir``, cached rows are written at most this
         many seconds apart, as in :func:`flowjax.per_example_losses`.
+      batched: ``logits_fn`` takes a batch ``[B, T]`` and returns ``[B, T,
+        V]`` (rows independent), as in :func:`lm_sequence_losses`.
 
     Returns:
       A :class:`TokenLosses` sorted by id, of every (not skipped) example of
@@ -586,7 +618,7 @@ def lm_token_losses(
       ([[0.6931, 1.3863, 0.0]], [[True, True, False]])
     """
     longest, passes = _bucket_passes(
-        _per_fn(_TOK_FNS, logits_fn, _make_token_loss),
+        _per_fn(_TOK_FNS[bool(batched)], logits_fn, _make_token_loss),
         logits_fn,
         params,
         examples,
@@ -602,6 +634,7 @@ def lm_token_losses(
         level="token",
         nonfinite=_nonfinite_tokens,
         flush_seconds=flush_seconds,
+        batched=bool(batched),
     )
     width = longest - 1
     ids, losses, masks = [], [], []

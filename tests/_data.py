@@ -37,6 +37,18 @@ def loss_fn(p, example):
     return (h @ p["w2"] - example["y"]) ** 2
 
 
+def batch_loss(p, batch):
+    """``loss_fn`` written for a batch: ``[B]``, each row's loss from its own row."""
+    h = jnp.tanh(batch["x"] @ p["w1"] + p["b1"][None])
+    return (h @ p["w2"] - batch["y"]) ** 2
+
+
+def coupled_batch_loss(p, batch):
+    """A batched loss that mixes rows (as a train-mode BatchNorm does): refused."""
+    out = batch_loss(p, batch)
+    return out - jnp.mean(out) + 1.0
+
+
 def reference_losses(p, data) -> np.ndarray:
     """The same losses, batched, in numpy float64: an independent reference."""
     w1, b1, w2 = (np.asarray(p[k], np.float64) for k in ("w1", "b1", "w2"))

@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument(
         "--scenarios", action="store_true", help="run the bad-input cases instead"
     )
+    ap.add_argument(
+        "--batched", action="store_true", help="the batched loss (_data.batch_loss)"
+    )
     args = ap.parse_args()
 
     _runtime.start(args)
@@ -105,12 +108,14 @@ def main() -> None:
     if args.nudge_w1_column is not None:
         params["w1"] = params["w1"].at[0, args.nudge_w1_column].add(1e-6)
     table = flowjax.per_example_losses(
-        _data.loss_fn,
+        _data.batch_loss if args.batched else _data.loss_fn,
         params,
         feed(),
+        batched=args.batched,
         progress=False,
         cache_dir=args.cache,
         flush_seconds=0.0,  # write every finished step: the kill test needs a cache
+        step_size=args.batch_size,  # a step per batch: the kill lands between read steps
         mesh=mesh,
         param_shardings=shardings,
     )
@@ -127,6 +132,7 @@ SCENARIOS = {
     "later batch with wrong shape": 1,
     "later batch with wrong dtype": 0,
     "nan loss": 1,
+    "batched loss couples rows": 1,  # the same error everywhere, from replicated data
     "id on both processes": 1,
     "endless loader": 0,  # itertools.cycle over its batches
     "loader raises": 1,  # an OSError after two batches
@@ -156,13 +162,18 @@ def run_scenarios(process: int) -> None:
         return list(_data.batches(d, 16))
 
     def prepass(batches):
-        return flowjax.per_example_losses(
-            _data.loss_fn, _data.params(), batches, progress=False
+        return flowjax.per_example_losses(  # a step per batch, as the scenarios count
+            _data.loss_fn, _data.params(), batches, progress=False, step_size=16
         )
 
     def cached(cache_dir, loss_fn=_data.loss_fn):
         return flowjax.per_example_losses(
-            loss_fn, _data.params(), feed(), progress=False, cache_dir=cache_dir
+            loss_fn,
+            _data.params(),
+            feed(),
+            progress=False,
+            cache_dir=cache_dir,
+            step_size=16,
         )
 
     def bad_batch(k, **fields):
@@ -203,6 +214,15 @@ def run_scenarios(process: int) -> None:
         if name == "later batch with wrong dtype":
             return prepass(
                 bad_batch(2, x=np.ones((16, _data.DIM), np.int32)) if bad else feed()
+            )
+        if name == "batched loss couples rows":
+            return flowjax.per_example_losses(
+                _data.coupled_batch_loss,
+                _data.params(),
+                feed(),
+                batched=True,
+                progress=False,
+                step_size=16,
             )
         if name == "nan loss":
             x = part["x"].copy()

@@ -27,6 +27,7 @@ from . import _data, _subprocess
 
 def _table(batches, fn=_data.loss_fn, params=None, **kw):
     params = _data.params() if params is None else params
+    kw.setdefault("step_size", 16)  # a step per batch: kills land between read steps
     return flowjax.per_example_losses(fn, params, batches, progress=False, **kw)
 
 
@@ -650,3 +651,23 @@ def test_fingerprints_of_functions_reading_object_arrays():
     batches = [{"id": np.arange(3), "x": np.ones((3, 2), np.float32)}]
     table = flowjax.per_example_losses(loss, jnp.ones(2), batches, progress=False)
     assert table.losses.tolist() == [4.0] * 3
+
+
+def test_row_digests_are_xxh3_of_each_row_and_see_every_field():
+    import xxhash
+
+    from flowjax import _cache
+
+    rng = np.random.default_rng(3)
+    big = rng.normal(size=(5, 70)).astype(np.float32)  # 280 bytes: digested on its own
+    small = rng.integers(0, 9, size=(5, 3)).astype(np.int32)
+    one = _cache.row_digests([big], 5)
+    for i in range(5):  # one field: XXH3-128 of the row's bytes, as xxhash computes it
+        assert one[i].tobytes() == xxhash.xxh3_128_digest(big[i].tobytes())
+    both = _cache.row_digests([big, small], 5)
+    for field, (r, c) in [(0, (2, 69)), (1, (4, 0))]:  # a change in either field
+        changed = [big.copy(), small.copy()]
+        changed[field][r, c] += 1
+        again = _cache.row_digests(changed, 5)
+        assert (again[r] != both[r]).any()
+        np.testing.assert_array_equal(np.delete(again, r, 0), np.delete(both, r, 0))

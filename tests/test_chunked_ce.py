@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import flowjax
+from flowjax import chunked_ce
 
 
 def _plain(h, w, y, mask, cap, layout):
@@ -116,6 +117,60 @@ def test_no_full_logits_in_compiled_program():
         plain.memory_analysis().temp_size_in_bytes >= full
     )  # the reference does build [N, V]
     assert fwd < full / 4 and bwd < full / 2, (fwd, bwd, full)
+
+
+def _temp_bytes(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("v", [131072, 262144])
+def test_default_chunk_scratch_is_at_most_a_sixteenth_of_the_plain_logits(v):
+    """4 x 512 tokens: the default chunk's scratch, forward and backward, against plain logits."""
+    n, d = 2048, 128
+    h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+    y = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def f(h, w, y):
+        return flowjax.chunked_token_nll(h, w, y).sum()
+
+    def plain(h, w, y):
+        return _plain(h, w, y, True, None, "dv").sum()
+
+    plain_fwd = _temp_bytes(plain, h, w, y)
+    assert plain_fwd >= n * v * 4  # the reference builds [N, V] float32
+    assert _temp_bytes(f, h, w, y) <= plain_fwd / 16
+    grad = jax.grad(f, (0, 1))
+    assert (
+        _temp_bytes(grad, h, w, y) <= _temp_bytes(jax.grad(plain, (0, 1)), h, w, y) / 16
+    )
+
+
+def test_one_logits_block_is_live_per_chunk_also_in_the_shifted_last_chunk():
+    """V not a multiple of the chunk: the masked last chunk adds no second [N, chunk] block."""
+    n, d, chunk = 1024, 64, 2048
+    h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    y = jax.ShapeDtypeStruct((n,), jnp.int32)
+    block = n * chunk * 4
+    for v in (8 * chunk, 8 * chunk - 100):  # whole chunks only; a shifted last chunk
+
+        def f(h, w, y):
+            return flowjax.chunked_token_nll(h, w, y, chunk_size=chunk).sum()
+
+        w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+        fwd, bwd = _temp_bytes(f, h, w, y), _temp_bytes(jax.grad(f, (0, 1)), h, w, y)
+        # One block, plus the W chunk and [N]-sized vectors: well under two blocks.
+        assert block <= fwd < 1.5 * block, (v, fwd / block)
+        assert bwd < 1.5 * block, (v, bwd / block)
+
+
+def test_default_chunk_size_follows_the_byte_budget():
+    assert chunked_ce._default_chunk_size(512, 128) == 4096
+    assert chunked_ce._default_chunk_size(2048, 128) == 1024
+    assert chunked_ce._default_chunk_size(1 << 20, 128) == 512  # never below 512
+    n, d = 300, 100  # a budget that is not a power of two: the power of two below it
+    c = chunked_ce._default_chunk_size(n, d)
+    assert (n + d) * c * 4 <= chunked_ce.CHUNK_BYTES < (n + d) * 2 * c * 4
 
 
 def _avals(jaxpr):

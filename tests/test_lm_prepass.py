@@ -292,3 +292,49 @@ def test_an_example_stream_that_repeats_fails_within_one_pass(rng, level):
             progress=False,
         )
     assert len(pulled) == 5
+
+
+class BatchedCountingLM(CountingLM):
+    """CountingLM written for a batch: tokens ``[B, T]`` -> logits ``[B, T, V]``."""
+
+    def __call__(self, params, tokens):
+        self.calls += 1
+        return jnp.cumsum(params["E"][tokens], axis=1) @ params["W"]
+
+
+def test_batched_logits_fn_gives_the_per_sequence_results_once_per_bucket(rng):
+    ex = _examples(rng, [int(n) for n in rng.integers(2, 17, size=30)] + [3, 7, 15])
+    params, kw = _params(rng), {"bucket_lengths": (4, 8, 16), "progress": False}
+    lm = BatchedCountingLM()
+    seq = flowjax.lm_sequence_losses(lm, params, ex, batch_size=3, batched=True, **kw)
+    assert lm.calls == 3  # one trace per bucket (the first-step check reuses it)
+    tok = flowjax.lm_token_losses(lm, params, ex, batch_size=3, batched=True, **kw)
+    assert lm.calls == 6
+    per_seq = flowjax.lm_sequence_losses(CountingLM(), params, ex, batch_size=3, **kw)
+    per_tok = flowjax.lm_token_losses(CountingLM(), params, ex, batch_size=3, **kw)
+    np.testing.assert_array_equal(seq.ids, per_seq.ids)
+    np.testing.assert_allclose(seq.losses, per_seq.losses, rtol=1e-6)
+    np.testing.assert_array_equal(tok.mask, per_tok.mask)
+    np.testing.assert_allclose(tok.losses, per_tok.losses, rtol=1e-6, atol=1e-7)
+    for e in ex:  # and the unpadded float64 reference
+        nll, m = _np_token_losses(params, e["tokens"], e["mask"])
+        assert seq.lookup([e["id"]])[0] == pytest.approx(nll[m].mean(), rel=2e-5)
+
+
+def test_batched_logits_fn_that_mixes_sequences_is_refused(rng):
+    ex = _examples(rng, [5, 6, 7, 8, 5, 6])
+
+    def mixing(params, tokens):  # every sequence sees the batch's mean embedding
+        h = jnp.cumsum(params["E"][tokens], axis=1)
+        return (h + jnp.mean(h, axis=0, keepdims=True)) @ params["W"]
+
+    with pytest.raises(ValueError, match="couples the rows"):
+        flowjax.lm_sequence_losses(
+            mixing,
+            _params(rng),
+            ex,
+            bucket_lengths=(8,),
+            batch_size=4,
+            batched=True,
+            progress=False,
+        )

@@ -39,6 +39,14 @@ def test_two_processes_each_get_the_complete_single_process_table(tmp_path):
     np.testing.assert_allclose(first.losses, reference, rtol=2e-5)
 
 
+def test_two_processes_with_a_batched_loss_get_the_single_process_table(tmp_path):
+    single = _subprocess.run(str(tmp_path / "single.npz"), "--devices", "1")
+    first, second = _two_processes(tmp_path, "batched", "--batched")
+    assert first == second
+    np.testing.assert_array_equal(first.ids, single.ids)
+    np.testing.assert_allclose(first.losses, single.losses, rtol=1e-5, atol=1e-8)
+
+
 def test_two_processes_resume_from_caches_with_different_progress(tmp_path):
     cache = str(tmp_path / "cache")
     full = _two_processes(tmp_path, "full", "--cache", cache)
@@ -85,6 +93,8 @@ def test_bad_input_on_one_process_raises_the_same_error_on_every_process_promptl
         "later batch with wrong dtype": stopped.format(fn="per_example_losses", p=0)
         + rf"field \['x'\] has dtype int32; .*the batch of ids \[{ids0[32]}, ",
         "nan loss": rf"NaN or infinite losses for example ids \[{ids1[40]}\].*\(fed by process\(es\) \[1\]\)",
+        "batched loss couples rows": r"per_example_losses: the batched loss_fn couples the "
+        "rows of a batch",
         "id on both processes": rf"duplicate example ids: \[{ids0[10]}\] were fed by more than one process",
         "endless loader": stopped.format(fn="per_example_losses", p=0)
         + r"duplicate example ids: \[[\d, ]+\].* arrived again after an earlier batch: "

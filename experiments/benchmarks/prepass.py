@@ -11,8 +11,9 @@ small CNN (two 3x3 conv layers on 28x28x1, then a dense head), the examples/s of
   called on every batch of host numpy arrays, results fetched to numpy at
   the end: the fastest way to get the numbers with no bookkeeping;
 * ``prepass``: ``flowjax.per_example_losses`` on the same batches (with
-  ``"id"`` arrays), which adds ids, padding, sharding, validation and the
-  id-keyed table.
+  ``"id"`` arrays) and the same batched loss (``batched=True``, default step
+  size: batches merged into steps of up to 1024 rows), which adds ids,
+  padding, sharding, validation and the id-keyed table.
 
 The two runs alternate (plain, prepass, plain, ...) for ``--repeats`` rounds
 after one warm-up each (compilation excluded; the first-call time is reported
@@ -83,9 +84,9 @@ def bench_model(
     graphdef, state = nnx.split(model)
     batches = make_batches(n, batch_size)
 
-    def loss_fn(state, example):  # ONE example: what the pre-pass vmaps
-        logits = nnx.merge(graphdef, state)(example["image"][None])[0]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, example["label"])
+    def loss_fn(state, batch):  # the batched form: [B] losses, rows independent
+        logits = nnx.merge(graphdef, state)(batch["image"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
 
     @jax.jit
     def plain_step(state, images, labels):  # the batched baseline
@@ -98,7 +99,7 @@ def bench_model(
 
     def run_prepass():
         return flowjax.per_example_losses(
-            loss_fn, state, batches, progress=False
+            loss_fn, state, batches, batched=True, progress=False
         ).losses
 
     t0 = time.perf_counter()

@@ -1,0 +1,603 @@
+"""Benchmark suite: what FLOW costs over plain fine-tuning, every figure a ratio measured side by side.
+
+Command::
+
+    make bench     # python -m experiments.benchmarks.suite --out results/benchmarks
+                   # writes results/benchmarks/suite.json and suite.md
+
+Every figure is a ratio of two things timed in the same run, in alternated
+rounds (A, B, A, B, ...; compilation excluded by a warm-up of each), reported
+as the median over rounds of the per-round ratio with its range (min-max),
+so the slow drift of a shared machine cancels. ``--quick`` runs the same
+code on tiny sizes (the test suite runs it). The figures:
+
+* ``prepass``: ``per_example_losses`` (batched loss, default step size)
+  against a plain ``jax.jit`` batched forward + loss on the same batches of
+  256, for the MLP and the CNN of :mod:`experiments.benchmarks.prepass`:
+  plain time / pre-pass time (>= 1 is a pre-pass as fast as the forward).
+* ``train_step``: the FLOW-weighted train step (``weighted_objective``, the
+  batch's weights attached by id with ``attach_weights``) against the plain
+  step of the same model and optimizer, in both loss forms: ``batched``
+  (``model(batch["image"])``, ``batched=True``) and ``per_example`` (the
+  slow form, ``model(ex["image"][None])[0]`` under ``jax.vmap``): weighted
+  time / plain time.
+* ``end_to_end``: FLOW (pre-pass + E epochs of weighted steps) against E
+  epochs of plain steps, E = 3 and 10: the time of FLOW / the time of plain
+  fine-tuning. Each round times one pre-pass, one weighted epoch and one
+  plain epoch back to back, and its ratio is
+  ``(prepass + E weighted) / (E plain)``.
+* ``cache``: ``per_example_losses`` over ``flowjax.batches`` of an
+  ``ArraySource`` (MLP, 64k examples) with a fresh ``cache_dir`` and resumed
+  from the complete cache, against no cache: cached time / uncached time.
+* ``chunked_ce``: ``chunked_token_nll`` (default chunk size) against the plain
+  ``[N, V]`` logits for V = 32k ... 256k: XLA's planned scratch memory
+  (exact, N = 4 x 512 tokens, D = 128) and time (N = 512), forward and
+  forward + backward: chunked / plain.
+* ``lm_prepass``: ``lm_sequence_losses`` of a small causal LM over
+  length-bucketed examples, the batched ``logits_fn`` against the
+  per-sequence one: target tokens/s of each, their ratio, and the share of
+  padded token slots (bucketing's waste).
+
+With ``results/benchmarks/torch.json`` present (``make bench-torch``,
+:mod:`experiments.benchmarks.torch_flow`, optional), the table adds
+PyTorch's official-style FLOW loop / its fine-tuning beside flowjax's.
+
+Spread: shared CPUs give noisy times; the memory figures are exact. The
+README quotes one run of this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import flowjax
+from experiments import report
+from experiments.benchmarks.prepass import CNN, MLP
+
+_MIB = 2**20
+
+
+# --- timing ----------------------------------------------------------------------------------
+
+
+def _rounds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, np.ndarray]:
+    """Seconds of each function per round, the functions alternated within a round."""
+    for fn in fns.values():  # warm-up: compile, fill caches
+        jax.block_until_ready(fn())
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[k].append(time.perf_counter() - t0)
+    return {k: np.asarray(v) for k, v in times.items()}
+
+
+def _ratio(per_round: np.ndarray) -> dict:
+    """The median over rounds and the range of per-round ratios."""
+    per_round = np.asarray(per_round, np.float64)
+    return {
+        "median": round(float(np.median(per_round)), 4),
+        "min": round(float(per_round.min()), 4),
+        "max": round(float(per_round.max()), 4),
+        "rounds": len(per_round),
+    }
+
+
+# --- data and models -------------------------------------------------------------------------
+
+
+def _data(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.normal(size=(n, 28, 28, 1)).astype(np.float32),
+        "label": rng.integers(0, 10, size=n).astype(np.int32),
+    }
+
+
+def _batches(data, batch_size: int) -> list[dict[str, np.ndarray]]:
+    n = len(data["label"])
+    return [
+        {
+            "id": np.arange(s, min(s + batch_size, n), dtype=np.int64),
+            **{k: v[s : s + batch_size] for k, v in data.items()},
+        }
+        for s in range(0, n, batch_size)
+    ]
+
+
+_MODELS = {"mlp": MLP, "cnn": CNN}
+
+
+def _losses(graphdef):
+    """The two forms of one model's per-example cross-entropy."""
+
+    def batched(params, batch):  # [B]: the fast form
+        logits = nnx.merge(graphdef, params)(batch["image"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+
+    def per_example(params, ex):  # a batched model called on one example: the slow form
+        logits = nnx.merge(graphdef, params)(ex["image"][None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ex["label"])
+
+    return batched, per_example
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+
+def bench_prepass(name: str, n: int, rounds: int) -> dict:
+    graphdef, params = nnx.split(_MODELS[name](nnx.Rngs(0)))
+    batched, _ = _losses(graphdef)
+    batches = _batches(_data(n), 256)
+    plain_step = jax.jit(batched)
+
+    def plain():
+        outs = [plain_step(params, b) for b in batches]
+        return np.concatenate([np.asarray(o) for o in outs])
+
+    def prepass():
+        return flowjax.per_example_losses(
+            batched, params, batches, batched=True, progress=False
+        ).losses
+
+    diff = float(np.max(np.abs(plain() - prepass())))  # ids are 0..n-1: same order
+    if diff > 1e-4:
+        raise AssertionError(f"{name}: pre-pass and plain losses differ by {diff}")
+    t = _rounds({"plain": plain, "prepass": prepass}, rounds)
+    return {
+        "model": name,
+        "examples": n,
+        "plain_examples_per_s": round(n / float(np.median(t["plain"]))),
+        "prepass_examples_per_s": round(n / float(np.median(t["prepass"]))),
+        "plain_over_prepass": _ratio(t["plain"] / t["prepass"]),
+        "max_abs_loss_diff": diff,
+    }
+
+
+def _train_parts(name: str, n: int, tx=None):
+    """Jitted plain and weighted steps (both loss forms) and the epochs that run them."""
+    graphdef, params = nnx.split(_MODELS[name](nnx.Rngs(0)))
+    batched, per_example = _losses(graphdef)
+    tx = optax.sgd(1e-2, momentum=0.9) if tx is None else tx
+    batches = _batches(_data(n), 256)
+
+    def mean_loss(p, batch):
+        return jnp.mean(batched(p, batch))
+
+    def make_step(objective):
+        @jax.jit
+        def step(p, opt_state, batch):
+            loss, grads = jax.value_and_grad(objective)(p, batch)
+            updates, opt_state = tx.update(grads, opt_state, p)
+            return optax.apply_updates(p, updates), opt_state, loss
+
+        return step
+
+    steps = {
+        "plain": make_step(mean_loss),
+        "batched": make_step(flowjax.weighted_objective(batched, batched=True)),
+        "per_example": make_step(flowjax.weighted_objective(per_example)),
+    }
+    table = flowjax.per_example_losses(
+        batched, params, batches, batched=True, progress=False
+    )
+    weights = table.flow_weights()
+
+    def epoch(kind: str):
+        def run():
+            p, opt_state, loss = params, tx.init(params), None
+            for b in batches:
+                if kind != "plain":
+                    b = flowjax.attach_weights(b, weights)
+                b = {k: v for k, v in b.items() if k != "id"}
+                p, opt_state, loss = steps[kind](p, opt_state, b)
+            return loss
+
+        return run
+
+    def prepass():
+        return flowjax.per_example_losses(
+            batched, params, batches, batched=True, progress=False
+        ).flow_weights()
+
+    return {k: epoch(k) for k in steps}, prepass
+
+
+def bench_training(name: str, n: int, rounds: int, epochs=(3, 10)) -> dict:
+    epoch, prepass = _train_parts(name, n)
+    t = _rounds(
+        {
+            "plain": epoch["plain"],
+            "batched": epoch["batched"],
+            "per_example": epoch["per_example"],
+            "prepass": prepass,
+        },
+        rounds,
+    )
+    out = {
+        "model": name,
+        "examples": n,
+        "train_step": {
+            form: _ratio(t[form] / t["plain"]) for form in ("batched", "per_example")
+        },
+        "end_to_end": {},
+    }
+    for e in epochs:
+        for form in ("batched", "per_example"):
+            flow = t["prepass"] + e * t[form]
+            out["end_to_end"][f"{form}_{e}_epochs"] = _ratio(flow / (e * t["plain"]))
+    out["prepass_over_plain_epoch"] = _ratio(t["prepass"] / t["plain"])
+    return out
+
+
+def bench_cache(n: int, rounds: int) -> dict:
+    graphdef, params = nnx.split(MLP(nnx.Rngs(0)))
+    batched, _ = _losses(graphdef)
+    source = flowjax.ArraySource(_data(n))
+    root = tempfile.mkdtemp(prefix="flowjax-bench-cache-")
+    complete = os.path.join(root, "complete")
+
+    def run(cache_dir=None):
+        return flowjax.per_example_losses(
+            batched,
+            params,
+            flowjax.batches(source, 256),
+            batched=True,
+            progress=False,
+            cache_dir=cache_dir,
+        )
+
+    def fresh():
+        d = tempfile.mkdtemp(dir=root)
+        try:
+            return run(d).losses
+        finally:
+            shutil.rmtree(d)
+
+    reference = run(complete)  # fills the complete cache
+    try:
+        resumed = run(complete)
+        if resumed.cached != n or resumed != reference:
+            raise AssertionError("the complete cache did not serve every row exactly")
+        t = _rounds(
+            {
+                "none": lambda: run().losses,
+                "fresh": fresh,
+                "resume": lambda: run(complete).losses,
+            },
+            rounds,
+        )
+    finally:
+        shutil.rmtree(root)
+    return {
+        "model": "mlp",
+        "examples": n,
+        "fresh_over_none": _ratio(t["fresh"] / t["none"]),
+        "resume_over_none": _ratio(t["resume"] / t["none"]),
+    }
+
+
+def _plain_ce(h, w, y):
+    z = jnp.einsum("nd,dv->nv", h, w, preferred_element_type=jnp.float32)
+    return jnp.sum(
+        -jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], axis=1)[:, 0]
+    )
+
+
+def _chunked_ce(h, w, y):
+    return jnp.sum(flowjax.chunked_token_nll(h, w, y))
+
+
+def _temp(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def bench_chunked_ce(
+    vocabs: list[int], time_vocabs: list[int], n_mem: int, n_time: int, rounds: int
+) -> list[dict]:
+    d, rows = 128, []
+    for v in vocabs:
+        h = jax.ShapeDtypeStruct((n_mem, d), jnp.float32)
+        w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+        y = jax.ShapeDtypeStruct((n_mem,), jnp.int32)
+        row = {"V": v, "tokens_memory": n_mem}
+        for name, wrap in (
+            ("fwd", lambda f: f),
+            ("fwd+bwd", lambda f: jax.value_and_grad(f, argnums=(0, 1))),
+        ):
+            plain, chunked = (
+                _temp(wrap(_plain_ce), h, w, y),
+                _temp(wrap(_chunked_ce), h, w, y),
+            )
+            row[f"{name}_plain_temp_mib"] = round(plain / _MIB, 1)
+            row[f"{name}_chunked_temp_mib"] = round(chunked / _MIB, 1)
+            row[f"{name}_temp_ratio"] = round(chunked / plain, 4)
+        if v in time_vocabs:
+            k1, k2, k3 = jax.random.split(jax.random.key(v), 3)
+            hh = jax.random.normal(k1, (n_time, d), jnp.float32)
+            ww = jax.random.normal(k2, (d, v), jnp.float32) / np.sqrt(d)
+            yy = jax.random.randint(k3, (n_time,), 0, v)
+            row["tokens_time"] = n_time
+            for name, wrap in (
+                ("fwd", lambda f: f),
+                ("fwd+bwd", lambda f: jax.value_and_grad(f, argnums=(0, 1))),
+            ):
+                plain, chunked = jax.jit(wrap(_plain_ce)), jax.jit(wrap(_chunked_ce))
+                for a, b in zip(
+                    jax.tree.leaves(plain(hh, ww, yy)),
+                    jax.tree.leaves(chunked(hh, ww, yy)),
+                    strict=True,
+                ):
+                    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+                t = _rounds(
+                    {
+                        "plain": lambda p=plain, a=(hh, ww, yy): p(*a),
+                        "chunked": lambda c=chunked, a=(hh, ww, yy): c(*a),
+                    },
+                    rounds,
+                )
+                row[f"{name}_time_ratio"] = _ratio(t["chunked"] / t["plain"])
+        rows.append(row)
+        print("chunked_ce", row, flush=True)
+    return rows
+
+
+def bench_lm(n: int, rounds: int, vocab: int = 512, width: int = 64) -> dict:
+    rng = np.random.default_rng(0)
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {
+        "E": jax.random.normal(k1, (vocab, width), jnp.float32) / 4,
+        "W": jax.random.normal(k2, (width, vocab), jnp.float32) / np.sqrt(width),
+    }
+
+    def per_sequence(p, tokens):  # [T] -> [T, V], causal: running mean of embeddings
+        h = jnp.cumsum(p["E"][tokens], axis=0) / jnp.arange(1, len(tokens) + 1)[:, None]
+        return jnp.tanh(h) @ p["W"]
+
+    def batched(p, tokens):  # [B, T] -> [B, T, V]
+        t = tokens.shape[1]
+        h = jnp.cumsum(p["E"][tokens], axis=1) / jnp.arange(1, t + 1)[None, :, None]
+        return jnp.tanh(h) @ p["W"]
+
+    lengths = rng.integers(8, 129, size=n)
+    examples = [
+        {
+            "id": i,
+            "tokens": rng.integers(0, vocab, size=int(m)),
+            "mask": np.arange(int(m)) >= int(m) // 2,
+        }
+        for i, m in enumerate(lengths)
+    ]
+    buckets = (32, 64, 128)
+    kw = {"bucket_lengths": buckets, "batch_size": 64, "progress": False}
+    a = flowjax.lm_sequence_losses(per_sequence, params, examples, **kw)
+    b = flowjax.lm_sequence_losses(batched, params, examples, batched=True, **kw)
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-5)
+    t = _rounds(
+        {
+            "per_sequence": lambda: (
+                flowjax.lm_sequence_losses(per_sequence, params, examples, **kw).losses
+            ),
+            "batched": lambda: (
+                flowjax.lm_sequence_losses(
+                    batched, params, examples, batched=True, **kw
+                ).losses
+            ),
+        },
+        rounds,
+    )
+    targets = int(sum(int(m) - int(m) // 2 for m in lengths))
+    padded = sum(min(x for x in buckets if x >= m) for m in lengths)
+    return {
+        "examples": n,
+        "target_tokens": targets,
+        "per_sequence_tokens_per_s": round(
+            targets / float(np.median(t["per_sequence"]))
+        ),
+        "batched_tokens_per_s": round(targets / float(np.median(t["batched"]))),
+        "batched_speedup": _ratio(t["per_sequence"] / t["batched"]),
+        "padding_waste": round(1 - float(lengths.sum()) / padded, 4),
+    }
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+def _fmt(r: dict) -> str:
+    return f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
+
+
+def markdown(result: dict) -> str:
+    rows = []
+    for p in result["prepass"]:
+        rows.append(
+            [
+                f"pre-pass / plain forward throughput, {p['model']}",
+                _fmt(p["plain_over_prepass"]),
+                ">= 0.98",
+            ]
+        )
+    for tr in result["training"]:
+        m = tr["model"]
+        rows.append(
+            [
+                f"weighted / plain step, {m}, batched loss",
+                _fmt(tr["train_step"]["batched"]),
+                "<= 1.02",
+            ]
+        )
+        rows.append(
+            [
+                f"weighted / plain step, {m}, per-example loss (`[None]` form)",
+                _fmt(tr["train_step"]["per_example"]),
+                "",
+            ]
+        )
+        for key, r in tr["end_to_end"].items():
+            form, e = key.split("_")[0], key.split("_")[-2]
+            goal = "<= 1.05" if (form == "batched" and e == "10") else ""
+            form = "batched" if form == "batched" else "per-example"
+            rows.append(
+                [
+                    f"FLOW end to end / plain fine-tuning, {m}, {e} epochs, {form} loss",
+                    _fmt(r),
+                    goal,
+                ]
+            )
+    c = result["cache"]
+    rows.append(
+        [
+            "pre-pass with a fresh cache / no cache (MLP)",
+            _fmt(c["fresh_over_none"]),
+            "<= 1.05",
+        ]
+    )
+    rows.append(
+        [
+            "pre-pass resumed from a complete cache / no cache (MLP)",
+            _fmt(c["resume_over_none"]),
+            "<= 0.10",
+        ]
+    )
+    for r in result["chunked_ce"]:
+        v = f"{r['V'] // 1024}k"
+        rows.append(
+            [
+                f"chunked CE scratch / plain, V={v}, forward",
+                f"{r['fwd_temp_ratio']:.4f}",
+                "<= 0.0625",
+            ]
+        )
+        rows.append(
+            [
+                f"chunked CE scratch / plain, V={v}, forward+backward",
+                f"{r['fwd+bwd_temp_ratio']:.4f}",
+                "<= 0.0625",
+            ]
+        )
+        for name in ("fwd", "fwd+bwd"):
+            if f"{name}_time_ratio" in r:
+                what = "forward" if name == "fwd" else "forward+backward"
+                rows.append(
+                    [
+                        f"chunked CE time / plain, V={v}, {what}",
+                        _fmt(r[f"{name}_time_ratio"]),
+                        "<= 1",
+                    ]
+                )
+    for t in result.get("torch", {}).get("rows", []):  # make bench-torch's torch.json
+        ours = {tr["model"]: tr for tr in result["training"]}.get(t["model"])
+        for e in ("3", "10"):
+            rows.append(
+                [
+                    f"PyTorch {result['torch']['torch']}: official-style FLOW loop / its "
+                    f"fine-tuning, {t['model']}, {e} epochs",
+                    _fmt(t["flow_over_ft"][f"{e}_epochs"]),
+                    "",
+                ]
+            )
+            if ours is not None:
+                rows.append(
+                    [
+                        f"flowjax: FLOW / fine-tuning, {t['model']}, {e} epochs (batched, as above)",
+                        _fmt(ours["end_to_end"][f"batched_{e}_epochs"]),
+                        "<= PyTorch's" if e == "3" else "",
+                    ]
+                )
+    lm = result["lm_prepass"]
+    rows.append(
+        [
+            "LM pre-pass, batched / per-sequence logits_fn throughput",
+            _fmt(lm["batched_speedup"]),
+            "",
+        ]
+    )
+    table = report.markdown_table(
+        ["figure", "median (range over rounds)", "goal"], rows, align="lrr"
+    )
+    lm_line = (
+        f"LM pre-pass: {lm['batched_tokens_per_s']:,} target tokens/s batched, "
+        f"{lm['per_sequence_tokens_per_s']:,} per sequence; bucketing pads "
+        f"{100 * lm['padding_waste']:.1f} % of the token slots."
+    )
+    cfg = result["config"]
+    head = (
+        f"`make bench` on {cfg['cpus']} CPUs ({cfg['backend']}, jax {cfg['jax']}), "
+        f"{cfg['seconds']} s, load average {cfg['load_average_1min_at_end']} at the end"
+        f"{' (quick sizes)' if cfg['quick'] else ''}. Each ratio is the median over "
+        "alternated rounds of a side-by-side measurement, with its range."
+    )
+    return f"{head}\n\n{table}\n\n{lm_line}\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="results/benchmarks")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes (for the tests)"
+    )
+    args = parser.parse_args(argv)
+    q = args.quick
+    t0 = time.perf_counter()
+    models = (
+        (("mlp", 65536, 20480),) if q else (("mlp", 65536, 20480), ("cnn", 8192, 4096))
+    )
+    result = {
+        "prepass": [
+            bench_prepass(m, 256 if q else n, args.rounds) for m, n, _ in models
+        ],
+        "training": [
+            bench_training(m, 256 if q else n, args.rounds) for m, _, n in models
+        ],
+        "cache": bench_cache(512 if q else 65536, args.rounds),
+        "chunked_ce": bench_chunked_ce(
+            [4096] if q else [32768, 65536, 131072, 262144],
+            [4096] if q else [32768, 131072, 262144],
+            n_mem=64 if q else 2048,
+            n_time=64 if q else 512,
+            rounds=min(args.rounds, 3),
+        ),
+        "lm_prepass": bench_lm(32 if q else 2048, args.rounds),
+    }
+    torch_json = os.path.join(args.out, "torch.json")
+    if os.path.exists(torch_json) and not q:  # from make bench-torch (optional)
+        with open(torch_json) as f:
+            result["torch"] = json.load(f)
+    result["config"] = {
+        "quick": q,
+        "rounds": args.rounds,
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "suite.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    md = markdown(result)
+    with open(os.path.join(args.out, "suite.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(f"wrote {args.out}/suite.json and suite.md")
+    return result
+
+
+if __name__ == "__main__":
+    main()

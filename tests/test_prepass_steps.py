@@ -1,0 +1,212 @@
+"""The pre-pass's throughput paths: batched losses, steps merged from batches, the throttled bar."""
+
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import flowjax
+from flowjax import _engine
+from tests import _data
+
+
+def _table(batches, fn=_data.loss_fn, **kw):
+    return flowjax.per_example_losses(fn, _data.params(), batches, progress=False, **kw)
+
+
+batch_loss = _data.batch_loss
+
+
+def _mixed_batches(data, sizes):
+    """Consecutive batches of the given sizes (cycled) over all examples."""
+    out, start, k = [], 0, 0
+    while start < len(data["id"]):
+        stop = start + sizes[k % len(sizes)]
+        out.append({key: v[start:stop] for key, v in data.items()})
+        start, k = stop, k + 1
+    return out
+
+
+def test_batched_loss_matches_the_reference_and_the_per_example_form():
+    data = _data.dataset()  # 203 examples: the last step of 16 has 11 real rows
+    batched = _table(_data.batches(data, 16), fn=batch_loss, batched=True, step_size=16)
+    per_example = _table(_data.batches(data, 16), step_size=16)
+    order = np.argsort(data["id"])
+    np.testing.assert_array_equal(batched.ids, data["id"][order])
+    ref = _data.reference_losses(_data.params(), data)[order]
+    np.testing.assert_allclose(batched.losses, ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(batched.losses, per_example.losses, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_merged_and_split_steps_equal_unmerged_exactly_and_trace_once(batched):
+    data = _data.dataset()
+    fn = batch_loss if batched else _data.loss_fn
+    kw = {"fn": fn, "batched": batched, "step_size": 16}
+    unmerged = _table(_data.batches(data, 16), **kw)  # a step per batch
+    counted = chex.assert_max_traces(fn, n=1)
+    kw["fn"] = counted
+    # Batches of 5, 3 and 40 rows: merged across batches, split inside them, padded once.
+    merged = _table(_mixed_batches(data, [5, 3, 40]), **kw)
+    np.testing.assert_array_equal(merged.ids, unmerged.ids)
+    np.testing.assert_array_equal(merged.losses, unmerged.losses)  # bit for bit
+    again = _table(
+        _mixed_batches(data, [1, 30]), **kw
+    )  # same fn and step: no new trace
+    np.testing.assert_array_equal(again.losses, unmerged.losses)
+
+
+def test_rows_waiting_in_a_merged_step_survive_a_loader_that_refills_its_arrays():
+    data = _data.dataset()
+    expected = _table(_data.batches(data, 16), step_size=16)
+
+    def refilling():  # one set of arrays, overwritten for every batch
+        buf = {k: np.empty((5, *v.shape[1:]), v.dtype) for k, v in data.items()}
+        for start in range(0, len(data["id"]), 5):
+            n = min(5, len(data["id"]) - start)
+            view = {k: b[:n] for k, b in buf.items()}
+            for k in buf:
+                view[k][...] = data[k][start : start + n]
+            yield view
+
+    assert _table(refilling(), step_size=16) == expected
+
+
+class _BatchNormNet(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(_data.DIM, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.head = nnx.Linear(8, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.bn(self.lin(x))))[..., 0]
+
+
+def _bn_loss(graphdef):
+    def loss(state, batch):
+        return (nnx.merge(graphdef, state)(batch["x"]) - batch["y"]) ** 2
+
+    return loss
+
+
+def test_a_batched_loss_that_couples_rows_is_refused():
+    model = _BatchNormNet(
+        nnx.Rngs(0)
+    )  # train mode: normalised by the batch's statistics
+    graphdef, state = nnx.split(model)
+    with pytest.raises(ValueError, match=r"couples the rows of a batch.*eval mode"):
+        flowjax.per_example_losses(
+            _bn_loss(graphdef),
+            state,
+            _data.batches(_data.dataset(), 16),
+            batched=True,
+            progress=False,
+        )
+
+    with pytest.raises(ValueError, match="couples the rows"):  # a mean over the batch
+        _table(
+            _data.batches(_data.dataset(), 16),
+            fn=_data.coupled_batch_loss,
+            batched=True,
+        )
+
+
+def test_batchnorm_in_eval_mode_is_exact_per_example():
+    model = _BatchNormNet(nnx.Rngs(0))
+    # Running statistics away from their init, so that eval mode is not the identity.
+    model.bn.mean[...] = jnp.linspace(-1.0, 1.0, 8)
+    model.bn.var[...] = jnp.linspace(0.5, 2.0, 8)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    data = _data.dataset()
+    table = flowjax.per_example_losses(
+        _bn_loss(graphdef), state, _data.batches(data, 7), batched=True, progress=False
+    )
+    # Reference: numpy float64 with the running statistics.
+    a = {  # every array of the model, float64
+        name: np.asarray(v[...], np.float64)
+        for name, v in [
+            ("k1", model.lin.kernel),
+            ("b1", model.lin.bias),
+            ("mean", model.bn.mean),
+            ("var", model.bn.var),
+            ("scale", model.bn.scale),
+            ("shift", model.bn.bias),
+            ("k2", model.head.kernel),
+            ("b2", model.head.bias),
+        ]
+    }
+    h = data["x"].astype(np.float64) @ a["k1"] + a["b1"]
+    h = (h - a["mean"]) / np.sqrt(a["var"] + model.bn.epsilon)
+    h = np.maximum(h * a["scale"] + a["shift"], 0)
+    ref = ((h @ a["k2"] + a["b2"])[:, 0] - data["y"]) ** 2
+    order = np.argsort(data["id"])
+    np.testing.assert_allclose(table.losses, ref[order], rtol=1e-5, atol=1e-6)
+
+
+def test_default_step_merges_small_batches_of_small_examples_only():
+    def spec(rows, shape, dtype=np.float32):
+        return _engine._Spec.from_batch(
+            {"id": np.arange(rows), "x": np.zeros((rows, *shape), dtype)}
+        )
+
+    assert _engine.auto_step_rows(spec(256, (28, 28, 1))) == 1024  # 3 KiB per example
+    assert _engine.auto_step_rows(spec(16, (6,))) == 64  # at most 4 times the batch
+    assert _engine.auto_step_rows(spec(5000, (6,))) == 5000  # never smaller than it
+    assert _engine.auto_step_rows(spec(32, (224, 224, 3))) == 32  # large examples
+    assert _engine.auto_step_rows(spec(2048, (2,))) == 4096  # at most 4096 rows
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "big"])
+def test_step_size_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="step_size"):
+        _table(_data.batches(_data.dataset(), 16), step_size=bad)
+
+
+def test_progress_bar_redraws_at_most_a_few_times_a_second():
+    class Bar:
+        def __init__(self):
+            self.calls, self.n, self.closed = 0, 0, False
+
+        def update(self, n):
+            self.calls, self.n = self.calls + 1, self.n + n
+
+        def close(self):
+            self.closed = True
+
+    bar = Bar()
+    progress = _engine._Progress(bar)
+    for _ in range(10_000):  # well under a second
+        progress.update(3)
+    assert bar.calls <= 2
+    progress.close()
+    assert bar.n == 30_000 and bar.closed
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_repeated_ids_are_caught_for_dense_and_sparse_ids(dense):
+    """Ids 0..n-1 take the stamp path, spread-out ids the sorted one; both catch repeats."""
+    data = _data.dataset()
+    if dense:
+        data["id"] = np.arange(len(data["id"]), dtype=np.int64)[::-1].copy()
+    within = [{k: v[:4] for k, v in data.items()}]
+    within[0]["id"] = within[0]["id"][[0, 1, 0, 2]]
+    with pytest.raises(ValueError, match="within one batch"):
+        _table(within)
+    again = [*_data.batches(data, 16), {k: v[50:52] for k, v in data.items()}]
+    with pytest.raises(ValueError, match=r"arrived again.*repeats examples"):
+        _table(again)
+
+
+def test_ids_that_turn_sparse_midway_still_catch_a_repeat_of_an_early_id():
+    seen = _engine._SeenIds()
+    assert [len(x) for x in seen.add(np.arange(100, 200))] == [0, 0]
+    seen.add(np.array([10**12]))  # the range would be too sparse: sorted from here on
+    for start in range(300, 400, 10):
+        seen.add(np.arange(start, start + 10))
+    seen.add(np.array([150, 7]))
+    twice, again = seen.merge()
+    assert twice.tolist() == [] and again.tolist() == [150]
