@@ -74,7 +74,7 @@ def chunked_token_nll(
         memory is about ``(N + D) * chunk_size * 4`` bytes: one float32
         ``[N, chunk_size]`` block of logits and the chunk of ``W``. Default
         (``None``): the largest power of two (at least 512) whose working
-        memory fits :data:`CHUNK_BYTES` (16 MiB), e.g. 4096 columns for
+        memory fits ``flowjax.chunked_ce.CHUNK_BYTES`` (16 MiB), e.g. 4096 columns for
         ``N = 512, D = 128`` and 1024 for ``N = 2048``: at ``V = 128k``
         about 1/25 (forward) of the plain ``[N, V]`` logits and less below.
       mask: optional boolean ``[N]``; positions where it is False get NLL 0,
