@@ -155,12 +155,9 @@ def test_results_pages_show_every_committed_table_and_figure(tmp_path):
     assert table_rows and all(row in digits for row in table_rows)
     assert "\n### FLOW on digits" in digits  # the report's title, two levels down
     bench = (out / "results" / "benchmarks.md").read_text()
-    import json
-
-    prepass = json.loads((ROOT / "results" / "benchmarks" / "prepass.json").read_text())
-    for row in prepass["rows"]:
-        assert f"**{row['ratio']:.3f}**" in bench
-        assert f"{row['plain_examples_per_s']:,.0f}" in bench
+    suite = (ROOT / "results" / "benchmarks" / "suite.md").read_text()
+    rows = [line for line in suite.splitlines() if line.startswith("| pre-pass")]
+    assert rows and all(row in bench for row in rows)  # make bench's table, as written
 
 
 def test_a_new_result_shows_up_and_an_unknown_one_is_an_error(tmp_path):

@@ -171,7 +171,7 @@ def missing_entries(objects: set[str]) -> list[str]:
 # -- the experiment results -------------------------------------------------------------
 
 # Reports written by the experiments, in the order they are looked for.
-REPORTS = ("results.md", "summary.md")
+REPORTS = ("results.md", "summary.md", "suite.md")
 
 
 def _shift_headings(markdown: str, by: int = 1) -> str:

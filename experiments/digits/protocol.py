@@ -473,7 +473,7 @@ def pretraining_accuracy(finetuned: M.Net, pretrained: M.Net, task: Task) -> flo
 
 @functools.cache
 def _example_loss(graphdef: Any):
-    """``loss(arrays, example)``: eval-mode CE of ONE example (pre-pass, Fisher)."""
+    """``loss(arrays, example)``: eval-mode CE of ONE example (the per-example Fisher)."""
 
     def loss(arrays, example):
         params, stats = arrays
@@ -484,12 +484,31 @@ def _example_loss(graphdef: Any):
     return loss
 
 
+@functools.cache
+def _batch_losses(graphdef: Any):
+    """``losses(arrays, batch) -> [B]``: eval-mode CE of a batch (the pre-pass's fast form)."""
+
+    def losses(arrays, batch):
+        params, stats = arrays
+        model = M.merge(graphdef, params, stats, train=False)
+        return optax.softmax_cross_entropy_with_integer_labels(
+            model(batch["image"]), batch["label"]
+        )
+
+    return losses
+
+
 def example_losses(net: M.Net, task: Task, split: str) -> flowjax.LossTable:
-    """Eval-mode per-example CE of ``net`` on a split: ``flowjax.per_example_losses``."""
+    """Eval-mode per-example CE of ``net`` on a split: ``flowjax.per_example_losses``.
+
+    The batched form (``batched=True``): the model runs on the batch as it is written,
+    not vmapped over single examples; eval-mode BatchNorm keeps rows independent.
+    """
     return flowjax.per_example_losses(
-        _example_loss(net.graphdef),
+        _batch_losses(net.graphdef),
         net.arrays,
         task.batches(split, 128),
+        batched=True,
         progress=False,
     )
 

@@ -200,20 +200,30 @@ def prepass(
     kw = {"bucket_lengths": buckets, "batch_size": batch_size, "pad_id": pad_id}
     if chunked is None:
 
-        def logits_fn(st, tokens):  # one sequence [T] -> [T, V]
-            return nnx.merge(graphdef, *st)(tokens[None])[0]
+        def logits_fn(st, tokens):  # a batch [B, T] -> [B, T, V] (the fast form)
+            return nnx.merge(graphdef, *st)(tokens)
 
         if level == "sequence":
             table = flowjax.lm_sequence_losses(
-                logits_fn, state, examples, mesh=mesh, progress=False, **kw
+                logits_fn,
+                state,
+                examples,
+                mesh=mesh,
+                progress=False,
+                batched=True,
+                **kw,
             )
         else:
-            tl = flowjax.lm_token_losses(logits_fn, state, examples, **kw)
+            tl = flowjax.lm_token_losses(logits_fn, state, examples, batched=True, **kw)
     elif level == "sequence":
 
-        def seq_loss(st, ex):  # one example, for flowjax.per_example_losses
-            nll, m = nll_fn(st, ex["tokens"][None], ex["mask"][None])
-            return flowjax.sequence_nll(nll[0], m[0], on_empty="nan")
+        def seq_loss(
+            st, batch
+        ):  # a batch -> [B], flowjax.per_example_losses(batched=True)
+            nll, m = nll_fn(st, batch["tokens"], batch["mask"])
+            return jax.vmap(lambda n, k: flowjax.sequence_nll(n, k, on_empty="nan"))(
+                nll, m
+            )
 
         batches = list(flowjax.bucket_batches(examples, **kw))
         tables = [
@@ -221,6 +231,7 @@ def prepass(
                 seq_loss,
                 state,
                 [b for b in batches if b["tokens"].shape[1] == n],
+                batched=True,
                 mesh=mesh,
                 progress=False,
             )

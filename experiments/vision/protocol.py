@@ -244,15 +244,17 @@ def restore_task_parts(finetuned: Net, pretrained: Net, parts) -> Net:
 
 
 @functools.cache
-def _example_loss(graphdef: Any):
-    def loss(arrays, example):
+def _batch_losses(graphdef: Any):
+    """``losses(arrays, batch) -> [B]``: eval-mode CE of a batch (the pre-pass's fast form)."""
+
+    def losses(arrays, batch):
         params, stats = arrays
-        logits = merge(graphdef, params, stats, train=False)(example["image"][None])[0]
+        logits = merge(graphdef, params, stats, train=False)(batch["image"])
         return optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), example["label"]
+            logits.astype(jnp.float32), batch["label"]
         )
 
-    return loss
+    return losses
 
 
 def example_losses(
@@ -276,5 +278,9 @@ def example_losses(
         **dict(cfg.transform),
     )
     return flowjax.per_example_losses(
-        _example_loss(net.graphdef), (net.params, net.stats), data, progress=False
+        _batch_losses(net.graphdef),
+        (net.params, net.stats),
+        data,
+        batched=True,
+        progress=False,
     )
