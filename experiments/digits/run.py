@@ -110,8 +110,8 @@ Every fine-tuning stage is evaluated every ``curve_every`` epochs;
 ``retention.png`` draws those curves (target and pre-training accuracy against
 steps, per method, mean over seeds).
 
-Numbers the default command produced (10 seeds; 348 s wall, 237 s CPU on the
-2-core CPU shared with four other jobs; jax 0.10.2 / flax 0.12.8 / optax
+Numbers the default command produced (10 seeds; 213 s wall, 255 s CPU on the
+2-core CPU shared with three other jobs; jax 0.10.2 / flax 0.12.8 / optax
 0.2.8; ``results.json`` repeats byte for byte from run to run on one machine
 and package set). Accuracies in %, mean ± std over seeds; the pre-trained
 model scores 99.8 ± 0.3 on the 0-4 test split::
@@ -148,7 +148,8 @@ dropping them. An earlier package set picked 0.03 for EWC (98.4 ± 0.5
 average): the one-seed LR rule sits on a knife's edge for stiff
 regularisers. (The 0.1 driver of this experiment, with its own hand-written
 step, gave numbers within a seed's noise of these: the LR is now applied in
-float32 inside the optimiser.)
+float32 inside the optimiser. The pre-pass's batched form gives the same
+``results.json``, byte for byte, as the per-example form.)
 
 Adding a method is one function ``fit(run, lr) -> Net`` in
 :mod:`experiments.digits.methods` plus one ``Method`` entry in ``METHODS``, its
