@@ -89,3 +89,28 @@ def _set(cfg: Any, path: list[str], value: Any, assignment: str) -> Any:
     elif isinstance(value, list):
         value = tuple(value)
     return dataclasses.replace(cfg, **{path[0]: value})
+
+
+def with_dependencies(names, known, needs) -> list[str]:
+    """``names`` and, recursively, the methods they need, in the order of ``known``.
+
+    ``needs(name)`` gives the names a method builds on (its LR or its model).
+
+    Raises:
+      ValueError: a name not in ``known`` (the unknown ones and the known ones listed).
+
+    Example:
+      >>> with_dependencies(["C"], ["A", "B", "C"], {"C": ("A",)}.get)
+      ['A', 'C']
+    """
+    known = list(known)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {known}.")
+    need, todo = set(), list(names)
+    while todo:
+        n = todo.pop()
+        if n not in need:
+            need.add(n)
+            todo.extend(needs(n) or ())
+    return [n for n in known if n in need]

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 import flowjax
-from experiments import report
+from experiments import cli, report
 from experiments.digits import model as M
 from experiments.digits import protocol as P
 from experiments.digits.config import Config
@@ -554,13 +554,4 @@ def ordered(names) -> list[str]:
     Raises:
       ValueError: a name is not a method.
     """
-    unknown = set(names) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}.")
-    need, todo = set(), list(names)
-    while todo:
-        n = todo.pop()
-        if n not in need:
-            need.add(n)
-            todo.extend(METHODS[n].needs)
-    return [n for n in METHODS if n in need]
+    return cli.with_dependencies(names, METHODS, lambda n: METHODS[n].needs)

@@ -317,16 +317,8 @@ NO_LR = ("WiSE-FT", "FLOW + WiSE-FT")
 
 
 def ordered(names) -> list[str]:
-    unknown = sorted(set(names) - set(C.METHODS))
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {list(C.METHODS)}.")
-    need, todo = set(), list(names)
-    while todo:
-        n = todo.pop()
-        if n not in need:
-            need.add(n)
-            todo.extend(NEEDS.get(n, ()))
-    return [m for m in C.METHODS if m in need]
+    """``names`` and the methods they build on, in :data:`~experiments.vision.config.METHODS` order."""
+    return cli.with_dependencies(names, C.METHODS, NEEDS.get)
 
 
 def run(cfg: C.Config, workdir: Path, command: str | None = None) -> dict:
