@@ -172,6 +172,9 @@ SEPARATE = {
         "center_crop_box",
         "IMAGENET_MEAN",
         "IMAGENET_STD",
+        "ALPACA_TEMPLATE",
+        "metamathqa",
+        "sft_example",
     },
     "models": {
         "ARCHS",

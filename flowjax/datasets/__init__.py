@@ -14,7 +14,9 @@ dataset's own validation split) for choosing learning rates:
 * :func:`stanford_cars`: the images and the devkit's annotations;
 * :func:`stanford_dogs`: ``images.tar`` and ``lists.tar``;
 * :func:`imagenet_val`: the 50,000 validation images (for retention), in
-  the layouts users have.
+  the layouts users have;
+* :func:`metamathqa`: the LLM fine-tuning set, and :func:`sft_example`, the
+  official code's prompt (:data:`ALPACA_TEMPLATE`), EOS and prompt masking.
 
 :func:`image_batches` turns a source into batches of decoded, cropped,
 flipped and ImageNet-normalised NHWC images (torchvision's
@@ -48,6 +50,7 @@ from flowjax.datasets.cifar import cifar10, cifar100
 from flowjax.datasets.dogs import stanford_dogs
 from flowjax.datasets.flowers import flowers102
 from flowjax.datasets.imagenet import imagenet_val
+from flowjax.datasets.metamath import ALPACA_TEMPLATE, metamathqa, sft_example
 from flowjax.datasets.pipeline import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -58,6 +61,7 @@ from flowjax.datasets.pipeline import (
 )
 
 __all__ = [
+    "ALPACA_TEMPLATE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "VisionSource",
@@ -69,7 +73,9 @@ __all__ = [
     "image_batches",
     "image_transform",
     "imagenet_val",
+    "metamathqa",
     "random_resized_crop_box",
+    "sft_example",
     "stanford_cars",
     "stanford_dogs",
     "stratified_rows",
