@@ -46,7 +46,8 @@ downloads without TensorFlow, and the seeded, resumable image pipeline live in
 :mod:`flowjax.datasets` (``from flowjax import datasets``; it needs the
 ``data`` extra and is not imported by ``import flowjax``). Torchvision-exact
 ResNets and their weights loader live in :mod:`flowjax.models` (``import
-flowjax.models``; not imported by ``import flowjax`` either).
+flowjax.models``; not imported by ``import flowjax`` either), and the
+lm-evaluation-harness adapter in :mod:`flowjax.evaluation` (the ``eval`` extra).
 """
 
 # isort: off

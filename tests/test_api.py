@@ -11,6 +11,7 @@ import pytest
 
 import flowjax
 import flowjax.datasets
+import flowjax.evaluation
 import flowjax.models
 
 # The core, in reading order: pre-pass, tables, weights, objectives.
@@ -187,6 +188,7 @@ SEPARATE = {
         "task_parts",
         "torch_state_dict",
     },
+    "evaluation": {"harness_lm"},
 }
 
 
@@ -212,7 +214,8 @@ def test_import_flowjax_does_not_import_the_separate_namespaces():
 
     code = (
         "import sys, flowjax; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('PIL', 'safetensors') or m.startswith(('flowjax.datasets', 'flowjax.models'))))"
+        "('PIL', 'safetensors', 'lm_eval') or m.startswith(('flowjax.datasets', "
+        "'flowjax.models', 'flowjax.evaluation'))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

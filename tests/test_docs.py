@@ -44,6 +44,7 @@ def _entries(api: pathlib.Path) -> dict[str, set[str]]:
 def _public_objects() -> list[tuple[str, object]]:
     """Every public name a user can reach, flat or in a namespace, with its object."""
     import flowjax.datasets
+    import flowjax.evaluation
     import flowjax.models
     from flowjax import theory
 
@@ -52,7 +53,7 @@ def _public_objects() -> list[tuple[str, object]]:
         for n in flowjax.__all__
         if not isinstance(getattr(flowjax, n), types.ModuleType)
     ]
-    for ns in (theory, flowjax.datasets, flowjax.models):
+    for ns in (theory, flowjax.datasets, flowjax.models, flowjax.evaluation):
         short = ns.__name__.split(".")[-1]
         names += [(f"{short}.{n}", getattr(ns, n)) for n in ns.__all__]
     return names
@@ -68,6 +69,7 @@ def test_every_public_name_has_an_api_entry(tmp_path):
         "flowjax.theory",
         "flowjax.datasets",
         "flowjax.models",
+        "flowjax.evaluation",
     ]
     entries = _entries(tmp_path / "api")
     documented = {

@@ -750,6 +750,4 @@ def test_a_frozen_base_spread_over_the_mesh_keeps_its_sharding_other_inputs_are_
         timeout=180,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "base P(None, 'data') bias P()" in out.stdout, (
-        out.stdout
-    )
+    assert "base P(None, 'data') bias P()" in out.stdout, out.stdout

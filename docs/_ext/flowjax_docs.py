@@ -40,7 +40,7 @@ DOCS = ROOT / "docs"
 GENERATED = DOCS / "_generated"
 API = DOCS / "api"
 # Namespaces documented although not in flowjax.__all__ (imported on their own).
-EXTRA_NAMESPACES = ("theory", "datasets", "models")
+EXTRA_NAMESPACES = ("theory", "datasets", "models", "evaluation")
 
 
 # -- the API reference ------------------------------------------------------------------
