@@ -10,7 +10,8 @@ Every one composes with FLOW's weights (fine-tune on
 * function-space: LwF distillation (:func:`lwf_loss`, :func:`lwf_objective`);
 * weight averaging: WiSE-FT (:func:`wise_ft`, :func:`wise_ft_sweep`);
 * parameter-efficient and partial fine-tuning: LoRA (:func:`add_lora`,
-  :func:`merge_lora`), frozen parts (:func:`train_only`,
+  :func:`merge_lora`), bottleneck adapters (:func:`add_adapters`,
+  :func:`remove_adapters`, :class:`AdapterParam`), frozen parts (:func:`train_only`,
   :func:`trainable_mask`) and swapping task parts back
   (:func:`swap_task_parts`);
 * data: replay / DER (:class:`ReplayBuffer`, :func:`replay_batches`,
@@ -29,6 +30,13 @@ Example:
   >>> head_only = baselines.train_only(optax.sgd(0.1), nnx.PathContains("head"))
 """
 
+from flowjax.adapters import (
+    AdaptedLayer,
+    Adapter,
+    AdapterParam,
+    add_adapters,
+    remove_adapters,
+)
 from flowjax.averaging import WiseFTCurve, wise_ft, wise_ft_sweep
 from flowjax.distillation import lwf_loss, lwf_objective
 from flowjax.dro import dro_loss
@@ -50,11 +58,15 @@ from flowjax.replay import ReplayBuffer, der_loss, replay_batches
 from flowjax.weights import dro_weights
 
 __all__ = [
+    "AdaptedLayer",
+    "Adapter",
+    "AdapterParam",
     "EWCState",
     "L2SPState",
     "ReplayBuffer",
     "SIState",
     "WiseFTCurve",
+    "add_adapters",
     "add_lora",
     "der_loss",
     "diagonal_fisher",
@@ -67,6 +79,7 @@ __all__ = [
     "lwf_loss",
     "lwf_objective",
     "merge_lora",
+    "remove_adapters",
     "replay_batches",
     "si_consolidate",
     "swap_task_parts",

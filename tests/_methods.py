@@ -193,6 +193,7 @@ METHODS: list[Method] = [
         strength=5.0,
     ),
     Method("lora", lambda s, t0: _lora(t0), zero=None),
+    Method("adapters", lambda s, t0: _adapters(t0), zero=None),
     Method("lwf", lambda s, t0: _lwf(s, t0), strength=2.0),
     # Dynamic DRO has no strength that is plain fine-tuning (τ must be finite).
     Method(
@@ -248,6 +249,22 @@ def _lora(theta0) -> Recipe:
         return flowjax.weighted_loss(ce, b["weight"])
 
     return objective, plain_tx(), rest, lora
+
+
+def _adapters(theta0) -> Recipe:
+    """A bottleneck adapter after the output layer; only the AdapterParam trains."""
+    model = flowjax.add_adapters(
+        MLP(theta0), 2, rngs=nnx.Rngs(1), select=nnx.PathContains("l2")
+    )
+    graphdef, adapters, rest = nnx.split(model, flowjax.AdapterParam, ...)
+
+    def objective(adapter_params, frozen, b):
+        m = nnx.merge(graphdef, adapter_params, frozen)
+        z = m(b["x"]).astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(z, b["label"])
+        return flowjax.weighted_loss(ce, b["weight"])
+
+    return objective, plain_tx(), rest, adapters
 
 
 def _lwf(strength, theta0) -> Recipe:
