@@ -11,7 +11,9 @@ Every one composes with FLOW's weights (fine-tune on
 * weight averaging: WiSE-FT (:func:`wise_ft`, :func:`wise_ft_sweep`);
 * parameter-efficient and partial fine-tuning: LoRA (:func:`add_lora`,
   :func:`merge_lora`), bottleneck adapters (:func:`add_adapters`,
-  :func:`remove_adapters`, :class:`AdapterParam`), frozen parts (:func:`train_only`,
+  :func:`remove_adapters`, :class:`AdapterParam`), prompt and prefix tuning
+  (:class:`PromptTuning`, :class:`PrefixTuning`, :func:`prefix_attention`),
+  frozen parts (:func:`train_only`,
   :func:`trainable_mask`) and swapping task parts back
   (:func:`swap_task_parts`);
 * data: replay / DER (:class:`ReplayBuffer`, :func:`replay_batches`,
@@ -43,6 +45,13 @@ from flowjax.dro import dro_loss
 from flowjax.fisher import diagonal_fisher
 from flowjax.freezing import swap_task_parts, train_only, trainable_mask
 from flowjax.lora import add_lora, merge_lora
+from flowjax.prompts import (
+    PrefixParam,
+    PrefixTuning,
+    PromptParam,
+    PromptTuning,
+    prefix_attention,
+)
 from flowjax.regularizers import (
     EWCState,
     L2SPState,
@@ -63,6 +72,10 @@ __all__ = [
     "AdapterParam",
     "EWCState",
     "L2SPState",
+    "PrefixParam",
+    "PrefixTuning",
+    "PromptParam",
+    "PromptTuning",
     "ReplayBuffer",
     "SIState",
     "WiseFTCurve",
@@ -79,6 +92,7 @@ __all__ = [
     "lwf_loss",
     "lwf_objective",
     "merge_lora",
+    "prefix_attention",
     "remove_adapters",
     "replay_batches",
     "si_consolidate",
