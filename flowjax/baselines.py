@@ -16,6 +16,9 @@ Every one composes with FLOW's weights (fine-tune on
   frozen parts (:func:`train_only`,
   :func:`trainable_mask`) and swapping task parts back
   (:func:`swap_task_parts`);
+* architecture: PackNet (:func:`packnet_init`, :func:`packnet_prune`,
+  :func:`packnet_start_task`, :func:`packnet_updates`,
+  :func:`packnet_task_params`);
 * data: replay / DER (:class:`ReplayBuffer`, :func:`replay_batches`,
   :func:`der_loss`) and dynamic DRO (:func:`dro_loss`, :func:`dro_weights`).
 
@@ -45,6 +48,13 @@ from flowjax.dro import dro_loss
 from flowjax.fisher import diagonal_fisher
 from flowjax.freezing import swap_task_parts, train_only, trainable_mask
 from flowjax.lora import add_lora, merge_lora
+from flowjax.packnet import (
+    packnet_init,
+    packnet_prune,
+    packnet_start_task,
+    packnet_task_params,
+    packnet_updates,
+)
 from flowjax.prompts import (
     PrefixParam,
     PrefixTuning,
@@ -92,6 +102,11 @@ __all__ = [
     "lwf_loss",
     "lwf_objective",
     "merge_lora",
+    "packnet_init",
+    "packnet_prune",
+    "packnet_start_task",
+    "packnet_task_params",
+    "packnet_updates",
     "prefix_attention",
     "remove_adapters",
     "replay_batches",

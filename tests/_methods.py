@@ -194,6 +194,9 @@ METHODS: list[Method] = [
     ),
     Method("lora", lambda s, t0: _lora(t0), zero=None),
     Method("adapters", lambda s, t0: _adapters(t0), zero=None),
+    # PackNet on task 1: prune a fraction `strength` of each kernel, retrain the
+    # survivors (the pruned weights stay 0). strength 0 prunes nothing: plain.
+    Method("packnet", lambda s, t0: _packnet(s, t0), strength=0.5),
     Method("lwf", lambda s, t0: _lwf(s, t0), strength=2.0),
     # Dynamic DRO has no strength that is plain fine-tuning (τ must be finite).
     Method(
@@ -265,6 +268,13 @@ def _adapters(theta0) -> Recipe:
         return flowjax.weighted_loss(ce, b["weight"])
 
     return objective, plain_tx(), rest, adapters
+
+
+def _packnet(strength, theta0) -> Recipe:
+    owner = flowjax.packnet_init(theta0)
+    start, owner = flowjax.packnet_prune(theta0, owner, 1, keep=1.0 - strength)
+    tx = optax.chain(plain_tx(), flowjax.packnet_updates(owner, 1))
+    return plain_objective, tx, None, start
 
 
 def _lwf(strength, theta0) -> Recipe:
