@@ -74,6 +74,11 @@ def packnet_init(params: Params, *, prunable: Selection = None) -> PyTree:
     Returns:
       int32 arrays of ones with ``params``' structure and shapes.
 
+    Raises:
+      TypeError: ``prunable`` is not a selection (or a type filter on a
+        plain pytree of arrays).
+      ValueError: a mask ``prunable`` does not match ``params``' structure.
+
     Example:
       >>> import jax.numpy as jnp, flowjax
       >>> flowjax.packnet_init({"w": jnp.ones((2, 2)), "b": jnp.ones(2)})["b"]
