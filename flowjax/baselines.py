@@ -18,7 +18,8 @@ Every one composes with FLOW's weights (fine-tune on
   (:func:`swap_task_parts`);
 * architecture: PackNet (:func:`packnet_init`, :func:`packnet_prune`,
   :func:`packnet_start_task`, :func:`packnet_updates`,
-  :func:`packnet_task_params`);
+  :func:`packnet_task_params`) and progressive networks
+  (:class:`ProgressiveMLP`);
 * data: replay / DER (:class:`ReplayBuffer`, :func:`replay_batches`,
   :func:`der_loss`) and dynamic DRO (:func:`dro_loss`, :func:`dro_weights`).
 
@@ -55,6 +56,7 @@ from flowjax.packnet import (
     packnet_task_params,
     packnet_updates,
 )
+from flowjax.progressive import ProgressiveMLP
 from flowjax.prompts import (
     PrefixParam,
     PrefixTuning,
@@ -84,6 +86,7 @@ __all__ = [
     "L2SPState",
     "PrefixParam",
     "PrefixTuning",
+    "ProgressiveMLP",
     "PromptParam",
     "PromptTuning",
     "ReplayBuffer",

@@ -37,6 +37,7 @@ NAMESPACES = {
         "packnet_prune",
         "packnet_updates",
         "packnet_task_params",
+        "ProgressiveMLP",
         "ReplayBuffer",
         "der_loss",
         "dro_loss",
