@@ -54,24 +54,17 @@ __all__ = [
 
 
 class PromptParam(nnx.Param):
-    """The Variable type of prompt-tuning embeddings (a subclass of ``nnx.Param``).
+    """The Variable type of the soft prompt :math:`P` of :class:`PromptTuning` (an ``nnx.Param``).
 
-    Example:
-      >>> import jax.numpy as jnp, flowjax
-      >>> from flax import nnx
-      >>> isinstance(flowjax.PromptParam(jnp.zeros(2)), nnx.Param)
-      True
+    Train only the prompt with ``flowjax.train_only(tx, flowjax.PromptParam)``.
     """
 
 
 class PrefixParam(nnx.Param):
-    """The Variable type of prefix-tuning keys and values (a subclass of ``nnx.Param``).
+    """The Variable type of :class:`PrefixTuning`'s per-layer keys and values (an ``nnx.Param``).
 
-    Example:
-      >>> import jax.numpy as jnp, flowjax
-      >>> from flax import nnx
-      >>> isinstance(flowjax.PrefixParam(jnp.zeros(2)), nnx.Param)
-      True
+    Its array is ``(num_layers, 2, L, num_heads, head_dim)``; select it with
+    ``flowjax.train_only(tx, flowjax.PrefixParam)``.
     """
 
 

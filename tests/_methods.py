@@ -241,17 +241,23 @@ class MLP(nnx.Module):
         return self.l2(jnp.tanh(self.l1(x.astype(self.l1.kernel.dtype))))
 
 
-def _lora(theta0) -> Recipe:
-    model = flowjax.add_lora(MLP(theta0), 2, rngs=nnx.Rngs(1))
-    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+def _frozen_base(model, trained) -> Recipe:
+    """Trains only the ``trained`` Variables of ``model``; the rest is the frozen argument."""
+    graphdef, start, rest = nnx.split(model, trained, ...)
 
-    def objective(lora_params, frozen, b):
-        m = nnx.merge(graphdef, lora_params, frozen)
+    def objective(trained_params, frozen, b):
+        m = nnx.merge(graphdef, trained_params, frozen)
         z = m(b["x"]).astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(z, b["label"])
         return flowjax.weighted_loss(ce, b["weight"])
 
-    return objective, plain_tx(), rest, lora
+    return objective, plain_tx(), rest, start
+
+
+def _lora(theta0) -> Recipe:
+    return _frozen_base(
+        flowjax.add_lora(MLP(theta0), 2, rngs=nnx.Rngs(1)), nnx.LoRAParam
+    )
 
 
 def _adapters(theta0) -> Recipe:
@@ -259,15 +265,7 @@ def _adapters(theta0) -> Recipe:
     model = flowjax.add_adapters(
         MLP(theta0), 2, rngs=nnx.Rngs(1), select=nnx.PathContains("l2")
     )
-    graphdef, adapters, rest = nnx.split(model, flowjax.AdapterParam, ...)
-
-    def objective(adapter_params, frozen, b):
-        m = nnx.merge(graphdef, adapter_params, frozen)
-        z = m(b["x"]).astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(z, b["label"])
-        return flowjax.weighted_loss(ce, b["weight"])
-
-    return objective, plain_tx(), rest, adapters
+    return _frozen_base(model, flowjax.AdapterParam)
 
 
 def _packnet(strength, theta0) -> Recipe:

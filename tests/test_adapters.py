@@ -191,3 +191,16 @@ def test_tied_layers_are_refused():
 
     with pytest.raises(ValueError, match="tied"):
         flowjax.add_adapters(Tied(), 2, rngs=nnx.Rngs(1), select=nnx.PathContains("a"))
+
+
+def test_remove_adapters_refuses_a_standalone_adapter():
+    class Mixed(nnx.Module):
+        def __init__(self):
+            self.lin = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+            self.extra = flowjax.Adapter(3, 2, rngs=nnx.Rngs(1))
+
+    model = flowjax.add_adapters(
+        Mixed(), 2, rngs=nnx.Rngs(2), select=nnx.PathContains("lin")
+    )
+    with pytest.raises(ValueError, match=r"standalone flowjax\.Adapter.*\('extra',\)"):
+        flowjax.remove_adapters(model)
