@@ -67,15 +67,19 @@ def _prefix(model, length, seed=1):
     )
 
 
+@nnx.jit
+def _apply(model, x):
+    return model(x)
+
+
 def test_zero_length_prompt_and_prefix_equal_the_base_bit_for_bit():
     base, x = TinyTransformer(nnx.Rngs(0)), _tokens()
-    want = np.asarray(base(x))
-    np.testing.assert_array_equal(
-        flowjax.PromptTuning(base, 0, D, rngs=nnx.Rngs(1))(x), want
-    )
-    np.testing.assert_array_equal(_prefix(base, 0)(x), want)
-    assert _prefix(base, 3)(x).shape == want.shape
-    assert not np.allclose(_prefix(base, 3)(x), want)
+    want = np.asarray(_apply(base, x))
+    empty_prompt = flowjax.PromptTuning(base, 0, D, rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(_apply(empty_prompt, x), want)
+    np.testing.assert_array_equal(_apply(_prefix(base, 0), x), want)
+    got = np.asarray(_apply(_prefix(base, 3), x))
+    assert got.shape == want.shape and not np.allclose(got, want)
 
 
 def _np_attention(q, k, v, pk, pv):
