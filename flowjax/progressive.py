@@ -22,26 +22,26 @@ from __future__ import annotations
 import itertools
 import numbers
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ["ProgressiveMLP"]
 
 
 class _Column(nnx.Module):
-    def __init__(self, features, earlier: int, rngs):
+    def __init__(self, features, earlier: int, rngs, dtype, param_dtype):
+        kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
         self.layers = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(features)]
+            [nnx.Linear(a, b, **kw) for a, b in itertools.pairwise(features)]
         )
         # laterals[i - 1][j]: U_i^(k:j), from column j's h_{i-1} to this column's layer i.
         self.laterals = nnx.List(
             [
                 nnx.List(
-                    [
-                        nnx.Linear(a, b, use_bias=False, rngs=rngs)
-                        for _ in range(earlier)
-                    ]
+                    [nnx.Linear(a, b, use_bias=False, **kw) for _ in range(earlier)]
                 )
                 for a, b in itertools.pairwise(features[1:])
             ]
@@ -60,6 +60,8 @@ class ProgressiveMLP(nnx.Module):
         same for every column.
       rngs: random streams for the first column.
       activation: :math:`f` (default ``nnx.relu``).
+      dtype: the layers' computation dtype (``nnx.Linear``'s ``dtype``).
+      param_dtype: the dtype of every weight.
 
     Raises:
       ValueError: fewer than two widths, or a width that is not a positive
@@ -81,6 +83,8 @@ class ProgressiveMLP(nnx.Module):
         *,
         rngs: nnx.Rngs,
         activation: Callable[[jax.Array], jax.Array] = nnx.relu,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
     ):
         features = list(features)
         if len(features) < 2 or any(
@@ -92,7 +96,11 @@ class ProgressiveMLP(nnx.Module):
             )
         self.features = tuple(int(f) for f in features)
         self.activation = activation
-        self.columns = nnx.List([_Column(self.features, 0, rngs)])
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.columns = nnx.List([self._column(0, rngs)])
+
+    def _column(self, earlier: int, rngs: nnx.Rngs) -> _Column:
+        return _Column(self.features, earlier, rngs, self.dtype, self.param_dtype)
 
     @property
     def num_columns(self) -> int:
@@ -121,7 +129,7 @@ class ProgressiveMLP(nnx.Module):
         """
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"rngs must be an nnx.Rngs; got {type(rngs).__name__}.")
-        self.columns.append(_Column(self.features, len(self.columns), rngs))
+        self.columns.append(self._column(len(self.columns), rngs))
 
     def column_filter(self, task: int):
         """The NNX filter selecting column ``task``'s parameters (layers and laterals).

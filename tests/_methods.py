@@ -196,6 +196,8 @@ METHODS: list[Method] = [
     Method("adapters", lambda s, t0: _adapters(t0), zero=None),
     # PackNet on task 1: prune a fraction `strength` of each kernel, retrain the
     # survivors (the pruned weights stay 0). strength 0 prunes nothing: plain.
+    # A progressive network: column 0 holds θ₀ (frozen), column 1 trains.
+    Method("progressive", lambda s, t0: _progressive(t0), zero=None),
     Method("packnet", lambda s, t0: _packnet(s, t0), strength=0.5),
     Method("lwf", lambda s, t0: _lwf(s, t0), strength=2.0),
     # Dynamic DRO has no strength that is plain fine-tuning (τ must be finite).
@@ -266,6 +268,31 @@ def _adapters(theta0) -> Recipe:
         MLP(theta0), 2, rngs=nnx.Rngs(1), select=nnx.PathContains("l2")
     )
     return _frozen_base(model, flowjax.AdapterParam)
+
+
+def _progressive(theta0) -> Recipe:
+    dtype = theta0["w1"].dtype
+    model = flowjax.ProgressiveMLP(
+        [DIM, HIDDEN, CLASSES],
+        rngs=nnx.Rngs(0),
+        activation=jnp.tanh,
+        dtype=dtype,
+        param_dtype=dtype,
+    )
+    first = model.columns[0].layers
+    for layer, w, b in ((first[0], "w1", "b1"), (first[1], "w2", "b2")):
+        layer.kernel[...] = theta0[w]
+        layer.bias[...] = theta0[b]
+    model.add_column(nnx.Rngs(1))
+    graphdef, column, rest = nnx.split(model, model.column_filter(1), ...)
+
+    def objective(column_params, frozen, b):
+        m = nnx.merge(graphdef, column_params, frozen)
+        z = m(b["x"].astype(dtype), 1).astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(z, b["label"])
+        return flowjax.weighted_loss(ce, b["weight"])
+
+    return objective, plain_tx(), rest, column
 
 
 def _packnet(strength, theta0) -> Recipe:
