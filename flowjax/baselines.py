@@ -10,9 +10,16 @@ Every one composes with FLOW's weights (fine-tune on
 * function-space: LwF distillation (:func:`lwf_loss`, :func:`lwf_objective`);
 * weight averaging: WiSE-FT (:func:`wise_ft`, :func:`wise_ft_sweep`);
 * parameter-efficient and partial fine-tuning: LoRA (:func:`add_lora`,
-  :func:`merge_lora`), frozen parts (:func:`train_only`,
+  :func:`merge_lora`), bottleneck adapters (:func:`add_adapters`,
+  :func:`remove_adapters`, :class:`AdapterParam`), prompt and prefix tuning
+  (:class:`PromptTuning`, :class:`PrefixTuning`, :func:`prefix_attention`),
+  frozen parts (:func:`train_only`,
   :func:`trainable_mask`) and swapping task parts back
   (:func:`swap_task_parts`);
+* architecture: PackNet (:func:`packnet_init`, :func:`packnet_prune`,
+  :func:`packnet_start_task`, :func:`packnet_updates`,
+  :func:`packnet_task_params`) and progressive networks
+  (:class:`ProgressiveMLP`);
 * data: replay / DER (:class:`ReplayBuffer`, :func:`replay_batches`,
   :func:`der_loss`) and dynamic DRO (:func:`dro_loss`, :func:`dro_weights`).
 
@@ -29,12 +36,34 @@ Example:
   >>> head_only = baselines.train_only(optax.sgd(0.1), nnx.PathContains("head"))
 """
 
+from flowjax.adapters import (
+    AdaptedLayer,
+    Adapter,
+    AdapterParam,
+    add_adapters,
+    remove_adapters,
+)
 from flowjax.averaging import WiseFTCurve, wise_ft, wise_ft_sweep
 from flowjax.distillation import lwf_loss, lwf_objective
 from flowjax.dro import dro_loss
 from flowjax.fisher import diagonal_fisher
 from flowjax.freezing import swap_task_parts, train_only, trainable_mask
 from flowjax.lora import add_lora, merge_lora
+from flowjax.packnet import (
+    packnet_init,
+    packnet_prune,
+    packnet_start_task,
+    packnet_task_params,
+    packnet_updates,
+)
+from flowjax.progressive import ProgressiveMLP
+from flowjax.prompts import (
+    PrefixParam,
+    PrefixTuning,
+    PromptParam,
+    PromptTuning,
+    prefix_attention,
+)
 from flowjax.regularizers import (
     EWCState,
     L2SPState,
@@ -50,11 +79,20 @@ from flowjax.replay import ReplayBuffer, der_loss, replay_batches
 from flowjax.weights import dro_weights
 
 __all__ = [
+    "AdaptedLayer",
+    "Adapter",
+    "AdapterParam",
     "EWCState",
     "L2SPState",
+    "PrefixParam",
+    "PrefixTuning",
+    "ProgressiveMLP",
+    "PromptParam",
+    "PromptTuning",
     "ReplayBuffer",
     "SIState",
     "WiseFTCurve",
+    "add_adapters",
     "add_lora",
     "der_loss",
     "diagonal_fisher",
@@ -67,6 +105,13 @@ __all__ = [
     "lwf_loss",
     "lwf_objective",
     "merge_lora",
+    "packnet_init",
+    "packnet_prune",
+    "packnet_start_task",
+    "packnet_task_params",
+    "packnet_updates",
+    "prefix_attention",
+    "remove_adapters",
     "replay_batches",
     "si_consolidate",
     "swap_task_parts",

@@ -193,6 +193,12 @@ METHODS: list[Method] = [
         strength=5.0,
     ),
     Method("lora", lambda s, t0: _lora(t0), zero=None),
+    Method("adapters", lambda s, t0: _adapters(t0), zero=None),
+    # PackNet on task 1: prune a fraction `strength` of each kernel, retrain the
+    # survivors (the pruned weights stay 0). strength 0 prunes nothing: plain.
+    # A progressive network: column 0 holds θ₀ (frozen), column 1 trains.
+    Method("progressive", lambda s, t0: _progressive(t0), zero=None),
+    Method("packnet", lambda s, t0: _packnet(s, t0), strength=0.5),
     Method("lwf", lambda s, t0: _lwf(s, t0), strength=2.0),
     # Dynamic DRO has no strength that is plain fine-tuning (τ must be finite).
     Method(
@@ -237,17 +243,63 @@ class MLP(nnx.Module):
         return self.l2(jnp.tanh(self.l1(x.astype(self.l1.kernel.dtype))))
 
 
-def _lora(theta0) -> Recipe:
-    model = flowjax.add_lora(MLP(theta0), 2, rngs=nnx.Rngs(1))
-    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+def _frozen_base(model, trained) -> Recipe:
+    """Trains only the ``trained`` Variables of ``model``; the rest is the frozen argument."""
+    graphdef, start, rest = nnx.split(model, trained, ...)
 
-    def objective(lora_params, frozen, b):
-        m = nnx.merge(graphdef, lora_params, frozen)
+    def objective(trained_params, frozen, b):
+        m = nnx.merge(graphdef, trained_params, frozen)
         z = m(b["x"]).astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(z, b["label"])
         return flowjax.weighted_loss(ce, b["weight"])
 
-    return objective, plain_tx(), rest, lora
+    return objective, plain_tx(), rest, start
+
+
+def _lora(theta0) -> Recipe:
+    return _frozen_base(
+        flowjax.add_lora(MLP(theta0), 2, rngs=nnx.Rngs(1)), nnx.LoRAParam
+    )
+
+
+def _adapters(theta0) -> Recipe:
+    """A bottleneck adapter after the output layer; only the AdapterParam trains."""
+    model = flowjax.add_adapters(
+        MLP(theta0), 2, rngs=nnx.Rngs(1), select=nnx.PathContains("l2")
+    )
+    return _frozen_base(model, flowjax.AdapterParam)
+
+
+def _progressive(theta0) -> Recipe:
+    dtype = theta0["w1"].dtype
+    model = flowjax.ProgressiveMLP(
+        [DIM, HIDDEN, CLASSES],
+        rngs=nnx.Rngs(0),
+        activation=jnp.tanh,
+        dtype=dtype,
+        param_dtype=dtype,
+    )
+    first = model.columns[0].layers
+    for layer, w, b in ((first[0], "w1", "b1"), (first[1], "w2", "b2")):
+        layer.kernel[...] = theta0[w]
+        layer.bias[...] = theta0[b]
+    model.add_column(nnx.Rngs(1))
+    graphdef, column, rest = nnx.split(model, model.column_filter(1), ...)
+
+    def objective(column_params, frozen, b):
+        m = nnx.merge(graphdef, column_params, frozen)
+        z = m(b["x"].astype(dtype), 1).astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(z, b["label"])
+        return flowjax.weighted_loss(ce, b["weight"])
+
+    return objective, plain_tx(), rest, column
+
+
+def _packnet(strength, theta0) -> Recipe:
+    owner = flowjax.packnet_init(theta0)
+    start, owner = flowjax.packnet_prune(theta0, owner, 1, keep=1.0 - strength)
+    tx = optax.chain(plain_tx(), flowjax.packnet_updates(owner, 1))
+    return plain_objective, tx, None, start
 
 
 def _lwf(strength, theta0) -> Recipe:
