@@ -182,7 +182,7 @@ class PromptTuning(nnx.Module):
 
     Args:
       model: a sequence model with ``embed`` and ``from_embeddings`` (see
-        :mod:`flowjax.prompts`). It is held, not copied.
+        ``flowjax.prompts``). It is held, not copied.
       length: :math:`L \\ge 0`, the number of soft-prompt tokens.
       features: :math:`d`, the embedding width.
       rngs: random streams; ``rngs.params()`` draws :math:`P` when ``init``
@@ -269,7 +269,7 @@ class PrefixTuning(nnx.Module):
 
     Args:
       model: a sequence model with ``embed`` and ``from_embeddings(h, *,
-        prefixes)`` (see :mod:`flowjax.prompts`). It is held, not copied.
+        prefixes)`` (see ``flowjax.prompts``). It is held, not copied.
       length: :math:`L \\ge 0`.
       num_layers: :math:`N`, the number of attention layers.
       num_heads: :math:`H`.
