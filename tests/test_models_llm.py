@@ -141,7 +141,7 @@ def test_bad_checkpoints_give_errors_naming_the_problem(tmp_path):
     safetensors.numpy.save_file(bad, d / "model.safetensors")
     with pytest.raises(
         ValueError,
-        match=r"model\.layers\.0\.mlp\.up_proj\.weight \(3, 3\) \(expected \(48, 32\)\)",
+        match=r"model\.layers\.0\.mlp\.up_proj\.weight \(3, 3\) \(expected \(24, 16\)\)",
     ):
         fm.load_causal_lm(d)
 
