@@ -47,6 +47,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from flowjax.models.convert import _list
+
 __all__ = ["CausalLM", "LMConfig", "default_partition_spec", "load_causal_lm"]
 
 MODEL_TYPES = ("llama", "gemma2")
@@ -501,12 +503,6 @@ def _open(path: str):
         for key in handles[fname].keys():
             where[key] = fname
     return handles, where
-
-
-def _list(names, n: int = 10) -> str:
-    names = sorted(names)
-    more = f" … and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
 
 
 def load_causal_lm(
