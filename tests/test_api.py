@@ -184,6 +184,7 @@ SEPARATE = {
         "default_partition_spec",
         "load_causal_lm",
         "load_resnet",
+        "load_tokenizer",
         "resnet",
         "task_parts",
         "torch_state_dict",

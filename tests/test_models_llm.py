@@ -172,3 +172,14 @@ def test_bad_checkpoints_give_errors_naming_the_problem(tmp_path):
     os.remove(g / "model-00002-of-00002.safetensors")
     with pytest.raises(ValueError, match=r"model-00002-of-00002\.safetensors"):
         fm.load_causal_lm(g)
+
+
+def test_tokenizer_gives_transformers_ids_and_round_trips():
+    tok = fm.load_tokenizer(os.path.join(FIX, "tokenizer"))
+    with open(os.path.join(FIX, "tokenizer_expected.json")) as f:
+        want = json.load(f)
+    for text, ids in zip(want["texts"], want["ids"], strict=True):
+        got = tok.encode(text).ids
+        assert got == ids, text
+        assert got[0] == tok.token_to_id("<bos>")
+        assert tok.decode(got, skip_special_tokens=True) == text

@@ -16,7 +16,8 @@ torchvision ``.safetensors`` weights without torch:
 
 Language models (paper Table 2): :func:`load_causal_lm` reads Hugging Face
 Llama 3.x / Gemma 2 checkpoints into a :class:`CausalLM` (its
-:class:`LMConfig`), sharded on load by :func:`default_partition_spec`.
+:class:`LMConfig`), sharded on load by :func:`default_partition_spec`;
+:func:`load_tokenizer` reads its ``tokenizer.json``.
 
 The paper's weights are timm's ``resnet18.tv_in1k`` and ``resnet50.ram_in1k``.
 Models take NHWC images, keep float32 parameters and compute in ``dtype``
@@ -41,6 +42,7 @@ from flowjax.models.llm import (
     LMConfig,
     default_partition_spec,
     load_causal_lm,
+    load_tokenizer,
 )
 from flowjax.models.resnets import (
     ARCHS,
@@ -63,6 +65,7 @@ __all__ = [
     "default_partition_spec",
     "load_causal_lm",
     "load_resnet",
+    "load_tokenizer",
     "resnet",
     "task_parts",
     "torch_state_dict",

@@ -49,7 +49,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from flowjax.models.convert import _list
 
-__all__ = ["CausalLM", "LMConfig", "default_partition_spec", "load_causal_lm"]
+__all__ = [
+    "CausalLM",
+    "LMConfig",
+    "default_partition_spec",
+    "load_causal_lm",
+    "load_tokenizer",
+]
 
 MODEL_TYPES = ("llama", "gemma2")
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -611,3 +617,41 @@ def load_causal_lm(
             spec = rule(name, a.shape, mesh)
             leaves.append((p, v.replace(jax.device_put(a, NamedSharding(mesh, spec)))))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The ``tokenizers.Tokenizer`` of a Hugging Face directory's ``tokenizer.json`` (no transformers).
+
+    ``tok.encode(text).ids`` gives the ids transformers' fast tokenizer gives
+    (the file's post-processor adds the BOS token as the checkpoint's does);
+    ``tok.decode(ids, skip_special_tokens=True)`` inverts it.
+
+    Args:
+      path: the checkpoint directory (or the ``tokenizer.json`` file itself).
+
+    Returns:
+      The ``tokenizers.Tokenizer``.
+
+    Raises:
+      ValueError: no ``tokenizer.json`` at ``path``.
+      ImportError: ``tokenizers`` is not installed.
+
+    Example:
+      >>> from flowjax.models import load_tokenizer
+      >>> load_tokenizer("/nonexistent")
+      Traceback (most recent call last):
+      ...
+      ValueError: no tokenizer.json at '/nonexistent'.
+    """
+    path = os.fspath(path)
+    file = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise ValueError(f"no tokenizer.json at {path!r}.")
+    try:
+        import tokenizers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "load_tokenizer reads tokenizer.json with the tokenizers package: "
+            "pip install 'flowjax-ft[models]' (or tokenizers)."
+        ) from e
+    return tokenizers.Tokenizer.from_file(file)
