@@ -6,6 +6,7 @@ safetensors shards) are written by tests/fixtures/make_llm_fixtures.py with
 torch and transformers, which the tests never need.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+from flax import nnx
 
 import flowjax
 import flowjax.models as fm
@@ -65,17 +67,21 @@ def test_configs_are_the_families_features():
     )
     assert gemma.config.final_logit_softcapping == 3.0
     # without the llama3 scaling the logits are wrong (what tunix's Llama gets)
-    import dataclasses
-
     plain = fm.CausalLM(
         dataclasses.replace(llama.config, rope_scaling=None),
-        rngs=__import__("flax").nnx.Rngs(0),
+        rngs=nnx.Rngs(0),
     )
-    from flax import nnx
-
     nnx.update(plain, nnx.state(llama))
     _, e = _load("llama3")
     assert _rel(plain(e["ids"]), e["logits"]) > 1e-3
+    # Gemma 2 without its sliding window, or without the attention soft-cap, is wrong too
+    _, e = _load("gemma2")
+    for change in ({"sliding_window": None}, {"attn_logit_softcapping": None}):
+        other = fm.CausalLM(
+            dataclasses.replace(gemma.config, **change), rngs=nnx.Rngs(0)
+        )
+        nnx.update(other, nnx.state(gemma))
+        assert _rel(other(e["ids"]), e["logits"]) > 1e-3, change
 
 
 @pytest.mark.parametrize("name", NAMES)
