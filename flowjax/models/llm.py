@@ -35,6 +35,7 @@ unsharded on that axis.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -480,14 +481,18 @@ def _hf_name(path) -> str:
     return prefix + ".".join([*module, _LEAF[leaf]])
 
 
-def _open(path: str):
+def _require(package: str, who: str):
     try:
-        from safetensors import safe_open
+        return importlib.import_module(package)
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "load_causal_lm reads .safetensors with the safetensors package: "
-            "pip install 'flowjax-ft[models]' (or safetensors)."
+            f"{who} needs the {package} package: pip install 'flowjax-ft[models]' "
+            f"(or {package})."
         ) from e
+
+
+def _open(path: str):
+    safe_open = _require("safetensors", "load_causal_lm").safe_open
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -647,11 +652,5 @@ def load_tokenizer(path: str | os.PathLike):
     file = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
         raise ValueError(f"no tokenizer.json at {path!r}.")
-    try:
-        import tokenizers
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "load_tokenizer reads tokenizer.json with the tokenizers package: "
-            "pip install 'flowjax-ft[models]' (or tokenizers)."
-        ) from e
+    tokenizers = _require("tokenizers", "load_tokenizer")
     return tokenizers.Tokenizer.from_file(file)
