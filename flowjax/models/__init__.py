@@ -14,6 +14,11 @@ torchvision ``.safetensors`` weights without torch:
   :func:`flowjax.swap_task_parts` takes to put the pre-trained parts back for
   the ImageNet retention metric.
 
+Language models (paper Table 2): :func:`load_causal_lm` reads Hugging Face
+Llama 3.x / Gemma 2 checkpoints into a :class:`CausalLM` (its
+:class:`LMConfig`), sharded on load by :func:`default_partition_spec`;
+:func:`load_tokenizer` reads its ``tokenizer.json``.
+
 The paper's weights are timm's ``resnet18.tv_in1k`` and ``resnet50.ram_in1k``.
 Models take NHWC images, keep float32 parameters and compute in ``dtype``
 (``jnp.bfloat16`` on accelerators); ``model.eval()`` / ``model.train()``
@@ -32,6 +37,13 @@ Example:
 """
 
 from flowjax.models.convert import load_resnet, torch_state_dict
+from flowjax.models.llm import (
+    CausalLM,
+    LMConfig,
+    default_partition_spec,
+    load_causal_lm,
+    load_tokenizer,
+)
 from flowjax.models.resnets import (
     ARCHS,
     BasicBlock,
@@ -47,8 +59,13 @@ __all__ = [
     "BasicBlock",
     "BatchNorm",
     "Bottleneck",
+    "CausalLM",
+    "LMConfig",
     "ResNet",
+    "default_partition_spec",
+    "load_causal_lm",
     "load_resnet",
+    "load_tokenizer",
     "resnet",
     "task_parts",
     "torch_state_dict",

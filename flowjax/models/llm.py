@@ -1,0 +1,656 @@
+"""Llama 3.x and Gemma 2 causal language models in Flax NNX, loaded from Hugging Face checkpoints.
+
+Written here rather than wrapped from google-tunix: tunix's Llama 3 ignores the
+configured ``rope_theta`` and has no ``llama3`` rope scaling (Llama 3.1 / 3.2
+logits come out wrong), it pins ``jax<0.11.1`` and pulls about 100 packages.
+The two families are small; this module implements them from the published
+architecture and is tested against Hugging Face transformers' logits on tiny
+random checkpoints (``tests/fixtures/make_llm_fixtures.py``).
+
+Module and parameter names follow the checkpoint's: the NNX path
+``layers / 3 / self_attn / q_proj / kernel`` is the tensor
+``model.layers.3.self_attn.q_proj.weight`` (transposed: NNX kernels are
+``(in, out)``, torch's ``(out, in)``); norms' ``scale`` and the embedding
+table ``embed_tokens / embedding`` keep the checkpoint's layout; an untied
+head ``lm_head / embedding`` is ``lm_head.weight`` as stored, ``[V, D]``.
+
+Sharding (``mesh`` with axes ``('data', 'model')``), by default
+(:func:`default_partition_spec`): FSDP over ``'data'`` and Megatron tensor
+parallelism over ``'model'`` at once,
+
+==================================  ======================
+parameter (NNX layout)              PartitionSpec
+==================================  ======================
+q/k/v, gate/up kernels ``(D, F)``   ``('data', 'model')``
+o, down kernels ``(F, D)``          ``('model', 'data')``
+embedding / head ``(V, D)``         ``('model', 'data')``
+norm scales ``(D,)``                replicated
+==================================  ======================
+
+so a ``(n, 1)`` mesh is pure FSDP and a ``(1, n)`` mesh pure tensor
+parallelism. A dimension that the mesh axis does not divide is left
+unsharded on that axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from flowjax.models.convert import _list
+
+__all__ = [
+    "CausalLM",
+    "LMConfig",
+    "default_partition_spec",
+    "load_causal_lm",
+    "load_tokenizer",
+]
+
+MODEL_TYPES = ("llama", "gemma2")
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """The architecture of a Llama 3.x or Gemma 2 model (the fields of HF's ``config.json``).
+
+    Build it with :meth:`from_hf` from a ``config.json`` dict; the field names
+    are Hugging Face's. ``rope_scaling`` is ``None`` or the ``llama3`` rule's
+    ``(factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings)``; ``sliding_layers`` marks the layers
+    with sliding-window attention (Gemma 2: the even ones).
+
+    Example:
+      >>> from flowjax.models import LMConfig
+      >>> cfg = LMConfig.from_hf({"model_type": "llama", "vocab_size": 32,
+      ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+      ...     "num_attention_heads": 4, "num_key_value_heads": 2})
+      >>> cfg.head_dim, cfg.rope_theta, cfg.tie_word_embeddings
+      (4, 10000.0, False)
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[float, float, float, int] | None = None
+    tie_word_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any]) -> LMConfig:
+        """The :class:`LMConfig` of a Hugging Face ``config.json`` dict.
+
+        Reads the rope settings from ``rope_theta`` / ``rope_scaling`` (the
+        published checkpoints) or ``rope_parameters`` (transformers >= 5).
+
+        Args:
+          cfg: the parsed ``config.json``.
+
+        Returns:
+          The config.
+
+        Raises:
+          ValueError: an unknown ``model_type``, a missing field, a rope
+            scaling other than ``llama3``, biases in attention or MLP, an
+            activation other than the family's.
+
+        Example:
+          >>> from flowjax.models import LMConfig
+          >>> LMConfig.from_hf({"model_type": "gpt2"})
+          Traceback (most recent call last):
+          ...
+          ValueError: unknown model_type 'gpt2': load_causal_lm reads ('llama', 'gemma2').
+        """
+        kind = cfg.get("model_type")
+        if kind not in MODEL_TYPES:
+            raise ValueError(
+                f"unknown model_type {kind!r}: load_causal_lm reads {MODEL_TYPES}."
+            )
+        need = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
+        missing = [k for k in need if k not in cfg]
+        if missing:
+            raise ValueError(f"config.json lacks {missing} for model_type {kind!r}.")
+        for flag in ("attention_bias", "mlp_bias"):
+            if cfg.get(flag):
+                raise ValueError(
+                    f"{flag}=True is not supported (Llama 3 / Gemma 2 have none)."
+                )
+        act = (
+            cfg.get("hidden_act")
+            if kind == "llama"
+            else (cfg.get("hidden_activation") or cfg.get("hidden_act"))
+        )
+        want = "silu" if kind == "llama" else "gelu_pytorch_tanh"
+        if act is not None and act != want:
+            raise ValueError(f"hidden activation {act!r} is not {kind}'s {want!r}.")
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+        scaling = cfg.get("rope_scaling") or (
+            rope if rope.get("rope_type", "default") != "default" else None
+        )
+        scale = None
+        if scaling:
+            rtype = scaling.get("rope_type", scaling.get("type"))
+            if rtype != "llama3":
+                raise ValueError(
+                    f"rope scaling {rtype!r} is not supported (only 'llama3')."
+                )
+            scale = (
+                float(scaling["factor"]),
+                float(scaling["low_freq_factor"]),
+                float(scaling["high_freq_factor"]),
+                int(scaling["original_max_position_embeddings"]),
+            )
+        heads = int(cfg["num_attention_heads"])
+        n = int(cfg["num_hidden_layers"])
+        gemma = kind == "gemma2"
+        if gemma:
+            types = cfg.get("layer_types") or [
+                "sliding_attention" if i % 2 == 0 else "full_attention"
+                for i in range(n)
+            ]
+            sliding = tuple(t == "sliding_attention" for t in types)
+        else:
+            sliding = (False,) * n
+        return cls(
+            model_type=kind,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=n,
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scale,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
+            query_pre_attn_scalar=(
+                float(cfg.get("query_pre_attn_scalar", 256)) if gemma else None
+            ),
+            sliding_window=(cfg.get("sliding_window") if gemma else None),
+            sliding_layers=sliding,
+            attn_logit_softcapping=(
+                cfg.get("attn_logit_softcapping") if gemma else None
+            ),
+            final_logit_softcapping=(
+                cfg.get("final_logit_softcapping") if gemma else None
+            ),
+        )
+
+
+def _inv_freq(cfg: LMConfig) -> np.ndarray:
+    """Rope frequencies θ^(-2i/d), with the ``llama3`` rule when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    if cfg.rope_scaling is not None:
+        factor, low, high, old = cfg.rope_scaling
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - low) / (high - low)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        inv = np.where(
+            wavelen > old / low, inv / factor, np.where(wavelen < old / high, inv, mid)
+        )
+    return inv.astype(np.float32)
+
+
+def _rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate ``x [B, T, H, d]`` by its positions (the half-split convention of HF)."""
+    ang = positions[:, :, None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None]
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class _Linear(nnx.Module):
+    def __init__(self, n_in: int, n_out: int, dtype, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(n_in**-0.5)
+        self.kernel = nnx.Param(init(rngs.params(), (n_in, n_out), dtype))
+
+    def __call__(self, x):
+        return x @ self.kernel[...]
+
+
+class _RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, plus_one: bool, dtype):
+        self.scale = nnx.Param(
+            jnp.zeros((dim,), dtype) if plus_one else jnp.ones((dim,), dtype)
+        )
+        self.eps = eps
+        self.plus_one = plus_one
+
+    def __call__(self, x):
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        w = self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))
+        if self.plus_one:  # Gemma: (1 + w), in float32
+            return (h * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+        return w * h.astype(x.dtype)  # Llama: cast back, then scale
+
+
+class _Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(
+            jax.nn.initializers.normal(0.02)(rngs.params(), (vocab, dim), dtype)
+        )
+
+
+class _Attention(nnx.Module):
+    def __init__(self, cfg: LMConfig, layer: int, dtype, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = _Linear(d, cfg.num_attention_heads * hd, dtype, rngs)
+        self.k_proj = _Linear(d, cfg.num_key_value_heads * hd, dtype, rngs)
+        self.v_proj = _Linear(d, cfg.num_key_value_heads * hd, dtype, rngs)
+        self.o_proj = _Linear(cfg.num_attention_heads * hd, d, dtype, rngs)
+        self.cfg = cfg
+        self.window = cfg.sliding_window if cfg.sliding_layers[layer] else None
+
+    def __call__(self, x, positions, allowed):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        kv, hd = cfg.num_key_value_heads, cfg.head_dim
+        g = cfg.num_attention_heads // kv
+        inv = _inv_freq(cfg)
+        q = _rope(self.q_proj(x).reshape(b, t, kv * g, hd), positions, inv)
+        k = _rope(self.k_proj(x).reshape(b, t, kv, hd), positions, inv)
+        v = self.v_proj(x).reshape(b, t, kv, hd)
+        q = q.reshape(b, t, kv, g, hd)
+        scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
+        s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        s = s * scale
+        if cfg.attn_logit_softcapping:
+            cap = cfg.attn_logit_softcapping
+            s = cap * jnp.tanh(s / cap)
+        if self.window is not None:
+            qi = jnp.arange(t)[:, None]
+            allowed = allowed & (jnp.arange(t)[None, :] > qi - self.window)[None]
+        s = jnp.where(allowed[:, None, None], s, _NEG)
+        p = jax.nn.softmax(s, axis=-1).astype(x.dtype)
+        o = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, kv * g * hd)
+        return self.o_proj(o)
+
+
+class _MLP(nnx.Module):
+    def __init__(self, cfg: LMConfig, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _Linear(d, f, dtype, rngs)
+        self.up_proj = _Linear(d, f, dtype, rngs)
+        self.down_proj = _Linear(f, d, dtype, rngs)
+        self.gelu = cfg.model_type == "gemma2"
+
+    def __call__(self, x):
+        gate = self.gate_proj(x)
+        act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+        return self.down_proj(act * self.up_proj(x))
+
+
+class _Layer(nnx.Module):
+    def __init__(self, cfg: LMConfig, layer: int, dtype, rngs: nnx.Rngs):
+        gemma = cfg.model_type == "gemma2"
+
+        def norm():
+            return _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, gemma, dtype)
+
+        self.self_attn = _Attention(cfg, layer, dtype, rngs)
+        self.mlp = _MLP(cfg, dtype, rngs)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        if gemma:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.gemma = gemma
+
+    def __call__(self, x, positions, allowed):
+        h = self.self_attn(self.input_layernorm(x), positions, allowed)
+        if self.gemma:  # sandwich norms around both blocks
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(
+                self.mlp(self.pre_feedforward_layernorm(x))
+            )
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nnx.Module):
+    """A Llama 3.x or Gemma 2 decoder: ``lm(tokens, attention_mask) -> logits``.
+
+    .. math::
+        h^{(0)} = c\\,E[x], \\quad h^{(\\ell)} = \\text{block}_\\ell(h^{(\\ell-1)}),
+        \\quad z = \\text{cap}_s(\\text{RMSNorm}(h^{(L)})\\,U^\\top)
+
+    with :math:`c = \\sqrt{D}` for Gemma 2 (1 for Llama), :math:`U` the
+    unembedding ``[V, D]`` (the embedding table :math:`E` when tied) and
+    :math:`\\text{cap}_s(z) = s\\tanh(z/s)` Gemma 2's final soft-cap. Blocks:
+    Llama ``h + \\text{MLP}(\\text{N}(h + \\text{Attn}(\\text{N}(h))))`` with
+    SwiGLU; Gemma 2 wraps attention and its GeGLU MLP each in a pre- and a
+    post-norm, caps attention logits at ``attn_logit_softcapping``, scales
+    queries by ``query_pre_attn_scalar ** -0.5`` and uses a sliding window
+    on its sliding layers (key ``k`` seen by query ``q`` iff
+    ``q - window < k <= q``). Attention is grouped-query, rope as in HF.
+
+    Padding: ``attention_mask[b, s] = 0`` hides key ``s``; positions are
+    ``0 .. T-1`` whatever the mask (as transformers' forward without
+    ``position_ids``); pass ``positions`` to count from the first real token
+    instead. Logits at padded positions are finite and meaningless.
+    Parameters and activations are in ``dtype``; norms, rope, softmax and
+    the logits are float32.
+
+    Args:
+      config: the :class:`LMConfig`.
+      dtype: parameter and compute dtype.
+      rngs: for the random initialisation (:func:`load_causal_lm` overwrites it).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from flowjax.models import CausalLM, LMConfig
+      >>> cfg = LMConfig.from_hf({"model_type": "gemma2", "vocab_size": 32,
+      ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+      ...     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+      ...     "sliding_window": 4})
+      >>> lm = CausalLM(cfg, rngs=nnx.Rngs(0))
+      >>> lm(jnp.zeros((2, 6), jnp.int32)).shape, lm.unembedding.shape
+      ((2, 6, 32), (32, 16))
+    """
+
+    def __init__(self, config: LMConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = _Embed(config.vocab_size, config.hidden_size, dtype, rngs)
+        self.layers = nnx.List(
+            [_Layer(config, i, dtype, rngs) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = _RMSNorm(
+            config.hidden_size,
+            config.rms_norm_eps,
+            config.model_type == "gemma2",
+            dtype,
+        )
+        if not config.tie_word_embeddings:
+            self.lm_head = _Embed(config.vocab_size, config.hidden_size, dtype, rngs)
+
+    @property
+    def unembedding(self) -> jax.Array:
+        """The output projection ``[V, D]`` (``chunked_token_nll(..., layout="vd")``)."""
+        head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        return head.embedding[...]
+
+    def hidden(self, tokens, attention_mask=None, positions=None) -> jax.Array:
+        """Final (normed) hidden states ``[B, T, D]``: ``logits = cap(hidden @ unembedding.T)``."""
+        tokens = jnp.asarray(tokens)
+        b, t = tokens.shape
+        table = self.embed_tokens.embedding[...]
+        x = jnp.take(table, tokens, axis=0)
+        if self.config.model_type == "gemma2":
+            x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        allowed = jnp.tril(jnp.ones((t, t), bool))[None]
+        if attention_mask is not None:
+            allowed = allowed & (jnp.asarray(attention_mask) != 0)[:, None, :]
+        for layer in self.layers:
+            x = layer(x, positions, allowed)
+        return self.norm(x)
+
+    def __call__(self, tokens, attention_mask=None, positions=None) -> jax.Array:
+        h = self.hidden(tokens, attention_mask, positions)
+        z = jnp.einsum(
+            "btd,vd->btv", h, self.unembedding, preferred_element_type=jnp.float32
+        )
+        cap = self.config.final_logit_softcapping
+        return cap * jnp.tanh(z / cap) if cap else z
+
+
+def default_partition_spec(name: str, shape: tuple[int, ...], mesh) -> PartitionSpec:
+    """The default FSDP + tensor-parallel placement of one parameter (see the module doc).
+
+    Args:
+      name: the checkpoint's tensor name, e.g. ``"model.layers.0.mlp.down_proj.weight"``.
+      shape: the parameter's shape in the NNX layout (kernels ``(in, out)``).
+      mesh: a ``jax.sharding.Mesh`` with axes ``'data'`` and ``'model'``.
+
+    Returns:
+      The ``PartitionSpec``; an axis the mesh does not divide is dropped.
+
+    Raises:
+      ValueError: a mesh without the axes ``'data'`` and ``'model'``.
+
+    Example:
+      >>> import jax
+      >>> from flowjax.models import default_partition_spec
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+      >>> default_partition_spec("model.layers.0.mlp.down_proj.weight", (32, 16), mesh)
+      P('model', 'data')
+    """
+    if not {"data", "model"} <= set(mesh.axis_names):
+        raise ValueError(f"mesh axes {mesh.axis_names} lack 'data' and 'model'.")
+    if len(shape) < 2:
+        return PartitionSpec()
+    if (
+        name.endswith(("o_proj.weight", "down_proj.weight"))
+        or "embed" in name
+        or (name.startswith("lm_head"))
+    ):
+        axes = ("model", "data")
+    else:
+        axes = ("data", "model")
+    return PartitionSpec(
+        *(
+            a if n % mesh.shape[a] == 0 else None
+            for a, n in zip(axes, shape, strict=False)
+        )
+    )
+
+
+_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+def _hf_name(path) -> str:
+    *module, leaf = (str(k) for k in path)
+    prefix = "" if module[0] == "lm_head" else "model."
+    return prefix + ".".join([*module, _LEAF[leaf]])
+
+
+def _require(package: str, who: str):
+    try:
+        return importlib.import_module(package)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"{who} needs the {package} package: pip install 'flowjax-ft[models]' "
+            f"(or {package})."
+        ) from e
+
+
+def _open(path: str):
+    safe_open = _require("safetensors", "load_causal_lm").safe_open
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(single):
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(
+            f"no model.safetensors or model.safetensors.index.json in {path!r}."
+        )
+    handles, where = {}, {}
+    for fname in files:
+        full = os.path.join(path, fname)
+        if not os.path.isfile(full):
+            raise ValueError(f"the index names {fname!r}, which is not in {path!r}.")
+        handles[fname] = safe_open(full, framework="numpy")
+        for key in handles[fname].keys():
+            where[key] = fname
+    return handles, where
+
+
+def load_causal_lm(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+    shardings: Callable[[str, tuple[int, ...], Any], PartitionSpec] | None = None,
+) -> CausalLM:
+    """A :class:`CausalLM` from a Hugging Face directory (Llama 3.x or Gemma 2), no torch.
+
+    Reads ``config.json`` and ``model.safetensors`` or the sharded
+    ``model-0000k-of-0000n.safetensors`` named by
+    ``model.safetensors.index.json``. The model is built abstractly
+    (``nnx.eval_shape``) and each tensor is read on its own (``safe_open``),
+    transposed to the NNX layout, cast to ``dtype`` and ``jax.device_put``
+    with its ``NamedSharding``: the whole model is never assembled on one
+    device. A tied checkpoint's ``lm_head.weight`` (if stored) is dropped.
+
+    Args:
+      path: the checkpoint directory.
+      dtype: parameter and compute dtype (``jnp.bfloat16`` at scale).
+      mesh: a ``Mesh`` with axes ``('data', 'model')`` of ``AxisType.Auto``
+        (``jax.make_mesh(..., axis_types=(AxisType.Auto,) * 2)``); ``None`` puts every
+        parameter on the default device.
+      shardings: ``(name, shape, mesh) -> PartitionSpec`` for each tensor
+        (HF name, NNX shape); ``None``: :func:`default_partition_spec`.
+
+    Returns:
+      The model; ``lm(tokens, attention_mask)`` gives float32 logits
+      ``[B, T, V]``, ``lm.hidden(...)`` and ``lm.unembedding`` the inputs of
+      ``flowjax.chunked_token_nll(..., layout="vd",
+      logit_softcap=lm.config.final_logit_softcapping)``.
+
+    Raises:
+      ValueError: no ``config.json`` or weights; an unknown ``model_type``
+        (and the other :meth:`LMConfig.from_hf` errors); missing, unexpected
+        or mis-shaped tensors (named); ``shardings`` without ``mesh``.
+      ImportError: ``safetensors`` is not installed.
+
+    Example:
+      >>> import json, os, tempfile
+      >>> import numpy as np, safetensors.numpy
+      >>> from flax import nnx
+      >>> from flowjax.models import CausalLM, LMConfig, load_causal_lm
+      >>> hf = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16,
+      ...       "intermediate_size": 32, "num_hidden_layers": 1,
+      ...       "num_attention_heads": 4, "num_key_value_heads": 2,
+      ...       "tie_word_embeddings": True}
+      >>> d = tempfile.mkdtemp()
+      >>> with open(os.path.join(d, "config.json"), "w") as f:
+      ...     json.dump(hf, f)
+      >>> safetensors.numpy.save_file({"model.embed_tokens.weight": np.ones((32, 16), np.float32)},
+      ...     os.path.join(d, "model.safetensors"))
+      >>> load_causal_lm(d)
+      Traceback (most recent call last):
+      ...
+      ValueError: the checkpoint lacks 10 tensors: model.layers.0.input_layernorm.weight, model.layers.0.mlp.down_proj.weight, model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight, model.layers.0.post_attention_layernorm.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.o_proj.weight, model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.v_proj.weight, model.norm.weight.
+    """
+    path = os.fspath(path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise ValueError(f"no config.json in {path!r}.")
+    with open(cfg_file) as f:
+        config = LMConfig.from_hf(json.load(f))
+    if shardings is not None and mesh is None:
+        raise ValueError("shardings needs a mesh.")
+    rule = shardings or default_partition_spec
+    handles, where = _open(path)
+    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = list(nnx.to_flat_state(state))
+    names = {_hf_name(p): (p, v) for p, v in flat}
+    extra = set(where) - set(names)
+    if config.tie_word_embeddings:
+        extra.discard("lm_head.weight")
+    missing = set(names) - set(where)
+    if missing:
+        raise ValueError(
+            f"the checkpoint lacks {len(missing)} tensors: {_list(missing)}."
+        )
+    if extra:
+        raise ValueError(
+            f"the checkpoint has {len(extra)} tensors that {config.model_type} "
+            f"with this config.json does not: {_list(extra)}."
+        )
+    shapes = {k: handles[where[k]].get_slice(k).get_shape() for k in names}
+    bad = []
+    for name, (p, v) in names.items():
+        want = tuple(v.get_value().shape)
+        torch_shape = want[::-1] if p[-1] == "kernel" else want
+        if tuple(shapes[name]) != torch_shape:
+            bad.append(f"{name} {tuple(shapes[name])} (expected {torch_shape})")
+    if bad:
+        raise ValueError(f"tensors of the wrong shape: {'; '.join(sorted(bad))}.")
+    leaves = []
+    for p, v in flat:
+        name = _hf_name(p)
+        a = handles[where[name]].get_tensor(name)
+        if p[-1] == "kernel":
+            a = a.T
+        a = np.ascontiguousarray(a.astype(jnp.dtype(dtype)))
+        if mesh is None:
+            leaves.append((p, v.replace(jnp.asarray(a))))
+        else:
+            spec = rule(name, a.shape, mesh)
+            leaves.append((p, v.replace(jax.device_put(a, NamedSharding(mesh, spec)))))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The ``tokenizers.Tokenizer`` of a Hugging Face directory's ``tokenizer.json`` (no transformers).
+
+    ``tok.encode(text).ids`` gives the ids transformers' fast tokenizer gives
+    (the file's post-processor adds the BOS token as the checkpoint's does);
+    ``tok.decode(ids, skip_special_tokens=True)`` inverts it.
+
+    Args:
+      path: the checkpoint directory (or the ``tokenizer.json`` file itself).
+
+    Returns:
+      The ``tokenizers.Tokenizer``.
+
+    Raises:
+      ValueError: no ``tokenizer.json`` at ``path``.
+      ImportError: ``tokenizers`` is not installed.
+
+    Example:
+      >>> from flowjax.models import load_tokenizer
+      >>> load_tokenizer("/nonexistent")
+      Traceback (most recent call last):
+      ...
+      ValueError: no tokenizer.json at '/nonexistent'.
+    """
+    path = os.fspath(path)
+    file = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise ValueError(f"no tokenizer.json at {path!r}.")
+    tokenizers = _require("tokenizers", "load_tokenizer")
+    return tokenizers.Tokenizer.from_file(file)
