@@ -6,6 +6,8 @@ Run by tests/test_models_llm.py in a fresh process; exits non-zero on a mismatch
 import os
 import sys
 
+if __name__ != "__main__":  # a subprocess worker, never imported by the test session
+    raise ImportError("tests/_llm_sharded_worker.py runs as a script only")
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import jax

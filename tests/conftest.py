@@ -18,3 +18,9 @@ def rng():
 def variant(request):
     """Runs a test twice: the function as is, and under ``jax.jit`` (chex.variants, pytest-style)."""
     return jax.jit if request.param == "with_jit" else (lambda fn: fn)
+
+
+# --doctest-modules imports every module under tests/: not the subprocess workers (they set
+# up their own JAX runtime, e.g. 8 fake devices, at import) nor the fixture generators (run
+# by hand with torch installed).
+collect_ignore_glob = ["_*_worker.py", "fixtures/make_*.py"]
