@@ -95,6 +95,24 @@ class Stage:
     log: Callable[[str], None] = print
 
 
+def image_data(source: Any, cfg: Any, batch_size: int, *, train: bool, **options):
+    """``flowjax.datasets.image_batches`` of ``source`` with the run's image settings.
+
+    ``batch_size`` is global: each process takes ``batch_size // process_count`` rows of
+    its share. ``options`` override the dataset's transform (``cfg.transform``) or set
+    the order (``shuffle``, ``epochs``, ``seed``, ...).
+    """
+    return datasets.image_batches(
+        source,
+        batch_size // jax.process_count(),
+        train=train,
+        image_size=cfg.image_size,
+        num_threads=cfg.num_threads,
+        dtype=cfg.dtype,
+        **{**dict(cfg.transform), **options},
+    )
+
+
 def train(
     net: Net,
     source: Any,
@@ -111,17 +129,7 @@ def train(
     mesh: Any = None,
 ) -> tuple[Net, flowjax.FitResult]:
     """One stage on ``source`` (every stage starts a fresh optimiser, as the official code)."""
-    data = datasets.image_batches(
-        source,
-        cfg.batch_size // jax.process_count(),
-        train=True,
-        seed=seed,
-        epochs=epochs,
-        image_size=cfg.image_size,
-        num_threads=cfg.num_threads,
-        dtype=cfg.dtype,
-        **dict(cfg.transform),
-    )
+    data = image_data(source, cfg, cfg.batch_size, train=True, seed=seed, epochs=epochs)
     steps = len(data)
     if steps == 0:
         raise ValueError(
@@ -189,25 +197,26 @@ def predictions(net: Net, source: Any, cfg: Any, imagenet: bool = False) -> dict
     The evaluation transform: the dataset's (target) or ImageNet's ``Resize(eval_resize)``
     + ``CenterCrop(image_size)`` with ImageNet normalisation; batches padded to one shape.
     """
-    options = {} if imagenet else dict(cfg.transform)
-    if imagenet:
-        options = {"resize_size": cfg.eval_resize}
-    data = datasets.image_batches(
-        source,
-        cfg.eval_batch_size,
-        train=False,
-        image_size=cfg.image_size,
-        num_threads=cfg.num_threads,
-        dtype=cfg.dtype,
-        **options,
-    )
+    if imagenet:  # ImageNet's own evaluation transform, not the target dataset's
+        data = datasets.image_batches(
+            source,
+            cfg.eval_batch_size // jax.process_count(),
+            train=False,
+            image_size=cfg.image_size,
+            resize_size=cfg.eval_resize,
+            num_threads=cfg.num_threads,
+            dtype=cfg.dtype,
+        )
+    else:
+        data = image_data(source, cfg, cfg.eval_batch_size, train=False)
     fn = _logits_fn(net.graphdef)
+    rows = cfg.eval_batch_size // jax.process_count()
     out = {"id": [], "label": [], "pred": []}
     for batch in data:
         n = len(batch["id"])
         images = batch["image"]
-        if n < cfg.eval_batch_size:
-            pad = np.zeros((cfg.eval_batch_size - n, *images.shape[1:]), images.dtype)
+        if n < rows:
+            pad = np.zeros((rows - n, *images.shape[1:]), images.dtype)
             images = np.concatenate([images, pad])
         logits = np.asarray(fn(net.params, net.stats, images))[:n]
         out["id"].append(batch["id"])
@@ -265,17 +274,14 @@ def example_losses(
     ``augment``: with the training augmentations (the official ``compute_temp.py``), else
     the evaluation transform.
     """
-    data = datasets.image_batches(
+    data = image_data(
         source,
-        cfg.eval_batch_size // jax.process_count(),
+        cfg,
+        cfg.eval_batch_size,
         train=augment,
         shuffle=False,
         drop_remainder=False,
         seed=seed,
-        image_size=cfg.image_size,
-        num_threads=cfg.num_threads,
-        dtype=cfg.dtype,
-        **dict(cfg.transform),
     )
     return flowjax.per_example_losses(
         _batch_losses(net.graphdef),
