@@ -233,13 +233,17 @@ def _rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array
     return out.astype(x.dtype)
 
 
-class _Linear(nnx.Module):
-    def __init__(self, n_in: int, n_out: int, dtype, rngs: nnx.Rngs):
-        init = jax.nn.initializers.normal(n_in**-0.5)
-        self.kernel = nnx.Param(init(rngs.params(), (n_in, n_out), dtype))
-
-    def __call__(self, x):
-        return x @ self.kernel[...]
+def _Linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    # A plain bias-free nnx.Linear, so flowjax.add_lora / add_adapters select it like any other.
+    return nnx.Linear(
+        n_in,
+        n_out,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=jax.nn.initializers.normal(n_in**-0.5),
+        rngs=rngs,
+    )
 
 
 class _RMSNorm(nnx.Module):
