@@ -199,6 +199,7 @@ SEPARATE = {
         "load_causal_lm",
         "load_resnet",
         "load_tokenizer",
+        "save_causal_lm",
         "resnet",
         "task_parts",
         "torch_state_dict",

@@ -17,7 +17,8 @@ torchvision ``.safetensors`` weights without torch:
 Language models (paper Table 2): :func:`load_causal_lm` reads Hugging Face
 Llama 3.x / Gemma 2 checkpoints into a :class:`CausalLM` (its
 :class:`LMConfig`), sharded on load by :func:`default_partition_spec`;
-:func:`load_tokenizer` reads its ``tokenizer.json``.
+:func:`load_tokenizer` reads its ``tokenizer.json``; :func:`save_causal_lm` writes a
+model back in the same layout (for transformers or ``lm_eval --model hf``).
 
 The paper's weights are timm's ``resnet18.tv_in1k`` and ``resnet50.ram_in1k``.
 Models take NHWC images, keep float32 parameters and compute in ``dtype``
@@ -37,6 +38,7 @@ Example:
 """
 
 from flowjax.models.convert import load_resnet, torch_state_dict
+from flowjax.models.export import save_causal_lm
 from flowjax.models.llm import (
     CausalLM,
     LMConfig,
@@ -67,6 +69,7 @@ __all__ = [
     "load_resnet",
     "load_tokenizer",
     "resnet",
+    "save_causal_lm",
     "task_parts",
     "torch_state_dict",
 ]

@@ -207,6 +207,71 @@ class LMConfig:
             ),
         )
 
+    def to_hf(self, **extra: Any) -> dict[str, Any]:
+        """This config as a Hugging Face ``config.json`` dict (the inverse of :meth:`from_hf`).
+
+        ``LMConfig.from_hf(cfg.to_hf()) == cfg``, and transformers builds the
+        same architecture from it (``LlamaForCausalLM`` / ``Gemma2ForCausalLM``).
+
+        Args:
+          **extra: further fields to set or override (``max_position_embeddings``,
+            ``bos_token_id``, ``eos_token_id``, ``torch_dtype``, ...).
+
+        Returns:
+          A JSON-serialisable dict.
+
+        Example:
+          >>> from flowjax.models import LMConfig
+          >>> cfg = LMConfig.from_hf({"model_type": "gemma2", "vocab_size": 32,
+          ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+          ...     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+          ...     "sliding_window": 4, "final_logit_softcapping": 30.0})
+          >>> hf = cfg.to_hf(eos_token_id=1)
+          >>> hf["architectures"], hf["layer_types"], LMConfig.from_hf(hf) == cfg
+          (['Gemma2ForCausalLM'], ['sliding_attention', 'full_attention'], True)
+        """
+        gemma = self.model_type == "gemma2"
+        out: dict[str, Any] = {
+            "architectures": ["Gemma2ForCausalLM" if gemma else "LlamaForCausalLM"],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+        }
+        if gemma:
+            out.update(
+                hidden_activation="gelu_pytorch_tanh",
+                query_pre_attn_scalar=self.query_pre_attn_scalar,
+                sliding_window=self.sliding_window,
+                layer_types=[
+                    "sliding_attention" if s else "full_attention"
+                    for s in self.sliding_layers
+                ],
+                attn_logit_softcapping=self.attn_logit_softcapping,
+                final_logit_softcapping=self.final_logit_softcapping,
+            )
+        else:
+            out.update(hidden_act="silu", mlp_bias=False)
+            if self.rope_scaling is not None:
+                factor, low, high, original = self.rope_scaling
+                out["rope_scaling"] = {
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low,
+                    "high_freq_factor": high,
+                    "original_max_position_embeddings": original,
+                }
+        out.update(extra)
+        return out
+
 
 def _inv_freq(cfg: LMConfig) -> np.ndarray:
     """Rope frequencies θ^(-2i/d), with the ``llama3`` rule when configured."""
