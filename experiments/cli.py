@@ -140,3 +140,29 @@ def load_config(path, cls: type) -> Any:
             f"{path}: get_config() returned {type(cfg).__name__}, not a {cls.__name__}."
         )
     return cfg
+
+
+def config_command(description: str, load, argv=None):
+    """``--config FILE --workdir DIR --set FIELD=VALUE``: ``(parser, config, workdir)``.
+
+    ``load(path)`` reads the config file; the ``--set`` overrides are applied
+    (:func:`override`); the workdir is made absolute. A bad file or override is a
+    usage error (``parser.error``).
+    """
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--config", required=True, help="a config file defining get_config()"
+    )
+    parser.add_argument("--workdir", required=True, type=Path)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE"
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = override(load(args.config), args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    return parser, cfg, args.workdir.resolve()

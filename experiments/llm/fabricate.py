@@ -2,7 +2,7 @@
 
 Everything the paper configs read from downloads, in the same formats and small:
 
-* ``model/``: a 2-layer Llama 3.2-style :class:`flowjax.models.CausalLM` (grouped-query
+* ``model/``: a 1-layer Llama 3.2-style :class:`flowjax.models.CausalLM` (grouped-query
   attention, ``llama3`` rope scaling, tied embeddings) with random weights, written by
   :func:`flowjax.models.save_causal_lm` (HF ``config.json`` + ``model.safetensors``)
   beside a byte-level BPE ``tokenizer.json`` (the ``tokenizers`` package, trained on the
@@ -33,7 +33,7 @@ SPEC = {
     "vocab_size": 384,
     "hidden_size": 32,
     "intermediate_size": 64,
-    "num_hidden_layers": 2,
+    "num_hidden_layers": 1,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "seed": 0,
@@ -78,9 +78,7 @@ def _mc(n: int) -> list[dict]:
         ("Night is", ["bright", "dark"], 1),
         ("Sugar is", ["sour", "sweet"], 1),
     ]
-    return [
-        {"question": q, "choices": c, "answer": a} for q, c, a in (facts * n)[:n]
-    ]
+    return [{"question": q, "choices": c, "answer": a} for q, c, a in (facts * n)[:n]]
 
 
 def _tokenizer(texts: list[str], vocab_size: int):
@@ -233,20 +231,18 @@ def make(root: Path) -> dict[str, str]:
         "rms_norm_eps": 1e-5,
         "hidden_act": "silu",
     }
-    lm = models.CausalLM(
-        models.LMConfig.from_hf(hf), rngs=nnx.Rngs(SPEC["seed"])
-    )
+    lm = models.CausalLM(models.LMConfig.from_hf(hf), rngs=nnx.Rngs(SPEC["seed"]))
     # Random N(0, 1) embeddings give logits of size sqrt(D) · |h|: scale them to a plausible
     # "pre-trained" spread so that the pre-pass losses vary between examples.
     emb = lm.embed_tokens.embedding
     emb.set_value(emb.get_value() * 0.5)
-    models.save_causal_lm(lm, root / "model")
-    token_ids = {
-        "bos_token_id": tok.token_to_id("<bos>"),
-        "eos_token_id": tok.token_to_id("<eos>"),
-    }
-    cfg_file = root / "model" / "config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg_file.write_text(json.dumps({**cfg, **token_ids}, indent=1, sort_keys=True))
+    models.save_causal_lm(
+        lm,
+        root / "model",
+        config_extra={
+            "bos_token_id": tok.token_to_id("<bos>"),
+            "eos_token_id": tok.token_to_id("<eos>"),
+        },
+    )
     marker.write_text(json.dumps({"spec": spec_digest}))
     return fields

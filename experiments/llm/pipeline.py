@@ -141,8 +141,12 @@ def tokenised(cfg: Config, tok, bos: int | None, eos: int) -> list[dict]:
     ]
 
 
+@functools.cache
 def logits_fn(graphdef):
-    """``(state, tokens [B, T]) -> logits``: the batched form the pre-passes take."""
+    """``(state, tokens [B, T]) -> logits``: the batched form the pre-passes take.
+
+    One function per architecture, so later pre-passes reuse the compiled steps.
+    """
     return functools.partial(_logits, graphdef)
 
 
@@ -296,17 +300,27 @@ def warmup_steps(cfg: Config, optimizer_steps: int) -> int:
     return math.ceil(cfg.warmup_ratio * optimizer_steps)
 
 
-def make_tx(cfg: Config, optimizer_steps: int) -> optax.GradientTransformation:
-    """(ℓ2 →) clip → AdamW with warm-up + cosine, inside ``optax.MultiSteps`` when accumulating.
+def lr_schedule(cfg: Config, optimizer_steps: int) -> optax.Schedule:
+    """HF's ``get_cosine_schedule_with_warmup``, by optimiser step ``s`` of ``S``.
 
-    The schedule is HF's ``get_cosine_schedule_with_warmup``: ``lr · s / W`` for the
-    first ``W`` optimiser steps (the first step has rate 0), then
+    ``lr · s / W`` for the first ``W`` steps (the first step has rate 0), then
     ``lr · (1 + cos(π (s − W) / (S − W))) / 2``.
     """
     w = warmup_steps(cfg, optimizer_steps)
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         0.0, cfg.lr, w, max(optimizer_steps, w + 1), 0.0
     )
+
+
+@functools.cache
+def make_tx(cfg: Config, optimizer_steps: int) -> optax.GradientTransformation:
+    """(ℓ2 →) clip → AdamW on :func:`lr_schedule`, inside ``optax.MultiSteps`` when accumulating.
+
+    Memoised: ``flowjax.make_train_step`` shares compiled steps between equal objectives
+    and the same ``tx.update`` (``MultiSteps`` counts by identity), so a stage built again
+    in this process (a rerun, the next config) compiles nothing new.
+    """
+    schedule = lr_schedule(cfg, optimizer_steps)
     parts = []
     if cfg.method == "l2":
         parts.append(flowjax.l2sp(cfg.l2_strength, scale="num_params"))
@@ -340,7 +354,10 @@ def retention_windows(cfg: Config, tok, bos: int | None) -> np.ndarray:
         text = "\n\n".join(topics[k] for k in sorted(topics))
     head = [] if bos is None else [bos]
     body = cfg.retention_window - len(head)
-    ids = tok.encode(text[: 8 * cfg.retention_windows * cfg.retention_window], add_special_tokens=False).ids
+    ids = tok.encode(
+        text[: 8 * cfg.retention_windows * cfg.retention_window],
+        add_special_tokens=False,
+    ).ids
     n = min(cfg.retention_windows, len(ids) // body)
     if n == 0:
         raise ValueError(
@@ -378,9 +395,11 @@ def _on_mesh(tree, mesh):
     """Each leaf's own sharding if it spans the mesh, else replicated (new LoRA factors)."""
     devices = set(mesh.devices.flat)
     return jax.tree.map(
-        lambda x: x.sharding
-        if set(x.sharding.device_set) == devices
-        else NamedSharding(mesh, P()),
+        lambda x: (
+            x.sharding
+            if set(x.sharding.device_set) == devices
+            else NamedSharding(mesh, P())
+        ),
         tree,
     )
 
@@ -467,45 +486,78 @@ def train(
 # ---- evaluation ----------------------------------------------------------------------------
 
 
-def evaluate(model, tok, bos: int | None, eos: int, cfg: Config) -> dict:
-    """lm-eval on ``cfg.tasks``: ``{"tasks": {task: {key: value}}, "columns": {column: mean}}``."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+@functools.cache
+def _harness(
+    graphdef, bos: int | None, eos: int, max_length: int, batch_size: int, bucket: int
+):
+    """One lm-eval adapter per architecture and settings, and the holder of its inputs.
 
+    ``harness_lm`` compiles its forward once per padded length; the parameters are an
+    argument of that program, so every model of the run (pre-trained, fine-tuned,
+    averaged: one architecture) is scored by the same compiled programs: set
+    ``holder["jit"]["params"]`` (the jit argument) and ``holder["tok"]`` before each evaluation.
+    """
     from flowjax.evaluation import harness_lm
 
-    graphdef, state = nnx.split(model)
+    holder: dict[str, Any] = {}
+    params = {}  # what the jitted forward gets: {"params": the model's state}
+    holder["jit"] = params
     lm = harness_lm(
-        logits_fn(graphdef),
-        state,
-        encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
-        decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
+        lambda p, tokens: _logits(graphdef, p["params"], tokens),
+        params,
+        encode=lambda s: holder["tok"].encode(s, add_special_tokens=False).ids,
+        decode=lambda ids: holder["tok"].decode(list(ids), skip_special_tokens=True),
         eos_id=eos,
         bos_id=bos,
         pad_id=eos,
-        max_length=cfg.eval_max_length,
-        batch_size=cfg.eval_batch_size,
-        bucket=cfg.eval_bucket,
+        max_length=max_length,
+        batch_size=batch_size,
+        bucket=bucket,
     )
-    manager = TaskManager(include_path=cfg.eval_include_path or None)
+    return lm, holder
+
+
+@functools.cache
+def _task_manager(include_path: str, include_defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(
+        include_path=include_path or None, include_defaults=include_defaults
+    )
+
+
+def evaluate(model, tok, bos: int | None, eos: int, cfg: Config) -> dict:
+    """lm-eval on ``cfg.tasks``: ``{"tasks": {task: {key: value}}, "columns": {column: mean}}``."""
+    import lm_eval
+
+    graphdef, state = nnx.split(model)
+    lm, holder = _harness(
+        graphdef, bos, eos, cfg.eval_max_length, cfg.eval_batch_size, cfg.eval_bucket
+    )
+    holder["jit"]["params"], holder["tok"] = state, tok
+    manager = _task_manager(cfg.eval_include_path, cfg.eval_include_defaults)
     by_shots: dict[int, list[str]] = {}
     for _, task, _, shots in cfg.tasks:
         if task not in by_shots.setdefault(shots, []):
             by_shots[shots].append(task)
     raw = {}
-    for shots, names in sorted(by_shots.items()):
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            num_fewshot=shots,
-            task_manager=manager,
-            limit=cfg.eval_limit,
-            bootstrap_iters=cfg.eval_bootstrap_iters,
-            log_samples=False,
-            confirm_run_unsafe_code=cfg.confirm_run_unsafe_code,
-            verbosity="WARNING",
-        )
-        raw.update({n: out["results"][n] for n in names})
+    try:
+        for shots, names in sorted(by_shots.items()):
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                num_fewshot=shots,
+                task_manager=manager,
+                limit=cfg.eval_limit,
+                bootstrap_iters=cfg.eval_bootstrap_iters,
+                log_samples=False,
+                confirm_run_unsafe_code=cfg.confirm_run_unsafe_code,
+                verbosity="WARNING",
+            )
+            raw.update({n: out["results"][n] for n in names})
+    finally:
+        holder["jit"].clear()  # the adapter outlives the model: hold no parameters
+        holder["tok"] = None
     tasks = {}
     columns: dict[str, list[float]] = {}
     for column, task, key, _ in cfg.tasks:
