@@ -169,6 +169,8 @@ def prepass(model, examples, cfg: Config, mesh, cache_dir: Path, pad_id: int):
         "param_shardings": jax.tree.map(lambda x: x.sharding, state),
     }
     fn = logits_fn(graphdef)
+    n, p = jax.process_count(), jax.process_index()
+    examples = examples[p::n]  # each process feeds its share; every one gets the table
     if cfg.weighting == "sequence":
         return flowjax.lm_sequence_losses(fn, state, examples, **kw)
     return flowjax.lm_token_losses(fn, state, examples, **kw)
@@ -182,7 +184,8 @@ class TrainData:
 
     ``data(start)`` yields micro-batch ``start`` on (what ``flowjax.fit`` resumes from):
     ``{"tokens" int32 [B, T], "mask" bool [B, T], "weight" [B] or [B, T-1],
-    "denominator" float32 [B]}``, ``B = micro_batch_size``, ``T`` a bucket length.
+    "denominator" float32 [B]}``, ``B = micro_batch_size``, ``T`` a bucket length (with
+    several processes, each yields its ``B / process_count`` rows of the same plan).
     ``weights`` is a ``WeightTable`` / ``TokenWeights`` keyed by id, or None (all 1).
     """
 
@@ -242,12 +245,17 @@ class TrainData:
         else:
             w = np.zeros(b, np.float32)
             w[: len(ids)] = 1.0 if self.weights is None else self.weights.lookup(ids)
-        return {
+        out = {
             "tokens": tokens,
             "mask": mask,
             "weight": w,
             "denominator": np.full(b, n_group / self.k, np.float32),
         }
+        n, p = jax.process_count(), jax.process_index()
+        if n > 1:  # every process plans the same global batch and feeds its own rows
+            rows = slice(p * b // n, (p + 1) * b // n)
+            out = {k: v[rows] for k, v in out.items()}
+        return out
 
     def __call__(self, start: int):
         for t in range(start, self.num_steps):
@@ -277,13 +285,17 @@ def token_nll(model, tokens, mask, chunk: int):
 
 
 def make_objective(graphdef, cfg: Config) -> Callable:
-    """``objective(trainable, batch, frozen) -> loss``: the official weighted LM loss."""
+    """``objective(trainable, batch, frozen) -> (loss, metrics)``: the official weighted LM loss.
+
+    ``loss = Σ_i w_i Σ_t nll_it / denominator``; the metric ``token_nll`` is the
+    micro-batch's unweighted mean target-token NLL (comparable across steps and methods).
+    """
     level = "token" if cfg.weighting == "token" and cfg.flow else "sequence"
 
     def objective(trainable, batch, frozen):
         model = nnx.merge(graphdef, trainable, frozen)
         nll, m = token_nll(model, batch["tokens"], batch["mask"], cfg.chunked_ce)
-        return flowjax.weighted_lm_loss(
+        loss = flowjax.weighted_lm_loss(
             nll,
             m,
             batch["weight"],
@@ -291,6 +303,8 @@ def make_objective(graphdef, cfg: Config) -> Callable:
             reduction="tokens",
             denominator=jnp.max(batch["denominator"]),
         )
+        mean = jnp.sum(jnp.where(m, nll, 0.0)) / jnp.maximum(jnp.sum(m), 1)
+        return loss, {"token_nll": mean}
 
     return objective
 
@@ -444,7 +458,6 @@ def train(
         tx,
         anchor=trainable,
         frozen=frozen,
-        return_metrics=False,
         mesh=mesh,
     )
     state = flowjax.init_train_state(

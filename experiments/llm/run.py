@@ -300,8 +300,8 @@ class Run:
             "accumulation": cfg.accumulation,
             "stopped_at": result.stopped_at,
             "pretrained_heldout_ppl": ppl0,
-            "first_loss": history[0]["loss"],
-            "last_loss": history[-1]["loss"],
+            "first_token_nll": history[0]["token_nll"],
+            "last_token_nll": history[-1]["token_nll"],
             "retention": [
                 {
                     k: r[k]
@@ -543,8 +543,9 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         f"Training: {t['optimizer_steps']} optimiser steps of {cfg['batch_size']} sequences "
-        f"({t['accumulation']} micro-batches of {cfg['micro_batch_size']}), loss "
-        f"{t['first_loss']:.4f} → {t['last_loss']:.4f}; held-out text perplexity "
+        f"({t['accumulation']} micro-batches of {cfg['micro_batch_size']}); mean target-token "
+        f"NLL of the first and the last logged micro-batch {t['first_token_nll']:.4f} → "
+        f"{t['last_token_nll']:.4f}; held-out text perplexity "
         f"{t['pretrained_heldout_ppl']:.3f} pre-trained"
         + (
             f", {t['retention'][-1]['probe/heldout_ppl']:.3f} at the end."
