@@ -265,3 +265,43 @@ def test_schedule_is_hf_cosine_with_warmup_and_the_plan_covers_each_example_once
     assert (data.per_epoch, data.num_steps, data.optimizer_steps) == (4, 8, 4)
     with pytest.raises(ValueError, match="unknown method 'qlora'"):
         C.Config(method="qlora")
+
+
+def test_the_twelve_paper_configs_carry_the_official_recipe():
+    from pathlib import Path
+
+    files = sorted(Path("experiments/llm/configs").glob("*_metamath_*.py"))
+    assert len(files) == 12
+    for path in files:
+        cfg = C.load(path)
+        model, method = path.stem.split("_metamath_")
+        assert (cfg.model, cfg.method) == (model, method)
+        assert cfg.checkpoint == cfg.data == ""  # set by the user
+        assert (cfg.epochs, cfg.batch_size, cfg.micro_batch_size, cfg.accumulation) == (
+            2,
+            128,
+            4,
+            32,
+        )
+        assert (cfg.max_length, cfg.seed, cfg.lr, cfg.warmup_ratio) == (
+            1024,
+            42,
+            1e-5,
+            0.03,
+        )
+        assert (cfg.max_grad_norm, cfg.weight_decay, cfg.adam_eps) == (1.0, 0.0, 1e-8)
+        assert (cfg.lora_rank, cfg.lora_alpha, cfg.l2_strength, cfg.wise_alpha) == (
+            64,
+            64.0,
+            1e-3,
+            0.5,
+        )
+        assert cfg.lora_targets == C.LORA_TARGETS and len(C.LORA_TARGETS) == 7
+        assert cfg.template.endswith("### Response:") and cfg.weighting == "sequence"
+        assert ("gsm8k", "gsm8k", "exact_match,strict-match", 5) in cfg.tasks
+        assert ("mmlu", "mmlu", "acc,none", 5) in cfg.tasks
+        assert sum(col == "commonsense" for col, *_ in cfg.tasks) == 6
+    # A value that does not parse, or a paper config without its checkpoint: usage errors.
+    for extra in (["--set", "lr=fast"], []):
+        with pytest.raises(SystemExit):
+            R.main(["--config", str(files[0]), "--workdir", "/tmp/x", *extra])

@@ -564,7 +564,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None, write=print) -> dict:
     parser, cfg, workdir = cli.config_command(__doc__.split("\n")[0], C.load, argv)
-    if not cfg.checkpoint:  # the tiny config: fabricated inputs in the workdir
+    if cfg.model == "tiny" and not cfg.checkpoint:  # fabricated inputs in the workdir
         from experiments.llm import fabricate
 
         cfg = dataclasses.replace(cfg, **fabricate.make(workdir / "fabricated"))
