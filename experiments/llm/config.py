@@ -145,7 +145,10 @@ class Config:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    chunked_ce: int = 0  # vocabulary chunk of flowjax.chunked_token_nll; 0: full logits
+    chunked_ce: int = (
+        0  # training and the probe: vocabulary chunk of chunked_token_nll (0: full
+    )
+    # logits); the pre-pass always builds full logits: keep prepass_batch_size small at 256k
     seed: int = 42
     checkpoint_every: int = 256  # micro-steps between train-state checkpoints
     # Retention: held-out text perplexity while training (flowjax.RetentionMonitor).

@@ -60,14 +60,29 @@ def make_mesh(shape: tuple[int, int]) -> jax.sharding.Mesh:
     )
 
 
-def file_digest(paths: list[Path]) -> str:
-    """SHA-256 over the names and bytes of ``paths`` (in order), read in 16 MiB pieces."""
+def file_digest(paths: list[Path], memo: Path | None = None) -> str:
+    """SHA-256 over the names and bytes of ``paths`` (in order), read in 16 MiB pieces.
+
+    ``memo``: a JSON file remembering each file's hash by (absolute path, size, mtime), so
+    a rerun does not read a multi-GB checkpoint again (as ``make`` trusts mtimes).
+    """
+    known = json.loads(memo.read_text()) if memo is not None and memo.is_file() else {}
     h = hashlib.sha256()
     for p in paths:
+        st = p.stat()
+        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in known:
+            one = hashlib.sha256()
+            with open(p, "rb") as f:
+                for piece in iter(lambda: f.read(1 << 24), b""):
+                    one.update(piece)
+            known[key] = one.hexdigest()
         h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for piece in iter(lambda: f.read(1 << 24), b""):
-                h.update(piece)
+        h.update(known[key].encode())
+    if memo is not None:
+        tmp = memo.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+        tmp.replace(memo)
     return h.hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""The whole LLM pipeline on CPU in well under a minute: a fabricated checkpoint, MetaMathQA and GSM8K.
+"""The whole LLM pipeline on CPU in under a minute: a fabricated checkpoint, MetaMathQA and GSM8K.
 
     python -m experiments.llm.run --config experiments/llm/configs/tiny.py --workdir /tmp/llm
 
