@@ -117,15 +117,6 @@ def test_zero_consistency_is_plain_lora_bitwise_and_the_slow_adapter_is_the_ema(
         )
     assert losses == plain_losses
     jax.tree.map(np.testing.assert_array_equal, p["fast"], plain)
-    # γ > 0 changes the fast adapter's path.
-    p1, _, _ = _methods.train(ilora, ilora.strength)
-    diff = [
-        float(jnp.abs(a - b).max())
-        for a, b in zip(
-            jax.tree.leaves(p1["fast"]), jax.tree.leaves(plain), strict=True
-        )
-    ]
-    assert max(diff) > 1e-6
 
 
 def test_ilora_optimiser_with_a_frozen_slow_adapter_and_bad_params():
