@@ -21,8 +21,10 @@ run along the input axis, which is bitsandbytes' blockwise order for a torch
 :math:`B = 0` gives exactly the outputs of the ``nnx.Linear`` holding
 :math:`\\widetilde W` (:func:`dequantize_qlora`).
 
-The codes (``uint4``) and absmax constants (float32) are :class:`NF4`
-variables, not ``nnx.Param``: they are not in ``nnx.state(model, nnx.Param)``,
+The codes (two per byte, ``uint8`` of shape ``(ceil(in/2), out)``: half a
+byte per weight on every backend, where a ``uint4`` array takes a whole byte
+per entry on CPU) and the absmax constants (float32, one per block: 0.5 bit
+per weight at block size 64) are :class:`NF4` variables, not ``nnx.Param``: they are not in ``nnx.state(model, nnx.Param)``,
 never differentiated and never updated, whichever of flowjax's selections
 the trainable set is taken with (``nnx.LoRAParam``, or ``nnx.Param`` with
 :func:`flowjax.train_only`). The bias, if any, stays the base model's float
@@ -222,9 +224,31 @@ def _dequantize(codes, absmax, block_size, dtype):
     return (table * scale).astype(dtype)
 
 
+def _pack(codes: Array) -> Array:
+    """Two 4-bit codes per byte along axis 0: ``byte[k] = c[2k] | c[2k+1] << 4``."""
+    c = codes.astype(jnp.uint8)
+    if c.shape[0] % 2:
+        c = jnp.pad(c, [(0, 1)] + [(0, 0)] * (c.ndim - 1))
+    return c[0::2] | (c[1::2] << 4)
+
+
+def _unpack(packed: Array, n: int) -> Array:
+    """The ``n`` codes along axis 0 that :func:`_pack` stored."""
+    pairs = jnp.stack([packed & 15, packed >> 4], axis=1)
+    return pairs.reshape(-1, *packed.shape[1:])[:n]
+
+
+def _axis_size(mesh, names) -> int:
+    names = names if isinstance(names, tuple) else (names,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
 class QLoRALinear(nnx.Module):
     """A frozen NF4 linear layer plus a trainable LoRA: :math:`y = x\\widetilde W + b + s\\,xAB`.
 
+    ``codes`` holds the NF4 codes two per byte along the input axis
+    (``uint8``, ``(ceil(in/2), out)``), ``absmax`` the float32 block
+    constants; both are :class:`NF4` variables placed like the kernel.
     ``kernel`` (a property) is the dequantised :math:`\\widetilde W` in the
     original kernel's dtype; the forward is ``nnx.Linear``'s own on it,
     plus ``lora_scale * lora(x)`` (``nnx.LoRA``: :math:`A` he-uniform,
@@ -283,13 +307,15 @@ class QLoRALinear(nnx.Module):
             raise ValueError(f"kernel must be [in, out]; got shape {w.shape}.")
         self.block_size = _check_block_size(block_size)
         codes, absmax = nf4_quantize(w, self.block_size)
+        codes = _pack(codes)
         sharding = getattr(w, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            codes = jax.device_put(codes, sharding)  # the kernel's placement
-            spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-            absmax = jax.device_put(
-                absmax, sharding.update(spec=jax.sharding.PartitionSpec(None, spec[1]))
-            )
+        if isinstance(sharding, jax.sharding.NamedSharding):  # the kernel's placement
+            rows, cols = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+            if rows is not None and codes.shape[0] % _axis_size(sharding.mesh, rows):
+                rows = None  # the packed rows do not divide: replicate them
+            P = jax.sharding.PartitionSpec
+            codes = jax.device_put(codes, sharding.update(spec=P(rows, cols)))
+            absmax = jax.device_put(absmax, sharding.update(spec=P(None, cols)))
         self.codes = NF4(codes, **metadata)
         self.absmax = NF4(absmax)
         self.bias = bias if bias is not None else nnx.data(None)
@@ -319,7 +345,7 @@ class QLoRALinear(nnx.Module):
     def kernel(self) -> Array:
         """The dequantised base kernel :math:`\\widetilde W` in the original kernel's dtype."""
         return nf4_dequantize(
-            self.codes.get_value(),
+            _unpack(self.codes.get_value(), self.in_features),
             self.absmax.get_value(),
             self.block_size,
             self.param_dtype,
@@ -390,8 +416,10 @@ def add_qlora(
       >>> from flax import nnx
       >>> base = nnx.Linear(128, 4, rngs=nnx.Rngs(0))
       >>> model = flowjax.add_qlora(base, rank=2, rngs=nnx.Rngs(1))
-      >>> model.codes.dtype, model.absmax.shape, sorted(nnx.state(model, nnx.Param))
-      (dtype(uint4), (2, 4), ['bias', 'lora'])
+      >>> model.codes.shape, model.codes.dtype, model.absmax.shape  # 2 codes a byte
+      ((64, 4), dtype('uint8'), (2, 4))
+      >>> sorted(nnx.state(model, nnx.Param))  # the NF4 state is not a Param
+      ['bias', 'lora']
       >>> # NF4 error: at most half the widest code gap (0.152) times the block's absmax
       >>> err = jnp.abs(model.kernel - base.kernel[...])
       >>> bool((err <= 0.152 * jnp.repeat(model.absmax[...], 64, axis=0)).all())

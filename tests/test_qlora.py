@@ -83,6 +83,11 @@ def test_dequantised_base_is_numpy_nf4_of_the_original_within_its_error(base, ql
         assert err.mean() > 0, name
     codes, absmax = flowjax.nf4_quantize(base.up.kernel[...], 64)
     assert codes.dtype == jnp.uint4 and absmax.shape == (2, 96)
+    # The layer stores them two per byte: row 2k in the low nibble, 2k + 1 in the high.
+    packed = np.asarray(model.up.codes[...])
+    assert packed.dtype == np.uint8 and packed.shape == (64, 96)
+    np.testing.assert_array_equal(packed & 15, np.asarray(codes[0::2], np.uint8))
+    np.testing.assert_array_equal(packed >> 4, np.asarray(codes[1::2], np.uint8))
     np.testing.assert_array_equal(
         flowjax.nf4_dequantize(codes, absmax, 64), model.up.kernel
     )
@@ -184,14 +189,22 @@ def test_base_never_changes_under_make_train_step_and_an_optax_loop(qlora):
         assert float(jnp.abs(after.up.lora.lora_b[...]).max()) > 0
 
 
-def test_bf16_base_and_float32_factors_keep_their_dtypes():
+def test_bf16_base_odd_rows_and_float32_factors_keep_their_dtypes():
     lin = nnx.Linear(
-        8, 3, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16
+        9, 3, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16
     )
-    model = flowjax.add_qlora(lin, 2, rngs=nnx.Rngs(1), lora_param_dtype=jnp.float32)
+    model = flowjax.add_qlora(
+        lin, 2, rngs=nnx.Rngs(1), lora_param_dtype=jnp.float32, block_size=4
+    )
+    assert model.codes[...].shape == (5, 3)  # 9 rows, two a byte
+    want = _np_nf4(np.asarray(lin.kernel[...], np.float32), 4)[0]
+    np.testing.assert_array_equal(
+        np.asarray(model.kernel, np.float32),
+        np.asarray(jnp.asarray(want, jnp.bfloat16), np.float32),
+    )
     assert model.kernel.dtype == jnp.bfloat16 and model.absmax[...].dtype == jnp.float32
     assert model.lora.lora_a[...].dtype == jnp.float32
-    assert _apply(model, _x(2, 8)).dtype == jnp.bfloat16
+    assert _apply(model, _x(2, 9)).dtype == jnp.bfloat16
 
 
 def test_tiny_causal_lm_projections():
