@@ -31,15 +31,18 @@ the trainable set is taken with (``nnx.LoRAParam``, or ``nnx.Param`` with
 ``nnx.Param``.
 
 **Why not qwix.** qwix 0.1.8 (Google's quantisation library for JAX) has a
-QLoRA (``qwix.LoraProvider(weight_qtype="nf4")``) that runs on flowjax's
-models, jitted, with LoRA factors as ``nnx.LoRAParam``. It is not used here
-because it stores the NF4 codes and scales as ``nnx.Param`` (a ``uint4`` leaf
-in ``nnx.state(model, nnx.Param)``, which flowjax's train step rejects as a
-non-float parameter and which ``nnx.Param``-based selection would try to
-train), it rewrites the model's class into an interception subclass that
-must trace a forward pass with example inputs, and its layers are no longer
-``nnx.Linear``, so neither :func:`flowjax.merge_lora` nor a dequantised float
-model come out of it. This module is about 200 lines on ``nnx.LoRA`` and
+QLoRA (``qwix.apply_lora_to_model`` with ``qwix.LoraProvider(weight_qtype="nf4",
+tile_size=64)``); tried on an ``nnx.Linear`` MLP and on a tiny
+:class:`flowjax.models.CausalLM` it runs, jitted (jit = no jit), with LoRA
+factors as ``nnx.LoRAParam``. It is not used here because it stores the NF4
+codes and scales as ``nnx.Param`` (a ``uint4`` ``qvalue`` leaf in
+``nnx.state(model, nnx.Param)``, which :func:`flowjax.init_train_state`'s
+float check would refuse and which an ``nnx.Param``-based selection would
+try to train); it swaps the model's class for a generated interception
+subclass and needs a traced forward pass on example inputs; and each
+layer's ``kernel`` becomes a qwix quantised array, which
+:func:`flowjax.merge_lora` and a dequantised float model cannot be built
+from without qwix internals. This module is small, on ``nnx.LoRA`` and
 flowjax's LoRA surgery (same selection, same errors, same tied-weight check).
 
 Not implemented: the paper's double quantisation of the absmax constants
