@@ -205,7 +205,7 @@ SEPARATE = {
         "task_parts",
         "torch_state_dict",
     },
-    "evaluation": {"harness_lm"},
+    "evaluation": {"harness_causal_lm", "harness_lm"},
 }
 
 

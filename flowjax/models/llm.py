@@ -570,13 +570,13 @@ class CausalLM(nnx.Module):
           >>> from flax import nnx
           >>> from flowjax.models import CausalLM, LMConfig
           >>> cfg = LMConfig.from_hf({"model_type": "llama", "vocab_size": 32,
-          ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+          ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
           ...     "num_attention_heads": 4, "num_key_value_heads": 2})
           >>> lm = CausalLM(cfg, rngs=nnx.Rngs(0))
-          >>> x = jnp.array([[3, 1, 4, 1, 5]])
-          >>> z, cache = lm.decode(x[:, :3], lm.init_cache(1, 8))
-          >>> z4, cache = lm.decode(x[:, 3:4], cache)
-          >>> bool(np.allclose(z4[0, 0], lm(x)[0, 3], atol=1e-5)), int(cache.index)
+          >>> x = jnp.array([[3, 1, 4, 1]])
+          >>> _, cache = lm.decode(x[:, :3], lm.init_cache(1, 8))  # prefill
+          >>> z, cache = lm.decode(x[:, 3:], cache)  # a step: the full forward's last logits
+          >>> bool(np.allclose(z[0, 0], lm(x)[0, 3], atol=1e-5)), int(cache.index)
           (True, 4)
         """
         tokens = jnp.asarray(tokens)
@@ -614,9 +614,7 @@ class CausalLM(nnx.Module):
         return logits, KVCache(tuple(ks), tuple(vs), mask, index + t)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "steps", "eos_id", "pad_id", "cache_dtype")
-)
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "cache_dtype"))
 def _greedy(graphdef, state, tokens, mask, *, steps, eos_id, pad_id, cache_dtype):
     """Prefill of the left-padded ``tokens``, then greedy decode steps in a while loop."""
     lm = nnx.merge(graphdef, state)
@@ -693,14 +691,12 @@ def generate(
       >>> from flax import nnx
       >>> from flowjax.models import CausalLM, LMConfig, generate
       >>> cfg = LMConfig.from_hf({"model_type": "llama", "vocab_size": 32,
-      ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+      ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
       ...     "num_attention_heads": 4, "num_key_value_heads": 2})
       >>> lm = CausalLM(cfg, rngs=nnx.Rngs(0))
       >>> out = generate(lm, [[1, 5, 7], [2]], max_new_tokens=4, eos_id=0)
-      >>> x = [1, 5, 7]  # the first row, greedy through the full forward
-      >>> for _ in range(len(out[0])):
-      ...     x.append(int(jnp.argmax(lm(jnp.array([x]))[0, -1])))
-      >>> out[0] == x[3:]
+      >>> x = jnp.array([[1, 5, 7, *out[0][:-1]]])  # the first row, through the full forward
+      >>> jnp.argmax(lm(x)[0, 2:], axis=-1).tolist() == out[0]
       True
     """
     if not prompts:
@@ -725,8 +721,8 @@ def generate(
         tokens,
         mask,
         steps=max_new_tokens,
-        eos_id=int(eos_id),
-        pad_id=int(pad_id),
+        eos_id=jnp.int32(eos_id),
+        pad_id=jnp.int32(pad_id),
         cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
     )
     out, lengths = np.asarray(out), np.asarray(lengths)
