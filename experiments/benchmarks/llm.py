@@ -38,6 +38,10 @@ Four measurements:
 
 Runs under 4 minutes on CPU (tiny) and is meant to on one GPU/TPU (2b); no
 CPU-only assumptions (dtype, device kind and mesh come from the devices).
+Memory at 2b (2.61e9 parameters, bfloat16): about 5 GB of weights, 8 x 512 x
+256k float32 logits (4 GB, twice in the pre-pass loss) and AdamW's two moments
+for the train step, about 30 GB in all: one 40/80 GB GPU, or FSDP over the
+chips of a TPU slice (the mesh takes every device).
 
 Measured (2026-12-01, ``--size tiny`` float32 on this project's shared
 2-core CPU at load average about 9-10, so noisy; ``results/benchmarks/llm.md``):
@@ -129,7 +133,7 @@ SMOKE = {**TINY, "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
          "sliding_window": 16}  # fmt: skip
 
 SIZES = {
-    "2b": Sizes(GEMMA2_2B, 512, (256, 512), 120, 200, 16, 8, 512, 32, 128, 128),
+    "2b": Sizes(GEMMA2_2B, 512, (256, 512), 120, 200, 8, 8, 512, 32, 128, 128),
     "tiny": Sizes(TINY, 256, (32, 64, 128), 24, 40, 16, 8, 128, 8, 32, 32),
     "smoke": Sizes(SMOKE, 24, (64,), 12, 16, 8, 4, 64, 4, 16, 16),  # the test's
 }

@@ -582,6 +582,11 @@ class CausalLM(nnx.Module):
           >>> bool(np.allclose(z, forward(state, x)[:, 2:], atol=1e-5)), int(cache.index)
           (True, 4)
         """
+        h, cache = self._extend(tokens, cache, attention_mask, positions)
+        return self._logits(h), cache
+
+    def _extend(self, tokens, cache, attention_mask=None, positions=None):
+        """:meth:`decode`'s final hidden states (NaN if they do not fit) and cache."""
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or tokens.shape[0] != cache.mask.shape[0]:
             raise ValueError(
@@ -612,9 +617,8 @@ class CausalLM(nnx.Module):
             x, (k, v) = layer(x, positions, allowed, (k, v), index)
             ks.append(k)
             vs.append(v)
-        logits = self._logits(self.norm(x))
-        logits = jnp.where(index + t > slots, jnp.nan, logits)
-        return logits, KVCache(tuple(ks), tuple(vs), mask, index + t)
+        h = jnp.where(index + t > slots, jnp.nan, self.norm(x))
+        return h, KVCache(tuple(ks), tuple(vs), mask, index + t)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "cache_dtype"))
@@ -624,8 +628,10 @@ def _greedy(graphdef, state, tokens, mask, *, steps, eos_id, pad_id, cache_dtype
     b, width = tokens.shape
     cache = lm.init_cache(b, width + steps - 1, cache_dtype)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    logits, cache = lm.decode(tokens, cache, mask, positions)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    h, cache = lm._extend(tokens, cache, mask, positions)
+    first = jnp.argmax(lm._logits(h[:, -1:])[:, 0], axis=-1).astype(
+        jnp.int32
+    )  # [B, V] only
     out = jnp.full((b, steps), pad_id, jnp.int32).at[:, 0].set(first)
 
     def more(carry):
