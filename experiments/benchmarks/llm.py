@@ -44,11 +44,11 @@ for the train step, about 30 GB in all: one 40/80 GB GPU, or FSDP over the
 chips of a TPU slice (the mesh takes every device).
 
 Measured (2026-12-01, ``--size tiny`` float32 on this project's shared
-2-core CPU at load average about 9-10, so noisy; ``results/benchmarks/llm.md``):
-pre-pass 4,479 real tokens/s (6,363 padded slots/s, 2.1e10 FLOP/s), bucketing
+2-core CPU at load average about 9, so noisy; ``results/benchmarks/llm.md``):
+pre-pass 4,506 real tokens/s (6,401 padded slots/s, 2.1e10 FLOP/s), bucketing
 waste 25.7% (29.6% with the last batches' fill), weighted / unweighted step
-time 1.19 (range 0.84-1.31 over 5 rounds), KV-cache decoding 2,690 tokens/s
-(2,173 for the whole call with its prefill); 79 s in all. No GPU/TPU run yet:
+time 1.03 (range 0.86-1.50 over 5 rounds), KV-cache decoding 4,104 tokens/s
+(2,912 for the whole call with its prefill); 82 s in all. No GPU/TPU run yet:
 run ``make bench-llm`` there and quote its JSON.
 """
 
