@@ -88,6 +88,11 @@ def _mask(params: dict, select) -> Any:
     return flowjax.trainable_mask(params, select)
 
 
+def finite(params) -> bool:
+    """Whether every parameter is finite (a diverged run is not)."""
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(params))
+
+
 def _head(path, _x) -> bool:
     return "head" in path
 
@@ -136,6 +141,9 @@ class Method:
             trainable=_mask(model.params, self.head_filter(t)),
             last=self.lp_last(model, t),
         )
+        if not finite(lp.params):  # a diverged run has no losses to weight by
+            self.taus.append(None)
+            return lp, None
         table = flowjax.per_example_losses(
             _batch_losses(
                 lp.graphdef, t if self.static_task else None, self.run.setting
@@ -268,6 +276,17 @@ class EWC(L2SP):
         )
 
     def end_task(self, model, t):
+        self.anchor = model.params
+        if not all(
+            np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(model.params)
+        ):
+            # Diverged (with FLOW's weights in the class-incremental setting): no Fisher
+            # exists; the run continues and is recorded as it is (``finite: false``).
+            if self.fisher is None:
+                self.fisher = jax.tree.map(
+                    np.zeros_like, jax.tree.map(np.asarray, model.params)
+                )
+            return model
         f = flowjax.diagonal_fisher(
             _example_loss(model.graphdef, None, self.run.setting),
             model.params,
@@ -278,7 +297,6 @@ class EWC(L2SP):
         f = _max_normalised(jax.tree.map(np.asarray, f))
         total = f if self.fisher is None else jax.tree.map(np.add, self.fisher, f)
         self.fisher = _max_normalised(total)
-        self.anchor = model.params
         return model
 
 

@@ -27,8 +27,33 @@ initialisation and data order per seed. PackNet and the progressive network need
 id at test time and run in the task-incremental setting only. "FLOW + X" are run for the
 ``flow_combinations`` best methods of each setting by mean ACC (FT and FLOW excluded).
 
-Numbers: see ``results/continual/results.md`` and the README's continual-learning
-section (this docstring quotes them once the full run has been made).
+Numbers the default command produced (5 seeds, mean ± std, %; jax 0.10.2 / flax 0.12.8 /
+optax 0.2.8 on the shared 2-core CPU; every row and FWT in ``results/continual/results.md``)::
+
+    task-incremental          ACC          BWT           class-incremental   ACC          BWT
+    Replay                    99.0 ± 0.4   -0.1 ± 0.7    Replay              88.1 ± 1.2   -8.8 ± 1.8
+    PackNet                   98.9 ± 0.3    0.0 ± 0.0    EWC                 22.7 ± 3.4  -94.0 ± 3.3
+    DER                       98.5 ± 0.6   -0.3 ± 0.3    DER                 21.6 ± 14.4 -13.0 ± 2.6
+    EWC                       98.1 ± 0.4   -0.2 ± 0.7    LoRA                13.6 ± 3.4  -76.3 ± 6.0
+    Progressive               97.2 ± 2.5    0.0 ± 0.0    Adapters            12.5 ± 3.0  -76.2 ± 13.6
+    FLOW + Replay             97.1 ± 0.8   +2.0 ± 1.0    FLOW + EWC          12.3 ± 2.8  -57.4 ± 28.1 (3 diverged)
+    LwF                       96.2 ± 3.6   -3.3 ± 4.2    LwF                 11.3 ± 2.7  -74.6 ± 13.7
+    FLOW + PackNet            93.6 ± 4.6    0.0 ± 0.0    FLOW                10.1 ± 0.0  -74.7 ± 7.9
+    FLOW                      92.5 ± 5.2   -2.6 ± 6.2    L2-SP               10.1 ± 0.6  -63.9 ± 11.1
+    Adapters                  91.8 ± 4.6    0.0 ± 0.0    FLOW + Replay       10.1 ± 0.1  -46.7 ± 22.8
+    SI                        89.9 ± 7.8  -11.3 ± 9.5    SI                  10.0 ± 0.0  -51.7 ± 20.3 (5 diverged)
+    L2-SP                     85.6 ± 7.2   -6.3 ± 5.5    FT                  10.0 ± 0.1  -76.9 ± 9.3
+    FT                        83.5 ± 4.0  -19.4 ± 4.9
+    LoRA                      74.7 ± 20.0 -12.5 ± 10.9
+
+Task-incremental: stored data (replay, DER) and parameter isolation (PackNet, the
+progressive network: BWT exactly 0) win; FLOW halves FT's forgetting but lowers the
+diagonal (plasticity), and lowers ACC when added to replay or PackNet. Class-incremental:
+only replay survives; FT does not even learn the last two tasks (50 % right after
+training them: one class predicted). FLOW fine-tunes from a pre-trained model without its
+data; in a task sequence each task's start plays that model, and FLOW's down-weighting of
+the new task's hard examples protects the shared features but not a shared head's old
+classes. See the README's continual-learning section.
 """
 
 from __future__ import annotations
@@ -85,9 +110,7 @@ def run_sequence(
         after.append(method.accuracy(model, test[t], t))
         model = method.end_task(model, t)
         R.append([method.accuracy(model, test[j], j) for j in range(T)])
-    finite = all(
-        bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(model.params)
-    )
+    finite = MM.finite(model.params)
     return {
         "seed": seed,
         "R": R,
@@ -95,17 +118,18 @@ def run_sequence(
         "after_task": after,
         "metrics": flowjax.sequence_metrics(R, baseline),
         "flow_tau": method.taus,
-        "finite": finite,
+        "finite": finite,  # False: the run diverged (kept, with what it measured)
     }
 
 
 def summarise(runs: list[dict]) -> dict:
     """Means and standard deviations over seeds (``ddof=0``; one seed gives std 0)."""
-    out = {"seeds": runs, "mean": {}, "std": {}}
+    out: dict = {"seeds": runs, "mean": {}, "std": {}}
     for k in METRICS:
         v = np.array([r["metrics"][k] for r in runs])
         out["mean"][k], out["std"][k] = float(v.mean()), float(v.std())
     out["R_mean"] = np.mean([r["R"] for r in runs], axis=0).tolist()
+    out["diverged_seeds"] = [r["seed"] for r in runs if not r["finite"]]
     return out
 
 
@@ -165,7 +189,9 @@ def write_markdown(res: dict, path: Path) -> None:
             cells = [
                 f"{100 * m['mean'][k]:.1f} ± {100 * m['std'][k]:.1f}" for k in METRICS
             ]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            bad = len(m["diverged_seeds"])
+            label = f"{name} ({bad} diverged)" if bad else name
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         if sres["flow_combined_with"]:
             lines += [
                 "",
