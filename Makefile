@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flowjax-installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: install test demo theory digits bench bench-llm bench-torch lm llm-tiny lint clean docs dist wheel-check
+.PHONY: install test demo theory digits continual bench bench-llm bench-torch lm llm-tiny lint clean docs dist wheel-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ theory: $(STAMP)
 # FLOW + LoRA, FLOW + WiSE-FT over 10 seeds; prints the table.
 digits: $(STAMP)
 	$(PY) -m experiments.digits.run --out results/digits
+
+# Every forgetting defence on a task sequence (digits split into 5 tasks of 2 classes,
+# task- and class-incremental, 5 seeds): accuracy matrices, ACC, BWT, FWT, forgetting.
+continual: $(STAMP)
+	$(PY) -m experiments.continual.run --out results/continual
 
 # What FLOW costs, every figure a ratio measured side by side in one run (not a test: timings
 # vary by machine): results/benchmarks/suite.json and suite.md.
