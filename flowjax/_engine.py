@@ -356,6 +356,36 @@ def map_examples(
         bar.update(len(ids))
         return len(ids)
 
+    # Single process, per example, no cache: finished steps are read in groups of about
+    # _READ_ROWS rows (one finiteness check, one concatenation), not one by one.
+    group: list[tuple[np.ndarray, np.ndarray]] = []
+    group_rows = 0
+
+    def read_group() -> None:
+        nonlocal group_rows
+        items = list(group)
+        group.clear()
+        group_rows = 0
+        if len(items) > 1:
+            values = np.concatenate([v[: len(i)] for v, i in items])
+            ids = np.concatenate([i for _, i in items])
+            if np.isfinite(np.sum(values, dtype=np.float64)):
+                items = [(values, ids)]
+        for item in items:  # step by step when one is not finite: the error names its ids
+            read(*item)
+
+    def finish(out, ids: np.ndarray) -> int:
+        """Reads a finished step, or (see ``group``) adds it to the group; its real rows."""
+        nonlocal group_rows
+        if not grouped:
+            return read(out, ids)
+        group.append((np.asarray(out), ids))
+        group_rows += len(ids)
+        if group_rows >= _READ_ROWS:
+            read_group()
+        return len(ids)
+
+    grouped = nproc == 1 and not reduce and cache is None
     steps = _local_steps(it, spec, size, served, bar, ledger.local)
     padding = None  # what a process with no data left (or a failed one) feeds
     in_flight: collections.deque = collections.deque()  # dispatched, not yet read
@@ -406,7 +436,7 @@ def map_examples(
             # Once a step is all padding everywhere, every later one is too: stop together.
             if len(in_flight) > _IN_FLIGHT:
                 try:
-                    if read(*in_flight.popleft()) == 0:
+                    if finish(*in_flight.popleft()) == 0:
                         break
                 except _Stop:
                     break
@@ -417,7 +447,9 @@ def map_examples(
                         raise
                     failed = failed or e
         while nproc == 1 and in_flight:
-            read(*in_flight.popleft())
+            finish(*in_flight.popleft())
+        if group:
+            read_group()
     finally:
         if cache is not None:
             cache.flush()  # CACHE (4/4): what is pending (also when stopping on an error)
@@ -673,6 +705,37 @@ class _SeenIds:
         if self._kept_count > len(self._merged) // 4:
             return self.merge()
         return _NONE, _NONE
+
+    def add_batches(self, batches: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`add` of several batches' ids at once (one vectorised check for them all).
+
+        Returns the same pair as adding them one by one would, together: ids
+        repeated within one of the batches, and ids that arrived again (seen
+        in an earlier batch, of this call or before).
+        """
+        if len(batches) == 1:
+            return self.add(batches[0])
+        ids = np.concatenate(batches)
+        if not len(ids):
+            return _NONE, _NONE
+        if not (
+            self._dense and self._cover(int(ids.min()), int(ids.max()), len(ids))
+        ):  # the sorted path keeps each batch, for its messages
+            out = [self.add(b) for b in batches]
+            twice = np.unique(np.concatenate([t for t, _ in out]))
+            return twice, np.setdiff1d(np.concatenate([a for _, a in out]), twice)
+        both, again = self._add_dense(ids)
+        if not (len(both) or len(again)):
+            return _NONE, _NONE
+        # Only for the message: of the ids repeated within this call, which repeat inside one batch.
+        within = [np.sort(b) for b in batches]
+        within = np.unique(np.concatenate([b[1:][b[1:] == b[:-1]] for b in within]))
+        return within, np.setdiff1d(np.union1d(again, both), within)
+
+    @property
+    def count(self) -> int:
+        """How many ids were added (the dense stamps' count, or the sorted ids)."""
+        return self._seen if self._dense else len(self._merged) + self._kept_count
 
     def _cover(self, lo: int, hi: int, n: int) -> bool:
         """Grows the stamps to cover ``[lo, hi]``; False when they would be too sparse."""
@@ -1073,20 +1136,21 @@ def _local_steps(
     copied once into the next step's buffer, which fills across batches (so
     a loader that refills its arrays in place cannot change rows waiting
     there). Only the last step is padded, by repeating its last real row
-    (valid inputs; dropped from the result).
+    (valid inputs; dropped from the result). Duplicate ids are checked for a
+    group of batches at a time (:class:`_IdCheck`); with a cache, batch by
+    batch.
     """
     shapes = list(zip(spec.shapes, spec.dtypes, strict=True))
     buf: list[np.ndarray] | None = None  # the step being filled, across batches
-    buf_ids: list[np.ndarray] = []
+    buf_ids = np.zeros(0, np.int64)
     filled = 0
+    check = _IdCheck(seen, every_batch=served is not None)
     for batch in batches:
         ids, leaves = spec.check(batch)
         # A copy: the ids are read (and cached) steps later, and a loader may refill its
         # arrays in place for the next batch. (The fields are consumed at dispatch.)
         ids = np.array(ids, np.int64)
-        twice, again = seen.add(ids)
-        if len(twice) or len(again):
-            raise ValueError(_duplicates(twice, again))
+        check.add(ids)
         if served is not None:  # skip the rows an earlier run finished
             keep = served.take(ids, leaves)
             if not keep.all():
@@ -1101,20 +1165,54 @@ def _local_steps(
                 continue
             if buf is None:
                 buf = [np.empty((batch_size, *s), d) for s, d in shapes]
+                buf_ids = np.empty(batch_size, np.int64)
             take = min(batch_size - filled, n - start)
             for b, x in zip(buf, leaves, strict=True):
                 b[filled : filled + take] = x[start : start + take]
-            buf_ids.append(ids[start : start + take])
+            buf_ids[filled : filled + take] = ids[start : start + take]
             filled, start = filled + take, start + take
             if filled == batch_size:
-                yield _Step(buf, np.concatenate(buf_ids))
-                buf, buf_ids, filled = None, [], 0
-    if (
-        filled
-    ):  # pad by repeating the last real row: valid inputs, dropped from the result
+                yield _Step(buf, buf_ids)
+                buf, filled = None, 0
+    check.flush()
+    if filled:  # pad by repeating the last real row: valid inputs, dropped from the result
         for b in buf:
             b[filled:] = b[filled - 1]
-        yield _Step(buf, np.concatenate(buf_ids))
+        yield _Step(buf, buf_ids[:filled])
+
+
+class _IdCheck:
+    """The duplicate-id check of one process's batches, a group of batches at a time.
+
+    The batches' ids go to :meth:`_SeenIds.add_batches` together once they
+    reach a quarter of the ids seen so far (at most ``_CHECK_ROWS``), so a
+    repeated id is still found within a quarter of a pass (the first batches
+    one by one), for a few numpy calls per group instead of per batch; the
+    error names the ids as a batch-by-batch check would.
+    """
+
+    def __init__(self, seen: _SeenIds, every_batch: bool = False) -> None:
+        self._seen, self._every = seen, every_batch
+        self._batches: list[np.ndarray] = []
+        self._rows = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        self._batches.append(ids)
+        self._rows += len(ids)
+        if self._every or self._rows >= min(_CHECK_ROWS, self._seen.count // 4):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._batches:
+            return
+        batches, self._batches, self._rows = self._batches, [], 0
+        twice, again = self._seen.add_batches(batches)
+        if len(twice) or len(again):
+            raise ValueError(_duplicates(twice, again))
+
+
+_CHECK_ROWS = 16384  # ids checked together for duplicates, at most
+_READ_ROWS = 16384  # rows of finished steps read together (single process, no cache)
 
 
 # The default step of per_example_losses: batches are merged up to this much input per step.
