@@ -26,7 +26,9 @@ their sum over examples). One process's view:
    (real, padding, or "this process failed"). Ids stay exact int64 without
    ``jax_enable_x64``.
 4. Results are read ``_IN_FLIGHT`` steps behind dispatch, so the device never
-   waits for the host. A process that runs out of data feeds padding until a
+   waits for the host (a single process without a cache checks and keeps them
+   a group of ``_READ_ROWS`` rows at a time: a few numpy calls per group, not
+   per step). A process that runs out of data feeds padding until a
    step has no real row on any process; then all stop together.
 5. Resumable: an optional ``cache`` serves rows finished by an earlier,
    killed run; their examples are skipped, and every process's served rows
@@ -57,7 +59,8 @@ collective:
 Duplicate ids are caught as they arrive (:class:`_SeenIds`: an int32 stamp per
 id for dense ids, else one sorted numpy array that kept batches are merged
 into once they reach a quarter of it; no per-id Python work), per process as
-batches are fed (cached ones too), and,
+batches are fed (cached ones too; a single process without a cache checks a
+group of batches at once, up to a quarter of the ids so far), and,
 multi-process, across processes as each step's replicated ids are read; so an
 endless or multi-epoch loader fails within a quarter of its second pass.
 """
@@ -386,7 +389,7 @@ def map_examples(
         return len(ids)
 
     grouped = nproc == 1 and not reduce and cache is None
-    steps = _local_steps(it, spec, size, served, bar, ledger.local)
+    steps = _local_steps(it, spec, size, served, bar, ledger.local, nproc > 1)
     padding = None  # what a process with no data left (or a failed one) feeds
     in_flight: collections.deque = collections.deque()  # dispatched, not yet read
     probe_first = batched and step not in _CHECKED
@@ -1127,7 +1130,13 @@ class _Step(NamedTuple):
 
 
 def _local_steps(
-    batches, spec: _Spec, batch_size: int, served, bar, seen: _SeenIds
+    batches,
+    spec: _Spec,
+    batch_size: int,
+    served,
+    bar,
+    seen: _SeenIds,
+    every_batch: bool = False,
 ) -> Iterator[_Step]:
     """This process's fixed-shape steps: validated, duplicate-free, cached examples skipped.
 
@@ -1137,14 +1146,15 @@ def _local_steps(
     a loader that refills its arrays in place cannot change rows waiting
     there). Only the last step is padded, by repeating its last real row
     (valid inputs; dropped from the result). Duplicate ids are checked for a
-    group of batches at a time (:class:`_IdCheck`); with a cache, batch by
+    group of batches at a time (:class:`_IdCheck`); with a cache or
+    ``every_batch`` (multi-process: an error within a few steps), batch by
     batch.
     """
     shapes = list(zip(spec.shapes, spec.dtypes, strict=True))
     buf: list[np.ndarray] | None = None  # the step being filled, across batches
     buf_ids = np.zeros(0, np.int64)
     filled = 0
-    check = _IdCheck(seen, every_batch=served is not None)
+    check = _IdCheck(seen, every_batch=every_batch or served is not None)
     for batch in batches:
         ids, leaves = spec.check(batch)
         # A copy: the ids are read (and cached) steps later, and a loader may refill its
