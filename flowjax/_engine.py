@@ -389,7 +389,10 @@ def map_examples(
         return len(ids)
 
     grouped = nproc == 1 and not reduce and cache is None
-    steps = _local_steps(it, spec, size, served, bar, ledger.local, nproc > 1)
+    # A list or tuple of batches holds all of them at once: none is refilled in place, so a
+    # step may view the rows of several adjacent batches instead of copying them.
+    stable = isinstance(batches, list | tuple)
+    steps = _local_steps(it, spec, size, served, bar, ledger.local, nproc > 1, stable)
     padding = None  # what a process with no data left (or a failed one) feeds
     in_flight: collections.deque = collections.deque()  # dispatched, not yet read
     probe_first = batched and step not in _CHECKED
@@ -1137,6 +1140,7 @@ def _local_steps(
     bar,
     seen: _SeenIds,
     every_batch: bool = False,
+    stable: bool = False,
 ) -> Iterator[_Step]:
     """This process's fixed-shape steps: validated, duplicate-free, cached examples skipped.
 
@@ -1144,16 +1148,16 @@ def _local_steps(
     steps inside a batch go as views (consumed at dispatch), the rest is
     copied once into the next step's buffer, which fills across batches (so
     a loader that refills its arrays in place cannot change rows waiting
-    there). Only the last step is padded, by repeating its last real row
+    there; ``stable`` batches, a list, which nothing refills, fill a step with
+    views instead where their rows lie next to each other in one array, see
+    :class:`_Filling`). Only the last step is padded, by repeating its last real row
     (valid inputs; dropped from the result). Duplicate ids are checked for a
     group of batches at a time (:class:`_IdCheck`); with a cache or
     ``every_batch`` (multi-process: an error within a few steps), batch by
     batch.
     """
     shapes = list(zip(spec.shapes, spec.dtypes, strict=True))
-    buf: list[np.ndarray] | None = None  # the step being filled, across batches
-    buf_ids = np.zeros(0, np.int64)
-    filled = 0
+    step: _Filling | None = None  # the step being filled, across batches
     check = _IdCheck(seen, every_batch=every_batch or served is not None)
     for batch in batches:
         ids, leaves = spec.check(batch)
@@ -1168,27 +1172,104 @@ def _local_steps(
                 ids, leaves = ids[keep], [x[keep] for x in leaves]
         n, start = len(ids), 0
         while start < n:
-            if not filled and n - start >= batch_size:  # a whole step: views
+            if step is None and n - start >= batch_size:  # a whole step: views
                 stop = start + batch_size
                 yield _Step([x[start:stop] for x in leaves], ids[start:stop])
                 start = stop
                 continue
-            if buf is None:
-                buf = [np.empty((batch_size, *s), d) for s, d in shapes]
-                buf_ids = np.empty(batch_size, np.int64)
-            take = min(batch_size - filled, n - start)
-            for b, x in zip(buf, leaves, strict=True):
-                b[filled : filled + take] = x[start : start + take]
-            buf_ids[filled : filled + take] = ids[start : start + take]
-            filled, start = filled + take, start + take
-            if filled == batch_size:
-                yield _Step(buf, buf_ids)
-                buf, filled = None, 0
+            if step is None:
+                step = _Filling(shapes, batch_size, stable)
+            take = min(batch_size - step.filled, n - start)
+            step.add(leaves, ids, start, take)
+            start += take
+            if step.filled == batch_size:
+                yield _Step(step.leaves(), step.ids)
+                step = None
     check.flush()
-    if filled:  # pad by repeating the last real row: valid inputs, dropped from the result
-        for b in buf:
-            b[filled:] = b[filled - 1]
-        yield _Step(buf, buf_ids[:filled])
+    if step is not None:  # padded by repeating the last real row (dropped from the result)
+        yield _Step(step.leaves(), step.ids[: step.filled])
+
+
+class _Filling:
+    """The step being filled across batches: per field, a buffer the rows are copied into.
+
+    With ``views`` (the batches are a list: nothing refills them), a field's
+    rows stay views while each batch's rows follow the previous ones in one
+    C-contiguous array (a list of slices of one array, as a notebook makes),
+    and the step is one view of them: no copy of the step's input on the
+    host (jit copies it to the device in any case). Chunks under
+    ``_VIEW_BYTES`` are copied (checking costs more than copying them).
+    """
+
+    def __init__(self, shapes, size: int, views: bool) -> None:
+        self._shapes, self._size = shapes, size
+        self.ids = np.empty(size, np.int64)
+        self.filled = 0
+        self._parts: list[list[np.ndarray] | None] = [
+            [] if views else None for _ in shapes
+        ]
+        self._buf: list[np.ndarray | None] = [None] * len(shapes)
+
+    def add(self, leaves, ids: np.ndarray, start: int, take: int) -> None:
+        at = self.filled
+        for i, x in enumerate(leaves):
+            chunk, parts = x[start : start + take], self._parts[i]
+            if (
+                parts is not None
+                and chunk.nbytes >= _VIEW_BYTES
+                and (not parts or _follows(parts[-1], chunk))
+            ):
+                parts.append(chunk)
+            else:
+                self._buffer(i)[at : at + take] = chunk
+        self.ids[at : at + take] = ids[start : start + take]
+        self.filled += take
+
+    def _buffer(self, i: int) -> np.ndarray:
+        """Field ``i``'s buffer (from now on), holding the rows viewed so far."""
+        if self._buf[i] is None:
+            shape, dtype = self._shapes[i]
+            buf, at = np.empty((self._size, *shape), dtype), 0
+            for part in self._parts[i] or ():
+                buf[at : at + len(part)] = part
+                at += len(part)
+            self._buf[i], self._parts[i] = buf, None
+        return self._buf[i]
+
+    def leaves(self) -> list[np.ndarray]:
+        """The step's fields, ``size`` rows each (a short step padded with its last row)."""
+        out = []
+        for i, parts in enumerate(self._parts):
+            if self.filled == self._size and parts:
+                out.append(
+                    np.lib.stride_tricks.as_strided(
+                        parts[0],
+                        shape=(self._size, *parts[0].shape[1:]),
+                        strides=parts[0].strides,
+                        writeable=False,
+                    )
+                )
+                continue
+            buf = self._buffer(i)
+            buf[self.filled :] = buf[self.filled - 1]
+            out.append(buf)
+        return out
+
+
+_VIEW_BYTES = 1 << 16
+
+
+def _follows(prev: np.ndarray, x: np.ndarray) -> bool:
+    """Whether ``x``'s rows start where ``prev``'s end, in one C-contiguous array."""
+    return (
+        x.base is not None
+        and x.base is prev.base
+        and x.dtype == prev.dtype
+        and x.flags.c_contiguous
+        and prev.flags.c_contiguous
+        and x.__array_interface__["data"][0]
+        == prev.__array_interface__["data"][0] + prev.nbytes
+    )
 
 
 class _IdCheck:

@@ -279,3 +279,33 @@ def test_a_nan_in_a_group_of_read_steps_names_its_example():
     )
     np.testing.assert_array_equal(table.ids, np.arange(n))
     np.testing.assert_array_equal(table.losses, x[:, 0])
+
+
+def test_steps_viewing_adjacent_batches_of_a_list_equal_copied_ones():
+    """A list of slices of one array fills merged steps with views; other layouts are copied."""
+    rng = np.random.default_rng(0)
+    n, width = 100, 8192  # 32 KiB per example: batches of 4 are chunks of 128 KiB
+    x = rng.normal(size=(n, width)).astype(np.float32)
+    y = rng.normal(size=(n,)).astype(np.float32)
+    ids = rng.permutation(n).astype(np.int64)
+    loss = lambda p, b: b["x"] @ p - b["y"]  # noqa: E731
+    p = jnp.asarray(rng.normal(size=(width,)).astype(np.float32))
+    ref = np.asarray(x @ np.asarray(p) - y)[np.argsort(ids)]
+
+    def run(batches, **kw):
+        t = flowjax.per_example_losses(loss, p, batches, batched=True, progress=False, **kw)
+        np.testing.assert_array_equal(t.ids, np.sort(ids))
+        return t.losses
+
+    sizes = [4, 3, 9, 4, 16]
+    starts = np.cumsum([0, *sizes * 10])
+    starts = starts[starts < n].tolist() + [n]
+    adjacent = [
+        {"id": ids[a:b], "x": x[a:b], "y": y[a:b]} for a, b in zip(starts, starts[1:])
+    ]
+    copied = [{k: np.array(v) for k, v in b.items()} for b in adjacent]  # own arrays
+    copied_steps = run(copied, step_size=16)  # the same steps, copied into buffers
+    np.testing.assert_allclose(copied_steps, ref, rtol=1e-4, atol=1e-3)
+    for batches in (adjacent, tuple(adjacent), adjacent[::-1], iter(adjacent)):
+        np.testing.assert_array_equal(run(batches, step_size=16), copied_steps)
+    np.testing.assert_allclose(run(adjacent, step_size=32), ref, rtol=1e-4, atol=1e-3)
