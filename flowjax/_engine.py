@@ -26,7 +26,9 @@ their sum over examples). One process's view:
    (real, padding, or "this process failed"). Ids stay exact int64 without
    ``jax_enable_x64``.
 4. Results are read ``_IN_FLIGHT`` steps behind dispatch, so the device never
-   waits for the host. A process that runs out of data feeds padding until a
+   waits for the host (a single process without a cache checks and keeps them
+   a group of ``_READ_ROWS`` rows at a time: a few numpy calls per group, not
+   per step). A process that runs out of data feeds padding until a
    step has no real row on any process; then all stop together.
 5. Resumable: an optional ``cache`` serves rows finished by an earlier,
    killed run; their examples are skipped, and every process's served rows
@@ -57,7 +59,8 @@ collective:
 Duplicate ids are caught as they arrive (:class:`_SeenIds`: an int32 stamp per
 id for dense ids, else one sorted numpy array that kept batches are merged
 into once they reach a quarter of it; no per-id Python work), per process as
-batches are fed (cached ones too), and,
+batches are fed (cached ones too; a single process without a cache checks a
+group of batches at once, up to a quarter of the ids so far), and,
 multi-process, across processes as each step's replicated ids are read; so an
 endless or multi-epoch loader fails within a quarter of its second pass.
 """
@@ -356,7 +359,40 @@ def map_examples(
         bar.update(len(ids))
         return len(ids)
 
-    steps = _local_steps(it, spec, size, served, bar, ledger.local)
+    # Single process, per example, no cache: finished steps are read in groups of about
+    # _READ_ROWS rows (one finiteness check, one concatenation), not one by one.
+    group: list[tuple[np.ndarray, np.ndarray]] = []
+    group_rows = 0
+
+    def read_group() -> None:
+        nonlocal group_rows
+        items = list(group)
+        group.clear()
+        group_rows = 0
+        if len(items) > 1:
+            values = np.concatenate([v[: len(i)] for v, i in items])
+            ids = np.concatenate([i for _, i in items])
+            if np.isfinite(np.sum(values, dtype=np.float64)):
+                items = [(values, ids)]
+        for item in items:  # step by step when one is not finite: the error names its ids
+            read(*item)
+
+    def finish(out, ids: np.ndarray) -> int:
+        """Reads a finished step, or (see ``group``) adds it to the group; its real rows."""
+        nonlocal group_rows
+        if not grouped:
+            return read(out, ids)
+        group.append((np.asarray(out), ids))
+        group_rows += len(ids)
+        if group_rows >= _READ_ROWS:
+            read_group()
+        return len(ids)
+
+    grouped = nproc == 1 and not reduce and cache is None
+    # A list or tuple of batches holds all of them at once: none is refilled in place, so a
+    # step may view the rows of several adjacent batches instead of copying them.
+    stable = isinstance(batches, list | tuple)
+    steps = _local_steps(it, spec, size, served, bar, ledger.local, nproc > 1, stable)
     padding = None  # what a process with no data left (or a failed one) feeds
     in_flight: collections.deque = collections.deque()  # dispatched, not yet read
     probe_first = batched and step not in _CHECKED
@@ -406,7 +442,7 @@ def map_examples(
             # Once a step is all padding everywhere, every later one is too: stop together.
             if len(in_flight) > _IN_FLIGHT:
                 try:
-                    if read(*in_flight.popleft()) == 0:
+                    if finish(*in_flight.popleft()) == 0:
                         break
                 except _Stop:
                     break
@@ -417,7 +453,9 @@ def map_examples(
                         raise
                     failed = failed or e
         while nproc == 1 and in_flight:
-            read(*in_flight.popleft())
+            finish(*in_flight.popleft())
+        if group:
+            read_group()
     finally:
         if cache is not None:
             cache.flush()  # CACHE (4/4): what is pending (also when stopping on an error)
@@ -673,6 +711,37 @@ class _SeenIds:
         if self._kept_count > len(self._merged) // 4:
             return self.merge()
         return _NONE, _NONE
+
+    def add_batches(self, batches: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`add` of several batches' ids at once (one vectorised check for them all).
+
+        Returns the same pair as adding them one by one would, together: ids
+        repeated within one of the batches, and ids that arrived again (seen
+        in an earlier batch, of this call or before).
+        """
+        if len(batches) == 1:
+            return self.add(batches[0])
+        ids = np.concatenate(batches)
+        if not len(ids):
+            return _NONE, _NONE
+        if not (
+            self._dense and self._cover(int(ids.min()), int(ids.max()), len(ids))
+        ):  # the sorted path keeps each batch, for its messages
+            out = [self.add(b) for b in batches]
+            twice = np.unique(np.concatenate([t for t, _ in out]))
+            return twice, np.setdiff1d(np.concatenate([a for _, a in out]), twice)
+        both, again = self._add_dense(ids)
+        if not (len(both) or len(again)):
+            return _NONE, _NONE
+        # Only for the message: of the ids repeated within this call, which repeat inside one batch.
+        within = [np.sort(b) for b in batches]
+        within = np.unique(np.concatenate([b[1:][b[1:] == b[:-1]] for b in within]))
+        return within, np.setdiff1d(np.union1d(again, both), within)
+
+    @property
+    def count(self) -> int:
+        """How many ids were added (the dense stamps' count, or the sorted ids)."""
+        return self._seen if self._dense else len(self._merged) + self._kept_count
 
     def _cover(self, lo: int, hi: int, n: int) -> bool:
         """Grows the stamps to cover ``[lo, hi]``; False when they would be too sparse."""
@@ -1064,7 +1133,14 @@ class _Step(NamedTuple):
 
 
 def _local_steps(
-    batches, spec: _Spec, batch_size: int, served, bar, seen: _SeenIds
+    batches,
+    spec: _Spec,
+    batch_size: int,
+    served,
+    bar,
+    seen: _SeenIds,
+    every_batch: bool = False,
+    stable: bool = False,
 ) -> Iterator[_Step]:
     """This process's fixed-shape steps: validated, duplicate-free, cached examples skipped.
 
@@ -1072,21 +1148,23 @@ def _local_steps(
     steps inside a batch go as views (consumed at dispatch), the rest is
     copied once into the next step's buffer, which fills across batches (so
     a loader that refills its arrays in place cannot change rows waiting
-    there). Only the last step is padded, by repeating its last real row
-    (valid inputs; dropped from the result).
+    there; ``stable`` batches, a list, which nothing refills, fill a step with
+    views instead where their rows lie next to each other in one array, see
+    :class:`_Filling`). Only the last step is padded, by repeating its last real row
+    (valid inputs; dropped from the result). Duplicate ids are checked for a
+    group of batches at a time (:class:`_IdCheck`); with a cache or
+    ``every_batch`` (multi-process: an error within a few steps), batch by
+    batch.
     """
     shapes = list(zip(spec.shapes, spec.dtypes, strict=True))
-    buf: list[np.ndarray] | None = None  # the step being filled, across batches
-    buf_ids: list[np.ndarray] = []
-    filled = 0
+    step: _Filling | None = None  # the step being filled, across batches
+    check = _IdCheck(seen, every_batch=every_batch or served is not None)
     for batch in batches:
         ids, leaves = spec.check(batch)
         # A copy: the ids are read (and cached) steps later, and a loader may refill its
         # arrays in place for the next batch. (The fields are consumed at dispatch.)
         ids = np.array(ids, np.int64)
-        twice, again = seen.add(ids)
-        if len(twice) or len(again):
-            raise ValueError(_duplicates(twice, again))
+        check.add(ids)
         if served is not None:  # skip the rows an earlier run finished
             keep = served.take(ids, leaves)
             if not keep.all():
@@ -1094,27 +1172,138 @@ def _local_steps(
                 ids, leaves = ids[keep], [x[keep] for x in leaves]
         n, start = len(ids), 0
         while start < n:
-            if not filled and n - start >= batch_size:  # a whole step: views
+            if step is None and n - start >= batch_size:  # a whole step: views
                 stop = start + batch_size
                 yield _Step([x[start:stop] for x in leaves], ids[start:stop])
                 start = stop
                 continue
-            if buf is None:
-                buf = [np.empty((batch_size, *s), d) for s, d in shapes]
-            take = min(batch_size - filled, n - start)
-            for b, x in zip(buf, leaves, strict=True):
-                b[filled : filled + take] = x[start : start + take]
-            buf_ids.append(ids[start : start + take])
-            filled, start = filled + take, start + take
-            if filled == batch_size:
-                yield _Step(buf, np.concatenate(buf_ids))
-                buf, buf_ids, filled = None, [], 0
-    if (
-        filled
-    ):  # pad by repeating the last real row: valid inputs, dropped from the result
-        for b in buf:
-            b[filled:] = b[filled - 1]
-        yield _Step(buf, np.concatenate(buf_ids))
+            if step is None:
+                step = _Filling(shapes, batch_size, stable)
+            take = min(batch_size - step.filled, n - start)
+            step.add(leaves, ids, start, take)
+            start += take
+            if step.filled == batch_size:
+                yield _Step(step.leaves(), step.ids)
+                step = None
+    check.flush()
+    if step is not None:  # padded by repeating the last real row (dropped from the result)
+        yield _Step(step.leaves(), step.ids[: step.filled])
+
+
+class _Filling:
+    """The step being filled across batches: per field, a buffer the rows are copied into.
+
+    With ``views`` (the batches are a list: nothing refills them), a field's
+    rows stay views while each batch's rows follow the previous ones in one
+    C-contiguous array (a list of slices of one array, as a notebook makes),
+    and the step is one view of them: no copy of the step's input on the
+    host (jit copies it to the device in any case). Chunks under
+    ``_VIEW_BYTES`` are copied (checking costs more than copying them).
+    """
+
+    def __init__(self, shapes, size: int, views: bool) -> None:
+        self._shapes, self._size = shapes, size
+        self.ids = np.empty(size, np.int64)
+        self.filled = 0
+        self._parts: list[list[np.ndarray] | None] = [
+            [] if views else None for _ in shapes
+        ]
+        self._buf: list[np.ndarray | None] = [None] * len(shapes)
+
+    def add(self, leaves, ids: np.ndarray, start: int, take: int) -> None:
+        at = self.filled
+        for i, x in enumerate(leaves):
+            chunk, parts = x[start : start + take], self._parts[i]
+            if (
+                parts is not None
+                and chunk.nbytes >= _VIEW_BYTES
+                and (not parts or _follows(parts[-1], chunk))
+            ):
+                parts.append(chunk)
+            else:
+                self._buffer(i)[at : at + take] = chunk
+        self.ids[at : at + take] = ids[start : start + take]
+        self.filled += take
+
+    def _buffer(self, i: int) -> np.ndarray:
+        """Field ``i``'s buffer (from now on), holding the rows viewed so far."""
+        if self._buf[i] is None:
+            shape, dtype = self._shapes[i]
+            buf, at = np.empty((self._size, *shape), dtype), 0
+            for part in self._parts[i] or ():
+                buf[at : at + len(part)] = part
+                at += len(part)
+            self._buf[i], self._parts[i] = buf, None
+        return self._buf[i]
+
+    def leaves(self) -> list[np.ndarray]:
+        """The step's fields, ``size`` rows each (a short step padded with its last row)."""
+        out = []
+        for i, parts in enumerate(self._parts):
+            if self.filled == self._size and parts:
+                out.append(
+                    np.lib.stride_tricks.as_strided(
+                        parts[0],
+                        shape=(self._size, *parts[0].shape[1:]),
+                        strides=parts[0].strides,
+                        writeable=False,
+                    )
+                )
+                continue
+            buf = self._buffer(i)
+            buf[self.filled :] = buf[self.filled - 1]
+            out.append(buf)
+        return out
+
+
+_VIEW_BYTES = 1 << 16
+
+
+def _follows(prev: np.ndarray, x: np.ndarray) -> bool:
+    """Whether ``x``'s rows start where ``prev``'s end, in one C-contiguous array."""
+    return (
+        x.base is not None
+        and x.base is prev.base
+        and x.dtype == prev.dtype
+        and x.flags.c_contiguous
+        and prev.flags.c_contiguous
+        and x.__array_interface__["data"][0]
+        == prev.__array_interface__["data"][0] + prev.nbytes
+    )
+
+
+class _IdCheck:
+    """The duplicate-id check of one process's batches, a group of batches at a time.
+
+    The batches' ids go to :meth:`_SeenIds.add_batches` together once they
+    reach a quarter of the ids seen so far (at most ``_CHECK_ROWS``), so a
+    repeated id is still found within a quarter of a pass (the first batches
+    one by one), for a few numpy calls per group instead of per batch; the
+    error names the ids as a batch-by-batch check would.
+    """
+
+    def __init__(self, seen: _SeenIds, every_batch: bool = False) -> None:
+        self._seen, self._every = seen, every_batch
+        self._batches: list[np.ndarray] = []
+        self._rows = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        self._batches.append(ids)
+        self._rows += len(ids)
+        if self._every or self._rows >= min(_CHECK_ROWS, self._seen.count // 4):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._batches:
+            return
+        batches, self._batches, self._rows = self._batches, [], 0
+        twice, again = self._seen.add_batches(batches)
+        if len(twice) or len(again):
+            raise ValueError(_duplicates(twice, again))
+
+
+_CHECK_ROWS = 16384  # ids checked together for duplicates, at most
+_READ_ROWS = 16384  # rows of finished steps read together (single process, no cache)
 
 
 # The default step of per_example_losses: batches are merged up to this much input per step.

@@ -671,3 +671,29 @@ def test_row_digests_are_xxh3_of_each_row_and_see_every_field():
         again = _cache.row_digests(changed, 5)
         assert (again[r] != both[r]).any()
         np.testing.assert_array_equal(np.delete(again, r, 0), np.delete(both, r, 0))
+
+
+def test_program_digest_is_remembered_per_step_and_argument_layout():
+    """A second digest of the same jitted step and argument layout skips the lowering."""
+    def f(p, x):
+        return x @ p
+
+    step = jax.jit(f)
+    lowered = []
+    real_lower = step.lower
+
+    class Spy:  # counts lowerings; jit objects cannot be patched in place
+        def lower(self, *a):
+            lowered.append(1)
+            return real_lower(*a)
+
+    spy = Spy()
+    p, x = jnp.ones(3), np.ones((4, 3), np.float32)
+    first = _cache.program_digest(spy, p, x)
+    assert _cache.program_digest(spy, p, x) == first and len(lowered) == 1
+    # Another shape or dtype is another program: lowered again, another digest.
+    assert _cache.program_digest(spy, p, np.ones((5, 3), np.float32)) != first
+    assert _cache.program_digest(spy, p.astype(jnp.bfloat16), x) != first
+    assert len(lowered) == 3
+    # The same digest as an unremembered step's.
+    assert _cache.program_digest(jax.jit(f), p, x) == first

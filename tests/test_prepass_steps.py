@@ -210,3 +210,102 @@ def test_ids_that_turn_sparse_midway_still_catch_a_repeat_of_an_early_id():
     seen.add(np.array([150, 7]))
     twice, again = seen.merge()
     assert twice.tolist() == [] and again.tolist() == [150]
+
+
+def test_ids_checked_in_groups_give_the_batch_by_batch_messages():
+    """Past the first batches ids are checked a group at a time; the errors still say which kind."""
+    n, size = 20_000, 250  # a quarter of the ids seen: groups of up to 20 batches
+    x = np.zeros((size, 1), np.float32)
+
+    def feed(last):
+        for s in range(0, n, size):
+            yield {"id": np.arange(s, s + size, dtype=np.int64), "x": x}
+        yield {"id": last, "x": x}
+
+    loss = lambda p, ex: jnp.sum(ex["x"]) * p  # noqa: E731
+    run = lambda last: flowjax.per_example_losses(  # noqa: E731
+        loss, jnp.float32(1.0), feed(last), progress=False
+    )
+    fresh = np.arange(n, n + size, dtype=np.int64)
+    twice = fresh.copy()
+    twice[7] = twice[3]
+    with pytest.raises(ValueError, match=rf"within one batch: \[{n + 3}\]"):
+        run(twice)
+    again = fresh.copy()
+    again[5] = 123
+    with pytest.raises(ValueError, match=r"duplicate example ids: \[123\] arrived again"):
+        run(again)
+    assert len(run(fresh).ids) == n + size
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_add_batches_is_adding_them_one_by_one(dense):
+    rng = np.random.default_rng(0)
+    scale = 1 if dense else 10**9
+    batches = [rng.permutation(64).astype(np.int64) * scale + 64 * k * scale for k in range(6)]
+    batches[2][5] = batches[2][9]  # within batch 2
+    batches[4][0] = batches[1][3]  # batch 4 repeats an id of batch 1
+    one, group = _engine._SeenIds(), _engine._SeenIds()
+    one.add(batches[0]), group.add(batches[0])
+    out = [one.add(b) for b in batches[1:]] + [one.merge()]
+    twice = np.unique(np.concatenate([t for t, _ in out]))
+    again = np.setdiff1d(np.concatenate([a for _, a in out]), twice)
+    got = [group.add_batches(batches[1:]), group.merge()]
+    got_twice = np.unique(np.concatenate([t for t, _ in got]))
+    got_again = np.setdiff1d(np.concatenate([a for _, a in got]), got_twice)
+    np.testing.assert_array_equal(got_twice, [batches[2][9]])
+    np.testing.assert_array_equal(got_twice, twice)
+    np.testing.assert_array_equal(got_again, [batches[1][3]])
+    np.testing.assert_array_equal(got_again, again)
+
+
+def test_a_nan_in_a_group_of_read_steps_names_its_example():
+    """Finished steps are read in groups; a NaN anywhere in one still names its id."""
+    n = 40_000
+    x = np.ones((n, 1), np.float32)
+    x[31_234] = np.nan
+    batches = [
+        {"id": np.arange(s, s + 1000, dtype=np.int64), "x": x[s : s + 1000]}
+        for s in range(0, n, 1000)
+    ]
+    loss = lambda p, b: b["x"][:, 0] * p  # noqa: E731
+    with pytest.raises(ValueError, match=r"NaN or infinite losses for example.*31234"):
+        flowjax.per_example_losses(
+            loss, jnp.float32(1.0), batches, batched=True, progress=False
+        )
+    x[31_234] = 2.0
+    table = flowjax.per_example_losses(
+        loss, jnp.float32(1.0), batches, batched=True, progress=False
+    )
+    np.testing.assert_array_equal(table.ids, np.arange(n))
+    np.testing.assert_array_equal(table.losses, x[:, 0])
+
+
+def test_steps_viewing_adjacent_batches_of_a_list_equal_copied_ones():
+    """A list of slices of one array fills merged steps with views; other layouts are copied."""
+    rng = np.random.default_rng(0)
+    n, width = 100, 8192  # 32 KiB per example: batches of 4 are chunks of 128 KiB
+    x = rng.normal(size=(n, width)).astype(np.float32)
+    y = rng.normal(size=(n,)).astype(np.float32)
+    ids = rng.permutation(n).astype(np.int64)
+    loss = lambda p, b: b["x"] @ p - b["y"]  # noqa: E731
+    p = jnp.asarray(rng.normal(size=(width,)).astype(np.float32))
+    ref = np.asarray(x @ np.asarray(p) - y)[np.argsort(ids)]
+
+    def run(batches, **kw):
+        t = flowjax.per_example_losses(loss, p, batches, batched=True, progress=False, **kw)
+        np.testing.assert_array_equal(t.ids, np.sort(ids))
+        return t.losses
+
+    sizes = [4, 3, 9, 4, 16]
+    starts = np.cumsum([0, *sizes * 10])
+    starts = starts[starts < n].tolist() + [n]
+    adjacent = [
+        {"id": ids[a:b], "x": x[a:b], "y": y[a:b]} for a, b in zip(starts, starts[1:])
+    ]
+    copied = [{k: np.array(v) for k, v in b.items()} for b in adjacent]  # own arrays
+    copied_steps = run(copied, step_size=16)  # the same steps, copied into buffers
+    np.testing.assert_allclose(copied_steps, ref, rtol=1e-4, atol=1e-3)
+    for batches in (adjacent, tuple(adjacent), adjacent[::-1], iter(adjacent)):
+        np.testing.assert_array_equal(run(batches, step_size=16), copied_steps)
+    np.testing.assert_allclose(run(adjacent, step_size=32), ref, rtol=1e-4, atol=1e-3)

@@ -6,21 +6,26 @@ Command::
                    # writes results/benchmarks/suite.json and suite.md
 
 Every figure is a ratio of two things timed in the same run, in alternated
-rounds (A, B, A, B, ...; compilation excluded by a warm-up of each), reported
+rounds (A, B, B, A, ...: the order rotates; compilation excluded by two
+warm-ups of each), reported
 as the median over rounds of the per-round ratio with its range (min-max),
 so the slow drift of a shared machine cancels. ``--quick`` runs the same
 code on tiny sizes (the test suite runs it). The figures:
 
 * ``prepass``: ``per_example_losses`` (batched loss, default step size)
   against a plain ``jax.jit`` batched forward + loss on the same batches of
-  256, for the MLP and the CNN of :mod:`experiments.benchmarks.prepass`:
-  plain time / pre-pass time (>= 1 is a pre-pass as fast as the forward).
+  256, for the MLP and the CNN of :mod:`experiments.benchmarks.prepass` and
+  (not with ``--quick``) ``flowjax.models``' ResNet-18 at width 16 on
+  32x32x3 images in eval mode: plain time / pre-pass time (>= 1 is a
+  pre-pass as fast as the forward).
 * ``train_step``: the FLOW-weighted train step (``weighted_objective``, the
   batch's weights attached by id with ``attach_weights``) against the plain
   step of the same model and optimizer, in both loss forms: ``batched``
   (``model(batch["image"])``, ``batched=True``) and ``per_example`` (the
   slow form, ``model(ex["image"][None])[0]`` under ``jax.vmap``): weighted
-  time / plain time.
+  time / plain time. The plain time is the faster of two forms of the same
+  mean loss (see :func:`bench_training`), and a control times the same plain
+  epoch under two labels.
 * ``end_to_end``: FLOW (pre-pass + E epochs of weighted steps) against E
   epochs of plain steps, E = 3 and 10: the time of FLOW / the time of plain
   fine-tuning. Each round times one pre-pass, one weighted epoch and one
@@ -73,15 +78,24 @@ _MIB = 2**20
 # --- timing ----------------------------------------------------------------------------------
 
 
+_WARMUPS = 2  # calls of each function before timing (--quick: 1)
+
+
 def _rounds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, np.ndarray]:
-    """Seconds of each function per round, the functions alternated within a round."""
-    for fn in fns.values():  # warm-up: compile, fill caches
-        jax.block_until_ready(fn())
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
+    """Seconds of each function per round, the functions alternated within a round.
+
+    The order rotates from round to round (A B C, B C A, C A B, ...), so that
+    no function always runs first, or always right after the same other one.
+    """
+    for _ in range(_WARMUPS):  # warm-up: compile, fill caches
+        for fn in fns.values():
             jax.block_until_ready(fn())
+    names = list(fns)
+    times = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[k]())
             times[k].append(time.perf_counter() - t0)
     return {k: np.asarray(v) for k, v in times.items()}
 
@@ -100,10 +114,10 @@ def _ratio(per_round: np.ndarray) -> dict:
 # --- data and models -------------------------------------------------------------------------
 
 
-def _data(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+def _data(n: int, seed: int = 0, image=(28, 28, 1)) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
-        "image": rng.normal(size=(n, 28, 28, 1)).astype(np.float32),
+        "image": rng.normal(size=(n, *image)).astype(np.float32),
         "label": rng.integers(0, 10, size=n).astype(np.int32),
     }
 
@@ -119,7 +133,21 @@ def _batches(data, batch_size: int) -> list[dict[str, np.ndarray]]:
     ]
 
 
-_MODELS = {"mlp": MLP, "cnn": CNN}
+def _resnet18(rngs: nnx.Rngs) -> nnx.Module:
+    """flowjax.models' ResNet-18 at width 16 (a quarter of the published one), on 32x32x3.
+
+    In eval mode (BatchNorm on its running statistics), as the pre-pass runs
+    the frozen pre-trained model.
+    """
+    from flowjax.models import resnet
+
+    model = resnet("resnet18", num_classes=10, rngs=rngs, width=16)
+    model.eval()
+    return model
+
+
+_MODELS = {"mlp": MLP, "cnn": CNN, "resnet18": _resnet18}
+_IMAGES = {"resnet18": (32, 32, 3)}  # the others: (28, 28, 1)
 
 
 def _losses(graphdef):
@@ -142,7 +170,7 @@ def _losses(graphdef):
 def bench_prepass(name: str, n: int, rounds: int) -> dict:
     graphdef, params = nnx.split(_MODELS[name](nnx.Rngs(0)))
     batched, _ = _losses(graphdef)
-    batches = _batches(_data(n), 256)
+    batches = _batches(_data(n, image=_IMAGES.get(name, (28, 28, 1))), 256)
     plain_step = jax.jit(batched)
 
     def plain():
@@ -187,9 +215,11 @@ def _train_parts(name: str, n: int, tx=None):
 
         return step
 
+    weighted = flowjax.weighted_objective(batched, batched=True)
     steps = {
         "plain": make_step(mean_loss),
-        "batched": make_step(flowjax.weighted_objective(batched, batched=True)),
+        "plain_unit": make_step(weighted),  # the same mean, through unit weights
+        "batched": make_step(weighted),
         "per_example": make_step(flowjax.weighted_objective(per_example)),
     }
     table = flowjax.per_example_losses(
@@ -197,11 +227,15 @@ def _train_parts(name: str, n: int, tx=None):
     )
     weights = table.flow_weights()
 
+    units = {len(b["id"]): np.ones(len(b["id"]), np.float32) for b in batches}
+
     def epoch(kind: str):
         def run():
             p, opt_state, loss = params, tx.init(params), None
             for b in batches:
-                if kind != "plain":
+                if kind == "plain_unit":
+                    b = {**b, "weight": units[len(b["id"])]}
+                elif kind != "plain":
                     b = flowjax.attach_weights(b, weights)
                 b = {k: v for k, v in b.items() if k != "id"}
                 p, opt_state, loss = steps[kind](p, opt_state, b)
@@ -218,29 +252,48 @@ def _train_parts(name: str, n: int, tx=None):
 
 
 def bench_training(name: str, n: int, rounds: int, epochs=(3, 10)) -> dict:
+    """Weighted vs plain epochs and FLOW end to end vs plain fine-tuning.
+
+    The plain step is timed in two forms of the same mean loss: ``jnp.mean``
+    of the losses, and the weighted objective fed unit weights (the very
+    program of the weighted step, so only the weights' values and their
+    lookup differ). XLA compiles the two to programs of slightly different
+    speed (on 2 CPUs the ``jnp.mean`` one was the slower: a constant ``1/B``
+    where the weighted one divides by a sum), and a plain baseline slower
+    than it needs to be flatters FLOW: each round's plain time is the faster
+    of the two. The same plain epoch is also timed under a second label, a
+    control that the alternation itself is unbiased (its ratio is about 1).
+    """
     epoch, prepass = _train_parts(name, n)
     t = _rounds(
         {
             "plain": epoch["plain"],
+            "plain_unit": epoch["plain_unit"],
             "batched": epoch["batched"],
             "per_example": epoch["per_example"],
             "prepass": prepass,
+            "plain_again": epoch["plain"],
         },
         rounds,
     )
+    plain = np.minimum(t["plain"], t["plain_unit"])
     out = {
         "model": name,
         "examples": n,
         "train_step": {
-            form: _ratio(t[form] / t["plain"]) for form in ("batched", "per_example")
+            form: _ratio(t[form] / plain) for form in ("batched", "per_example")
+        },
+        "plain_forms": {
+            "mean_over_unit_weights": _ratio(t["plain"] / t["plain_unit"]),
+            "same_program_two_labels": _ratio(t["plain_again"] / t["plain"]),
         },
         "end_to_end": {},
     }
     for e in epochs:
         for form in ("batched", "per_example"):
             flow = t["prepass"] + e * t[form]
-            out["end_to_end"][f"{form}_{e}_epochs"] = _ratio(flow / (e * t["plain"]))
-    out["prepass_over_plain_epoch"] = _ratio(t["prepass"] / t["plain"])
+            out["end_to_end"][f"{form}_{e}_epochs"] = _ratio(flow / (e * plain))
+    out["prepass_over_plain_epoch"] = _ratio(t["prepass"] / plain)
     return out
 
 
@@ -433,6 +486,22 @@ def markdown(result: dict) -> str:
         )
     for tr in result["training"]:
         m = tr["model"]
+        forms = tr.get("plain_forms")
+        if forms:
+            rows.append(
+                [
+                    f"control: plain / plain step, {m}, the same program timed under two labels",
+                    _fmt(forms["same_program_two_labels"]),
+                    "about 1",
+                ]
+            )
+            rows.append(
+                [
+                    f"plain step, {m}: `jnp.mean` / unit-weighted objective (the faster is the baseline)",
+                    _fmt(forms["mean_over_unit_weights"]),
+                    "",
+                ]
+            )
         rows.append(
             [
                 f"weighted / plain step, {m}, batched loss",
@@ -553,13 +622,16 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     q = args.quick
+    global _WARMUPS
+    _WARMUPS = 1 if q else 2
     t0 = time.perf_counter()
     models = (
         (("mlp", 65536, 20480),) if q else (("mlp", 65536, 20480), ("cnn", 8192, 4096))
     )
     result = {
         "prepass": [
-            bench_prepass(m, 256 if q else n, args.rounds) for m, n, _ in models
+            bench_prepass(m, 256 if q else n, args.rounds)
+            for m, n, _ in (models if q else (*models, ("resnet18", 2048, 0)))
         ],
         "training": [
             bench_training(m, 256 if q else n, args.rounds) for m, _, n in models
