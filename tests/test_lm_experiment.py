@@ -1,5 +1,6 @@
 """Smoke test of experiments/lm/run.py (--quick) and of its orbax pre-training cache."""
 
+import dataclasses
 import json
 import math
 
@@ -21,7 +22,6 @@ from experiments.lm.model import (
     EOS,
     LORA_TARGETS,
     PAD,
-    LMConfig,
     build,
     decode,
     make_greedy_decode,
@@ -233,8 +233,11 @@ def test_parse_answer():
 
 
 def test_cached_greedy_decode_equals_full_recompute():
-    """The key/value-cache decoder equals re-running the whole model at every step."""
-    cfg = LMConfig(d_model=32, num_heads=2, num_layers=2, d_ff=64)
+    """The key/value-cache decoder equals re-running the whole CausalLM at every step."""
+    # The smoke test's tiny Llama (2 query heads sharing 1 key/value head), with 2 layers.
+    cfg = dataclasses.replace(
+        get_config(quick=True).pretrain.model, num_hidden_layers=2
+    )
     model = build(cfg, seed=3)
     split = {k: v[:24] for k, v in lm_data.addition_task()["val"].items()}
     plen, n, t, max_new = split["prompt_len"], 24, lm_data.SEQ_LEN, 20
@@ -256,8 +259,8 @@ def test_cached_greedy_decode_equals_full_recompute():
     ref, _ = reference()
     later = ref[np.arange(n)[:, None], plen[:, None] + np.arange(1, max_new)]
     common = np.bincount(later.ravel()).argmax()
-    kernel = model.lm_head.kernel
-    kernel[...] = kernel[...].at[:, EOS].set(kernel[...][:, common] * 1.5)
+    head = model.lm_head.embedding  # the untied unembedding [V, D]
+    head[...] = head[...].at[EOS].set(head[...][common] * 1.5)
     ref, done = reference()
     graphdef, params = nnx.split(model, nnx.Param)
     got = np.asarray(make_greedy_decode(graphdef, max_new)((params,), prompt, plen))

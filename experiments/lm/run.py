@@ -90,28 +90,34 @@ whose models are far stronger on their pre-training distribution.
 
 What it does:
 
-1. **Pre-training** (cached). A byte-level :class:`~experiments.lm.model.TinyLM`
-   (2 layers, d_model 128, 4 heads, MLP 256, context 64) is trained on the
-   pre-training topics of ``pydoc_data.topics`` (see
-   :mod:`experiments.lm.data`). The state is saved with orbax
-   (``ocp.StandardCheckpointer``) in ``<cache_dir>/pretrain-<fingerprint>/``
-   together with ``config.json``, the fingerprint's source (model and
-   pre-training config, sha256 of the text, split rule). A rerun with the
-   same fingerprint restores it and skips pre-training (``timing.json``:
-   ``pretrain.cache_hit``). **One pre-trained model is shared by every
-   fine-tuning method and seed.**
-2. **FLOW pre-pass** on the pre-trained model over the training problems:
-   :func:`flowjax.lm_sequence_losses` (sequence loss = mean response-token
-   NLL, EOS included) and :func:`flowjax.lm_token_losses`; τ = median,
-   ``w = exp(-loss / τ)``.
+1. **Pre-training** (cached). The model is a :class:`flowjax.models.CausalLM`,
+   the Llama of the paper-scale pipeline at a tiny size
+   (:class:`~experiments.lm.model.ModelConfig`: byte vocabulary + BOS/EOS/PAD,
+   2 layers, width 128, 4 query and 2 key/value heads, rope, SwiGLU 224,
+   context 64; 337k parameters), trained on the pre-training topics of
+   ``pydoc_data.topics`` (see :mod:`experiments.lm.data`). It is saved as a
+   Hugging Face checkpoint (:func:`flowjax.models.save_causal_lm`:
+   ``config.json`` + ``model.safetensors``) in
+   ``<cache_dir>/pretrain-<fingerprint>/model/`` and read back with
+   :func:`flowjax.models.load_causal_lm` on every run; ``fingerprint.json``
+   holds the fingerprint's source (model and pre-training config, sha256 of
+   the text, split rule). A rerun with the same fingerprint skips
+   pre-training (``timing.json``: ``pretrain.cache_hit``). **One pre-trained
+   model is shared by every fine-tuning method and seed.**
+2. **FLOW pre-pass** on the pre-trained model over the training problems
+   (tokenised by :func:`flowjax.datasets.sft_example`: prompt masked, EOS a
+   target), in the batched form (``batched=True``: the model runs on whole
+   padded batches): :func:`flowjax.lm_sequence_losses` (sequence loss = mean
+   response-token NLL, EOS included) and :func:`flowjax.lm_token_losses`;
+   τ = median, ``w = exp(-loss / τ)``.
 3. **Fine-tuning** with :func:`flowjax.weighted_lm_loss`
    (``reduction="tokens"``, the official normalisation), Adam, 3 % warm-up +
    cosine, grad-norm clip 1, batch 16, 400 steps. Methods: standard FT
    (weights 1), FLOW (sequence), FLOW (sequence, mean-1 weights) (the FLOW
    sequence weights divided by their training-set mean,
    ``flow_weights(normalize="mean")``: same reweighting, same average step
-   as standard FT), FLOW (token), LoRA (rank 8, α = r, on
-   q/k/v/o/up/down projections), FLOW (sequence) + LoRA, and L2-SP
+   as standard FT), FLOW (token), LoRA (:func:`flowjax.add_lora`, rank 8, α = r, on the
+   q/k/v/o/gate/up/down projections), FLOW (sequence) + LoRA, and L2-SP
    (:func:`flowjax.l2sp` first in the chain, λ = 0.1, fixed in advance, not
    tuned).
 4. **Learning rate**: the same grid {3e-4, 1e-3, 3e-3, 1e-2} and the same
