@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from experiments.lm.model import (
     decode,
     make_greedy_decode,
 )
-from experiments.lm.pretrain import pretrained_params
+from experiments.lm.pretrain import cache_path, pretrained_params
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_a_rerun_restores_every_run_and_gives_the_same_results(quick, capsys):
     assert len(list((out / "checkpoints").iterdir())) == runs
 
 
-def test_pretraining_cache_is_reused(quick, capsys):
+def test_pretraining_cache_is_reused(quick, capsys, tmp_path):
     report = json.loads((quick / "out" / "results.json").read_text())
     stream, _, sha = lm_data.pydoc_streams()
     cfg = get_config(quick=True)
@@ -160,6 +161,21 @@ def test_pretraining_cache_is_reused(quick, capsys):
     assert ev.perplexity((params,), windows) == pytest.approx(
         report["pretrained"]["perplexity"], rel=1e-5
     )
+    # A changed architecture is another directory, never the cached model.
+    other = dataclasses.replace(cfg.pretrain.model, rope_theta=5e5)
+    changed = dataclasses.replace(cfg.pretrain, model=other)
+    assert cache_path(changed, quick / "cache", sha) != cache_path(
+        cfg.pretrain, quick / "cache", sha
+    )
+    # A cache whose checkpoint is not the config's (edited by hand) is refused.
+    tampered = tmp_path / cache_path(cfg.pretrain, quick / "cache", sha).name
+    shutil.copytree(cache_path(cfg.pretrain, quick / "cache", sha), tampered)
+    hf = json.loads((tampered / "model" / "config.json").read_text())
+    (tampered / "model" / "config.json").write_text(
+        json.dumps(hf | {"rope_theta": 5e5})
+    )
+    with pytest.raises(ValueError, match="not the configured"):
+        pretrained_params(cfg.pretrain, tmp_path, stream, sha, progress=False)
 
 
 def test_methods_and_settings_come_from_the_config(tmp_path):

@@ -85,6 +85,15 @@ def pretrain(cfg: PretrainConfig, stream: np.ndarray, progress: bool) -> nnx.Mod
     return nnx.merge(graphdef, params)
 
 
+def _key(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_path(cfg: PretrainConfig, cache_dir: Path, text_sha256: str) -> Path:
+    """``<cache_dir>/pretrain-<16 hex digits of the fingerprint's sha256>``, absolute."""
+    return (cache_dir / f"pretrain-{_key(fingerprint(cfg, text_sha256))}").resolve()
+
+
 def pretrained_params(cfg: PretrainConfig, cache_dir: Path, stream, sha, progress):
     """The pre-trained ``nnx.Param`` state, read from the HF checkpoint cache (pre-trained first on a miss).
 
@@ -95,8 +104,8 @@ def pretrained_params(cfg: PretrainConfig, cache_dir: Path, stream, sha, progres
         (a cache edited by hand: the fingerprint covers the config).
     """
     fp = fingerprint(cfg, sha)
-    key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-    path = (cache_dir / f"pretrain-{key}").resolve()
+    key = _key(fp)
+    path = cache_path(cfg, cache_dir, sha)
     info = {"cache_dir": str(path), "fingerprint": fp, "fingerprint_sha256_16": key}
     fp_file, model_dir = path / "fingerprint.json", path / "model"
     hit = fp_file.exists() and json.loads(fp_file.read_text()) == fp
