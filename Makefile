@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flowjax-installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: install test demo theory digits bench bench-torch lm lint clean docs dist wheel-check
+.PHONY: install test demo theory digits bench bench-torch lm llm-tiny lint clean docs dist wheel-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ bench-torch:
 # the pre-trained model is cached with orbax in .cache/lm/ (git-ignored).
 lm: $(STAMP)
 	$(PY) -m experiments.lm.run --out results/lm
+
+# The paper's LLM pipeline (experiments/llm) end to end on CPU, on inputs the tiny config
+# fabricates in the workdir (a random checkpoint, MetaMathQA- and GSM8K-style files); the paper
+# configs are in experiments/llm/configs/ (docs/howto/llm.md).
+llm-tiny: $(STAMP)
+	$(PY) -m experiments.llm.run --config experiments/llm/configs/tiny.py --workdir .cache/llm-tiny
 
 # The documentation site (Sphinx) into docs/_build/html; warnings (a broken docstring, a dead
 # cross-reference, a public name without an entry, a results directory no page shows) are errors.

@@ -114,3 +114,55 @@ def with_dependencies(names, known, needs) -> list[str]:
             need.add(n)
             todo.extend(needs(n) or ())
     return [n for n in known if n in need]
+
+
+def load_config(path, cls: type) -> Any:
+    """``get_config()`` of the big_vision-style config file ``path``, checked to be a ``cls``.
+
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      ValueError: the file defines no ``get_config()``, or it returns something else.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file {path}.")
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config().")
+    cfg = module.get_config()
+    if not isinstance(cfg, cls):
+        raise ValueError(
+            f"{path}: get_config() returned {type(cfg).__name__}, not a {cls.__name__}."
+        )
+    return cfg
+
+
+def config_command(description: str, load, argv=None):
+    """``--config FILE --workdir DIR --set FIELD=VALUE``: ``(parser, config, workdir)``.
+
+    ``load(path)`` reads the config file; the ``--set`` overrides are applied
+    (:func:`override`); the workdir is made absolute. A bad file or override is a
+    usage error (``parser.error``).
+    """
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--config", required=True, help="a config file defining get_config()"
+    )
+    parser.add_argument("--workdir", required=True, type=Path)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE"
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = override(load(args.config), args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    return parser, cfg, args.workdir.resolve()

@@ -20,7 +20,7 @@ Then six namespaces (their names are also available flat, as
 ``flowjax.<name>``):
 
 * :mod:`flowjax.baselines`: the methods FLOW is compared with and combined
-  with: L2-SP, EWC and its Fisher, SI, LwF, WiSE-FT, LoRA, frozen parts
+  with: L2-SP, EWC and its Fisher, SI, LwF, WiSE-FT, LoRA, QLoRA, I-LoRA, frozen parts
   (:func:`train_only`, NNX filters), replay / DER, DRO;
 * :mod:`flowjax.lm`: language models: token and sequence losses, the
   chunked cross-entropy, the LM pre-passes and their tables, the weighted LM

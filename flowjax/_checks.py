@@ -186,3 +186,15 @@ def check_temperature(temperature) -> None:
         raise ValueError(
             f"temperature must be a scalar; got shape {np.shape(temperature)}."
         )
+
+
+def check_int(value, what: str, minimum: int) -> int:
+    """``value`` as an int if it is an integer (not a bool) >= ``minimum``, else ValueError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+    ):
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{what} must be {kind}; got {value!r}.")
+    return int(value)

@@ -10,7 +10,10 @@ Every one composes with FLOW's weights (fine-tune on
 * function-space: LwF distillation (:func:`lwf_loss`, :func:`lwf_objective`);
 * weight averaging: WiSE-FT (:func:`wise_ft`, :func:`wise_ft_sweep`);
 * parameter-efficient and partial fine-tuning: LoRA (:func:`add_lora`,
-  :func:`merge_lora`), bottleneck adapters (:func:`add_adapters`,
+  :func:`merge_lora`), QLoRA on an NF4 base (:func:`add_qlora`,
+  :func:`dequantize_qlora`, :func:`nf4_quantize`), I-LoRA's fast and slow
+  adapters (:func:`ilora`, :func:`ilora_slow_update`,
+  :func:`ilora_consistency_loss`), bottleneck adapters (:func:`add_adapters`,
   :func:`remove_adapters`, :class:`AdapterParam`), prompt and prefix tuning
   (:class:`PromptTuning`, :class:`PrefixTuning`, :func:`prefix_attention`),
   frozen parts (:func:`train_only`,
@@ -48,6 +51,12 @@ from flowjax.distillation import lwf_loss, lwf_objective
 from flowjax.dro import dro_loss
 from flowjax.fisher import diagonal_fisher
 from flowjax.freezing import swap_task_parts, train_only, trainable_mask
+from flowjax.ilora import (
+    ILoRAState,
+    ilora,
+    ilora_consistency_loss,
+    ilora_slow_update,
+)
 from flowjax.lora import add_lora, merge_lora
 from flowjax.packnet import (
     packnet_init,
@@ -64,6 +73,14 @@ from flowjax.prompts import (
     PromptTuning,
     prefix_attention,
 )
+from flowjax.qlora import (
+    NF4,
+    QLoRALinear,
+    add_qlora,
+    dequantize_qlora,
+    nf4_dequantize,
+    nf4_quantize,
+)
 from flowjax.regularizers import (
     EWCState,
     L2SPState,
@@ -79,32 +96,42 @@ from flowjax.replay import ReplayBuffer, der_loss, replay_batches
 from flowjax.weights import dro_weights
 
 __all__ = [
+    "NF4",
     "AdaptedLayer",
     "Adapter",
     "AdapterParam",
     "EWCState",
+    "ILoRAState",
     "L2SPState",
     "PrefixParam",
     "PrefixTuning",
     "ProgressiveMLP",
     "PromptParam",
     "PromptTuning",
+    "QLoRALinear",
     "ReplayBuffer",
     "SIState",
     "WiseFTCurve",
     "add_adapters",
     "add_lora",
+    "add_qlora",
+    "dequantize_qlora",
     "der_loss",
     "diagonal_fisher",
     "dro_loss",
     "dro_weights",
     "ewc",
     "ewc_penalty",
+    "ilora",
+    "ilora_consistency_loss",
+    "ilora_slow_update",
     "l2sp",
     "l2sp_penalty",
     "lwf_loss",
     "lwf_objective",
     "merge_lora",
+    "nf4_dequantize",
+    "nf4_quantize",
     "packnet_init",
     "packnet_prune",
     "packnet_start_task",

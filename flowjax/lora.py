@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flowjax import _select
+from flowjax import _checks, _select
 from flowjax._types import Filter
 
 __all__ = ["add_lora", "merge_lora"]
@@ -224,10 +224,34 @@ def add_lora(
       >>> sorted(lora_params["up"]["lora"])
       ['lora_a', 'lora_b']
     """
+    new_model, scale, targets = _lora_targets(
+        model, rank, select, alpha, lora_kwargs, "add_lora"
+    )
+    cls = nnx.LoRALinear if scale == 1.0 else _ScaledLoRALinear
+    extra = {} if scale == 1.0 else {"lora_scale": scale}
+
+    def make(lin):
+        kwargs = {
+            "lora_rank": int(rank),
+            "lora_dtype": lin.dtype,
+            "lora_param_dtype": lin.kernel.get_value().dtype,
+            **lora_kwargs,
+            **extra,
+        }
+        return _with_values(cls, lin, lin.kernel, lin.bias, rngs=rngs, **kwargs)
+
+    return _swap(new_model, targets, make, "adding LoRA to one path only")
+
+
+def _lora_targets(model, rank, select, alpha, lora_kwargs, fn: str):
+    """Checks add_lora-style arguments; returns (a clone of model, alpha/r, its selected layers).
+
+    Shared by :func:`add_lora` and :func:`flowjax.add_qlora`; ``fn`` names the caller
+    in error messages.
+    """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be an nnx.Module; got {type(model).__name__}.")
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise ValueError(f"rank must be a positive integer; got {rank!r}.")
+    rank = _checks.check_int(rank, "rank", 1)
     if alpha is None:
         scale = 1.0
     else:
@@ -242,8 +266,8 @@ def add_lora(
     unknown = set(lora_kwargs) - _LORA_KWARGS
     if unknown:
         raise TypeError(
-            f"unknown keyword arguments {sorted(unknown)}; add_lora passes only "
-            f"{sorted(_LORA_KWARGS)} to nnx.LoRALinear."
+            f"unknown keyword arguments {sorted(unknown)}; {fn} passes only "
+            f"{sorted(_LORA_KWARGS)} to the LoRA factors."
         )
     pred = (
         (lambda _p, _m: True)
@@ -261,7 +285,7 @@ def add_lora(
         if type(m) is not nnx.Linear:
             raise TypeError(
                 f"the layer at {path} is a {type(m).__name__}, a subclass of nnx.Linear; "
-                "add_lora only converts plain nnx.Linear layers (a subclass's own "
+                f"{fn} only converts plain nnx.Linear layers (a subclass's own "
                 "__call__ would be lost). Exclude it with `select`."
             )
         targets.append((path, m))
@@ -276,24 +300,30 @@ def add_lora(
             f"select={select!r} matches no plain nnx.Linear layer of the model "
             f"(layers that already are nnx.LoRALinear are skipped).{tags}"
         )
+    return new_model, scale, targets
 
-    cls = nnx.LoRALinear if scale == 1.0 else _ScaledLoRALinear
-    extra = {} if scale == 1.0 else {"lora_scale": scale}
+
+def _layers_of(model, cls, missing: str):
+    """``(a clone of model, its (path, layer) pairs of type cls)``; ValueError(missing) if none."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be an nnx.Module; got {type(model).__name__}.")
+    new_model = nnx.clone(model)
+    targets = [(p, m) for p, m in nnx.iter_modules(new_model) if isinstance(m, cls)]
+    if not targets:
+        raise ValueError(missing)
+    return new_model, targets
+
+
+def _swap(new_model, targets, make, what: str):
+    """Replaces each ``(path, layer)`` of ``targets`` in ``new_model`` by ``make(layer)``."""
     replaced = {}
-    for path, lin in targets:
-        kwargs = {
-            "lora_rank": int(rank),
-            "lora_dtype": lin.dtype,
-            "lora_param_dtype": lin.kernel.get_value().dtype,
-            **lora_kwargs,
-            **extra,
-        }
-        new = _with_values(cls, lin, lin.kernel, lin.bias, rngs=rngs, **kwargs)
+    for path, layer in targets:
+        new = make(layer)
         if path == ():
             return new
         _replace(new_model, path, new)
-        replaced[id(lin)] = path
-    _check_untied(new_model, replaced, "adding LoRA to one path only")
+        replaced[id(layer)] = path
+    _check_untied(new_model, replaced, what)
     return new_model
 
 
@@ -337,18 +367,11 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
       >>> bool(jnp.allclose(merged(x), lora(x), atol=1e-5))
       True
     """
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"model must be an nnx.Module; got {type(model).__name__}.")
-    new_model = nnx.clone(model)
-    targets = [
-        (path, m)
-        for path, m in nnx.iter_modules(new_model)
-        if isinstance(m, nnx.LoRALinear)
-    ]
-    if not targets:
-        raise ValueError("model has no nnx.LoRALinear layer to merge.")
-    replaced = {}
-    for path, m in targets:
+    new_model, targets = _layers_of(
+        model, nnx.LoRALinear, "model has no nnx.LoRALinear layer to merge."
+    )
+
+    def make(m):
         scale = getattr(m, "lora_scale", 1.0)
         w = m.kernel.get_value()
         compute = jnp.promote_types(w.dtype, jnp.float32)
@@ -358,14 +381,11 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
             precision=jax.lax.Precision.HIGHEST,
         )
         merged = (w.astype(compute) + scale * delta).astype(w.dtype)
-        new = _with_values(
+        return _with_values(
             nnx.Linear, m, m.kernel.copy(merged), m.bias, rngs=nnx.Rngs(0)
         )
-        if path == ():
-            return new
-        _replace(new_model, path, new)
-        replaced[id(m)] = path
-    _check_untied(new_model, replaced, "merging one path only")
+
+    new_model = _swap(new_model, targets, make, "merging one path only")
     left = [path for path, _ in nnx.to_flat_state(nnx.state(new_model, nnx.LoRAParam))]
     if left:
         raise ValueError(

@@ -193,6 +193,11 @@ METHODS: list[Method] = [
         strength=5.0,
     ),
     Method("lora", lambda s, t0: _lora(t0), zero=None),
+    # QLoRA: the LoRA recipe on an NF4 base (blocks of 4 rows: DIM = 4).
+    Method("qlora", lambda s, t0: _qlora(t0), zero=None),
+    # I-LoRA: fast + slow LoRA (slow = EMA of fast, λ = 0.25), consistency weight
+    # `strength` on both layers' states; 0 is plain LoRA (tests/test_ilora.py).
+    Method("ilora", lambda s, t0: _ilora(s, t0), strength=1.0, zero=None),
     Method("adapters", lambda s, t0: _adapters(t0), zero=None),
     # PackNet on task 1: prune a fraction `strength` of each kernel, retrain the
     # survivors (the pruned weights stay 0). strength 0 prunes nothing: plain.
@@ -260,6 +265,36 @@ def _lora(theta0) -> Recipe:
     return _frozen_base(
         flowjax.add_lora(MLP(theta0), 2, rngs=nnx.Rngs(1)), nnx.LoRAParam
     )
+
+
+def _qlora(theta0) -> Recipe:
+    model = flowjax.add_qlora(MLP(theta0), 2, rngs=nnx.Rngs(1), block_size=4)
+    return _frozen_base(model, nnx.LoRAParam)
+
+
+def _ilora(strength, theta0) -> Recipe:
+    """I-LoRA on the battery's LoRA model: params {"fast", "slow"}, tx flowjax.ilora."""
+    model = flowjax.add_lora(MLP(theta0), 2, rngs=nnx.Rngs(1))
+    graphdef, fast, rest = nnx.split(model, nnx.LoRAParam, ...)
+    start = {"fast": fast, "slow": jax.tree.map(jnp.copy, fast)}
+
+    def states(m, x):
+        h = jnp.tanh(m.l1(x.astype(m.l1.kernel.dtype)))
+        return [h, m.l2(h)]
+
+    def objective(p, frozen, b):
+        fast_model = nnx.merge(graphdef, p["fast"], frozen)
+        hf = states(fast_model, b["x"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(
+            hf[1].astype(jnp.float32), b["label"]
+        )
+        loss = flowjax.weighted_loss(ce, b["weight"])
+        if strength == 0:
+            return loss
+        hs = states(nnx.merge(graphdef, p["slow"], frozen), b["x"])
+        return loss + strength * flowjax.ilora_consistency_loss(hf, hs).mean()
+
+    return objective, flowjax.ilora(plain_tx(), 0.25), rest, start
 
 
 def _adapters(theta0) -> Recipe:

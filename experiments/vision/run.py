@@ -46,7 +46,6 @@ restores finished stages and resumes the interrupted one. Outputs in ``--workdir
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -516,20 +515,7 @@ def retention_plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--config", required=True, help="a config file defining get_config()"
-    )
-    parser.add_argument("--workdir", required=True, type=Path)
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE"
-    )
-    args = parser.parse_args(argv)
-    try:
-        cfg = cli.override(C.load(args.config), args.overrides)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
-    workdir = args.workdir.resolve()
+    _, cfg, workdir = cli.config_command(__doc__.split("\n")[0], C.load, argv)
     if not cfg.data_dir:  # the tiny config: fabricated files in the workdir
         from experiments.vision import fabricate
 
