@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flowjax-installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: install test demo theory digits bench bench-torch lm llm-tiny lint clean docs dist wheel-check
+.PHONY: install test demo theory digits continual bench bench-llm bench-torch lm llm-tiny lint clean docs dist wheel-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,10 +42,21 @@ theory: $(STAMP)
 digits: $(STAMP)
 	$(PY) -m experiments.digits.run --out results/digits
 
+# Every forgetting defence on a task sequence (digits split into 5 tasks of 2 classes,
+# task- and class-incremental, 5 seeds): accuracy matrices, ACC, BWT, FWT, forgetting.
+continual: $(STAMP)
+	$(PY) -m experiments.continual.run --out results/continual
+
 # What FLOW costs, every figure a ratio measured side by side in one run (not a test: timings
 # vary by machine): results/benchmarks/suite.json and suite.md.
 bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.suite --out results/benchmarks
+
+# The LM workload (pre-pass, bucketing waste, weighted train step, KV-cache decoding) of a
+# Gemma-2-2B-shaped model on the accelerator present (reduced size on CPU), under 4 minutes:
+# results/benchmarks/llm.json and llm.md.
+bench-llm: $(STAMP)
+	$(PY) -m experiments.benchmarks.llm --out results/benchmarks
 
 # Optional: PyTorch's official-style FLOW loop against its own fine-tuning, in a separate venv
 # (torch 2.13.0, a CPU wheel) made only here; never part of make test. Run before make bench,

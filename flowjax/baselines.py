@@ -20,9 +20,10 @@ Every one composes with FLOW's weights (fine-tune on
   :func:`trainable_mask`) and swapping task parts back
   (:func:`swap_task_parts`);
 * architecture: PackNet (:func:`packnet_init`, :func:`packnet_prune`,
+  :func:`packnet_freeze_batchnorm`,
   :func:`packnet_start_task`, :func:`packnet_updates`,
   :func:`packnet_task_params`) and progressive networks
-  (:class:`ProgressiveMLP`);
+  (:class:`ProgressiveMLP`, :class:`ProgressiveCNN`);
 * data: replay / DER (:class:`ReplayBuffer`, :func:`replay_batches`,
   :func:`der_loss`) and dynamic DRO (:func:`dro_loss`, :func:`dro_weights`).
 
@@ -59,13 +60,14 @@ from flowjax.ilora import (
 )
 from flowjax.lora import add_lora, merge_lora
 from flowjax.packnet import (
+    packnet_freeze_batchnorm,
     packnet_init,
     packnet_prune,
     packnet_start_task,
     packnet_task_params,
     packnet_updates,
 )
-from flowjax.progressive import ProgressiveMLP
+from flowjax.progressive import ProgressiveCNN, ProgressiveMLP
 from flowjax.prompts import (
     PrefixParam,
     PrefixTuning,
@@ -105,6 +107,7 @@ __all__ = [
     "L2SPState",
     "PrefixParam",
     "PrefixTuning",
+    "ProgressiveCNN",
     "ProgressiveMLP",
     "PromptParam",
     "PromptTuning",
@@ -132,6 +135,7 @@ __all__ = [
     "merge_lora",
     "nf4_dequantize",
     "nf4_quantize",
+    "packnet_freeze_batchnorm",
     "packnet_init",
     "packnet_prune",
     "packnet_start_task",

@@ -8,7 +8,8 @@ MBPP (FLOW_PAPER.md §2.2, step L6). :func:`harness_lm` wraps any JAX causal LM
 ``lm_eval.simple_evaluate(model=harness_lm(...), tasks=[...])`` runs the harness's
 tasks on it, offline on local task files if need be. Needs the ``eval`` extra
 (``pip install 'flowjax-ft[eval]'``: lm-eval, without torch); not imported by
-``import flowjax``.
+``import flowjax``. :func:`harness_causal_lm` wraps a
+:class:`flowjax.models.CausalLM` and generates with its KV cache.
 
 How each request type is scored (as the harness's Hugging Face model does):
 
@@ -22,9 +23,12 @@ How each request type is scored (as the harness's Hugging Face model does):
   from the prefix token (BOS, else EOS).
 * ``generate_until(context, gen_kwargs)``: greedy decoding of up to
   ``max_gen_toks`` tokens, stopped at EOS or at the first ``until`` string (cut
-  there). Every step recomputes the whole forward (no cache): exact for any
-  causal ``logits_fn``, quadratic in the length; fine for evaluation sizes on an
-  accelerator, slow on a CPU.
+  there). By default every step recomputes the whole forward (no cache): exact
+  for any causal ``logits_fn``, quadratic in the length. With a ``generate_fn``
+  (:func:`harness_causal_lm` passes :func:`flowjax.models.generate`, batched
+  greedy decoding with the KV cache) the batch is decoded in one compiled
+  program to EOS or the largest ``max_gen_toks``, and the same stopping rule
+  is applied to its tokens afterwards: the same strings as the no-cache path.
 
 Batches are right-padded to a multiple of ``bucket`` tokens (one compiled program
 per padded length); a causal model's logits at real positions do not see the
@@ -40,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["harness_lm"]
+__all__ = ["harness_causal_lm", "harness_lm"]
 
 
 def harness_lm(
@@ -55,6 +59,7 @@ def harness_lm(
     max_length: int = 2048,
     batch_size: int = 8,
     bucket: int = 64,
+    generate_fn: Callable[[list[list[int]], int], list[list[int]]] | None = None,
 ):
     """An ``lm_eval.api.model.LM`` scoring a JAX causal LM (see the module doc for how).
 
@@ -72,6 +77,11 @@ def harness_lm(
       max_length: the longest sequence the model is given (left-truncated).
       batch_size: requests per forward.
       bucket: padded lengths are multiples of it.
+      generate_fn: ``generate_fn(prompts, max_new_tokens) -> tokens``: greedy
+        continuations of a batch of prompts (lists of ids), each up to and
+        including its EOS, at most ``max_new_tokens`` (e.g.
+        :func:`flowjax.models.generate`); ``None``: greedy decoding through
+        ``logits_fn``, the whole forward every step.
 
     Returns:
       An instance of a subclass of ``lm_eval.api.model.LM``.
@@ -139,6 +149,32 @@ def harness_lm(
                 results.append((total, greedy))
         return results
 
+    def finished(tokens: list[int], until: list[str], budget: int) -> bool:
+        """The stopping rule after a kept token: the budget, or a stop string in the text."""
+        if len(tokens) >= budget:
+            return True
+        text = decode(tokens)
+        return any(s and s in text for s in until)
+
+    def greedy(rows, stops, budgets) -> list[list[int]]:
+        """No cache: the whole forward of every live row at each step."""
+        generated = [[] for _ in rows]
+        done = [False] * len(rows)
+        for _ in range(max(budgets)):
+            if all(done):
+                break
+            # every row, finished or not: one compiled program per padded width
+            current = [r + g for r, g in zip(rows, generated, strict=True)]
+            lp = np.asarray(log_probs(params, padded(current)))
+            for i in (i for i, d in enumerate(done) if not d):
+                token = int(lp[i, len(current[i]) - 1].argmax())
+                if token == eos_id:
+                    done[i] = True
+                    continue
+                generated[i].append(token)
+                done[i] = finished(generated[i], stops[i], budgets[i])
+        return generated
+
     class HarnessLM(LM):
         def loglikelihood(self, requests):
             pairs = []
@@ -200,30 +236,116 @@ def harness_lm(
                     rows.append(ids[-max(max_length - budget, 1) :])
                     stops.append(until)
                     budgets.append(budget)
-                generated = [[] for _ in chunk]
-                done = [False] * len(chunk)
-                for _ in range(max(budgets)):
-                    live = [i for i, d in enumerate(done) if not d]
-                    if not live:
-                        break
-                    current = [rows[i] + generated[i] for i in live]
-                    lp = np.asarray(log_probs(params, padded(current)))
-                    for j, i in enumerate(live):
-                        token = int(lp[j, len(current[j]) - 1].argmax())
-                        if token == eos_id:
-                            done[i] = True
-                            continue
-                        generated[i].append(token)
-                        text = decode(generated[i])
-                        if (
-                            any(s and s in text for s in stops[i])
-                            or len(generated[i]) >= budgets[i]
-                        ):
-                            done[i] = True
-                for i in range(len(chunk)):
-                    text = decode(generated[i])
-                    cuts = [text.index(s) for s in stops[i] if s and s in text]
+                if generate_fn is None:
+                    generated = greedy(rows, stops, budgets)
+                else:
+                    generated = []
+                    continued = generate_fn(rows, max(budgets))
+                    for tokens, until, budget in zip(
+                        continued, stops, budgets, strict=True
+                    ):
+                        kept = []
+                        for token in tokens:
+                            if int(token) == eos_id:
+                                break
+                            kept.append(int(token))
+                            if finished(kept, until, budget):
+                                break
+                        generated.append(kept)
+                for tokens, until in zip(generated, stops, strict=True):
+                    text = decode(tokens)
+                    cuts = [text.index(s) for s in until if s and s in text]
                     out.append(text[: min(cuts)] if cuts else text)
             return out
 
     return HarnessLM()
+
+
+def harness_causal_lm(
+    lm,
+    *,
+    encode: Callable[[str], Sequence[int]],
+    decode: Callable[[Sequence[int]], str],
+    eos_id: int,
+    bos_id: int | None = None,
+    pad_id: int = 0,
+    max_length: int = 2048,
+    batch_size: int = 8,
+    bucket: int = 64,
+    use_cache: bool = True,
+):
+    """:func:`harness_lm` for a :class:`flowjax.models.CausalLM`, generating with its KV cache.
+
+    Log-likelihoods go through the full forward (``nnx.split``: the
+    parameters are a jit argument); ``generate_until`` through
+    :func:`flowjax.models.generate` (prompts left-padded to a multiple of
+    ``bucket``, one compiled prefill + decode loop per batch shape and
+    ``max_gen_toks``), which gives the strings of the no-cache path
+    (``use_cache=False``) in a fraction of its time.
+
+    Args:
+      lm: the model.
+      encode: text → token ids without special tokens.
+      decode: token ids → text.
+      eos_id: the end-of-sequence id.
+      bos_id: the id the model expects first, or None.
+      pad_id: the id padding fills.
+      max_length: the longest sequence the model is given (left-truncated).
+      batch_size: requests per forward or per generation batch.
+      bucket: padded lengths are multiples of it.
+      use_cache: False: generate through the full forward (the reference).
+
+    Returns:
+      The ``lm_eval.api.model.LM`` (as :func:`harness_lm`).
+
+    Raises:
+      ImportError: lm-eval is not installed.
+      ValueError: as :func:`harness_lm`.
+
+    Example:
+      >>> from flax import nnx
+      >>> from lm_eval.api.instance import Instance
+      >>> from flowjax.evaluation import harness_causal_lm
+      >>> from flowjax.models import CausalLM, LMConfig
+      >>> cfg = LMConfig.from_hf({"model_type": "llama", "vocab_size": 258,
+      ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+      ...     "num_attention_heads": 2, "num_key_value_heads": 1})
+      >>> kw = dict(encode=lambda s: list(s.encode()), eos_id=257, bos_id=256,
+      ...           decode=lambda ids: bytes(i for i in ids if i < 256).decode("latin-1"))
+      >>> lm = CausalLM(cfg, rngs=nnx.Rngs(0))
+      >>> req = Instance("generate_until", {}, ("2+2=", {"max_gen_toks": 5}), 0)
+      >>> [len(text) <= 5 for text in harness_causal_lm(lm, **kw).generate_until([req])]
+      [True]
+    """
+    from flax import nnx
+
+    from flowjax.models import generate
+
+    graphdef, state = nnx.split(lm)
+
+    def logits_fn(params, tokens):
+        return nnx.merge(graphdef, params)(tokens)
+
+    def generate_fn(prompts, max_new_tokens):
+        return generate(
+            lm,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            bucket=bucket,
+        )
+
+    return harness_lm(
+        logits_fn,
+        state,
+        encode=encode,
+        decode=decode,
+        eos_id=eos_id,
+        bos_id=bos_id,
+        pad_id=pad_id,
+        max_length=max_length,
+        batch_size=batch_size,
+        bucket=bucket,
+        generate_fn=generate_fn if use_cache else None,
+    )

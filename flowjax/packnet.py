@@ -21,11 +21,14 @@ pytree of int32 arrays with the parameters' structure, one task id per weight
     eval_params = flowjax.packnet_task_params(params, owner, task=1)
 
 Leaves that are not pruned (by default those with fewer than 2 axes: biases,
-BatchNorm scales) belong to task 1 and are frozen afterwards, as in the
-reference, which also keeps BatchNorm running statistics fixed after the first
-task: after task 1, run BatchNorm layers with ``use_running_average=True``
-(``model.eval()`` on them) and do not carry ``nnx.BatchStat`` updates.
-With FLOW, train each task on :func:`flowjax.weighted_objective` as usual.
+BatchNorm scales and offsets) belong to task 1 and are frozen afterwards, as
+in the reference, which also keeps BatchNorm running statistics fixed after
+the first task (its ``train_nobn``: BatchNorm layers in eval mode while the
+rest trains): call :func:`packnet_freeze_batchnorm` on the model before task
+2; every later task then normalises with task 1's statistics and leaves them
+bitwise unchanged, so task 1's network is restored exactly by
+:func:`packnet_task_params`. With FLOW, train each task on
+:func:`flowjax.weighted_objective` as usual.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from flowjax import _select
 from flowjax._types import Params, PyTree, Selection
 
 __all__ = [
+    "packnet_freeze_batchnorm",
     "packnet_init",
     "packnet_prune",
     "packnet_start_task",
@@ -278,3 +283,48 @@ def packnet_task_params(params: Params, owner: PyTree, task: int) -> Params:
     return jax.tree.map(
         lambda w, o: jnp.where(o <= task, w, jnp.zeros((), w.dtype)), params, owner
     )
+
+
+def packnet_freeze_batchnorm(model: nnx.Module) -> nnx.Module:
+    """Freezes every BatchNorm layer's statistics for the tasks after the first (in place).
+
+    .. math:: \\hat h = \\gamma \\frac{h - \\mu_1}{\\sqrt{\\sigma_1^2 + \\epsilon}} + \\beta
+        \\quad\\text{for every task } k \\ge 2
+
+    with :math:`\\mu_1, \\sigma_1^2` the running statistics at the end of
+    task 1: each ``nnx.BatchNorm`` gets ``use_running_average=True``, so it
+    normalises with its running statistics and no longer updates them, in
+    train mode too (the reference's ``train_nobn``, Mallya & Lazebnik's
+    section 3). Its scale :math:`\\gamma` and offset :math:`\\beta` have one
+    axis, so :func:`packnet_init` gives them to task 1 and
+    :func:`packnet_updates` keeps them frozen. Call it after task 1 (its
+    pruning and retraining), before the step of task 2 is built (the flag is
+    part of the graph definition ``nnx.split`` returns); afterwards do not
+    call ``model.train()``, which would unfreeze them.
+
+    Args:
+      model: an NNX module containing at least one ``nnx.BatchNorm``.
+
+    Returns:
+      ``model`` itself, its BatchNorm layers frozen.
+
+    Raises:
+      TypeError: ``model`` is not an ``nnx.Module``.
+      ValueError: ``model`` has no ``nnx.BatchNorm`` layer.
+
+    Example:
+      >>> import flowjax
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+      >>> flowjax.packnet_freeze_batchnorm(model).layers[1].use_running_average
+      True
+    """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be an nnx.Module; got {type(model).__name__}.")
+    if not any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_graph(model)):
+        raise ValueError(
+            "model has no nnx.BatchNorm layer: packnet_freeze_batchnorm freezes BatchNorm "
+            "statistics and has nothing to do here."
+        )
+    model.set_attributes(nnx.BatchNorm, use_running_average=True)
+    return model

@@ -199,9 +199,11 @@ SEPARATE = {
         "BatchNorm",
         "Bottleneck",
         "CausalLM",
+        "KVCache",
         "LMConfig",
         "ResNet",
         "default_partition_spec",
+        "generate",
         "load_causal_lm",
         "load_resnet",
         "load_tokenizer",
@@ -210,7 +212,7 @@ SEPARATE = {
         "task_parts",
         "torch_state_dict",
     },
-    "evaluation": {"harness_lm"},
+    "evaluation": {"harness_causal_lm", "harness_lm"},
 }
 
 

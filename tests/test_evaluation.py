@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -140,6 +141,17 @@ def _task(tmp_path, name, rows, spec):
     (tmp_path / f"{name}.yaml").write_text("\n".join(lines) + "\n")
 
 
+def _gsm_task(tmp_path, rows, until):
+    """A local GSM8K-style task: greedy up to 16 tokens, the ``#### N`` answer filter."""
+    _task(tmp_path, "tiny_gsm", rows, [
+        "output_type: generate_until", 'doc_to_text: "Question: {{question}}\\nAnswer:"',
+        'doc_to_target: "{{answer}}"', "generation_kwargs:", f"  until: {until}",
+        "  do_sample: false", "  max_gen_toks: 16", "filter_list:", "  - name: strict-match",
+        "    filter:", "      - function: regex", '        regex_pattern: "#### (\\\\-?[0-9]+)"',
+        "      - function: take_first", "metric_list:", "  - metric: exact_match",
+    ])  # fmt: skip
+
+
 def test_lm_eval_scores_a_local_multiple_choice_and_a_gsm8k_style_task(tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -170,17 +182,11 @@ def test_lm_eval_scores_a_local_multiple_choice_and_a_gsm8k_style_task(tmp_path)
         'doc_to_choice: "{{choices}}"', 'doc_to_target: "{{answer}}"',
         "metric_list:", "  - metric: acc",
     ])  # fmt: skip
-    _task(tmp_path, "tiny_gsm", gsm, [
-        "output_type: generate_until", 'doc_to_text: "Question: {{question}}\\nAnswer:"',
-        'doc_to_target: "{{answer}}"', "generation_kwargs:", '  until: ["\\n\\n"]',
-        "  do_sample: false", "  max_gen_toks: 16", "filter_list:", "  - name: strict-match",
-        "    filter:", "      - function: regex", '        regex_pattern: "#### (\\\\-?[0-9]+)"',
-        "      - function: take_first", "metric_list:", "  - metric: exact_match",
-    ])  # fmt: skip
+    _gsm_task(tmp_path, gsm, until='["\\n\\n"]')
     out = lm_eval.simple_evaluate(
         model=_lm(table),
         tasks=["tiny_mc", "tiny_gsm"],
-        task_manager=TaskManager(include_path=str(tmp_path)),
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
         num_fewshot=0,
     )
     # Multiple choice: the choice with the highest log-likelihood of " " + choice (lm-eval's
@@ -200,3 +206,85 @@ def test_lm_eval_scores_a_local_multiple_choice_and_a_gsm8k_style_task(tmp_path)
     assert np.mean(picks) == pytest.approx(2 / 3)
     # Generation: greedy "#### 4" right, "#### 7" wrong under the regex filter.
     assert out["results"]["tiny_gsm"]["exact_match,strict-match"] == pytest.approx(0.5)
+
+
+def _tiny_gemma(seed=0):
+    """A random Gemma 2 over the byte vocabulary: sliding window 4, shorter than the prompts."""
+    from flax import nnx
+
+    from flowjax.models import CausalLM, LMConfig
+
+    cfg = LMConfig.from_hf(
+        {"model_type": "gemma2", "vocab_size": V, "hidden_size": 16,
+         "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "num_key_value_heads": 1, "head_dim": 8, "sliding_window": 4,
+         "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+    )  # fmt: skip
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)  # numpy weights: no compilation per initialiser
+    state = jax.tree.map(
+        lambda x: rng.normal(0, x.shape[0] ** -0.5 if x.ndim == 2 else 0.1, x.shape),
+        state,
+    )
+    return nnx.merge(graphdef, state)
+
+
+def latin1(ids):
+    """Byte ids to text, one character per byte (the random model's bytes are no UTF-8)."""
+    return bytes(i for i in ids if i < 256).decode("latin-1")
+
+
+def test_generate_until_with_the_kv_cache_equals_the_no_cache_path(tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import flowjax.models as fm
+    from flowjax.evaluation import harness_causal_lm
+
+    lm = _tiny_gemma(seed=1)
+    contexts = ["Q: 2+2?\nA:", "Question: 3+3\nAnswer:", "7*8="]
+    rows = [[BOS, *encode(c)] for c in contexts]
+    free = fm.generate(lm, rows, max_new_tokens=16, eos_id=-1, bucket=16)
+    # EOS: a token the first context generates (after 2 others) and the others never do
+    eos = next(t for t in free[0][2:] if t not in free[1] + free[2])
+    kw = {"encode": encode, "decode": latin1, "eos_id": eos, "bos_id": BOS}
+    cached = harness_causal_lm(lm, bucket=16, **kw)
+    plain = harness_causal_lm(lm, bucket=16, use_cache=False, **kw)
+    stop = latin1(free[1][4:6])  # a string the second context's text reaches
+    reqs = [
+        Instance("generate_until", {}, (contexts[0], {"max_gen_toks": 12}), 0),
+        Instance(
+            "generate_until",
+            {},
+            (contexts[1], {"until": [stop], "max_gen_toks": 16}),
+            1,
+        ),
+        Instance("generate_until", {}, (contexts[2], {"max_gen_toks": 5}), 2),
+    ]
+    want = plain.generate_until(reqs)
+    assert cached.generate_until(reqs) == want
+    # and the three rules acted: EOS, the until string, the budget
+    assert want[0] == latin1(free[0][: free[0].index(eos)])
+    text = latin1(free[1])
+    assert stop not in want[1] and want[1] == text[: text.index(stop)]
+    assert want[2] == latin1(free[2][:5])
+    # lm-eval's own runner on a GSM8K-style local task: the same responses through both
+    gsm = [
+        {"question": f"{a}+{b}", "answer": str(a + b)}
+        for a, b in [(2, 2), (13, 29), (7, 5)]
+    ]
+    _gsm_task(tmp_path, gsm, until='["\\n\\n", "Q"]')
+    runs = [
+        lm_eval.simple_evaluate(
+            model=model,
+            tasks=["tiny_gsm"],
+            task_manager=TaskManager(
+                include_path=str(tmp_path), include_defaults=False
+            ),
+            num_fewshot=0,
+        )
+        for model in (cached, plain)
+    ]
+    resps = [[s["resps"] for s in r["samples"]["tiny_gsm"]] for r in runs]
+    assert resps[0] == resps[1] and len(resps[0]) == 3
+    assert all(r[0][0] for r in resps[0])  # non-empty generations

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import flowjax
 
@@ -128,3 +129,89 @@ def test_errors():
         flowjax.packnet_updates({"w1": owner["w1"]}, 1).update(
             params, optax.EmptyState()
         )
+
+
+class _BNNet(nnx.Module):
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(4, 10, rngs=rngs)
+        self.bn = nnx.BatchNorm(10, momentum=0.5, rngs=rngs)
+        self.fc2 = nnx.Linear(10, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(nnx.relu(self.bn(self.fc1(x))))
+
+
+def _bn_train(graphdef, params, stats, owner, task, x, y, steps=4):
+    """PackNet steps on a BatchNorm net; returns params and the running statistics."""
+    tx = optax.chain(optax.sgd(0.1, momentum=0.9), flowjax.packnet_updates(owner, task))
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, st, s):
+        def loss(p, st):
+            model = nnx.merge(graphdef, p, st)
+            ce = optax.softmax_cross_entropy_with_integer_labels(model(x), y)
+            return ce.mean(), nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+        (_, st), g = jax.value_and_grad(loss, has_aux=True)(p, st)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), st, s
+
+    for _ in range(steps):
+        params, stats, state = step(params, stats, state)
+    return params, stats
+
+
+def _split(model):
+    return [
+        s if i == 0 else nnx.to_pure_dict(s)
+        for i, s in enumerate(nnx.split(model, nnx.Param, nnx.BatchStat))
+    ]
+
+
+def _eval_logits(graphdef, params, stats, x):
+    model = nnx.merge(graphdef, params, stats)
+    model.eval()
+    return np.asarray(model(x))
+
+
+def test_batchnorm_frozen_after_the_first_task():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+    y1, y2 = (jnp.asarray(rng.integers(0, 3, 16)) for _ in range(2))
+    model = _BNNet(nnx.Rngs(0))
+    graphdef, params, stats0 = _split(model)
+    owner = flowjax.packnet_init(params)
+    params, stats = _bn_train(graphdef, params, stats0, owner, 1, x, y1)
+    params, owner = flowjax.packnet_prune(params, owner, 1, keep=0.5)
+    params, stats = _bn_train(graphdef, params, stats, owner, 1, x, y1)
+    # Task 1 trains in train mode: its running statistics moved.
+    assert not np.array_equal(stats["bn"]["mean"], stats0["bn"]["mean"])
+    ref_logits = _eval_logits(graphdef, params, stats, x)
+    after1 = jax.tree.map(np.asarray, (params, stats))
+
+    model = nnx.merge(graphdef, params, stats)
+    assert flowjax.packnet_freeze_batchnorm(model) is model
+    assert model.bn.use_running_average
+    graphdef2, params, stats = _split(model)
+    owner = flowjax.packnet_start_task(owner, 2)
+    params, stats = _bn_train(graphdef2, params, stats, owner, 2, x, y2)
+    # The statistics and BatchNorm's scale and offset (owned by task 1) are bitwise unchanged.
+    for a, b in zip(jax.tree.leaves(after1[1]), jax.tree.leaves(stats), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for k in ("scale", "bias"):
+        np.testing.assert_array_equal(params["bn"][k], after1[0]["bn"][k])
+    assert not np.array_equal(params["fc1"]["kernel"], after1[0]["fc1"]["kernel"])
+    # Task-1 evaluation (task 2's weights zeroed) is task 1's network exactly.
+    task1 = flowjax.packnet_task_params(params, owner, 1)
+    np.testing.assert_array_equal(_eval_logits(graphdef2, task1, stats, x), ref_logits)
+    # Control: without freezing, task 2 would move the statistics.
+    _, moved = _bn_train(graphdef, params, stats, owner, 2, x, y2)
+    assert not np.array_equal(moved["bn"]["mean"], stats["bn"]["mean"])
+
+
+def test_freeze_batchnorm_errors():
+    with pytest.raises(ValueError, match=r"no nnx\.BatchNorm"):
+        flowjax.packnet_freeze_batchnorm(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    with pytest.raises(TypeError, match=r"nnx\.Module"):
+        flowjax.packnet_freeze_batchnorm({"w": jnp.ones(2)})

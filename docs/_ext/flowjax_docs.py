@@ -90,7 +90,8 @@ def _entry(name: str, obj: object) -> list[str]:
             for b in obj.__mro__[1:]
         ):
             # Methods of a private flowjax base (the id-keyed tables' lookup, save).
-            lines.append("   :inherited-members: object, tuple, dict")
+            # (An NNX module's own methods, sow, perturb, ..., belong to Flax's docs.)
+            lines.append("   :inherited-members: object, tuple, dict, Module, Pytree")
         if issubclass(obj, tuple) and hasattr(obj, "_fields"):
             # NamedTuple fields: documented in the class docstring's Attributes.
             lines.append(f"   :exclude-members: {', '.join(obj._fields)}, count, index")

@@ -17,8 +17,9 @@ torchvision ``.safetensors`` weights without torch:
 Language models (paper Table 2): :func:`load_causal_lm` reads Hugging Face
 Llama 3.x / Gemma 2 checkpoints into a :class:`CausalLM` (its
 :class:`LMConfig`), sharded on load by :func:`default_partition_spec`;
-:func:`load_tokenizer` reads its ``tokenizer.json``; :func:`save_causal_lm` writes a
-model back in the same layout (for transformers or ``lm_eval --model hf``).
+:func:`load_tokenizer` reads its ``tokenizer.json``; :func:`generate` decodes
+greedily with the model's :class:`KVCache`; :func:`save_causal_lm` writes a model
+back in the same layout (for transformers or ``lm_eval --model hf``).
 
 The paper's weights are timm's ``resnet18.tv_in1k`` and ``resnet50.ram_in1k``.
 Models take NHWC images, keep float32 parameters and compute in ``dtype``
@@ -41,8 +42,10 @@ from flowjax.models.convert import load_resnet, torch_state_dict
 from flowjax.models.export import save_causal_lm
 from flowjax.models.llm import (
     CausalLM,
+    KVCache,
     LMConfig,
     default_partition_spec,
+    generate,
     load_causal_lm,
     load_tokenizer,
 )
@@ -62,9 +65,11 @@ __all__ = [
     "BatchNorm",
     "Bottleneck",
     "CausalLM",
+    "KVCache",
     "LMConfig",
     "ResNet",
     "default_partition_spec",
+    "generate",
     "load_causal_lm",
     "load_resnet",
     "load_tokenizer",

@@ -35,12 +35,13 @@ unsharded on that axis.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +53,10 @@ from flowjax.models.convert import _list
 
 __all__ = [
     "CausalLM",
+    "KVCache",
     "LMConfig",
     "default_partition_spec",
+    "generate",
     "load_causal_lm",
     "load_tokenizer",
 ]
@@ -345,16 +348,30 @@ class _Attention(nnx.Module):
         self.cfg = cfg
         self.window = cfg.sliding_window if cfg.sliding_layers[layer] else None
 
-    def __call__(self, x, positions, allowed):
+    def __call__(self, x, positions, allowed, kv=None, index=None):
+        """Attention of ``x [B, T, D]``; with ``kv`` (the layer's cached keys and values
+        ``[B, S, KV, hd]``), the new keys go to slots ``index .. index + T - 1`` and the
+        queries attend over all ``S`` slots. ``allowed [B, T, S]`` is causality and padding;
+        the sliding window is added here, in slots (sequence indices), as transformers'."""
         cfg = self.cfg
         b, t, _ = x.shape
-        kv, hd = cfg.num_key_value_heads, cfg.head_dim
-        g = cfg.num_attention_heads // kv
+        kv_heads, hd = cfg.num_key_value_heads, cfg.head_dim
+        g = cfg.num_attention_heads // kv_heads
         inv = _inv_freq(cfg)
-        q = _rope(self.q_proj(x).reshape(b, t, kv * g, hd), positions, inv)
-        k = _rope(self.k_proj(x).reshape(b, t, kv, hd), positions, inv)
-        v = self.v_proj(x).reshape(b, t, kv, hd)
-        q = q.reshape(b, t, kv, g, hd)
+        q = _rope(self.q_proj(x).reshape(b, t, kv_heads * g, hd), positions, inv)
+        k = _rope(self.k_proj(x).reshape(b, t, kv_heads, hd), positions, inv)
+        v = self.v_proj(x).reshape(b, t, kv_heads, hd)
+        if kv is None:
+            at = jnp.arange(t)
+        else:
+            k = jax.lax.dynamic_update_slice_in_dim(
+                kv[0], k.astype(kv[0].dtype), index, axis=1
+            )
+            v = jax.lax.dynamic_update_slice_in_dim(
+                kv[1], v.astype(kv[1].dtype), index, axis=1
+            )
+            at = index + jnp.arange(t)
+        q = q.reshape(b, t, kv_heads, g, hd)
         scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
         s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
         s = s * scale
@@ -362,12 +379,12 @@ class _Attention(nnx.Module):
             cap = cfg.attn_logit_softcapping
             s = cap * jnp.tanh(s / cap)
         if self.window is not None:
-            qi = jnp.arange(t)[:, None]
-            allowed = allowed & (jnp.arange(t)[None, :] > qi - self.window)[None]
+            slots = jnp.arange(k.shape[1])
+            allowed = allowed & (slots[None, :] > at[:, None] - self.window)[None]
         s = jnp.where(allowed[:, None, None], s, _NEG)
         p = jax.nn.softmax(s, axis=-1).astype(x.dtype)
-        o = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, kv * g * hd)
-        return self.o_proj(o)
+        o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(x.dtype))
+        return self.o_proj(o.reshape(b, t, kv_heads * g * hd)), (k, v)
 
 
 class _MLP(nnx.Module):
@@ -400,15 +417,52 @@ class _Layer(nnx.Module):
             self.post_feedforward_layernorm = norm()
         self.gemma = gemma
 
-    def __call__(self, x, positions, allowed):
-        h = self.self_attn(self.input_layernorm(x), positions, allowed)
+    def __call__(self, x, positions, allowed, kv=None, index=None):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, allowed, kv, index)
         if self.gemma:  # sandwich norms around both blocks
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(
                 self.mlp(self.pre_feedforward_layernorm(x))
-            )
+            ), kv
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class KVCache(NamedTuple):
+    """The keys and values a :class:`CausalLM` has seen: its state for incremental decoding.
+
+    A pytree of fixed shapes (``S`` slots, ``S`` the ``max_length`` of
+    :meth:`CausalLM.init_cache`), so a jitted decode step compiles once for
+    every step. Slot ``s`` holds the token at sequence index ``s`` of every
+    row; :meth:`CausalLM.decode` writes ``T`` new tokens into slots
+    ``index .. index + T - 1`` of all rows at once. Attention sees slot ``s``
+    from the query in slot ``q`` iff ``mask[b, s]`` and ``s <= q`` (and, on
+    Gemma 2's sliding layers, ``q - window < s``): exactly the full forward's
+    attention over the sequence of all tokens written so far, with the
+    concatenated attention masks.
+
+    Attributes:
+      k: per layer, keys ``[B, S, KV, head_dim]`` (rope applied).
+      v: per layer, values ``[B, S, KV, head_dim]``.
+      mask: bool ``[B, S]``, True where a slot holds a real (unpadded) token.
+      index: int32 scalar, the number of slots written.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from flowjax.models import CausalLM, LMConfig
+      >>> cfg = LMConfig.from_hf({"model_type": "llama", "vocab_size": 32,
+      ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+      ...     "num_attention_heads": 4, "num_key_value_heads": 2})
+      >>> cache = CausalLM(cfg, rngs=nnx.Rngs(0)).init_cache(3, 10)
+      >>> len(cache.k), cache.k[0].shape, cache.mask.shape, int(cache.index)
+      (2, (3, 10, 2, 4), (3, 10), 0)
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    mask: jax.Array
+    index: jax.Array
 
 
 class CausalLM(nnx.Module):
@@ -432,6 +486,10 @@ class CausalLM(nnx.Module):
     ``0 .. T-1`` whatever the mask (as transformers' forward without
     ``position_ids``); pass ``positions`` to count from the first real token
     instead. Logits at padded positions are finite and meaningless.
+
+    Incremental decoding: :meth:`init_cache` gives an empty :class:`KVCache`
+    and :meth:`decode` appends tokens to it and returns their logits, equal
+    to the full forward's on the whole sequence (see :func:`generate`).
     Parameters and activations are in ``dtype``; norms, rope, softmax and
     the logits are float32.
 
@@ -474,30 +532,273 @@ class CausalLM(nnx.Module):
         head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         return head.embedding[...]
 
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed_tokens.embedding[...], tokens, axis=0)
+        if self.config.model_type == "gemma2":
+            x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
+        return x
+
+    def _logits(self, h: jax.Array) -> jax.Array:
+        z = jnp.einsum(
+            "btd,vd->btv", h, self.unembedding, preferred_element_type=jnp.float32
+        )
+        cap = self.config.final_logit_softcapping
+        return cap * jnp.tanh(z / cap) if cap else z
+
     def hidden(self, tokens, attention_mask=None, positions=None) -> jax.Array:
         """Final (normed) hidden states ``[B, T, D]``: ``logits = cap(hidden @ unembedding.T)``."""
         tokens = jnp.asarray(tokens)
         b, t = tokens.shape
-        table = self.embed_tokens.embedding[...]
-        x = jnp.take(table, tokens, axis=0)
-        if self.config.model_type == "gemma2":
-            x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
+        x = self._embed(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         allowed = jnp.tril(jnp.ones((t, t), bool))[None]
         if attention_mask is not None:
             allowed = allowed & (jnp.asarray(attention_mask) != 0)[:, None, :]
         for layer in self.layers:
-            x = layer(x, positions, allowed)
+            x, _ = layer(x, positions, allowed)
         return self.norm(x)
 
     def __call__(self, tokens, attention_mask=None, positions=None) -> jax.Array:
-        h = self.hidden(tokens, attention_mask, positions)
-        z = jnp.einsum(
-            "btd,vd->btv", h, self.unembedding, preferred_element_type=jnp.float32
+        return self._logits(self.hidden(tokens, attention_mask, positions))
+
+    def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
+        """An empty :class:`KVCache` of ``max_length`` slots for ``batch`` rows.
+
+        Args:
+          batch: rows.
+          max_length: slots: the longest sequence (prompt + generated tokens) it holds.
+          dtype: of the keys and values; ``None``: the parameters' dtype.
+
+        Returns:
+          The cache, zeros with ``mask`` all False and ``index`` 0.
+
+        Raises:
+          ValueError: ``batch`` or ``max_length`` < 1.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from flax import nnx
+          >>> from flowjax.models import CausalLM, LMConfig
+          >>> cfg = LMConfig.from_hf({"model_type": "llama", "vocab_size": 32,
+          ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+          ...     "num_attention_heads": 4, "num_key_value_heads": 2})
+          >>> CausalLM(cfg, rngs=nnx.Rngs(0)).init_cache(2, 8, jnp.bfloat16).v[0].dtype
+          dtype(bfloat16)
+        """
+        for name, n in (("batch", batch), ("max_length", max_length)):
+            if int(n) < 1:
+                raise ValueError(f"init_cache: {name} must be >= 1; got {n}.")
+        cfg = self.config
+        dtype = dtype or self.embed_tokens.embedding[...].dtype
+        shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+        n = cfg.num_hidden_layers
+        return KVCache(
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+            mask=jnp.zeros((batch, max_length), bool),
+            index=jnp.zeros((), jnp.int32),
         )
-        cap = self.config.final_logit_softcapping
-        return cap * jnp.tanh(z / cap) if cap else z
+
+    def decode(
+        self, tokens, cache: KVCache, attention_mask=None, positions=None
+    ) -> tuple[jax.Array, KVCache]:
+        """Logits of ``tokens [B, T]`` appended to ``cache``, and the cache that holds them.
+
+        The tokens take slots ``i .. i + T - 1`` (``i = cache.index``) of every
+        row; query ``i + t`` attends the cached slots ``<= i + t`` whose mask
+        is set (and the sliding window on Gemma 2's sliding layers). So a
+        prefill of ``x[:, :p]`` then steps of ``x[:, p:p + 1]``, ... give the
+        logits ``lm(x, attention_mask, positions)`` has at those positions.
+        Pure: ``jax.jit`` it (split/merge the model) and it compiles once per
+        ``T``. Left-pad prompts of different lengths (``attention_mask`` 0 on
+        the padding, ``positions`` counted from each row's first real token,
+        as :func:`generate` does) so that every row's next token lands in the
+        same slot.
+
+        Args:
+          tokens: int ``[B, T]``.
+          cache: from :meth:`init_cache` (``B`` rows) or a previous ``decode``.
+          attention_mask: ``[B, T]``, 0 at padding; ``None``: all real.
+          positions: rope positions ``[B, T]``; ``None``: the slot indices.
+
+        Returns:
+          ``(logits float32 [B, T, V], cache)``. Under ``jit``, tokens that do
+          not fit in the cache give NaN logits.
+
+        Raises:
+          ValueError: ``tokens`` not ``[B, T]`` with the cache's ``B``, or (outside
+            ``jit``) more tokens than the cache has free slots.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, numpy as np
+          >>> from flax import nnx
+          >>> from flowjax.models import CausalLM, LMConfig
+          >>> cfg = LMConfig.from_hf({"model_type": "llama", "vocab_size": 32,
+          ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+          ...     "num_attention_heads": 4, "num_key_value_heads": 2})
+          >>> lm = CausalLM(cfg, rngs=nnx.Rngs(0))
+          >>> graphdef, state = nnx.split(lm)  # the model a jit argument
+          >>> decode = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).decode(x, c))
+          >>> x = jnp.array([[3, 1, 4, 1]])
+          >>> _, cache = decode(state, x[:, :2], lm.init_cache(1, 8))  # prefill
+          >>> z, cache = decode(state, x[:, 2:], cache)  # 2 more: the same program
+          >>> forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+          >>> bool(np.allclose(z, forward(state, x)[:, 2:], atol=1e-5)), int(cache.index)
+          (True, 4)
+        """
+        h, cache = self._extend(tokens, cache, attention_mask, positions)
+        return self._logits(h), cache
+
+    def _extend(self, tokens, cache, attention_mask=None, positions=None):
+        """:meth:`decode`'s final hidden states (NaN if they do not fit) and cache."""
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[0] != cache.mask.shape[0]:
+            raise ValueError(
+                f"decode: tokens must be [B, T] with the cache's B = "
+                f"{cache.mask.shape[0]}; got shape {tokens.shape}."
+            )
+        b, t = tokens.shape
+        slots = cache.mask.shape[1]
+        index = jnp.asarray(cache.index, jnp.int32)
+        if not isinstance(index, jax.core.Tracer) and int(index) + t > slots:
+            raise ValueError(
+                f"decode: the cache has {slots} slots, {int(index)} filled: "
+                f"{t} more tokens do not fit."
+            )
+        new = (
+            jnp.ones((b, t), bool)
+            if attention_mask is None
+            else jnp.asarray(attention_mask) != 0
+        )
+        mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, new, index, axis=1)
+        at = index + jnp.arange(t)
+        if positions is None:
+            positions = jnp.broadcast_to(at, (b, t))
+        allowed = (jnp.arange(slots)[None, :] <= at[:, None])[None] & mask[:, None, :]
+        x = self._embed(tokens)
+        ks, vs = [], []
+        for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
+            x, (k, v) = layer(x, positions, allowed, (k, v), index)
+            ks.append(k)
+            vs.append(v)
+        h = jnp.where(index + t > slots, jnp.nan, self.norm(x))
+        return h, KVCache(tuple(ks), tuple(vs), mask, index + t)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "cache_dtype"))
+def _greedy(graphdef, state, tokens, mask, *, steps, eos_id, pad_id, cache_dtype):
+    """Prefill of the left-padded ``tokens``, then greedy decode steps in a while loop."""
+    lm = nnx.merge(graphdef, state)
+    b, width = tokens.shape
+    cache = lm.init_cache(b, width + steps - 1, cache_dtype)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    h, cache = lm._extend(tokens, cache, mask, positions)
+    first = jnp.argmax(lm._logits(h[:, -1:])[:, 0], axis=-1).astype(
+        jnp.int32
+    )  # [B, V] only
+    out = jnp.full((b, steps), pad_id, jnp.int32).at[:, 0].set(first)
+
+    def more(carry):
+        step, _, _, done, _ = carry
+        return (step < steps) & ~jnp.all(done)
+
+    def step_fn(carry):
+        step, cache, out, done, pos = carry
+        prev = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)
+        logits, cache = lm.decode(prev, cache, positions=pos[:, None])
+        token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        token = jnp.where(done, pad_id, token)
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
+        return step + 1, cache, out, done | (token == eos_id), pos + 1
+
+    pos = jnp.sum(mask, axis=1, dtype=jnp.int32)
+    carry = (jnp.int32(1), cache, out, first == eos_id, pos)
+    _, _, out, _, _ = jax.lax.while_loop(more, step_fn, carry)
+    is_eos = out == eos_id
+    lengths = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, steps)
+    return out, lengths
+
+
+def generate(
+    lm: CausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+    bucket: int = 1,
+    cache_dtype: Any = None,
+) -> list[list[int]]:
+    """Batched greedy decoding with the KV cache, each row stopped at its EOS.
+
+    .. math:: y_{n} = \\arg\\max_v\\, \\text{lm}(x \\,\\|\\, y_{<n})_v,
+        \\quad n = 1, \\dots, N, \\text{ until } y_n = \\text{eos}
+
+    The prompts are left-padded to a common width (rounded up to a
+    multiple of ``bucket``), with positions counted from each row's first
+    real token, so every row decodes as it would alone. One jitted program
+    runs a prefill (:meth:`CausalLM.decode` of the prompts into a
+    :class:`KVCache` of ``width + N - 1`` slots) and a ``lax.while_loop`` of
+    one-token decode steps that ends when every row has emitted EOS or after
+    ``N`` tokens; it compiles once per (batch size, width, ``N``) and the
+    model goes in as an argument (``nnx.split``), so updated weights reuse it.
+
+    Args:
+      lm: the model.
+      prompts: token ids per row (BOS included if the model wants one).
+      max_new_tokens: ``N``, the most tokens per row.
+      eos_id: the end-of-sequence id.
+      pad_id: the id that fills the left padding (masked out).
+      bucket: padded prompt widths are multiples of it (fewer compilations).
+      cache_dtype: of the cached keys and values; ``None``: the parameters'.
+
+    Returns:
+      Each row's new tokens, up to and including its EOS (at most ``N``).
+
+    Raises:
+      ValueError: no prompts, an empty prompt (its row named),
+        ``max_new_tokens`` or ``bucket`` < 1.
+
+    Example:
+      >>> from flax import nnx
+      >>> from flowjax.models import CausalLM, LMConfig, generate
+      >>> cfg = LMConfig.from_hf({"model_type": "llama", "vocab_size": 32,
+      ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+      ...     "num_attention_heads": 4, "num_key_value_heads": 2})
+      >>> lm = CausalLM(cfg, rngs=nnx.Rngs(0))
+      >>> out = generate(lm, [[1, 5, 7], [2]], max_new_tokens=4, eos_id=0)
+      >>> [len(row) for row in out]  # neither row emitted EOS (id 0)
+      [4, 4]
+    """
+    if not prompts:
+        raise ValueError("generate: no prompts.")
+    for name, n in (("max_new_tokens", max_new_tokens), ("bucket", bucket)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"generate: {name} must be an int >= 1; got {n!r}.")
+    rows = [[int(t) for t in p] for p in prompts]
+    empty = [i for i, r in enumerate(rows) if not r]
+    if empty:
+        raise ValueError(f"generate: prompts {empty[:10]} (row indices) are empty.")
+    width = -(-max(map(len, rows)) // bucket) * bucket
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    graphdef, state = nnx.split(lm)
+    out, lengths = _greedy(
+        graphdef,
+        state,
+        tokens,
+        mask,
+        steps=max_new_tokens,
+        eos_id=jnp.int32(eos_id),
+        pad_id=jnp.int32(pad_id),
+        cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
+    )
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    return [out[i, : lengths[i]].tolist() for i in range(len(rows))]
 
 
 def default_partition_spec(name: str, shape: tuple[int, ...], mesh) -> PartitionSpec:

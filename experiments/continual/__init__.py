@@ -1,0 +1,1 @@
+"""The task-sequence experiment: split digits, every forgetting defence, accuracy matrices."""
