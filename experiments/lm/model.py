@@ -175,8 +175,10 @@ def make_greedy_decode(graphdef, max_new: int):
 
     ``decode(state, buf [N, T], prompt_len [N]) -> buf`` writes up to
     ``max_new`` generated tokens after each prompt (``PAD`` after an
-    ``EOS``). The experiment's own key/value cache (the library's model has
-    none): one causal pass over ``buf`` fills each layer's cache with the
+    ``EOS``). The experiment's own key/value cache, written before
+    :func:`flowjax.models.generate` (left-padded prompts, positions counted
+    from each row's first token) reached main; moving to it is a follow-up
+    that needs ``results/lm`` regenerated if a greedy choice flips. One causal pass over ``buf`` fills each layer's cache with the
     rotated keys and values (prompt positions are exact: they see only
     earlier positions), then each step feeds the one new token per row at its
     own position ``prompt_len + s`` and attends to cache positions ``<=`` it,
