@@ -1,4 +1,4 @@
-"""End-to-end test of experiments/lm/finetune_checkpoint.py on a tiny random model saved with orbax."""
+"""End-to-end test of experiments/lm/finetune_checkpoint.py on a tiny random Llama, saved with orbax and as HF."""
 
 import json
 
@@ -11,8 +11,16 @@ from flax import nnx
 
 from experiments.lm import finetune_checkpoint as F
 from experiments.lm import model as M
+from flowjax.models import save_causal_lm
 
-CONFIG = {"d_model": 32, "num_heads": 2, "num_layers": 1, "d_ff": 64, "max_len": 32}
+CONFIG = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_len": 32,
+}
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +30,7 @@ def saved(tmp_path_factory):
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(root / "params", nnx.state(model, nnx.Param), force=True)
     checkpointer.wait_until_finished()
+    save_causal_lm(model, root / "hf")  # the same weights as a Hugging Face directory
     data = root / "train.jsonl"
     lines = [
         json.dumps(
@@ -34,12 +43,24 @@ def saved(tmp_path_factory):
     return root, model, data
 
 
-def _run(root, data, out, *extra):
+def _run(root, data, out, *extra, hf=False):
+    # orbax: the factory builds the module (seed 0: a *different* init) and the saved state
+    # is restored into it; hf: load_causal_lm reads the Hugging Face directory alone.
+    source = (
+        ["--checkpoint", str(root / "hf")]
+        if hf
+        else [
+            "--model",
+            "experiments.lm.model:from_kwargs",
+            "--model_kwargs",
+            json.dumps({"seed": 0, **CONFIG}),
+            "--checkpoint",
+            str(root / "params"),
+        ]
+    )
     return F.main(
         [
-            "--model", "experiments.lm.model:from_kwargs",
-            "--model_kwargs", json.dumps({"seed": 0, **CONFIG}),  # seed 0: a *different* init
-            "--checkpoint", str(root / "params"),
+            *source,
             "--data", str(data),
             "--out", str(out),
             "--buckets", "24",
@@ -91,11 +112,12 @@ def test_sequence_flow_full_finetune(saved, tmp_path):
     assert summary["trainable_params"] == sum(x.size for x in jax.tree.leaves(abstract))
 
 
-def test_token_level_chunked_lora(saved, tmp_path):
+def test_token_level_chunked_lora_from_a_hugging_face_directory(saved, tmp_path):
     root, model, data = saved
     summary = _run(
         root, data, tmp_path, "--level", "token", "--chunked_ce", "100",
-        "--lora_rank", "2", "--lora_targets", "q_proj,v_proj",
+        "--unembedding", "unembedding", "--unembedding_layout", "vd",
+        "--lora_rank", "2", "--lora_targets", "q_proj,v_proj", hf=True,
     )  # fmt: skip
     ref = _reference_token_losses(model, data)
     tl = np.load(tmp_path / "losses.npz")
@@ -130,3 +152,8 @@ def test_bad_inputs(tmp_path):
         F.read_jsonl(str(bad), 256, 257)
     with pytest.raises(ValueError, match="module:factory"):
         F.load_factory("no_colon")
+    args = F.parser().parse_args(
+        ["--checkpoint", str(tmp_path), "--data", str(bad), "--out", str(tmp_path)]
+    )
+    with pytest.raises(ValueError, match=r"no config.json .* needs --model"):
+        F.finetune(args)

@@ -1,7 +1,9 @@
 """Smoke test of experiments/lm/run.py (--quick) and of its orbax pre-training cache."""
 
+import dataclasses
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +23,11 @@ from experiments.lm.model import (
     EOS,
     LORA_TARGETS,
     PAD,
-    LMConfig,
     build,
     decode,
     make_greedy_decode,
 )
-from experiments.lm.pretrain import pretrained_params
+from experiments.lm.pretrain import cache_path, pretrained_params
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_a_rerun_restores_every_run_and_gives_the_same_results(quick, capsys):
     assert len(list((out / "checkpoints").iterdir())) == runs
 
 
-def test_pretraining_cache_is_reused(quick, capsys):
+def test_pretraining_cache_is_reused(quick, capsys, tmp_path):
     report = json.loads((quick / "out" / "results.json").read_text())
     stream, _, sha = lm_data.pydoc_streams()
     cfg = get_config(quick=True)
@@ -160,6 +161,21 @@ def test_pretraining_cache_is_reused(quick, capsys):
     assert ev.perplexity((params,), windows) == pytest.approx(
         report["pretrained"]["perplexity"], rel=1e-5
     )
+    # A changed architecture is another directory, never the cached model.
+    other = dataclasses.replace(cfg.pretrain.model, rope_theta=5e5)
+    changed = dataclasses.replace(cfg.pretrain, model=other)
+    assert cache_path(changed, quick / "cache", sha) != cache_path(
+        cfg.pretrain, quick / "cache", sha
+    )
+    # A cache whose checkpoint is not the config's (edited by hand) is refused.
+    tampered = tmp_path / cache_path(cfg.pretrain, quick / "cache", sha).name
+    shutil.copytree(cache_path(cfg.pretrain, quick / "cache", sha), tampered)
+    hf = json.loads((tampered / "model" / "config.json").read_text())
+    (tampered / "model" / "config.json").write_text(
+        json.dumps(hf | {"rope_theta": 5e5})
+    )
+    with pytest.raises(ValueError, match="not the configured"):
+        pretrained_params(cfg.pretrain, tmp_path, stream, sha, progress=False)
 
 
 def test_methods_and_settings_come_from_the_config(tmp_path):
@@ -233,8 +249,11 @@ def test_parse_answer():
 
 
 def test_cached_greedy_decode_equals_full_recompute():
-    """The key/value-cache decoder equals re-running the whole model at every step."""
-    cfg = LMConfig(d_model=32, num_heads=2, num_layers=2, d_ff=64)
+    """The key/value-cache decoder equals re-running the whole CausalLM at every step."""
+    # The smoke test's tiny Llama (2 query heads sharing 1 key/value head), with 2 layers.
+    cfg = dataclasses.replace(
+        get_config(quick=True).pretrain.model, num_hidden_layers=2
+    )
     model = build(cfg, seed=3)
     split = {k: v[:24] for k, v in lm_data.addition_task()["val"].items()}
     plen, n, t, max_new = split["prompt_len"], 24, lm_data.SEQ_LEN, 20
@@ -256,8 +275,8 @@ def test_cached_greedy_decode_equals_full_recompute():
     ref, _ = reference()
     later = ref[np.arange(n)[:, None], plen[:, None] + np.arange(1, max_new)]
     common = np.bincount(later.ravel()).argmax()
-    kernel = model.lm_head.kernel
-    kernel[...] = kernel[...].at[:, EOS].set(kernel[...][:, common] * 1.5)
+    head = model.lm_head.embedding  # the untied unembedding [V, D]
+    head[...] = head[...].at[EOS].set(head[...][common] * 1.5)
     ref, done = reference()
     graphdef, params = nnx.split(model, nnx.Param)
     got = np.asarray(make_greedy_decode(graphdef, max_new)((params,), prompt, plen))

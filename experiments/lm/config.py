@@ -1,7 +1,7 @@
 """Every hyper-parameter of the LM experiment, as plain data (``results.json`` records it).
 
 ``get_config()`` is the measured run (``make lm``); ``get_config(quick=True)`` the smoke-test
-variant (``--quick``: a 1-layer model, 30 pre-training and 12 fine-tuning steps, 256 training
+variant (``--quick``: a 1-layer model of width 32, 30 pre-training and 12 fine-tuning steps, 256 training
 problems). Fields can be changed from the command line, nested ones with a dot:
 ``python -m experiments.lm.run --set lora_rank=4 --set pretrain.steps=200``.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments.lm.model import LORA_TARGETS, LMConfig
+from experiments.lm.model import LORA_TARGETS, ModelConfig
 
 ALL_METHODS = (
     "standard",
@@ -30,9 +30,14 @@ ALL_METHODS = (
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
-    """Next-byte pre-training on pydoc text (AdamW, 5 % warm-up, cosine to lr / 10, clip 1)."""
+    """Next-byte pre-training on pydoc text (AdamW, 5 % warm-up, cosine to lr / 10, clip 1).
 
-    model: LMConfig = dataclasses.field(default_factory=lambda: LMConfig(d_ff=256))
+    ``model``: the tiny Llama's sizes (:class:`~experiments.lm.model.ModelConfig`:
+    2 layers, width 128, 4 query and 2 key/value heads, SwiGLU 224, context 64;
+    about 337k parameters).
+    """
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     steps: int = 400
     batch: int = 32
     lr: float = 3e-3
@@ -75,7 +80,14 @@ def get_config(quick: bool = False) -> Config:
         return Config()
     return Config(
         pretrain=PretrainConfig(
-            model=LMConfig(d_model=32, num_heads=2, num_layers=1, d_ff=64), steps=30
+            model=ModelConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+            ),
+            steps=30,
         ),
         ft_steps=12,
         ft_batch=16,

@@ -7,8 +7,12 @@ perplexity, the others are pre-training text. Each topic is encoded as
 ``BOS + utf-8 bytes + EOS`` and the topics of a split are concatenated.
 
 **Fine-tuning task.** Addition of ``0 <= a < 1000`` and a small second
-operand ``b`` in ``B_VALUES = (1, 2, 3)`` (3,000 problems) in words. The prompt is ``BOS + "What is {a} plus {b}?\\n"``;
-the response (the target, prompt masked) is ``"The result is {a+b}." + EOS``.
+operand ``b`` in ``B_VALUES = (1, 2, 3)`` (3,000 problems) in words, tokenised
+by :func:`flowjax.datasets.sft_example` (the official rules of the MetaMathQA
+pipeline: the record ``{"query": "{a} plus {b}", "response": "The result is
+{a+b}."}`` in the template ``PROMPT_TEMPLATE``). The prompt is ``BOS + "What is
+{a} plus {b}?\\n"``; the response (the target, prompt masked) is ``"The result
+is {a+b}." + EOS``.
 The response has an English scaffold (``"The result is "``, ``"."``) whose
 bytes and words are common in the pydoc text (``"result"`` 108 times,
 ``" is "`` 2,000 times, ``"the result is"`` 11 times), so the pre-trained
@@ -20,12 +24,13 @@ set, the next ``N_VAL`` (300) the validation set (learning-rate choice), the
 rest (2,200) the training set. Example ids are ``10 * a + b``.
 
 Why ``b`` in {1, 2, 3} and not ``0 <= b < 10``: with ``b < 10`` the units
-digit of the answer is a 100-entry table (``a % 10``, ``b``), which this
-model does not learn within the fine-tuning budget of the experiment (400
-steps of batch 16: every method copied ``a`` and stayed at exact match
-<= 0.12). With ``b`` in {1, 2, 3} it is a 30-entry table plus the carry,
-learned within that budget (side check: standard FT, seed 0, validation
-exact match 0.91 at lr 1e-3, 0.29 at lr 3e-3).
+digit of the answer is a 100-entry table (``a % 10``, ``b``), which the
+former TinyLM did not learn within the fine-tuning budget of the experiment
+(400 steps of batch 16: every method copied ``a`` and stayed at exact match
+<= 0.12). With ``b`` in {1, 2, 3} it is a 30-entry table plus the carry;
+TinyLM learned it within that budget (standard FT, seed 0, validation exact
+match 0.89 at lr 1e-3), the tiny Llama of :mod:`experiments.lm.model` only
+partly (0.23 at lr 1e-3, 0.29 at 3e-3; ``results/lm/results.json``).
 """
 
 from __future__ import annotations
@@ -36,13 +41,14 @@ import re
 import numpy as np
 
 from experiments.lm.model import BOS, EOS, PAD, encode
+from flowjax.datasets import sft_example
 
 HELDOUT_EVERY = 5
 HELDOUT_OFFSET = 2
 TASK_SEED = 0
 N_TEST, N_VAL = 500, 300
 B_VALUES = (1, 2, 3)
-PROMPT = "What is {a} plus {b}?\n"
+PROMPT_TEMPLATE = "What is {query}?\n"
 SCAFFOLD = "The result is "
 RESPONSE = SCAFFOLD + "{s}."
 # Longest example: BOS + "What is 999 plus 3?\n" (21) + "The result is 1002." (19) + EOS
@@ -99,23 +105,34 @@ def addition_task() -> dict[str, dict[str, np.ndarray]]:
 
 def _encode_pairs(pairs: np.ndarray) -> dict[str, np.ndarray]:
     n = len(pairs)
+    ids = (10 * pairs[:, 0] + pairs[:, 1]).astype(np.int64)
     tokens = np.full((n, SEQ_LEN), PAD, np.int32)
     mask = np.zeros((n, SEQ_LEN), bool)
     prompt_len = np.zeros(n, np.int32)
-    for r, (a, b) in enumerate(pairs):
-        prompt = np.concatenate([[BOS], encode(PROMPT.format(a=a, b=b))])
-        response = np.concatenate([encode(RESPONSE.format(s=a + b)), [EOS]])
-        p, length = len(prompt), len(prompt) + len(response)
-        tokens[r, :length] = np.concatenate([prompt, response])
-        mask[r, p:length] = True
-        prompt_len[r] = p
+    for r, (i, (a, b)) in enumerate(zip(ids, pairs, strict=True)):
+        ex = sft_example(
+            record(int(i), int(a), int(b)),
+            encode,
+            bos_id=BOS,
+            eos_id=EOS,
+            max_length=SEQ_LEN,
+            template=PROMPT_TEMPLATE,
+        )
+        length = len(ex["tokens"])
+        tokens[r, :length], mask[r, :length] = ex["tokens"], ex["mask"]
+        prompt_len[r] = int(np.argmax(ex["mask"]))  # the first target position
     return {
-        "id": (10 * pairs[:, 0] + pairs[:, 1]).astype(np.int64),
+        "id": ids,
         "tokens": tokens,
         "mask": mask,
         "prompt_len": prompt_len,
         "answer": pairs.sum(axis=1),
     }
+
+
+def record(i: int, a: int, b: int) -> dict:
+    """Problem ``a + b`` as a ``{"id", "query", "response"}`` record of :func:`flowjax.datasets.sft_example`."""
+    return {"id": i, "query": f"{a} plus {b}", "response": RESPONSE.format(s=a + b)}
 
 
 def parse_answer(text: str) -> int | None:

@@ -1,4 +1,4 @@
-"""FLOW fine-tuning of any Flax NNX causal LM restored from a local orbax checkpoint.
+"""FLOW fine-tuning of a Hugging Face Llama / Gemma 2 checkpoint, or any NNX causal LM in orbax.
 
 Run (see ``experiments/lm/README.md`` for a Gemma / Llama NNX port on TPU)::
 
@@ -13,12 +13,19 @@ Contract:
   module (any ``nnx.Module`` with ``model(tokens [B, T]) -> logits [B, T, V]``,
   causal). It is called under ``nnx.eval_shape``: no memory is allocated
   before the restore.
-* ``--checkpoint``: an orbax directory holding ``nnx.state(model, nnx.Param)``
-  as saved by ``ocp.StandardCheckpointer().save(path, state)``. Restoring is
-  abstract-first: the abstract state gets ``NamedSharding``\\ s from the
-  module's own partition metadata over the device mesh (``--model_axis``
-  devices for tensor parallelism, the rest on ``'data'``); unannotated
-  parameters are replicated.
+* ``--checkpoint``: either a Hugging Face directory (``config.json`` +
+  ``*.safetensors`` of Llama 3.x or Gemma 2, e.g. what
+  :func:`flowjax.models.save_causal_lm` writes), read with
+  :func:`flowjax.models.load_causal_lm` sharded over the mesh (``--model`` is
+  then not needed; for ``--chunked_ce`` pass ``--unembedding unembedding
+  --unembedding_layout vd``, and ``--logit_softcap`` only with
+  ``--chunked_ce``: the model's own forward already caps); or an orbax
+  directory holding ``nnx.state(model, nnx.Param)`` as saved by
+  ``ocp.StandardCheckpointer().save(path, state)``, with ``--model``.
+  Restoring is abstract-first: the abstract state gets ``NamedSharding``\\ s
+  from the module's own partition metadata over the device mesh
+  (``--model_axis`` devices for tensor parallelism, the rest on ``'data'``);
+  unannotated parameters are replicated.
 * ``--data``: JSONL, one example per line, either ``{"prompt": str,
   "response": str}`` (the byte tokenizer: ``BOS + utf-8(prompt)`` and
   ``utf-8(response) + EOS``, ids ``--bos/--eos``) or ``{"prompt_ids": [...],
@@ -78,6 +85,7 @@ from flax import nnx
 
 import flowjax
 from experiments.lm import train as lm_train
+from flowjax.models import load_causal_lm
 
 BYTE_BOS, BYTE_EOS, BYTE_PAD = 256, 257, 258
 
@@ -276,8 +284,17 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(args.model_axis)
-    factory = load_factory(args.model)
-    model = restore_model(factory, json.loads(args.model_kwargs), args.checkpoint, mesh)
+    if (Path(args.checkpoint) / "config.json").is_file():  # a Hugging Face directory
+        model = load_causal_lm(Path(args.checkpoint).resolve(), mesh=mesh)
+    elif args.model is None:
+        raise ValueError(
+            f"--checkpoint {args.checkpoint} has no config.json (not a Hugging Face "
+            "directory): an orbax checkpoint needs --model module:factory."
+        )
+    else:
+        factory = load_factory(args.model)
+        kwargs = json.loads(args.model_kwargs)
+        model = restore_model(factory, kwargs, args.checkpoint, mesh)
     examples = read_jsonl(args.data, args.bos, args.eos)
     buckets = sorted(int(b) for b in args.buckets.split(","))
     chunked = args.chunked_ce or None
@@ -425,13 +442,17 @@ def _pad_rows(tokens, mask, w, batch_size: int, pad: int):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--model", required=True, help="module:factory building the NNX module"
+        "--model",
+        default=None,
+        help="module:factory building the NNX module (orbax checkpoints only)",
     )
     p.add_argument(
         "--model_kwargs", default="{}", help="JSON keyword arguments of the factory"
     )
     p.add_argument(
-        "--checkpoint", required=True, help="orbax directory of nnx.Param state"
+        "--checkpoint",
+        required=True,
+        help="Hugging Face directory (config.json + safetensors) or orbax nnx.Param state",
     )
     p.add_argument("--data", required=True, help="JSONL of prompt/response examples")
     p.add_argument("--out", required=True)

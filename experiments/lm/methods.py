@@ -86,13 +86,19 @@ def sft_loss(logits, tokens, mask, weights, *, level: str):
 
 
 def flow_weights(params, graphdef, train: dict, cfg: Config) -> dict:
-    """Sequence and token FLOW weights of the training rows, from the library pre-pass."""
+    """Sequence and token FLOW weights of the training rows, from the library pre-pass.
+
+    The batched form (``batched=True``, the fast one): the model is called on
+    each padded batch ``[B, T]`` of the bucket, as in training, instead of
+    being vmapped over single sequences.
+    """
     logits_fn = make_logits_fn(graphdef)
     examples = lm_data.examples(train)
     kw = {
         "bucket_lengths": [lm_data.SEQ_LEN],
         "batch_size": cfg.prepass_batch,
         "pad_id": PAD,
+        "batched": True,
     }
     seq_table = flowjax.lm_sequence_losses(
         logits_fn, (params,), examples, progress=False, **kw

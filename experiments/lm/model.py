@@ -1,126 +1,106 @@
-"""A small byte-level decoder-only transformer in Flax NNX, and its pure (split/merge) functions.
+"""The LM experiment's model: a tiny byte-level Llama, a :class:`flowjax.models.CausalLM`.
+
+The model users fine-tune at scale (:func:`flowjax.models.load_causal_lm` of a Llama 3.x
+checkpoint) is the model of the CPU reproduction, at a small size: grouped-query
+attention with rope, RMSNorm, a SwiGLU MLP, an untied head. Its projections
+(``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``,
+``down_proj``) are plain ``nnx.Linear``, so :func:`flowjax.add_lora` wraps them by
+their names (:data:`LORA_TARGETS`, the paper's targets).
 
 Vocabulary: the 256 byte values plus ``BOS`` (256), ``EOS`` (257) and ``PAD``
-(258). Every projection (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
-``up_proj``, ``down_proj``, ``lm_head``) is a plain ``nnx.Linear``, so
-:func:`flowjax.add_lora` can wrap them with the paper's target names.
+(258); the ids are written into the checkpoint's ``config.json``
+(``bos_token_id`` ...) beside the architecture.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowjax.models import CausalLM, LMConfig
+
 BOS, EOS, PAD = 256, 257, 258
 VOCAB_SIZE = 259
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+LORA_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
 
 
 @dataclasses.dataclass(frozen=True)
-class LMConfig:
-    """Architecture of :class:`TinyLM` (all sizes are plain ints, so the config is JSON-able)."""
+class ModelConfig:
+    """The tiny Llama's sizes (plain ints, so the experiment's config stays JSON-able).
 
-    vocab_size: int = VOCAB_SIZE
-    max_len: int = 64
-    d_model: int = 128
-    num_heads: int = 4
-    num_layers: int = 2
-    d_ff: int = 512
-
-    def __post_init__(self):
-        if self.d_model % self.num_heads:
-            raise ValueError(
-                f"d_model={self.d_model} must be a multiple of num_heads={self.num_heads}."
-            )
-
-
-class Block(nnx.Module):
-    """Pre-LayerNorm causal self-attention block with a GELU MLP."""
-
-    def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
-        d = cfg.d_model
-        self.num_heads = cfg.num_heads
-        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
-        self.q_proj = nnx.Linear(d, d, use_bias=False, rngs=rngs)
-        self.k_proj = nnx.Linear(d, d, use_bias=False, rngs=rngs)
-        self.v_proj = nnx.Linear(d, d, use_bias=False, rngs=rngs)
-        self.o_proj = nnx.Linear(d, d, use_bias=False, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
-        self.up_proj = nnx.Linear(d, cfg.d_ff, rngs=rngs)
-        self.down_proj = nnx.Linear(cfg.d_ff, d, rngs=rngs)
-
-    def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries, keys and values ``[..., T, heads, d_head]`` of the block input ``x``."""
-        *lead, t, d = x.shape
-        y = self.ln1(x)
-        return tuple(
-            p(y).reshape(*lead, t, self.num_heads, d // self.num_heads)
-            for p in (self.q_proj, self.k_proj, self.v_proj)
-        )
-
-    def finish(self, x: jax.Array, att: jax.Array) -> jax.Array:
-        """Residual output projection and MLP, given the attention output ``[..., T, d]``."""
-        x = x + self.o_proj(att)
-        return x + self.down_proj(nnx.gelu(self.up_proj(self.ln2(x))))
-
-    def __call__(self, x: jax.Array, return_kv: bool = False):
-        *lead, t, d = x.shape
-        q, k, v = self.qkv(x)
-        scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(q.shape[-1])
-        causal = jnp.tril(jnp.ones((t, t), bool)).reshape(
-            (1,) * (scores.ndim - 2) + (t, t)
-        )
-        probs = jax.nn.softmax(jnp.where(causal, scores, -1e30), axis=-1)
-        att = jnp.einsum("...hqk,...khd->...qhd", probs, v).reshape(*lead, t, d)
-        out = self.finish(x, att)
-        return (out, (k, v)) if return_kv else out
-
-
-class TinyLM(nnx.Module):
-    """Byte-level causal LM: ``tokens [..., T] -> logits [..., T, vocab_size]``.
-
-    ``hidden(tokens)`` gives the final (normed) hidden states and
-    ``lm_head.kernel`` ``[d_model, vocab]`` the unembedding, for
-    :func:`flowjax.chunked_token_nll`.
+    ``max_len`` is the pre-training window (the context the model is trained on;
+    rope itself has no length limit). :meth:`hf_config` is the Hugging Face
+    ``config.json`` of the model, :meth:`lm_config` its
+    :class:`flowjax.models.LMConfig`.
     """
 
-    def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
-        self.max_len = cfg.max_len
-        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
-        self.pos = nnx.Embed(cfg.max_len, cfg.d_model, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.ln_f = nnx.LayerNorm(cfg.d_model, rngs=rngs)
-        self.lm_head = nnx.Linear(
-            cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs
-        )
+    hidden_size: int = 128
+    intermediate_size: int = 224
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_len: int = 64
+    rope_theta: float = 10000.0
 
-    def hidden(self, tokens: jax.Array) -> jax.Array:
-        t = tokens.shape[-1]
-        if t > self.max_len:
-            raise ValueError(f"sequence length {t} exceeds max_len={self.max_len}.")
-        pos = self.pos(jnp.arange(t))
-        x = self.embed(tokens) + pos.reshape((1,) * (tokens.ndim - 1) + pos.shape)
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x)
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be a multiple of "
+                f"num_attention_heads={self.num_attention_heads}."
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}."
+            )
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        return self.lm_head(self.hidden(tokens))
+    def hf_config(self) -> dict:
+        """The ``config.json`` dict of a Llama with these sizes and the byte vocabulary."""
+        return {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": VOCAB_SIZE,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.hidden_size // self.num_attention_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_len,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": False,
+            "bos_token_id": BOS,
+            "eos_token_id": EOS,
+            "pad_token_id": PAD,
+        }
+
+    def lm_config(self) -> LMConfig:
+        """The :class:`flowjax.models.LMConfig` (``LMConfig.from_hf(self.hf_config())``)."""
+        return LMConfig.from_hf(self.hf_config())
 
 
-def build(cfg: LMConfig, seed: int = 0) -> TinyLM:
-    """A randomly initialised :class:`TinyLM` (the factory ``finetune_checkpoint`` can call)."""
-    return TinyLM(cfg, rngs=nnx.Rngs(seed))
+def build(cfg: ModelConfig, seed: int = 0) -> CausalLM:
+    """A randomly initialised tiny Llama (the factory ``finetune_checkpoint`` can call)."""
+    return CausalLM(cfg.lm_config(), rngs=nnx.Rngs(seed))
 
 
-def from_kwargs(seed: int = 0, **config) -> TinyLM:
-    """``TinyLM(LMConfig(**config))``: a JSON-friendly factory for ``finetune_checkpoint --model``."""
-    return build(LMConfig(**config), seed)
+def from_kwargs(seed: int = 0, **config) -> CausalLM:
+    """``build(ModelConfig(**config), seed)``: a JSON-friendly factory for ``finetune_checkpoint --model``."""
+    return build(ModelConfig(**config), seed)
 
 
 def encode(text: str) -> np.ndarray:
@@ -134,8 +114,10 @@ def decode(tokens) -> str:
 
 
 def make_logits_fn(graphdef):
-    """``logits_fn(state, tokens [T]) -> logits [T, V]`` over ``nnx.split`` state (for the pre-pass).
+    """``logits_fn(state, tokens [B, T]) -> logits [B, T, V]`` over ``nnx.split`` state.
 
+    The batched form of the LM pre-pass (``flowjax.lm_sequence_losses(...,
+    batched=True)``): the model is called on the whole batch, as in training.
     ``state`` is every part of the split state as one tuple, so a LoRA model
     split into ``(lora, rest)`` works as well as a plain ``(params,)`` split.
     """
@@ -146,51 +128,105 @@ def make_logits_fn(graphdef):
     return logits_fn
 
 
+def _rope(x, positions, theta: float):
+    """``x [N, S, H, d]`` rotated by ``positions [N, S]`` (HF's half-split convention)."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    ang = positions[..., None].astype(jnp.float32) * inv[None, None]  # [N, S, d/2]
+    cos, sin = jnp.cos(ang)[:, :, None], jnp.sin(ang)[:, :, None]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(
+        x.dtype
+    )
+
+
+def _llama_layer(layer, cfg: LMConfig, x, positions, cache, rows):
+    """One Llama layer on the new positions ``x [N, S, D]``, reading and extending ``cache``.
+
+    ``cache = (k, v)``, each ``[N, T, kv, d]`` (rotated keys, values); the new
+    keys and values are written at ``positions [N, S]`` and every query
+    attends to the cache positions ``<=`` its own.
+    """
+    n, s, _ = x.shape
+    kv, hd = cfg.num_key_value_heads, cfg.head_dim
+    g = cfg.num_attention_heads // kv
+    att = layer.self_attn
+    h = layer.input_layernorm(x)
+    q = _rope(att.q_proj(h).reshape(n, s, kv * g, hd), positions, cfg.rope_theta)
+    k = _rope(att.k_proj(h).reshape(n, s, kv, hd), positions, cfg.rope_theta)
+    v = att.v_proj(h).reshape(n, s, kv, hd)
+    kc, vc = cache
+    kc = kc.at[rows[:, None], positions].set(k)
+    vc = vc.at[rows[:, None], positions].set(v)
+    scores = jnp.einsum(
+        "nskgd,ntkd->nkgst", q.reshape(n, s, kv, g, hd), kc,
+        preferred_element_type=jnp.float32,
+    ) * hd**-0.5  # fmt: skip
+    visible = jnp.arange(kc.shape[1])[None, None] <= positions[:, :, None]  # [N, S, T]
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    o = jnp.einsum("nkgst,ntkd->nskgd", p, vc).reshape(n, s, kv * g * hd)
+    x = x + att.o_proj(o)
+    return x + layer.mlp(layer.post_attention_layernorm(x)), (kc, vc)
+
+
 def make_greedy_decode(graphdef, max_new: int):
-    """Jitted greedy decoding of right-padded prompts with a key/value cache.
+    """Jitted greedy decoding of right-padded prompts by a Llama :class:`~flowjax.models.CausalLM`.
 
     ``decode(state, buf [N, T], prompt_len [N]) -> buf`` writes up to
-    ``max_new`` generated tokens after each prompt (``PAD`` after an ``EOS``).
-    One causal forward pass over ``buf`` fills the per-layer key/value cache
-    (prompt positions are exact: they attend only to earlier positions); each
-    further step runs the one new token per row at its own position
-    ``prompt_len + s`` and attends to cache positions ``<=`` it, so the result
-    equals recomputing the full forward pass at every step.
+    ``max_new`` generated tokens after each prompt (``PAD`` after an
+    ``EOS``). The experiment's own key/value cache, written before
+    :func:`flowjax.models.generate` (left-padded prompts, positions counted
+    from each row's first token) reached main; moving to it is a follow-up
+    that needs ``results/lm`` regenerated if a greedy choice flips. One causal pass over ``buf`` fills each layer's cache with the
+    rotated keys and values (prompt positions are exact: they see only
+    earlier positions), then each step feeds the one new token per row at its
+    own position ``prompt_len + s`` and attends to cache positions ``<=`` it,
+    so the result equals recomputing ``model(buf)`` at every step
+    (``tests/test_lm_experiment.py`` checks it, LoRA included). Llama
+    configs without rope scaling only (the experiment's model).
+
+    Raises:
+      ValueError: a Gemma 2 config or one with rope scaling.
     """
 
     @jax.jit
     def greedy(state, buf, prompt_len):
         model = nnx.merge(graphdef, *state)
+        cfg = model.config
+        if cfg.model_type != "llama" or cfg.rope_scaling is not None:
+            raise ValueError(
+                f"make_greedy_decode handles Llama without rope scaling; got "
+                f"model_type={cfg.model_type!r}, rope_scaling={cfg.rope_scaling}."
+            )
         n, t = buf.shape
         rows = jnp.arange(n)
-        x = model.embed(buf) + model.pos(jnp.arange(t))[None]
-        cache = []
-        for block in model.blocks:
-            x, kv = block(x, return_kv=True)
-            cache.append(kv)
-        logits = model.lm_head(model.ln_f(x[rows, prompt_len - 1]))
-        first = jnp.argmax(logits, axis=-1).astype(buf.dtype)
+        shape = (n, t, cfg.num_key_value_heads, cfg.head_dim)
+        empty = jnp.zeros(shape, model.embed_tokens.embedding.dtype)
+
+        def forward(tokens, positions, caches):
+            x = jnp.take(model.embed_tokens.embedding[...], tokens, axis=0)
+            new = []
+            for layer, cache in zip(model.layers, caches, strict=True):
+                x, cache = _llama_layer(layer, cfg, x, positions, cache, rows)
+                new.append(cache)
+            return model.norm(x), new
+
+        caches = [(empty, empty) for _ in model.layers]
+        h, caches = forward(buf, jnp.broadcast_to(jnp.arange(t), (n, t)), caches)
+        head = model.unembedding
+        first = jnp.argmax(h[rows, prompt_len - 1] @ head.T, axis=-1).astype(buf.dtype)
         buf = buf.at[rows, prompt_len].set(first)
 
         def body(s, carry):
-            buf, cache, done = carry
+            buf, caches, done = carry
             pos = prompt_len + s - 1  # position of the token fed in
-            x = model.embed(buf[rows, pos]) + model.pos(pos)  # [N, d]
-            visible = jnp.arange(t)[None, None, :] <= pos[:, None, None]  # [N, 1, T]
-            new_cache = []
-            for block, (kc, vc) in zip(model.blocks, cache, strict=True):
-                q, k, v = (a[:, 0] for a in block.qkv(x[:, None]))  # [N, h, dh]
-                kc, vc = kc.at[rows, pos].set(k), vc.at[rows, pos].set(v)
-                scores = jnp.einsum("nhd,nthd->nht", q, kc) / math.sqrt(q.shape[-1])
-                probs = jax.nn.softmax(jnp.where(visible, scores, -1e30), axis=-1)
-                att = jnp.einsum("nht,nthd->nhd", probs, vc).reshape(x.shape)
-                x = block.finish(x, att)
-                new_cache.append((kc, vc))
-            nxt = jnp.argmax(model.lm_head(model.ln_f(x)), axis=-1).astype(buf.dtype)
+            h, caches = forward(buf[rows, pos][:, None], pos[:, None], caches)
+            nxt = jnp.argmax(h[:, 0] @ head.T, axis=-1).astype(buf.dtype)
             nxt = jnp.where(done, PAD, nxt)
-            return buf.at[rows, pos + 1].set(nxt), new_cache, done | (nxt == EOS)
+            return buf.at[rows, pos + 1].set(nxt), caches, done | (nxt == EOS)
 
         done = first == EOS
-        return jax.lax.fori_loop(1, max_new, body, (buf, cache, done))[0]
+        return jax.lax.fori_loop(1, max_new, body, (buf, caches, done))[0]
 
     return greedy

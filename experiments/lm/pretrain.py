@@ -1,12 +1,18 @@
-"""Pre-training of the LM experiment, cached with orbax under a fingerprint of its config.
+"""Pre-training of the LM experiment, cached as a Hugging Face checkpoint under a fingerprint.
 
-A byte-level :class:`~experiments.lm.model.TinyLM` is trained on random windows of the
-pre-training pydoc topics (:mod:`experiments.lm.data`): AdamW (decay 0.01), 5 % warm-up,
-cosine to ``lr / 10``, grad-norm clip 1. :func:`pretrained_params` saves the ``nnx.Param``
-state with ``ocp.StandardCheckpointer`` in ``<cache_dir>/pretrain-<fingerprint>/`` together
-with ``config.json`` (the fingerprint's source: :class:`~experiments.lm.config.PretrainConfig`,
-sha256 of the text, the held-out rule, the jax version); a rerun with the same fingerprint
-restores it and skips pre-training.
+The tiny byte-level Llama (:mod:`experiments.lm.model`, a :class:`flowjax.models.CausalLM`)
+is trained on random windows of the pre-training pydoc topics (:mod:`experiments.lm.data`):
+AdamW (decay 0.01), 5 % warm-up, cosine to ``lr / 10``, grad-norm clip 1.
+:func:`pretrained_params` saves it with :func:`flowjax.models.save_causal_lm` in the
+Hugging Face layout (``config.json`` + ``model.safetensors``) in
+``<cache_dir>/pretrain-<fingerprint>/model/`` and reads it back with
+:func:`flowjax.models.load_causal_lm`, the loader of the paper-scale pipeline, on every
+run (so a fresh run and a cached one fine-tune the same bytes). ``fingerprint.json``
+beside it is the fingerprint's source (:class:`~experiments.lm.config.PretrainConfig`,
+the model's ``config.json``, sha256 of the text, the held-out rule, the jax version) and
+is written last: a directory without it is incomplete and is pre-trained again. A
+changed config has another fingerprint, hence another directory: it never meets a stale
+model.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -28,21 +33,23 @@ from experiments.lm import data as lm_data
 from experiments.lm.config import PretrainConfig
 from experiments.lm.methods import next_token_loss
 from experiments.lm.model import build
+from flowjax.models import load_causal_lm, save_causal_lm
 
 
 def fingerprint(cfg: PretrainConfig, text_sha256: str) -> dict:
     """Everything the pre-trained weights depend on (hashed into the cache directory name)."""
     return {
-        "format": 1,
+        "format": 2,  # 1: the former TinyLM in orbax; 2: CausalLM, HF checkpoint
         "pretrain": dataclasses.asdict(cfg),
+        "hf_config": cfg.model.hf_config(),
         "text_sha256": text_sha256,
         "heldout_rule": [lm_data.HELDOUT_EVERY, lm_data.HELDOUT_OFFSET],
         "jax": jax.__version__,
     }
 
 
-def pretrain(cfg: PretrainConfig, stream: np.ndarray, progress: bool) -> nnx.State:
-    """Next-byte training on random windows of ``stream``; returns the ``nnx.Param`` state."""
+def pretrain(cfg: PretrainConfig, stream: np.ndarray, progress: bool) -> nnx.Module:
+    """Next-byte training on random windows of ``stream``; returns the trained model."""
     model = build(cfg.model, cfg.seed)
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.chain(
@@ -75,35 +82,56 @@ def pretrain(cfg: PretrainConfig, stream: np.ndarray, progress: bool) -> nnx.Sta
         params, opt_state, loss = step(params, opt_state, x)
         if i % 25 == 0:
             bar.set_postfix(loss=f"{float(loss):.3f}")
-    return params
+    return nnx.merge(graphdef, params)
+
+
+def _key(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_path(cfg: PretrainConfig, cache_dir: Path, text_sha256: str) -> Path:
+    """``<cache_dir>/pretrain-<16 hex digits of the fingerprint's sha256>``, absolute."""
+    return (cache_dir / f"pretrain-{_key(fingerprint(cfg, text_sha256))}").resolve()
 
 
 def pretrained_params(cfg: PretrainConfig, cache_dir: Path, stream, sha, progress):
-    """Restores the pre-trained params from the orbax cache, or pre-trains and saves them.
+    """The pre-trained ``nnx.Param`` state, read from the HF checkpoint cache (pre-trained first on a miss).
 
     Returns ``(params, info)`` with ``info["cache_hit"]`` and ``info["steps_run"]``.
+
+    Raises:
+      ValueError: the cached checkpoint's architecture is not ``cfg.model``'s
+        (a cache edited by hand: the fingerprint covers the config).
     """
     fp = fingerprint(cfg, sha)
-    key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-    path = (cache_dir / f"pretrain-{key}").resolve()
-    abstract = nnx.split(nnx.eval_shape(lambda: build(cfg.model, cfg.seed)), nnx.Param)[
-        1
-    ]
-    checkpointer = ocp.StandardCheckpointer()
+    key = _key(fp)
+    path = cache_path(cfg, cache_dir, sha)
     info = {"cache_dir": str(path), "fingerprint": fp, "fingerprint_sha256_16": key}
-    cfg_file = path / "config.json"
-    if cfg_file.exists() and json.loads(cfg_file.read_text()) == fp:
-        params = checkpointer.restore(path / "state", abstract)
+    fp_file, model_dir = path / "fingerprint.json", path / "model"
+    hit = fp_file.exists() and json.loads(fp_file.read_text()) == fp
+    if hit:
         print(f"pre-training skipped: restored {path}")
-        return params, {**info, "cache_hit": True, "steps_run": 0}
-    start = time.perf_counter()
-    params = pretrain(cfg, stream, progress)
-    took = time.perf_counter() - start
-    path.mkdir(parents=True, exist_ok=True)
-    checkpointer.save(path / "state", params, force=True)
-    checkpointer.wait_until_finished()
-    cfg_file.write_text(
-        json.dumps(fp, indent=1, sort_keys=True)
-    )  # written last: marks complete
-    print(f"pre-trained {cfg.steps} steps in {took:.1f} s; saved {path}")
-    return params, {**info, "cache_hit": False, "steps_run": cfg.steps, "seconds": took}
+        extra = {"cache_hit": True, "steps_run": 0}
+    else:
+        start = time.perf_counter()
+        model = pretrain(cfg, stream, progress)
+        took = time.perf_counter() - start
+        path.mkdir(parents=True, exist_ok=True)
+        # config.json also records the byte vocabulary's special ids and the context.
+        hf = cfg.model.hf_config()
+        special = (
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "max_position_embeddings",
+        )
+        save_causal_lm(model, model_dir, config_extra={k: hf[k] for k in special})
+        fp_file.write_text(json.dumps(fp, indent=1, sort_keys=True))  # last: complete
+        print(f"pre-trained {cfg.steps} steps in {took:.1f} s; saved {path}")
+        extra = {"cache_hit": False, "steps_run": cfg.steps, "seconds": took}
+    model = load_causal_lm(model_dir)
+    if model.config != cfg.model.lm_config():
+        raise ValueError(
+            f"{model_dir} holds {model.config}, not the configured {cfg.model.lm_config()}."
+        )
+    return nnx.state(model, nnx.Param), {**info, **extra}

@@ -3,7 +3,7 @@
 Run (from the repository root; ``make lm`` does the same)::
 
     python -m experiments.lm.run --out results/lm
-    python -m experiments.lm.run --quick --out /tmp/lm     # smoke test, about 25 s
+    python -m experiments.lm.run --quick --out /tmp/lm     # smoke test, about 30 s of CPU
     python -m experiments.lm.run --set lora_rank=4         # any config field
 
 Layout: every hyper-parameter, the methods' settings included, is a field of
@@ -16,102 +16,111 @@ seeds, evaluation; :mod:`experiments.lm.summary` writes the tables through
 
 Measured (this repository's ``results/lm/``, command ``python -m
 experiments.lm.run --out results/lm`` on 2026-12-01, jax 0.10.2 / flax 0.12.8 /
-optax 0.2.8, with the pre-trained model already cached: wall 911 s, user 644 s
-on the 2-core CPU shared with four other jobs (load average about 5;
-``timing.json``); from an empty cache pre-training adds about 40 s). Every
-fine-tuning run goes through ``flowjax.fit`` (checkpointed into
-``--out/checkpoints``, restored on a rerun; held-out perplexity and validation
-exact match every ``curve_every`` = 100 steps, ``retention.png``), and gives
-the same numbers as the hand-written loop it replaced, bit for bit. An
-earlier package set chose other learning rates for LoRA (1e-2) and FLOW +
-LoRA (3e-3). Task: ``a`` in 0..999, ``b`` in {1, 2, 3} (2,200 training,
-300 validation, 500 test problems). 400 steps of batch 16; lr grid {3e-4,
-1e-3, 3e-3, 1e-2} on seed 0, seeds 0, 1, 2 at the chosen lr; mean ± std:
+optax 0.2.8, from an empty cache: wall 2120 s, user 701 s on the 2-core CPU
+shared with other jobs (load average 7-12; ``timing.json``), pre-training
+211 s of it; the former TinyLM run took 911 s wall / 644 s user with its
+model cached at load about 5). Every fine-tuning run goes through
+``flowjax.fit`` (checkpointed into ``--out/checkpoints``, restored on a
+rerun; held-out perplexity and validation exact match every
+``curve_every`` = 100 steps, ``retention.png``). Task: ``a`` in 0..999,
+``b`` in {1, 2, 3} (2,200 training, 300 validation, 500 test problems). 400
+steps of batch 16; lr grid {3e-4, 1e-3, 3e-3, 1e-2} on seed 0, seeds 0, 1, 2
+at the chosen lr; mean ± std:
 
 ===============================  =====  ===================  ================
 method                           lr     held-out perplexity  test exact match
 ===============================  =====  ===================  ================
-pre-trained                      --     5.76                 0.000
-Standard FT                      1e-3   78.5 ± 2.7           0.659 ± 0.332
-FLOW (sequence)                  1e-3   65.5 ± 4.0           0.433 ± 0.121
-FLOW (sequence, mean-1 weights)  1e-3   79.7 ± 3.3           0.637 ± 0.272
-FLOW (token)                     3e-3   806 ± 101            0.286 ± 0.172
-LoRA (r=8)                       3e-3   25.8 ± 1.9           0.203 ± 0.039
-FLOW + LoRA                      1e-2   127 ± 12             0.347 ± 0.093
-L2-SP (λ=0.1)                    1e-3   8.20 ± 0.03          0.254 ± 0.018
+pre-trained                      --     4.39                 0.000
+Standard FT                      3e-3   1041 ± 452           0.260 ± 0.026
+FLOW (sequence)                  3e-3   728 ± 415            0.328 ± 0.130
+FLOW (sequence, mean-1 weights)  1e-3   40.0 ± 10.0          0.337 ± 0.124
+FLOW (token)                     1e-2   259,343 ± 99,854     0.001 ± 0.001
+LoRA (r=8)                       1e-2   104 ± 9              0.272 ± 0.251
+FLOW + LoRA                      1e-2   124 ± 12             0.270 ± 0.224
+L2-SP (λ=0.1)                    3e-3   7.15 ± 0.26          0.109 ± 0.073
 ===============================  =====  ===================  ================
 
-Read with care. **The task is learned, but abruptly and seed-dependently at
-this budget**: per-seed test exact match is 0.90 / 0.28 / 0.80 for standard
-FT and 0.89 / 0.35 / 0.67 for the mean-1 control (seeds 0 / 1 / 2;
-``results.json``), so the standard deviations are large and differences in
-exact match below about 0.3 between methods are not resolved by 3 seeds.
-(An earlier task, ``0 <= b < 10``, was not learned by any method at this
-budget, exact match <= 0.12: the units digit was a 100-entry table; with
-``b`` in {1, 2, 3} it is a 30-entry table plus the carry; see
-:mod:`experiments.lm.data`.)
+Read with care. **The conclusions changed with the model.** The former
+TinyLM (learned position embeddings, LayerNorm, GELU; pre-trained
+perplexity 5.76) learned the task at this budget (standard FT 0.66 test
+exact match at lr 1e-3); this Llama pre-trains better (4.39) but learns
+the task less within 400 steps: no method reaches 0.35 test exact match,
+and the validation rule picks larger learning rates, where the full
+fine-tunes forget catastrophically. Per-seed test exact match is 0.29 /
+0.26 / 0.24 for standard FT, 0.48 / 0.24 / 0.26 for FLOW (sequence) and
+0.26 / 0.48 / 0.27 for the mean-1 control (seeds 0 / 1 / 2;
+``results.json``): differences in exact match below about 0.2 are not
+resolved by 3 seeds, and the perplexities of the full fine-tunes at 3e-3
+vary by 2-3x between seeds.
 
-* **Who learns**: the full fine-tunes at lr 1e-3 (standard FT 0.66, mean-1
-  control 0.64, FLOW (sequence) 0.43), then FLOW + LoRA at 1e-2 (0.35) and
-  FLOW (token) at 3e-3 (0.29); L2-SP (0.25) and LoRA at 3e-3 (0.20) learn
-  least.
-* **Who forgets** (held-out perplexity, pre-trained 5.76): FLOW (token)
-  catastrophically (806, because it needs lr 3e-3 to learn at all), FLOW +
-  LoRA strongly (127, at its lr 1e-2), the full fine-tunes at 1e-3
-  substantially (65-80), LoRA moderately (26), L2-SP hardly (8.2). L2-SP
-  beats LoRA on both axes.
-* **FLOW (sequence) vs. its mean-1 control at equal lr** (seed-0 grid,
-  validation exact match / perplexity): 1e-3: 0.63 / 69 vs. 0.89 / 81;
-  3e-3: 0.27 / 1067 vs. 0.72 / 1032; standard FT 0.89 / 78 and 0.29 / 1601.
-  The mean-1 control behaves like standard FT (test 0.64 / 80 vs. 0.66 /
-  79), so reweighting alone changes nothing measurable; FLOW (sequence)'s
-  lower forgetting (65.5 vs. 78.5) comes with lower learning (0.43 vs.
-  0.66) and is explained by its implicit step-size shrink (mean weight
-  0.364), as expected with sequence weights that are almost constant (the
-  histogram spans about 0.28-0.44: every example has the same scaffold and
-  similarly unfamiliar digits).
-* **FLOW (token)** down-weights exactly the tokens that carry the task
-  (digits: mean weight 0.09, EOS 0.05). At lr 1e-3 it forgets slightly less
-  than standard FT (64 vs. 78) but barely learns (validation 0.12 vs.
-  0.89); the validation rule therefore picks 3e-3, where it forgets most of
-  all methods.
-* **FLOW + LoRA vs. LoRA** at equal lr (seed-0 grid): 3e-3: 0.16 / 24.8 vs.
-  0.20 / 23.6; 1e-2: 0.27 / 121 vs. 0.19 / 201. At 1e-2 FLOW + LoRA learns
-  more and forgets less than LoRA; the rule picks 3e-3 for LoRA and 1e-2
-  for FLOW + LoRA, so their chosen rows differ mostly by step size.
+* **Who learns**: nobody much. The mean-1 control (0.34), FLOW (sequence)
+  (0.33), LoRA and FLOW + LoRA (0.27) and standard FT (0.26) are within
+  noise of each other; L2-SP learns least (0.11); FLOW (token) learns
+  nothing at any learning rate (validation exact match <= 0.007).
+* **Who forgets** (held-out perplexity, pre-trained 4.39): FLOW (token)
+  destroys the model (about 260,000, at lr 1e-2: the rule picks the largest
+  rate because none learns), the full fine-tunes at 3e-3 catastrophically
+  (standard FT 1041, FLOW (sequence) 728), LoRA and FLOW + LoRA strongly
+  at their lr 1e-2 (104, 124), the mean-1 control at 1e-3 moderately (40),
+  L2-SP hardly (7.2).
+* **FLOW (sequence) vs. its mean-1 control and standard FT at equal lr**
+  (seed-0 grid, validation exact match / perplexity): 1e-3: FLOW 0.17 /
+  32, mean-1 0.25 / 32, standard 0.23 / 36; 3e-3: FLOW 0.46 / 411, mean-1
+  0.22 / 725, standard 0.29 / 1203. At 1e-3 the mean-1 control behaves
+  like standard FT and FLOW learns less (its steps are shrunk by the mean
+  weight 0.368); at 3e-3 FLOW learns more and forgets less than both on
+  seed 0, but on the test seeds its edge over standard FT (0.33 vs. 0.26
+  exact match, 728 vs. 1041 perplexity) is within the seed spread.
+  The sequence weights are almost constant (0.30-0.47, 98 % of them within
+  0.32-0.43: every example has the same scaffold and similarly unfamiliar
+  digits), so the reweighting itself can do little; the chosen rows differ
+  mostly by step size (FLOW 3e-3, mean-1 1e-3).
+* **FLOW (token)** down-weights exactly the tokens that carry the task,
+  even more than before: digits mean weight 0.018 (98 % < 0.1), EOS 0.0017.
+  It cannot learn the digits at any rate of the grid, so it is the clearest
+  failure of token weights here.
+* **FLOW + LoRA vs. LoRA** at equal lr 1e-2 (seed-0 grid): 0.17 / 110 vs.
+  0.07 / 111; on the test seeds 0.27 / 124 vs. 0.27 / 104: no resolved
+  difference. Below 1e-2 neither learns within 400 steps.
+* **L2-SP** keeps the model (7.2) and learns little (0.11): it is still on
+  the forgetting end of the trade-off, as before.
 
 Token weights (``weights.png``) separate easy from hard tokens, the
-mechanism behind the paper's Figure 3: scaffold tokens (``"The result is
-"``) have mean weight 0.56 (7.7 % > 0.9), digits 0.09 (62 % < 0.1), ``"."``
-0.32, EOS 0.05 (100 % < 0.1). Over all target tokens 14.9 % of the weights
-are below 0.1 and 5.7 % above 0.9: the histogram is multi-modal (near 0,
-around 0.15-0.4, around 0.75-0.95), not nearly binary as in the paper,
-whose models are far stronger on their pre-training distribution.
+mechanism behind the paper's Figure 3, and more sharply than with TinyLM:
+scaffold tokens (``"The result is "``) have mean weight 0.58 (21 % > 0.9),
+digits 0.018 (98 % < 0.1), ``"."`` 0.19, EOS 0.0017 (100 % < 0.1). Over
+all target tokens 31 % of the weights are below 0.1 and 16 % above 0.9.
 
 What it does:
 
-1. **Pre-training** (cached). A byte-level :class:`~experiments.lm.model.TinyLM`
-   (2 layers, d_model 128, 4 heads, MLP 256, context 64) is trained on the
-   pre-training topics of ``pydoc_data.topics`` (see
-   :mod:`experiments.lm.data`). The state is saved with orbax
-   (``ocp.StandardCheckpointer``) in ``<cache_dir>/pretrain-<fingerprint>/``
-   together with ``config.json``, the fingerprint's source (model and
-   pre-training config, sha256 of the text, split rule). A rerun with the
-   same fingerprint restores it and skips pre-training (``timing.json``:
-   ``pretrain.cache_hit``). **One pre-trained model is shared by every
-   fine-tuning method and seed.**
-2. **FLOW pre-pass** on the pre-trained model over the training problems:
-   :func:`flowjax.lm_sequence_losses` (sequence loss = mean response-token
-   NLL, EOS included) and :func:`flowjax.lm_token_losses`; τ = median,
-   ``w = exp(-loss / τ)``.
+1. **Pre-training** (cached). The model is a :class:`flowjax.models.CausalLM`,
+   the Llama of the paper-scale pipeline at a tiny size
+   (:class:`~experiments.lm.model.ModelConfig`: byte vocabulary + BOS/EOS/PAD,
+   2 layers, width 128, 4 query and 2 key/value heads, rope, SwiGLU 224,
+   context 64; 337k parameters), trained on the pre-training topics of
+   ``pydoc_data.topics`` (see :mod:`experiments.lm.data`). It is saved as a
+   Hugging Face checkpoint (:func:`flowjax.models.save_causal_lm`:
+   ``config.json`` + ``model.safetensors``) in
+   ``<cache_dir>/pretrain-<fingerprint>/model/`` and read back with
+   :func:`flowjax.models.load_causal_lm` on every run; ``fingerprint.json``
+   holds the fingerprint's source (model and pre-training config, sha256 of
+   the text, split rule). A rerun with the same fingerprint skips
+   pre-training (``timing.json``: ``pretrain.cache_hit``). **One pre-trained
+   model is shared by every fine-tuning method and seed.**
+2. **FLOW pre-pass** on the pre-trained model over the training problems
+   (tokenised by :func:`flowjax.datasets.sft_example`: prompt masked, EOS a
+   target), in the batched form (``batched=True``: the model runs on whole
+   padded batches): :func:`flowjax.lm_sequence_losses` (sequence loss = mean
+   response-token NLL, EOS included) and :func:`flowjax.lm_token_losses`;
+   τ = median, ``w = exp(-loss / τ)``.
 3. **Fine-tuning** with :func:`flowjax.weighted_lm_loss`
    (``reduction="tokens"``, the official normalisation), Adam, 3 % warm-up +
    cosine, grad-norm clip 1, batch 16, 400 steps. Methods: standard FT
    (weights 1), FLOW (sequence), FLOW (sequence, mean-1 weights) (the FLOW
    sequence weights divided by their training-set mean,
    ``flow_weights(normalize="mean")``: same reweighting, same average step
-   as standard FT), FLOW (token), LoRA (rank 8, α = r, on
-   q/k/v/o/up/down projections), FLOW (sequence) + LoRA, and L2-SP
+   as standard FT), FLOW (token), LoRA (:func:`flowjax.add_lora`, rank 8, α = r, on the
+   q/k/v/o/gate/up/down projections), FLOW (sequence) + LoRA, and L2-SP
    (:func:`flowjax.l2sp` first in the chain, λ = 0.1, fixed in advance, not
    tuned).
 4. **Learning rate**: the same grid {3e-4, 1e-3, 3e-3, 1e-2} and the same
@@ -130,8 +139,8 @@ What it does:
 Outputs in ``--out``: ``results.json`` (no wall-clock values: a rerun gives
 the same bytes), ``timing.json``, ``results.md``, ``tradeoff.png``,
 ``retention.png`` (validation exact match and held-out perplexity against
-steps, per method: the forgetting happens in the first 100 steps and then
-barely moves, while exact match keeps climbing), ``weights.png`` (histograms
+steps, per method: most of the forgetting happens within the first 100
+steps, while exact match keeps climbing), ``weights.png`` (histograms
 of sequence and token weights, the paper's Figure 3; token weights stacked by
 token kind: scaffold, digit, ".", EOS) and ``checkpoints/`` (one directory per
 run, named by a digest of its inputs).
