@@ -263,15 +263,62 @@ def test_schedule_is_hf_cosine_with_warmup_and_the_plan_covers_each_example_once
         orders.append(ids.tolist())
     assert orders[0] != orders[1]  # a new permutation each epoch
     assert (data.per_epoch, data.num_steps, data.optimizer_steps) == (4, 8, 4)
-    with pytest.raises(ValueError, match="unknown method 'qlora'"):
-        C.Config(method="qlora")
+    with pytest.raises(ValueError, match="unknown method 'qlora4'"):
+        C.Config(method="qlora4")
 
 
-def test_the_twelve_paper_configs_carry_the_official_recipe():
+def test_flow_qlora_trains_only_factors_over_an_nf4_base(tiny, tmp_path):
+    """``--set method=flow_qlora`` in a copy of the tiny workdir: shared stages restored, the
+    base frozen as NF4, the export = dequantised base + merged factors."""
+    from flowjax import models
+
+    root, _, _ = tiny
+    work = tmp_path / "w"
+    shutil.copytree(root / "a", work)
+    lines: list[str] = []
+    results = _run(work, lines, "--set", "method=flow_qlora")
+    restored = json.loads((work / "timing.json").read_text())["restored"]
+    assert {"tokenised data", "pre-pass", "evaluation of pretrained"} <= set(restored)
+    assert "finished stage flow_qlora" not in restored  # trained here
+    assert set(results["table"]) == {"pretrained", "flow", "flow_qlora"}
+    md = (work / "results.md").read_text()
+    assert "| FLOW + QLoRA |" in md and "| FLOW |" in md
+    export = models.load_causal_lm(work / results["table"]["flow_qlora"]["export"])
+    base = models.load_causal_lm(work / "fabricated" / "model")
+    ex, bs = nnx.state(export), nnx.state(base)
+    flat_e = dict(nnx.to_flat_state(ex))
+    cfg = C.load(TINY)
+    moved = 0
+    for path, v in nnx.to_flat_state(bs):
+        a, b = np.asarray(flat_e[path].get_value()), np.asarray(v.get_value())
+        if any(t in path for t in cfg.lora_targets):  # NF4 error + the merged factors
+            moved += not np.array_equal(a, b)
+        else:  # embeddings and norms: never trained, bit for bit
+            np.testing.assert_array_equal(a, b, err_msg=str(path))
+    assert moved == len(cfg.lora_targets)  # every targeted projection of the one layer
+    # Each targeted kernel is NF4(base) + (α/r)·AB: minus the NF4 round trip of the base
+    # kernel, what is left has rank at most r, and is not zero.
+    flat_b = dict(nnx.to_flat_state(bs))
+    for t in cfg.lora_targets:
+        group = "mlp" if t in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        path = ("layers", 0, group, t, "kernel")
+        w0 = flat_b[path].get_value()
+        nf4 = flowjax.nf4_dequantize(
+            *flowjax.nf4_quantize(w0, cfg.qlora_block_size), cfg.qlora_block_size
+        )
+        delta = np.asarray(flat_e[path].get_value()) - np.asarray(nf4)
+        sv = np.linalg.svd(delta, compute_uv=False)
+        assert sv[0] > 0 and sv[cfg.lora_rank] <= 1e-5 * sv[0], (
+            t,
+            sv[: cfg.lora_rank + 1],
+        )
+
+
+def test_the_paper_configs_carry_the_official_recipe():
     from pathlib import Path
 
     files = sorted(Path("experiments/llm/configs").glob("*_metamath_*.py"))
-    assert len(files) == 12
+    assert len(files) == 16  # six methods of Table 2 / 4, and QLoRA, FLOW + QLoRA
     for path in files:
         cfg = C.load(path)
         model, method = path.stem.split("_metamath_")

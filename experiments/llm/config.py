@@ -30,8 +30,13 @@ github.com/sanyalsunny111/FLOW_finetuning):
   default), MBPP 3-shot pass@1, and the commonsense six (ARC-E, ARC-C, HellaSwag,
   PIQA, SIQA, OBQA; 0-shot; their mean).
 
-``method`` is one of :data:`METHODS`; QLoRA (an nf4 base under LoRA) is not wired in
-yet: it will be one more name here and one more branch where the model is built.
+``method`` is one of :data:`METHODS`. ``qlora`` / ``flow_qlora`` are LoRA with the same
+r, α and targets on an NF4-quantised frozen base (``flowjax.add_qlora``, blocks of
+``qlora_block_size`` along each kernel's input axis; Dettmers et al. 2023); the paper has
+no QLoRA row, so these are ours. The exported model is the dequantised base plus the
+merged factors (``flowjax.dequantize_qlora`` then ``flowjax.merge_lora``), as QLoRA
+models are merged for serving: it differs from the pre-trained weights by the NF4
+error in every targeted projection, as well as by what was learnt.
 """
 
 from __future__ import annotations
@@ -43,9 +48,10 @@ from typing import Any
 from experiments import cli
 from flowjax.datasets.metamath import ALPACA_TEMPLATE
 
-METHODS = ("ft", "flow", "lora", "flow_lora", "l2", "wise_ft")
+METHODS = ("ft", "flow", "lora", "flow_lora", "qlora", "flow_qlora", "l2", "wise_ft")
 """``ft``: full fine-tuning; ``flow``: full FT with FLOW weights; ``lora``, ``flow_lora``;
-``l2``: full FT + ℓ2 toward θ₀; ``wise_ft``: ``ft`` averaged with θ₀."""
+``qlora``, ``flow_qlora`` (LoRA on an NF4 base); ``l2``: full FT + ℓ2 toward θ₀;
+``wise_ft``: ``ft`` averaged with θ₀."""
 
 LORA_TARGETS = (
     "q_proj",
@@ -130,6 +136,7 @@ class Config:
     lora_rank: int = 64
     lora_alpha: float = 64.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    qlora_block_size: int = 64  # NF4 block (qlora, flow_qlora)
     l2_strength: float = 1e-3
     wise_alpha: float = 0.5  # weight on the PRE-TRAINED model
     # Optimisation (HF Trainer defaults of the official script).
@@ -190,11 +197,16 @@ class Config:
 
     @property
     def flow(self) -> bool:
-        return self.method in ("flow", "flow_lora")
+        return self.method in ("flow", "flow_lora", "flow_qlora")
 
     @property
     def lora(self) -> bool:
-        return self.method in ("lora", "flow_lora")
+        """LoRA factors are what is trained (on a float or an NF4 base)."""
+        return self.method in ("lora", "flow_lora", "qlora", "flow_qlora")
+
+    @property
+    def qlora(self) -> bool:
+        return self.method in ("qlora", "flow_qlora")
 
 
 def paper(model: str, method: str, **overrides: Any) -> Config:

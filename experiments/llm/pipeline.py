@@ -439,16 +439,30 @@ def split_trainable(model, cfg: Config):
 
 
 def with_lora(model, cfg: Config):
-    """``model`` with LoRA on ``cfg.lora_targets`` (r, α; B = 0 so it starts at the base)."""
+    """``model`` with LoRA on ``cfg.lora_targets`` (r, α; B = 0 so it starts at the base).
+
+    With ``cfg.qlora`` the targeted kernels become NF4 codes under the factors
+    (``flowjax.add_qlora``): the model starts at the dequantised base.
+    """
     select = nnx.Any(*(nnx.PathContains(t) for t in cfg.lora_targets))
-    return flowjax.add_lora(
-        model,
-        cfg.lora_rank,
+    kwargs = dict(
         alpha=cfg.lora_alpha,
         rngs=nnx.Rngs(cfg.seed),
         select=select,
         lora_param_dtype=jnp.float32,
     )
+    if cfg.qlora:
+        return flowjax.add_qlora(
+            model, cfg.lora_rank, block_size=cfg.qlora_block_size, **kwargs
+        )
+    return flowjax.add_lora(model, cfg.lora_rank, **kwargs)
+
+
+def merged(model, cfg: Config):
+    """The trained LoRA / QLoRA model as a plain ``CausalLM`` (factors merged in)."""
+    if cfg.qlora:
+        model = flowjax.dequantize_qlora(model)
+    return flowjax.merge_lora(model) if cfg.lora else model
 
 
 def train(
@@ -505,9 +519,7 @@ def train(
         progress=jax.process_index() == 0 and os.isatty(2),
         log=log,
     )
-    model = nnx.merge(graphdef, result.state.params, frozen)
-    if cfg.lora:
-        model = flowjax.merge_lora(model)
+    model = merged(nnx.merge(graphdef, result.state.params, frozen), cfg)
     return model, result
 
 

@@ -67,8 +67,20 @@ ROW_NAMES = {
     "lora": "LoRA",
     "flow": "FLOW",
     "flow_lora": "FLOW + LoRA",
+    "qlora": "QLoRA",
+    "flow_qlora": "FLOW + QLoRA",
 }
-ROW_ORDER = ("pretrained", "ft", "l2", "wise_ft", "lora", "flow", "flow_lora")
+ROW_ORDER = (
+    "pretrained",
+    "ft",
+    "l2",
+    "wise_ft",
+    "lora",
+    "qlora",
+    "flow",
+    "flow_lora",
+    "flow_qlora",
+)
 EVAL_FIELDS = (
     "tasks",
     "eval_include_path",
@@ -251,12 +263,15 @@ class Run:
             k: v for k, v in report.config_dict(cfg).items() if k not in NOT_TRAINING
         }
         info["method"] = method
-        if method not in ("flow", "flow_lora"):
+        kind = dataclasses.replace(cfg, method=method)
+        if not kind.flow:
             for k in ("weighting", "temperature", "prepass_batch_size"):
                 info.pop(k)
-        if method not in ("lora", "flow_lora"):
+        if not kind.lora:
             for k in ("lora_rank", "lora_alpha", "lora_targets"):
                 info.pop(k)
+        if not kind.qlora:
+            info.pop("qlora_block_size")
         if method != "l2":
             info.pop("l2_strength")
         self.examples()
@@ -359,6 +374,13 @@ class Run:
             "special": [self.bos, self.eos],
             **{k: getattr(cfg, k) for k in EVAL_FIELDS},
         }
+        if cfg.eval_include_path:  # local task files by content, not by where they lie
+            root = Path(cfg.eval_include_path)
+            files = sorted(p for p in root.rglob("*") if p.is_file())
+            info["eval_include_path"] = {
+                "files": [str(p.relative_to(root)) for p in files],
+                "sha256": PL.file_digest(files, self.hashes),
+            }
         stage, _ = self._stage(f"eval-{label}", report.to_jsonable(info))
         out = stage / "scores.json"
         if out.is_file():
