@@ -1,8 +1,29 @@
-"""Strict numerics for every test (as in equinox/tests/conftest.py)."""
+"""Strict numerics for every test (as in equinox/tests/conftest.py); one compilation cache.
+
+Every test process, the subprocesses the tests start included (they inherit the
+environment), shares JAX's persistent compilation cache in ``.jax_cache/tests``
+(git-ignored; empty on a fresh clone): a program compiled once, in a fixture's run or
+another test file, is loaded instead of compiled again by the killed-and-restarted runs
+and by tests that build the same model. The cache is keyed by the program and the
+compiler, so it changes no result; set ``JAX_COMPILATION_CACHE_DIR`` to move it.
+"""
+
+import os
+from pathlib import Path
 
 import jax
 import pytest
 
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(Path(__file__).resolve().parents[1] / ".jax_cache" / "tests"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "standard")
 
