@@ -386,29 +386,30 @@ def test_ilora_objective_by_hand(added_tuner):
         "replay": replay,
     }
     gamma = 2.5
-    got = float(
-        jax.jit(lm_methods.ilora_objective(graphdef, gamma))(params, batch, rest)
-    )
+    objective = lm_methods.ilora_objective(graphdef, gamma)
 
-    @jax.jit
-    def parts(params):  # the model's own forward: logits, hidden states
+    @jax.jit  # one program: the objective, and the model's own logits and hidden states
+    def parts(params):
         fast = nnx.merge(graphdef, params["fast"], rest)
         slow = nnx.merge(graphdef, params["slow"], rest)
         return (
+            objective(params, batch, rest),
             fast(batch["tokens"]),
             fast(replay),
             fast.hidden(replay),
             slow.hidden(replay),
         )
 
-    task_logits, replay_logits, hf, hs = (np.asarray(x) for x in parts(params))
+    got, task_logits, replay_logits, hf, hs = (np.asarray(x) for x in parts(params))
     tok, m = batch["tokens"], batch["mask"]
     sft = lm_methods.sft_loss(task_logits, tok, m, batch["weight"], level="sequence")
     logp = np.asarray(jax.nn.log_softmax(replay_logits[:, :-1], -1), np.float64)
     lm = -np.take_along_axis(logp, replay[:, 1:, None], -1).mean()
     cons = np.mean(np.maximum(hs - hf, 0.0) ** 2)
     assert cons > 0
-    np.testing.assert_allclose(got, (float(sft) + lm) / 2 + gamma * cons, rtol=1e-5)
+    np.testing.assert_allclose(
+        float(got), (float(sft) + lm) / 2 + gamma * cons, rtol=1e-5
+    )
 
 
 def test_run_digests_ignore_other_methods_settings():
