@@ -17,7 +17,7 @@ from experiments.lm import data as lm_data
 from experiments.lm import methods as lm_methods
 from experiments.lm import run as lm_run
 from experiments.lm import train as lm_train
-from experiments.lm.config import get_config
+from experiments.lm.config import FIRST_METHODS, get_config
 from experiments.lm.model import (
     BOS,
     EOS,
@@ -54,7 +54,7 @@ def test_outputs_well_formed(quick):
     assert (
         report["config"]["lora_rank"] == 2 and report["config"]["l2sp_strength"] == 0.1
     )
-    assert set(report["methods"]) == set(lm_methods.METHODS) == set(quick_cfg.methods)
+    assert set(report["methods"]) == set(FIRST_METHODS) == set(quick_cfg.methods)
     for m in report["methods"].values():
         ppl, em = m["perplexity"], m["exact_match"]
         assert len(ppl["values"]) == len(em["values"]) == len(quick_cfg.seeds)
@@ -86,7 +86,7 @@ def test_outputs_well_formed(quick):
     assert timing["pretrain"]["steps_run"] == quick_cfg.pretrain.steps
     assert "cache_hit" not in report["pretrain"]
     md = (out / "results.md").read_text()
-    assert all(f"| {m.name} | " in md for m in lm_methods.METHODS.values())
+    assert all(f"| {lm_methods.METHODS[m].name} | " in md for m in quick_cfg.methods)
     for png in ("tradeoff.png", "weights.png", "retention.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     timing = json.loads((out / "timing.json").read_text())
@@ -260,11 +260,11 @@ def test_cached_greedy_decode_equals_full_recompute():
     prompt = np.where(np.arange(t) < plen[:, None], split["tokens"], PAD)
     prompt = prompt.astype(np.int32)
 
-    def reference():
+    def reference(lm=model):
         ref, done = prompt.copy(), np.zeros(n, bool)
         for s in range(max_new):
             pos = plen + s - 1
-            nxt = np.asarray(model(jnp.asarray(ref)))[np.arange(n), pos].argmax(-1)
+            nxt = np.asarray(lm(jnp.asarray(ref)))[np.arange(n), pos].argmax(-1)
             nxt = np.where(done, PAD, nxt)
             ref[np.arange(n), pos + 1] = nxt
             done |= nxt == EOS
@@ -291,3 +291,152 @@ def test_cached_greedy_decode_equals_full_recompute():
     lg, lora_p, rest = nnx.split(lora, nnx.LoRAParam, ...)
     got_lora = np.asarray(make_greedy_decode(lg, max_new)((lora_p, rest), prompt, plen))
     np.testing.assert_array_equal(got_lora, ref)  # B = 0: the same function
+    # Trained-looking adapters (a nonzero up-projection) also decode through it.
+    adapted = flowjax.add_adapters(
+        model, 4, rngs=nnx.Rngs(1), select=lm_train.lora_filter(("o_proj", "down_proj"))
+    )
+    for layer in adapted.layers:
+        for part in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            up = part.adapter.up_kernel
+            up[...] = jax.random.normal(jax.random.key(2), up[...].shape)
+    ref_a, _ = reference(adapted)
+    assert not np.array_equal(ref_a, ref)
+    ag, ad_p, rest = nnx.split(adapted, flowjax.AdapterParam, ...)
+    got_a = np.asarray(make_greedy_decode(ag, max_new)((ad_p, rest), prompt, plen))
+    np.testing.assert_array_equal(got_a, ref_a)
+
+
+def _tuner(quick, cfg, tmp_path=None):
+    """A FineTuner over the smoke test's pre-trained model (its cache), as run.py builds it."""
+    stream, _, sha = lm_data.pydoc_streams()
+    params, _ = pretrained_params(cfg.pretrain, quick / "cache", stream, sha, False)
+    graphdef = nnx.split(nnx.eval_shape(lambda: build(cfg.pretrain.model)), nnx.Param)[
+        0
+    ]
+    task = lm_data.addition_task()
+    task = {s: {k: v[: cfg.n_train] for k, v in d.items()} for s, d in task.items()}
+    # Sequence weights in (0, 1) standing in for the pre-pass's (FLOW + QLoRA reads them).
+    weights = {"sequence": np.linspace(0.2, 1.0, cfg.n_train, dtype=np.float32)}
+    ckpt = None if tmp_path is None else tmp_path / "checkpoints"
+    return lm_methods.FineTuner(
+        params, graphdef, task, weights, cfg, False, checkpoints=ckpt, replay=stream
+    )
+
+
+@pytest.fixture(scope="module")
+def added_tuner(quick, tmp_path_factory):
+    cfg = dataclasses.replace(
+        get_config(quick=True), ft_steps=2, curve_every=2, n_train=32
+    )
+    return _tuner(quick, cfg, tmp_path_factory.mktemp("added"))
+
+
+def test_added_methods_train_their_parts_only(added_tuner):
+    """Adapters, QLoRA, FLOW + QLoRA, I-LoRA: a short fit each; the base never moves; I-LoRA restores."""
+    tuner = added_tuner
+    ckpt = tuner.checkpoints
+    tokens = jnp.asarray(tuner.task["train"]["tokens"][:4])
+    forward = jax.jit(lambda g, *state: nnx.merge(g, *state)(tokens), static_argnums=0)
+    base_logits = np.asarray(forward(tuner.graphdef, tuner.params))
+    trainable = {"adapters": flowjax.AdapterParam, "qlora": nnx.LoRAParam}
+    for method in ("adapters", "qlora", "flow_qlora", "ilora"):
+        _, (graphdef, before, frozen0) = tuner._model(method, 0)
+        if method in trainable:  # only the method's own Variables train
+            kind = trainable[method]
+            leaves = jax.tree.leaves(
+                before, is_leaf=lambda x: isinstance(x, nnx.Variable)
+            )
+            assert leaves and all(isinstance(v, kind) for v in leaves)
+        view = tuner._evaluated(method, before)
+        logits0 = np.asarray(forward(graphdef, view, frozen0))
+        if method in ("adapters", "ilora"):  # W_up = 0 / B = 0: the base model exactly
+            np.testing.assert_array_equal(logits0, base_logits)
+        else:  # the NF4 base: close to the float model, not equal
+            assert 0 < np.abs(logits0 - base_logits).max() < 0.5
+        # A finite loss, or it raises; only I-LoRA checkpoints (the restore below).
+        tuner.checkpoints = ckpt if method == "ilora" else None
+        _, (after, frozen) = tuner.run(method, 3e-3, 0)
+        moved = jax.tree.map(lambda a, b: bool((a != b).any()), after, view)
+        assert any(jax.tree.leaves(moved)), method
+        assert jax.tree.all(
+            jax.tree.map(lambda a, b: bool((a == b).all()), frozen, frozen0)
+        ), f"{method}: the frozen base changed"
+    # I-LoRA's {"fast", "slow"} train state comes back from its checkpoint.
+    again = tuner.run("ilora", 3e-3, 0)[1][0]
+    assert tuner.resume_log.restored == ["ilora lr=0.003 seed=0"]
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), again, after))
+
+
+def test_ilora_objective_by_hand(added_tuner):
+    """(SFT + replay LM loss) / 2 + γ mean relu(h_s - h_f)^2, from the model's own forward."""
+    tuner = added_tuner
+    _, (graphdef, lora, rest) = tuner._model("ilora", 0)
+    rng = np.random.default_rng(0)
+    noisy = lambda t: jax.tree.map(  # noqa: E731
+        lambda x: x + 0.3 * rng.normal(size=x.shape).astype(x.dtype), t
+    )
+    params = {"fast": noisy(lora["fast"]), "slow": noisy(lora["slow"])}
+    train = tuner.task["train"]
+    stream = tuner.replay
+    replay = np.stack([stream[i : i + 64] for i in (0, 1000, 5000)])
+    batch = {
+        "tokens": train["tokens"][:3],
+        "mask": train["mask"][:3],
+        "weight": np.ones(3, np.float32),
+        "replay": replay,
+    }
+    gamma = 2.5
+    objective = lm_methods.ilora_objective(graphdef, gamma)
+
+    @jax.jit  # one program: the objective, and the model's own logits and hidden states
+    def parts(params):
+        fast = nnx.merge(graphdef, params["fast"], rest)
+        slow = nnx.merge(graphdef, params["slow"], rest)
+        return (
+            objective(params, batch, rest),
+            fast(batch["tokens"]),
+            fast(replay),
+            fast.hidden(replay),
+            slow.hidden(replay),
+        )
+
+    got, task_logits, replay_logits, hf, hs = (np.asarray(x) for x in parts(params))
+    tok, m = batch["tokens"], batch["mask"]
+    sft = lm_methods.sft_loss(task_logits, tok, m, batch["weight"], level="sequence")
+    logp = np.asarray(jax.nn.log_softmax(replay_logits[:, :-1], -1), np.float64)
+    lm = -np.take_along_axis(logp, replay[:, 1:, None], -1).mean()
+    cons = np.mean(np.maximum(hs - hf, 0.0) ** 2)
+    assert cons > 0
+    np.testing.assert_allclose(
+        float(got), (float(sft) + lm) / 2 + gamma * cons, rtol=1e-5
+    )
+
+
+def test_run_digests_ignore_other_methods_settings():
+    """The first seven methods' digests are those of their checkpoints; settings reach their own methods only."""
+    cfg = get_config()
+    tuner = lm_methods.FineTuner(
+        {"w": np.zeros(2)}, None, None, {"sequence": np.ones(3)}, cfg, False,
+        replay=np.arange(10),
+    )  # fmt: skip
+    # The config digest the first seven methods' checkpoints were named with (main, before
+    # the added methods): report.digest(report.config_dict(get_config())) of that code.
+    first = "dd0681c46bd1de6014908a42c4725f161f4df742d3bc0660e74810f8e88a2ffa"
+    assert tuner.run_info("standard", 1e-3, 0)["config"] == first
+    other = dataclasses.replace(
+        cfg, methods=("standard",), adapter_bottleneck=7, ilora_decay=0.5
+    )
+    t2 = lm_methods.FineTuner(
+        {"w": np.zeros(2)}, None, None, {"sequence": np.ones(3)}, other, False,
+        replay=np.arange(10),
+    )  # fmt: skip
+    for method in ("standard", "lora", "qlora"):
+        assert t2.run_info(method, 1e-3, 0) == tuner.run_info(method, 1e-3, 0)
+    for method in ("adapters", "ilora"):
+        assert t2.run_info(method, 1e-3, 0) != tuner.run_info(method, 1e-3, 0)
+    assert tuner.run_info("ilora", 1e-3, 0)["settings"] == {
+        "ilora_decay": 0.25, "ilora_consistency": 1.0,
+    }  # fmt: skip
+    assert "settings" not in tuner.run_info("lora", 1e-3, 0)
+    known = set(lm_methods.PEFT_FIELDS)
+    assert set().union(*(m.settings for m in lm_methods.METHODS.values())) == known

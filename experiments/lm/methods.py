@@ -16,6 +16,7 @@ import functools
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -23,7 +24,7 @@ import flowjax
 from experiments import report
 from experiments.lm import data as lm_data
 from experiments.lm import train as lm_train
-from experiments.lm.config import Config
+from experiments.lm.config import FIRST_METHODS, PEFT_FIELDS, Config
 from experiments.lm.model import EOS, PAD, make_logits_fn
 
 
@@ -35,14 +36,30 @@ class Method:
     example's (``"sequence"``, ``"sequence_mean1"``) or each token's (``"token"``) loss; None
     is weight 1. ``lora``: train rank-``cfg.lora_rank`` adapters on ``cfg.lora_targets``
     instead of every parameter. ``l2sp``: chain ``flowjax.l2sp(cfg.l2sp_strength)`` first.
+    ``peft``: another parameter-efficient structure, the base frozen by construction:
+
+    * ``"adapters"``: :func:`flowjax.add_adapters` (width ``cfg.adapter_bottleneck``)
+      after the ``cfg.adapter_targets`` layers; only the ``flowjax.AdapterParam`` train;
+    * ``"qlora"``: :func:`flowjax.add_qlora`, LoRA as ``lora`` on the NF4-quantised base
+      (blocks of ``cfg.qlora_block_size``);
+    * ``"ilora"``: I-LoRA, a fast and a slow LoRA as ``lora``
+      (:func:`flowjax.ilora`, decay ``cfg.ilora_decay``), the fast one trained on
+      :func:`ilora_objective` with replayed pre-training windows; evaluated with the
+      slow one.
+
+    ``settings``: the config fields of :data:`~experiments.lm.config.PEFT_FIELDS`
+    the method reads (they go into its runs' digests).
     """
 
     name: str
     weights: str | None = None
     lora: bool = False
     l2sp: bool = False
+    peft: str | None = None
+    settings: tuple[str, ...] = ()
 
 
+_ADAPTERS = ("adapter_bottleneck", "adapter_targets")
 METHODS: dict[str, Method] = {
     "standard": Method("Standard FT"),
     "flow_seq": Method("FLOW (sequence)", weights="sequence"),
@@ -53,6 +70,17 @@ METHODS: dict[str, Method] = {
     "lora": Method("LoRA", lora=True),
     "flow_lora": Method("FLOW + LoRA", weights="sequence", lora=True),
     "l2sp": Method("L2-SP", l2sp=True),
+    "adapters": Method("Adapters", peft="adapters", settings=_ADAPTERS),
+    "qlora": Method("QLoRA", peft="qlora", settings=("qlora_block_size",)),
+    "flow_qlora": Method(
+        "FLOW + QLoRA",
+        weights="sequence",
+        peft="qlora",
+        settings=("qlora_block_size",),
+    ),
+    "ilora": Method(
+        "I-LoRA", peft="ilora", settings=("ilora_decay", "ilora_consistency")
+    ),
 }
 
 
@@ -83,6 +111,48 @@ def sft_loss(logits, tokens, mask, weights, *, level: str):
     """
     nll, m = flowjax.token_nll(logits, tokens, mask)
     return flowjax.weighted_lm_loss(nll, m, weights, level=level, reduction="tokens")
+
+
+@functools.cache
+def ilora_objective(graphdef, consistency: float):
+    """I-LoRA's objective in ``flowjax.make_train_step``'s form, over ``{"fast", "slow"}`` LoRA states.
+
+    .. math::
+        \\mathcal{L} = \\tfrac12\\bigl(\\mathcal{L}_\\text{SFT}(\\theta_f; x)
+        + \\mathcal{L}_\\text{LM}(\\theta_f; x_\\text{replay})\\bigr)
+        + \\gamma\\,\\operatorname{mean}\\,\\ell_\\text{cons}\\bigl(h_f(x_\\text{replay}),
+        h_s(x_\\text{replay})\\bigr)
+
+    (the reference's total, :mod:`flowjax.ilora`): :func:`sft_loss` on the
+    task batch (``batch["weight"]``, sequence level), :func:`next_token_loss`
+    on the replayed pre-training windows ``batch["replay"]`` ``[B, T]``, and
+    :func:`flowjax.ilora_consistency_loss` between the fast and the (stopped)
+    slow adapter's final hidden states on them, :math:`\\gamma` =
+    ``consistency``. The replay logits are the fast hidden states times the
+    unembedding (a Llama: no soft-cap), so the replayed windows are run once.
+    """
+
+    def fn(trainable, batch, frozen):
+        fast = nnx.merge(graphdef, trainable["fast"], frozen)
+        slow = nnx.merge(graphdef, trainable["slow"], frozen)
+        cur = sft_loss(
+            fast(batch["tokens"]),
+            batch["tokens"],
+            batch["mask"],
+            batch["weight"],
+            level="sequence",
+        )
+        replay = batch["replay"]
+        h_fast = fast.hidden(replay)
+        logits = jnp.einsum(
+            "btd,vd->btv", h_fast, fast.unembedding, preferred_element_type=jnp.float32
+        )
+        mask = jnp.ones(replay.shape, bool).at[:, 0].set(False)
+        old = next_token_loss(logits, replay, mask)
+        cons = flowjax.ilora_consistency_loss(h_fast, slow.hidden(replay))
+        return (cur + old) / 2 + consistency * jnp.mean(cons)
+
+    return fn
 
 
 def flow_weights(params, graphdef, train: dict, cfg: Config) -> dict:
@@ -161,16 +231,16 @@ class FineTuner:
         windows: np.ndarray | None = None,
         checkpoints: Path | None = None,
         resume_log: report.ResumeLog | None = None,
+        replay: np.ndarray | None = None,
     ):
         self.params, self.graphdef, self.task = params, graphdef, task
         self.weights, self.cfg, self.progress = weights, cfg, progress
-        self.windows, self.checkpoints = windows, checkpoints
+        self.windows, self.checkpoints, self.replay = windows, checkpoints, replay
         self.resume_log = report.ResumeLog() if resume_log is None else resume_log
         self.evaluators: dict[str, lm_train.Evaluator] = {}
         self.curves: dict[tuple[str, float, int], list[dict]] = {}
         self._baseline: dict[str, float] | None = None
         self._inputs = {
-            "config": report.digest(report.config_dict(cfg)),
             "pretrained": report.digest(jax.tree.map(np.asarray, params)),
             "weights": report.digest(
                 {k: v for k, v in weights.items() if isinstance(v, np.ndarray)}
@@ -178,16 +248,76 @@ class FineTuner:
         }
 
     def _model(self, method: str, seed: int):
+        """``(kind, (graphdef, trainable, frozen))``; I-LoRA's trainable is ``{"fast", "slow"}``."""
+        cfg, m = self.cfg, METHODS[method]
         base = nnx.merge(self.graphdef, self.params)
-        if METHODS[method].lora:
-            model = flowjax.add_lora(
+        rngs, select = nnx.Rngs(seed), lm_train.lora_filter(cfg.lora_targets)
+        if m.peft == "adapters":
+            model = flowjax.add_adapters(
                 base,
-                self.cfg.lora_rank,
-                rngs=nnx.Rngs(seed),
-                select=lm_train.lora_filter(self.cfg.lora_targets),
+                cfg.adapter_bottleneck,
+                rngs=rngs,
+                select=lm_train.lora_filter(cfg.adapter_targets),
             )
-            return "lora", nnx.split(model, nnx.LoRAParam, ...)
+            return "adapters", nnx.split(model, flowjax.AdapterParam, ...)
+        if m.peft == "qlora":
+            model = flowjax.add_qlora(
+                base,
+                cfg.lora_rank,
+                rngs=rngs,
+                select=select,
+                block_size=cfg.qlora_block_size,
+            )
+            return "qlora", nnx.split(model, nnx.LoRAParam, ...)
+        if m.lora or m.peft == "ilora":
+            model = flowjax.add_lora(base, cfg.lora_rank, rngs=rngs, select=select)
+            graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+            if m.peft == "ilora":  # the slow adapter starts as a copy of the fast one
+                lora = {"fast": lora, "slow": jax.tree.map(jnp.copy, lora)}
+            return "lora", (graphdef, lora, rest)
+        if m.peft is not None:
+            raise ValueError(f"{method}: unknown peft {m.peft!r}.")
         return "full", nnx.split(base, nnx.Param, ...)
+
+    @staticmethod
+    def _evaluated(method: str, trainable):
+        """The trainable state the method is evaluated with (I-LoRA: the slow adapter)."""
+        return trainable["slow"] if METHODS[method].peft == "ilora" else trainable
+
+    def run_info(self, method: str, lr: float, seed: int) -> dict:
+        """What the run depends on: its checkpoint's ``run_info``, digested into its name.
+
+        The config enters as the digest of :func:`report.config_dict` without
+        :data:`~experiments.lm.config.PEFT_FIELDS` and with ``methods`` =
+        :data:`~experiments.lm.config.FIRST_METHODS` (no run depends on which
+        other methods run; this is the view the first seven methods' digests
+        were taken over, so their checkpoints keep restoring); the
+        ``PEFT_FIELDS`` a method reads (``Method.settings``) are added as
+        ``"settings"``, and I-LoRA's replay stream as ``"replay"``.
+        """
+        full = report.config_dict(self.cfg)
+        shared = {k: v for k, v in full.items() if k not in PEFT_FIELDS}
+        shared["methods"] = list(FIRST_METHODS)
+        info = {
+            **self._inputs,
+            "config": report.digest(shared),
+            "method": method,
+            "lr": lr,
+            "seed": seed,
+        }
+        m = METHODS[method]
+        if m.settings:
+            info["settings"] = {k: full[k] for k in m.settings}
+        if m.peft == "ilora":
+            info["replay"] = report.digest({"stream": self._replay(method)})
+        return info
+
+    def _replay(self, method: str) -> np.ndarray:
+        if self.replay is None:
+            raise ValueError(
+                f"{method} replays pre-training text: FineTuner(replay=...) is needed."
+            )
+        return self.replay
 
     def _weights(self, method: str, rows: np.ndarray) -> np.ndarray:
         which = METHODS[method].weights
@@ -202,11 +332,15 @@ class FineTuner:
             self.evaluators[kind] = lm_train.Evaluator(
                 graphdef, max_new=self.cfg.max_new_tokens
             )
-        return kind, (trainable, frozen)
+        return kind, (self._evaluated(method, trainable), frozen)
 
-    def _monitor(self, kind: str, frozen) -> flowjax.RetentionMonitor:
+    def _monitor(self, method: str, kind: str, frozen) -> flowjax.RetentionMonitor:
         """Held-out perplexity as the retention probe, validation exact match as the target."""
         ev = self.evaluators[kind]
+
+        def state(s):
+            return self._evaluated(method, s.params), frozen
+
         if self._baseline is None:
             k, pre = self.state("standard", 0)
             self._baseline = {
@@ -214,23 +348,21 @@ class FineTuner:
             }
         val = self.task["val"]
         return flowjax.RetentionMonitor(
-            {"heldout_ppl": lambda s: ev.perplexity((s.params, frozen), self.windows)},
+            {"heldout_ppl": lambda s: ev.perplexity(state(s), self.windows)},
             baseline=self._baseline,
             higher_is_better=False,
             target=lambda s: {
-                "target/val_exact_match": ev.exact_match((s.params, frozen), val)[
-                    "answer"
-                ]
+                "target/val_exact_match": ev.exact_match(state(s), val)["answer"]
             },
             target_key="target/val_exact_match",
         )
 
     def run(self, method: str, lr: float, seed: int):
         """Fine-tunes and returns ``(kind, state)``; ``state`` = ``(trainable, frozen)``."""
-        cfg, train = self.cfg, self.task["train"]
+        cfg, train, m = self.cfg, self.task["train"], METHODS[method]
         kind, (graphdef, trainable, frozen) = self._model(method, seed)
-        level = "token" if METHODS[method].weights == "token" else "sequence"
-        l2sp = cfg.l2sp_strength if METHODS[method].l2sp else None
+        level = "token" if m.weights == "token" else "sequence"
+        l2sp = cfg.l2sp_strength if m.l2sp else None
         tx = lm_train.make_tx(
             cfg.ft_steps,
             lr,
@@ -238,12 +370,19 @@ class FineTuner:
             warmup_frac=cfg.warmup_frac,
             clip_norm=cfg.clip_norm,
         )
+        if m.peft == "ilora":
+            tx = flowjax.ilora(tx, cfg.ilora_decay)  # the slow update after each step
+            objective = ilora_objective(graphdef, cfg.ilora_consistency)
+        else:
+            objective = lm_train.step_objective(
+                graphdef, functools.partial(sft_loss, level=level)
+            )
         if kind not in self.evaluators:
             self.evaluators[kind] = lm_train.Evaluator(
                 graphdef, max_new=cfg.max_new_tokens
             )
         step = flowjax.make_train_step(
-            lm_train.step_objective(graphdef, functools.partial(sft_loss, level=level)),
+            objective,
             tx,
             anchor=trainable,
             frozen=frozen,
@@ -257,22 +396,31 @@ class FineTuner:
         epochs = -(-cfg.ft_steps * b // n)
         order = np.concatenate([rng.permutation(n) for _ in range(epochs)])
         order = order[: cfg.ft_steps * b].reshape(cfg.ft_steps, b)
+        if m.peft == "ilora":  # b replayed pre-training windows per step, also seeded
+            stream, length = self._replay(method), cfg.pretrain.model.max_len
+            starts = np.random.default_rng([seed, 1]).integers(
+                0, len(stream) - length + 1, size=(cfg.ft_steps, b)
+            )
 
         def data(start: int):
-            for rows in order[start:]:
-                yield {
+            for t in range(start, cfg.ft_steps):
+                rows = order[t]
+                batch = {
                     "tokens": train["tokens"][rows],
                     "mask": train["mask"][rows],
                     "weight": self._weights(method, rows),
                 }
+                if m.peft == "ilora":
+                    batch["replay"] = stream[starts[t][:, None] + np.arange(length)]
+                yield batch
 
         label = f"{method} lr={lr:g} seed={seed}"
         options = {}
         if self.windows is not None:
-            monitor = self._monitor(kind, frozen)
+            monitor = self._monitor(method, kind, frozen)
             options = {"eval_fn": monitor, "eval_every": cfg.curve_every}
         if self.checkpoints is not None:
-            info = {**self._inputs, "method": method, "lr": lr, "seed": seed}
+            info = self.run_info(method, lr, seed)
             name = f"{method}-lr{lr:g}-seed{seed}-{report.digest(info)[:12]}"
             options |= {
                 "checkpoint_dir": self.checkpoints / name,
@@ -294,7 +442,7 @@ class FineTuner:
         if not np.isfinite(loss):
             raise FloatingPointError(f"{label}: loss {loss}")
         self.curves[method, lr, seed] = result.history
-        return kind, (result.state.params, frozen)
+        return kind, (self._evaluated(method, result.state.params), frozen)
 
     def curve(self, method: str, lr: float, seed: int) -> dict[str, list[float]]:
         """The run's retention curve: ``{"step", "heldout_ppl", "retention", "val_exact_match", "loss"}``.

@@ -108,6 +108,24 @@ def markdown(r: dict) -> str:
             ],
         ),
     ]
+    nf4 = [m for m in r["methods"].values() if "nf4_base" in m]
+    if nf4:
+        b = nf4[0]["nf4_base"]
+        lines += [
+            "",
+            "**QLoRA's base** is the pre-trained model quantised to NF4: before any "
+            f"training it has held-out perplexity {b['perplexity']:.3f} (the float "
+            f"model: {r['pretrained']['perplexity']:.3f}) and validation exact match "
+            f"{b['exact_match']:.3f}.",
+        ]
+    if "ilora" in r["methods"]:
+        lines += [
+            "",
+            "**I-LoRA** replays windows of the pre-training pydoc text (not the "
+            "held-out topics the perplexity is measured on) and is evaluated with its "
+            "slow adapter; it uses pre-training data, so unlike FLOW it is not "
+            "data-oblivious.",
+        ]
     w = r["weights"]
     lines += [
         "",
