@@ -264,8 +264,13 @@ KILL_SET = ["--set", "methods=('FLOW', 'EWC')"]
 
 
 @pytest.mark.slow
-def test_killed_three_times_and_restarted_gives_the_same_results(quick_run, tmp_path):
-    """``--quick --set methods=('FLOW', 'EWC')`` SIGKILLed three times and restarted gives the uninterrupted run's numbers, exactly."""
+def test_killed_twice_and_restarted_gives_the_same_results(quick_run, tmp_path, capsys):
+    """``--quick --set methods=('FLOW', 'EWC')`` SIGKILLed twice, then finished, gives the uninterrupted run's numbers, exactly.
+
+    The two killed runs are separate processes (SIGKILL at a random point of a random
+    stage); the finishing run is ``run.main`` in this process, whose compiled programs
+    the quick_run fixture already holds.
+    """
     with open(quick_run[0] / "results.json") as f:
         full = json.load(f)
     repo = Path(__file__).resolve().parents[1]
@@ -273,36 +278,39 @@ def test_killed_three_times_and_restarted_gives_the_same_results(quick_run, tmp_
     env.pop("XLA_FLAGS", None)
     # The runs load the programs the quick_run fixture compiled from the tests' persistent
     # compilation cache (tests/conftest.py): faster, the same numbers.
-    cmd = [sys.executable, "-m", "experiments.digits.run", "--quick", *KILL_SET]
-    cmd += ["--out", "digits"]
+    args = ["--quick", *KILL_SET, "--out", "digits"]
+    cmd = [sys.executable, "-m", "experiments.digits.run", *args]
     work = tmp_path / "killed"
     work.mkdir()
     checkpoints = work / "digits" / "checkpoints"
     stages = 9  # pre-training, then LP, FLOW round 1, FLOW round 2, EWC at two LRs each
     rng = np.random.default_rng(0)
-    kill_at = sorted(rng.choice(np.arange(1, stages), size=3, replace=False).tolist())
+    kill_at = sorted(rng.choice(np.arange(1, stages), size=2, replace=False).tolist())
     logs = []
-    for i, target in enumerate([*kill_at, None]):
+    for i, target in enumerate(kill_at):
         log = tmp_path / f"run{i}.log"
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=f, stderr=f)
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
-            if target is not None and _finished_stages(checkpoints) >= target:
-                time.sleep(
-                    float(rng.uniform(0, 0.3))
-                )  # land anywhere in the next stage
+            if _finished_stages(checkpoints) >= target:
+                time.sleep(float(rng.uniform(0, 0.3)))  # anywhere in the next stage
                 proc.kill()
                 break
             time.sleep(0.02)
         rc = proc.wait(timeout=300)
         logs.append(log.read_text())
-        if target is None:
-            assert rc == 0, logs[-1][-3000:]
-        else:
-            assert rc == -9, (
-                f"run {i} ended (rc {rc}) before its kill point:\n{logs[-1][-3000:]}"
-            )
+        assert rc == -9, (
+            f"run {i} ended (rc {rc}) before its kill point:\n{logs[-1][-3000:]}"
+        )
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        capsys.readouterr()
+        run.main(args)
+        logs.append("".join(capsys.readouterr()))
+    finally:
+        os.chdir(cwd)
     for text in logs[1:]:  # every restart says what it took from the checkpoints
         assert "restored" in text or "resumed from step" in text, text[-3000:]
     assert _finished_stages(checkpoints) == stages
