@@ -21,19 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.llm.config import LORA_TARGETS as LLM_LORA_TARGETS
 from flowjax.models import CausalLM, LMConfig
 
 BOS, EOS, PAD = 256, 257, 258
 VOCAB_SIZE = 259
-LORA_TARGETS = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
+LORA_TARGETS = LLM_LORA_TARGETS  # the paper-scale pipeline's, so the two cannot drift
 
 
 @dataclasses.dataclass(frozen=True)
