@@ -26,9 +26,10 @@ official code's settings (FLOW_PAPER.md §2.1):
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 from typing import Any
+
+from experiments import cli
 
 METHODS = ("LP", "FT", "LP-FT", "L2-SP", "WiSE-FT", "FLOW", "FLOW + WiSE-FT")
 
@@ -173,17 +174,4 @@ def paper(arch: str, dataset: str, **overrides: Any) -> Config:
 
 def load(path: str | Path) -> Config:
     """``get_config()`` of a config file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no config file {path}.")
-    spec = importlib.util.spec_from_file_location(f"vision_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} defines no get_config().")
-    cfg = module.get_config()
-    if not isinstance(cfg, Config):
-        raise ValueError(
-            f"{path}: get_config() returned {type(cfg).__name__}, not a Config."
-        )
-    return cfg
+    return cli.load_config(path, Config)
