@@ -199,6 +199,10 @@ METHODS: list[Method] = [
     # `strength` on both layers' states; 0 is plain LoRA (tests/test_ilora.py).
     Method("ilora", lambda s, t0: _ilora(s, t0), strength=1.0, zero=None),
     Method("adapters", lambda s, t0: _adapters(t0), zero=None),
+    # Prompt / prefix tuning on the battery's MLP read as a one-token sequence
+    # model (SeqMLP): 3 soft-prompt embeddings, or 2 key/value prefix vectors.
+    Method("prompt", lambda s, t0: _prompt(t0), zero=None),
+    Method("prefix", lambda s, t0: _prefix(t0), zero=None),
     # PackNet on task 1: prune a fraction `strength` of each kernel, retrain the
     # survivors (the pruned weights stay 0). strength 0 prunes nothing: plain.
     # A progressive network: column 0 holds θ₀ (frozen), column 1 trains.
@@ -303,6 +307,69 @@ def _adapters(theta0) -> Recipe:
         MLP(theta0), 2, rngs=nnx.Rngs(1), select=nnx.PathContains("l2")
     )
     return _frozen_base(model, flowjax.AdapterParam)
+
+
+class SeqMLP(nnx.Module):
+    """The battery's MLP as a sequence model in flowjax.prompts' contract.
+
+    An example ``x`` is a sequence of one embedding (``embed``); one causal
+    single-head attention layer over it (plus prefixes) feeds the MLP
+    residually, position by position. Prediction: the example's position.
+    """
+
+    def __init__(self, theta0):
+        self.mlp = MLP(theta0)
+
+    def embed(self, x):
+        return x.astype(self.mlp.l1.kernel.dtype)[:, None, :]
+
+    def from_embeddings(self, h, *, prefixes=None):
+        q = h[:, :, None, :]
+        a = flowjax.prefix_attention(q, q, q, None if prefixes is None else prefixes[0])
+        return self.mlp(h + a[:, :, 0])
+
+    def __call__(self, x):
+        return self.from_embeddings(self.embed(x))
+
+
+def _sequence_model(model, trained) -> Recipe:
+    """As _frozen_base, for a SeqMLP-based model; predicts at the example's position.
+
+    Soft prompts and prefixes start near 0 (N(0, 0.02²)) and move the output
+    only through attention, so they train with Adam at 0.3 (scale-free steps;
+    Lester et al. use Adafactor at learning rate 0.3) rather than the plain step.
+    """
+    graphdef, start, rest = nnx.split(model, trained, ...)
+
+    def objective(trained_params, frozen, b):
+        m = nnx.merge(graphdef, trained_params, frozen)
+        z = m(b["x"])[:, 0].astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(z, b["label"])
+        return flowjax.weighted_loss(ce, b["weight"])
+
+    return objective, optax.adam(3 * LR), rest, start
+
+
+def _prompt(theta0) -> Recipe:
+    dtype = theta0["w1"].dtype
+    model = flowjax.PromptTuning(
+        SeqMLP(theta0), 3, DIM, rngs=nnx.Rngs(1), param_dtype=dtype
+    )
+    return _sequence_model(model, flowjax.PromptParam)
+
+
+def _prefix(theta0) -> Recipe:
+    dtype = theta0["w1"].dtype
+    model = flowjax.PrefixTuning(
+        SeqMLP(theta0),
+        2,
+        num_layers=1,
+        num_heads=1,
+        head_dim=DIM,
+        rngs=nnx.Rngs(1),
+        param_dtype=dtype,
+    )
+    return _sequence_model(model, flowjax.PrefixParam)
 
 
 def _progressive(theta0) -> Recipe:
