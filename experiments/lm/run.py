@@ -125,11 +125,12 @@ vary by 2-3x between seeds.
   training loss stays high (seed 0, step 400: prompt 0.74, prefix 2.31,
   against standard FT's 0.11 and LoRA's 0.28 at their rates). The shared
   grid is small for them (Lester et al. train prompts at 0.3): a side run
-  at {0.03, 0.1, 0.3} (``--set "methods=('prompt','prefix')" --set
-  "lr_grid=(0.03,0.1,0.3)" --out /tmp/prefix/lm_hi``, 238 s wall) also
-  gives validation exact match 0.000 at every rate (test <= 0.002), final
-  loss 0.50 (prompt) and 0.57 (prefix) at 0.03, and perplexity 6.7-6.9
-  (prompt) and 9-25 (prefix): a larger rate alone does not make them learn
+  at {0.03, 0.1, 0.3} (``python -m experiments.lm.run --set
+  "methods=('prompt','prefix')" --set "lr_grid=(0.03,0.1,0.3)" --out
+  /tmp/lm_hi``, 238 s wall, not committed) also gives validation exact
+  match 0.000 at every rate (seed-0 grid; test <= 0.002 at 0.03), final
+  loss 0.50 (prompt) and 0.57 (prefix) at 0.03, and seed-0 perplexity
+  6.7-6.9 (prompt) and 9-25 (prefix): a larger rate alone does not make them learn
   the digits here. Their perplexity is measured with the prompt / prefix
   applied (without it the model is the pre-trained one exactly); the
   random initial prompt alone gives 4.46-4.53 (its 16 slots push the
