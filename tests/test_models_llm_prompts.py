@@ -266,7 +266,15 @@ def test_generate_with_prompt_or_prefix_equals_argmax_of_the_full_forward(name):
     assert outs[0] != base and outs[1] != base
 
 
-def test_a_prefix_of_the_wrong_shape_names_the_expected_one():
+class _Bag(nnx.Module):  # meets the contract, but is no CausalLM
+    def embed(self, tokens):
+        return jnp.zeros((*tokens.shape, 16))
+
+    def from_embeddings(self, h, *, prefixes=None):
+        return h
+
+
+def test_a_prefix_of_the_wrong_shape_or_model_is_named():
     lm = _lm("llama")
     h = lm.embed(TOKENS)
     with pytest.raises(ValueError, match=r"num_key_value_heads=2, head_dim=4\)"):
@@ -276,5 +284,8 @@ def test_a_prefix_of_the_wrong_shape_names_the_expected_one():
     )
     with pytest.raises(ValueError, match=r"num_layers=2.*got \(1, 2, 3, 2, 4\)"):
         wrong(TOKENS)
+    other = flowjax.PromptTuning(_Bag(), 2, 16, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="PromptTuning of one; got _Bag"):
+        generate(other, [[1, 2]], max_new_tokens=2, eos_id=0)
     with pytest.raises(ValueError, match="prefixes must be"):
         lm.decode(TOKENS, lm.init_cache(2, 8), prefixes=jnp.zeros((2, 3, 2, 4)))

@@ -839,11 +839,17 @@ def _unwrap(model):
     """``(lm, prefixes, prompt)`` of a CausalLM or a PrefixTuning / PromptTuning of one."""
     from flowjax.prompts import PrefixTuning, PromptTuning
 
+    prefixes = prompt = None
     if isinstance(model, PrefixTuning):
-        return model.model, model.prefix.get_value(), None
-    if isinstance(model, PromptTuning):
-        return model.model, None, model.prompt.get_value()
-    return model, None, None
+        model, prefixes = model.model, model.prefix.get_value()
+    elif isinstance(model, PromptTuning):
+        model, prompt = model.model, model.prompt.get_value()
+    if not isinstance(model, CausalLM):
+        raise TypeError(
+            "generate decodes a CausalLM or a PrefixTuning / PromptTuning of one; got "
+            f"{type(model).__name__}."
+        )
+    return model, prefixes, prompt
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "cache_dtype"))
