@@ -27,7 +27,17 @@ with its own Variable type (select them with NNX filters and
   is ``None`` or an array ``(num_layers, 2, L, num_heads, head_dim)`` and
   attention layer ``i`` attends with :func:`prefix_attention` to
   ``prefixes[i]`` (prefix tuning; a model for prompt tuning only may ignore
-  the keyword).
+  the keyword). A grouped-query model takes its ``num_key_value_heads``
+  as ``num_heads``: each prefix head is shared by its group of queries, as
+  the model's own keys are (:meth:`flowjax.models.CausalLM.from_embeddings`,
+  which also applies its own query scale and soft-cap instead of
+  :func:`prefix_attention`'s :math:`1/\\sqrt{D}`).
+
+A model whose ``from_embeddings`` also takes ``attention_mask`` and
+``positions`` (``[batch, T]``) gets them from :class:`PromptTuning` and
+:class:`PrefixTuning` when their callers pass them: the prompt's
+:math:`L` positions are real (mask 1) and take positions ``0 .. L-1``,
+the tokens' positions are shifted by :math:`L`; a prefix is never masked.
 
 Its own ``__call__(tokens)`` should be ``from_embeddings(embed(tokens))``; a
 zero-length prompt or prefix then computes exactly what the base model
@@ -245,11 +255,39 @@ class PromptTuning(nnx.Module):
         self.length = length
         self.prompt = PromptParam(value)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """``f([P; E(tokens)])`` at the tokens' positions, ``(batch, T, ...)``.
+
+        ``attention_mask`` / ``positions`` ``[batch, T]`` (passed on only when
+        given): the prompt is unmasked and at positions ``0 .. L-1``, the
+        tokens' positions are ``positions + L``. The prompt takes the first
+        :math:`L` slots, so left padding lies between it and the text: exact
+        where attention masks by mask and position, but an attention window
+        counted in slots (Gemma 2's sliding layers, as in transformers) also
+        counts those padding slots; right-pad for such models
+        (:func:`flowjax.models.generate` places the prompt after each row's
+        padding).
+        """
         h = self.model.embed(tokens)
+        b = h.shape[0]
         prompt = self.prompt.get_value().astype(h.dtype)
-        prompt = jnp.broadcast_to(prompt[None], (h.shape[0], *prompt.shape))
-        out = self.model.from_embeddings(jnp.concatenate([prompt, h], axis=1))
+        prompt = jnp.broadcast_to(prompt[None], (b, *prompt.shape))
+        kw = {}
+        if attention_mask is not None:
+            ones = jnp.ones((b, self.length), jnp.asarray(attention_mask).dtype)
+            kw["attention_mask"] = jnp.concatenate([ones, attention_mask], axis=1)
+        if positions is not None:
+            positions = jnp.asarray(positions)
+            first = jnp.broadcast_to(
+                jnp.arange(self.length, dtype=positions.dtype), (b, self.length)
+            )
+            kw["positions"] = jnp.concatenate([first, positions + self.length], axis=1)
+        out = self.model.from_embeddings(jnp.concatenate([prompt, h], axis=1), **kw)
         return out[:, self.length :]
 
 
@@ -272,7 +310,9 @@ class PrefixTuning(nnx.Module):
         prefixes)`` (see ``flowjax.prompts``). It is held, not copied.
       length: :math:`L \\ge 0`.
       num_layers: :math:`N`, the number of attention layers.
-      num_heads: :math:`H`.
+      num_heads: :math:`H`; for grouped-query attention the number of
+        key/value heads (:class:`flowjax.models.CausalLM`:
+        ``config.num_key_value_heads``).
       head_dim: :math:`D`.
       rngs: random streams; ``rngs.params()`` draws
         :math:`P \\sim \\mathcal{N}(0, 0.02^2)`.
@@ -327,6 +367,18 @@ class PrefixTuning(nnx.Module):
             0.02 * jax.random.normal(rngs.params(), shape, param_dtype)
         )
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """``f(E(tokens))`` with every attention layer seeing its prefix, ``(batch, T, ...)``.
+
+        ``attention_mask`` / ``positions`` ``[batch, T]`` are passed on to
+        ``from_embeddings`` only when given (the prefix is never masked).
+        """
+        kw = {"attention_mask": attention_mask, "positions": positions}
+        kw = {k: v for k, v in kw.items() if v is not None}
         h = self.model.embed(tokens)
-        return self.model.from_embeddings(h, prefixes=self.prefix.get_value())
+        return self.model.from_embeddings(h, prefixes=self.prefix.get_value(), **kw)

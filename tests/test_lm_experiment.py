@@ -249,7 +249,8 @@ def test_parse_answer():
 
 
 def test_cached_greedy_decode_equals_full_recompute():
-    """The key/value-cache decoder equals re-running the whole CausalLM at every step."""
+    """The key/value-cache decoder equals re-running the whole model at every step (LoRA,
+    adapters, prompt and prefix tuning included)."""
     # The smoke test's tiny Llama (2 query heads sharing 1 key/value head), with 2 layers.
     cfg = dataclasses.replace(
         get_config(quick=True).pretrain.model, num_hidden_layers=2
@@ -304,6 +305,23 @@ def test_cached_greedy_decode_equals_full_recompute():
     ag, ad_p, rest = nnx.split(adapted, flowjax.AdapterParam, ...)
     got_a = np.asarray(make_greedy_decode(ag, max_new)((ad_p, rest), prompt, plen))
     np.testing.assert_array_equal(got_a, ref_a)
+    # A soft prompt (cache positions 0 .. L-1) and a prefix (before the cache, each layer).
+    c = model.config
+    soft = flowjax.PromptTuning(model, 4, c.hidden_size, rngs=nnx.Rngs(0))
+    soft.prompt[...] = jax.random.normal(jax.random.key(3), soft.prompt[...].shape)
+    prefix = flowjax.PrefixTuning(
+        model, 3, num_layers=2, num_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    prefix.prefix[...] = 3 * jax.random.normal(
+        jax.random.key(4), prefix.prefix[...].shape
+    )
+    for wrapped, kind in ((soft, flowjax.PromptParam), (prefix, flowjax.PrefixParam)):
+        ref_w, _ = reference(wrapped)
+        assert not np.array_equal(ref_w, ref), kind.__name__
+        wg, w_p, rest = nnx.split(wrapped, kind, ...)
+        got_w = np.asarray(make_greedy_decode(wg, max_new)((w_p, rest), prompt, plen))
+        np.testing.assert_array_equal(got_w, ref_w)
 
 
 def _tuner(quick, cfg, tmp_path=None):
@@ -332,14 +350,20 @@ def added_tuner(quick, tmp_path_factory):
 
 
 def test_added_methods_train_their_parts_only(added_tuner):
-    """Adapters, QLoRA, FLOW + QLoRA, I-LoRA: a short fit each; the base never moves; I-LoRA restores."""
+    """Adapters, QLoRA, FLOW + QLoRA, I-LoRA, prompt and prefix tuning: a short fit each; the base
+    never moves; I-LoRA restores."""
     tuner = added_tuner
     ckpt = tuner.checkpoints
     tokens = jnp.asarray(tuner.task["train"]["tokens"][:4])
     forward = jax.jit(lambda g, *state: nnx.merge(g, *state)(tokens), static_argnums=0)
     base_logits = np.asarray(forward(tuner.graphdef, tuner.params))
-    trainable = {"adapters": flowjax.AdapterParam, "qlora": nnx.LoRAParam}
-    for method in ("adapters", "qlora", "flow_qlora", "ilora"):
+    trainable = {
+        "adapters": flowjax.AdapterParam,
+        "qlora": nnx.LoRAParam,
+        "prompt": flowjax.PromptParam,
+        "prefix": flowjax.PrefixParam,
+    }
+    for method in ("adapters", "qlora", "flow_qlora", "prompt", "prefix", "ilora"):
         _, (graphdef, before, frozen0) = tuner._model(method, 0)
         if method in trainable:  # only the method's own Variables train
             kind = trainable[method]
@@ -351,6 +375,8 @@ def test_added_methods_train_their_parts_only(added_tuner):
         logits0 = np.asarray(forward(graphdef, view, frozen0))
         if method in ("adapters", "ilora"):  # W_up = 0 / B = 0: the base model exactly
             np.testing.assert_array_equal(logits0, base_logits)
+        elif method in ("prompt", "prefix"):  # random prompt / prefix: another model
+            assert np.isfinite(logits0).all() and (logits0 != base_logits).any()
         else:  # the NF4 base: close to the float model, not equal
             assert 0 < np.abs(logits0 - base_logits).max() < 0.5
         # A finite loss, or it raises; only I-LoRA checkpoints (the restore below).
@@ -438,5 +464,6 @@ def test_run_digests_ignore_other_methods_settings():
         "ilora_decay": 0.25, "ilora_consistency": 1.0,
     }  # fmt: skip
     assert "settings" not in tuner.run_info("lora", 1e-3, 0)
+    assert tuner.run_info("prefix", 1e-3, 0)["settings"] == {"prefix_length": 8}
     known = set(lm_methods.PEFT_FIELDS)
     assert set().union(*(m.settings for m in lm_methods.METHODS.values())) == known

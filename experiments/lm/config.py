@@ -9,7 +9,7 @@ The pre-trained model depends on :class:`PretrainConfig` alone: its fields are h
 pre-training cache's fingerprint (:mod:`experiments.lm.pretrain`), so changing a fine-tuning
 field never re-runs pre-training. The methods' settings (LoRA rank and targets, the L2-SP
 strength, the adapter width and placement, the NF4 block size, I-LoRA's decay and
-consistency weight) were fixed in advance, not tuned.
+consistency weight, the prompt and prefix lengths) were fixed in advance, not tuned.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ ALL_METHODS = (
     "qlora",
     "flow_qlora",
     "ilora",
+    "prompt",
+    "prefix",
 )
 # The methods of the first measured run. A run does not depend on which other methods
 # run, but the checkpoint digests of these seven were taken over a config whose
@@ -44,6 +46,8 @@ PEFT_FIELDS = (
     "qlora_block_size",
     "ilora_decay",
     "ilora_consistency",
+    "prompt_length",
+    "prefix_length",
 )
 
 
@@ -93,6 +97,12 @@ class Config:
     # replayed examples are windows of the pre-training pydoc text.
     ilora_decay: float = 0.25
     ilora_consistency: float = 1.0
+    # Prompt tuning (Lester et al. 2021): this many soft-prompt embeddings before the
+    # input; prefix tuning (Li & Liang 2021): this many key/value vectors per key/value
+    # head in every layer. Both 2,048 trainable numbers on the measured model
+    # (16 x 128; 2 layers x 2 x 8 x 2 heads x 32), against LoRA's 31.2k.
+    prompt_length: int = 16
+    prefix_length: int = 8
     # FLOW pre-pass.
     prepass_batch: int = 256
     # Evaluation.
@@ -130,6 +140,8 @@ def get_config(quick: bool = False) -> Config:
         methods=FIRST_METHODS,
         lora_rank=2,
         adapter_bottleneck=4,
+        prompt_length=4,
+        prefix_length=2,
         ppl_windows=32,
         curve_every=4,
         n_train=256,

@@ -45,7 +45,12 @@ class Method:
     * ``"ilora"``: I-LoRA, a fast and a slow LoRA as ``lora``
       (:func:`flowjax.ilora`, decay ``cfg.ilora_decay``), the fast one trained on
       :func:`ilora_objective` with replayed pre-training windows; evaluated with the
-      slow one.
+      slow one;
+    * ``"prompt"``: :class:`flowjax.PromptTuning`, ``cfg.prompt_length`` soft-prompt
+      embeddings before the input; only the ``flowjax.PromptParam`` train;
+    * ``"prefix"``: :class:`flowjax.PrefixTuning`, ``cfg.prefix_length`` key/value
+      vectors per key/value head in every layer; only the ``flowjax.PrefixParam``
+      train.
 
     ``settings``: the config fields of :data:`~experiments.lm.config.PEFT_FIELDS`
     the method reads (they go into its runs' digests).
@@ -81,6 +86,8 @@ METHODS: dict[str, Method] = {
     "ilora": Method(
         "I-LoRA", peft="ilora", settings=("ilora_decay", "ilora_consistency")
     ),
+    "prompt": Method("Prompt tuning", peft="prompt", settings=("prompt_length",)),
+    "prefix": Method("Prefix tuning", peft="prefix", settings=("prefix_length",)),
 }
 
 
@@ -269,6 +276,21 @@ class FineTuner:
                 block_size=cfg.qlora_block_size,
             )
             return "qlora", nnx.split(model, nnx.LoRAParam, ...)
+        if m.peft == "prompt":
+            width = base.config.hidden_size
+            model = flowjax.PromptTuning(base, cfg.prompt_length, width, rngs=rngs)
+            return "prompt", nnx.split(model, flowjax.PromptParam, ...)
+        if m.peft == "prefix":  # one prefix head per key/value head (GQA)
+            c = base.config
+            model = flowjax.PrefixTuning(
+                base,
+                cfg.prefix_length,
+                num_layers=c.num_hidden_layers,
+                num_heads=c.num_key_value_heads,
+                head_dim=c.head_dim,
+                rngs=rngs,
+            )
+            return "prefix", nnx.split(model, flowjax.PrefixParam, ...)
         if m.lora or m.peft == "ilora":
             model = flowjax.add_lora(base, cfg.lora_rank, rngs=rngs, select=select)
             graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)

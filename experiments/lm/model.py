@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import flowjax
 from experiments.llm.config import LORA_TARGETS as LLM_LORA_TARGETS
 from flowjax.models import CausalLM, LMConfig
 
@@ -133,12 +134,14 @@ def _rope(x, positions, theta: float):
     )
 
 
-def _llama_layer(layer, cfg: LMConfig, x, positions, cache, rows):
+def _llama_layer(layer, cfg: LMConfig, x, positions, cache, rows, prefix=None):
     """One Llama layer on the new positions ``x [N, S, D]``, reading and extending ``cache``.
 
     ``cache = (k, v)``, each ``[N, T, kv, d]`` (rotated keys, values); the new
     keys and values are written at ``positions [N, S]`` and every query
-    attends to the cache positions ``<=`` its own.
+    attends to the cache positions ``<=`` its own, and to every slot of the
+    layer's ``prefix`` ``(2, L, kv, d)`` (prefix tuning: keys without rope,
+    put before the cache, never masked).
     """
     n, s, _ = x.shape
     kv, hd = cfg.num_key_value_heads, cfg.head_dim
@@ -156,11 +159,32 @@ def _llama_layer(layer, cfg: LMConfig, x, positions, cache, rows):
         preferred_element_type=jnp.float32,
     ) * hd**-0.5  # fmt: skip
     visible = jnp.arange(kc.shape[1])[None, None] <= positions[:, :, None]  # [N, S, T]
+    values = vc
+    if prefix is not None:
+        pk = jnp.broadcast_to(prefix[0][None].astype(kc.dtype), (n, *prefix.shape[1:]))
+        pv = jnp.broadcast_to(prefix[1][None].astype(vc.dtype), (n, *prefix.shape[1:]))
+        ps = jnp.einsum(
+            "nskgd,nlkd->nkgsl", q.reshape(n, s, kv, g, hd), pk,
+            preferred_element_type=jnp.float32,
+        ) * hd**-0.5  # fmt: skip
+        scores = jnp.concatenate([ps, scores], axis=-1)
+        values = jnp.concatenate([pv, vc], axis=1)
+        seen = jnp.ones((n, s, prefix.shape[1]), bool)
+        visible = jnp.concatenate([seen, visible], axis=-1)
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    o = jnp.einsum("nkgst,ntkd->nskgd", p, vc).reshape(n, s, kv * g * hd)
+    o = jnp.einsum("nkgst,ntkd->nskgd", p, values).reshape(n, s, kv * g * hd)
     x = x + att.o_proj(o)
     return x + layer.mlp(layer.post_attention_layernorm(x)), (kc, vc)
+
+
+def _unwrap(model):
+    """``(CausalLM, prefixes or None, soft prompt or None)`` of the model to decode."""
+    if isinstance(model, flowjax.PrefixTuning):
+        return model.model, model.prefix.get_value(), None
+    if isinstance(model, flowjax.PromptTuning):
+        return model.model, None, model.prompt.get_value()
+    return model, None, None
 
 
 def make_greedy_decode(graphdef, max_new: int):
@@ -176,8 +200,13 @@ def make_greedy_decode(graphdef, max_new: int):
     earlier positions), then each step feeds the one new token per row at its
     own position ``prompt_len + s`` and attends to cache positions ``<=`` it,
     so the result equals recomputing ``model(buf)`` at every step
-    (``tests/test_lm_experiment.py`` checks it, LoRA included). Llama
-    configs without rope scaling only (the experiment's model).
+    (``tests/test_lm_experiment.py`` checks it, LoRA included). A
+    :class:`flowjax.PrefixTuning` of the model passes its layer's prefix to
+    every attention (before the cache, never masked); a
+    :class:`flowjax.PromptTuning` of it fills cache positions ``0 .. L-1``
+    with its soft prompt and the prompt tokens from ``L`` on, as its own
+    forward does. Llama configs without rope scaling only (the experiment's
+    model).
 
     Raises:
       ValueError: a Gemma 2 config or one with rope scaling.
@@ -185,7 +214,7 @@ def make_greedy_decode(graphdef, max_new: int):
 
     @jax.jit
     def greedy(state, buf, prompt_len):
-        model = nnx.merge(graphdef, *state)
+        model, prefixes, soft = _unwrap(nnx.merge(graphdef, *state))
         cfg = model.config
         if cfg.model_type != "llama" or cfg.rope_scaling is not None:
             raise ValueError(
@@ -193,28 +222,43 @@ def make_greedy_decode(graphdef, max_new: int):
                 f"model_type={cfg.model_type!r}, rope_scaling={cfg.rope_scaling}."
             )
         n, t = buf.shape
+        shift = 0 if soft is None else soft.shape[0]  # the soft prompt's positions
         rows = jnp.arange(n)
-        shape = (n, t, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (n, shift + t, cfg.num_key_value_heads, cfg.head_dim)
         empty = jnp.zeros(shape, model.embed_tokens.embedding.dtype)
+        layer_prefix = [None] * cfg.num_hidden_layers
+        if prefixes is not None and prefixes.shape[2]:
+            layer_prefix = list(prefixes)
 
-        def forward(tokens, positions, caches):
-            x = jnp.take(model.embed_tokens.embedding[...], tokens, axis=0)
+        def forward(x, positions, caches):
             new = []
-            for layer, cache in zip(model.layers, caches, strict=True):
-                x, cache = _llama_layer(layer, cfg, x, positions, cache, rows)
+            for layer, cache, pre in zip(
+                model.layers, caches, layer_prefix, strict=True
+            ):
+                x, cache = _llama_layer(layer, cfg, x, positions, cache, rows, pre)
                 new.append(cache)
             return model.norm(x), new
 
+        def embed(tokens):
+            return jnp.take(model.embed_tokens.embedding[...], tokens, axis=0)
+
         caches = [(empty, empty) for _ in model.layers]
-        h, caches = forward(buf, jnp.broadcast_to(jnp.arange(t), (n, t)), caches)
+        x = embed(buf)
+        if shift:
+            p = jnp.broadcast_to(soft.astype(x.dtype)[None], (n, *soft.shape))
+            x = jnp.concatenate([p, x], axis=1)
+        at = jnp.broadcast_to(jnp.arange(shift + t), (n, shift + t))
+        h, caches = forward(x, at, caches)
         head = model.unembedding
-        first = jnp.argmax(h[rows, prompt_len - 1] @ head.T, axis=-1).astype(buf.dtype)
+        last = h[rows, shift + prompt_len - 1]
+        first = jnp.argmax(last @ head.T, axis=-1).astype(buf.dtype)
         buf = buf.at[rows, prompt_len].set(first)
 
         def body(s, carry):
             buf, caches, done = carry
             pos = prompt_len + s - 1  # position of the token fed in
-            h, caches = forward(buf[rows, pos][:, None], pos[:, None], caches)
+            x = embed(buf[rows, pos][:, None])
+            h, caches = forward(x, shift + pos[:, None], caches)
             nxt = jnp.argmax(h[:, 0] @ head.T, axis=-1).astype(buf.dtype)
             nxt = jnp.where(done, PAD, nxt)
             return buf.at[rows, pos + 1].set(nxt), caches, done | (nxt == EOS)

@@ -42,13 +42,19 @@ Adapters (width 32)              3e-3   42.3 ± 5.9           0.000 ± 0.000
 QLoRA (r=8, NF4)                 3e-3   28.8 ± 2.6           0.001 ± 0.001
 FLOW + QLoRA                     3e-3   26.6 ± 2.6           0.003 ± 0.006
 I-LoRA (r=8, replay)             1e-2   4.30 ± 0.01          0.048 ± 0.014
+Prompt tuning (16 tokens)        3e-4   6.21 ± 0.55          0.000 ± 0.000
+Prefix tuning (8 per layer)      3e-4   4.40 ± 0.00          0.000 ± 0.000
 ===============================  =====  ===================  ================
 
 The last four rows were added later (``python -m experiments.lm.run --out
 results/lm`` on 2026-12-01 again, same config otherwise: the first 42 runs
 restored from their checkpoints, their rows and numbers unchanged byte for
 byte; wall 826 s, user 674 s for the 24 new runs and the evaluations, load
-2-6).
+2-6). The prompt- and prefix-tuning rows were added after that (same
+command, 2026-12-01: the 66 earlier runs restored, their rows unchanged
+byte for byte; wall 471 s, user 280 s for the 12 new runs and every
+evaluation, load 3-5; ``timing.json`` is the rerun after it that added
+their untrained-model evaluations: all 78 runs restored, wall 177 s).
 
 Read with care. **The conclusions changed with the model.** The former
 TinyLM (learned position embeddings, LayerNorm, GELU; pre-trained
@@ -112,6 +118,25 @@ vary by 2-3x between seeds.
   keeps training the language model; it is the only row that uses
   pre-training data, i.e. not data-oblivious like FLOW, and is not a
   like-for-like comparison with the others.
+* **Prompt and prefix tuning learn nothing** at this budget: validation
+  exact match 0.000 at every rate of the grid, so the tie rule picks 3e-4.
+  Both train 2,048 numbers (16 soft-prompt embeddings of width 128; 8 key
+  and value vectors per key/value head and layer), 1/15 of LoRA's. Their
+  training loss stays high (seed 0, step 400: prompt 0.74, prefix 2.31,
+  against standard FT's 0.11 and LoRA's 0.28 at their rates). The shared
+  grid is small for them (Lester et al. train prompts at 0.3): a side run
+  at {0.03, 0.1, 0.3} (``python -m experiments.lm.run --set
+  "methods=('prompt','prefix')" --set "lr_grid=(0.03,0.1,0.3)" --out
+  /tmp/lm_hi``, 238 s wall, not committed) also gives validation exact
+  match 0.000 at every rate (seed-0 grid; test <= 0.002 at 0.03), final
+  loss 0.50 (prompt) and 0.57 (prefix) at 0.03, and seed-0 perplexity
+  6.7-6.9 (prompt) and 9-25 (prefix): a larger rate alone does not make them learn
+  the digits here. Their perplexity is measured with the prompt / prefix
+  applied (without it the model is the pre-trained one exactly); the
+  random initial prompt alone gives 4.46-4.53 (its 16 slots push the
+  64-byte windows to positions 16-79, past the pre-training context) and
+  the initial prefix 4.40. The prefix row's 4.40 is its 3e-4 run having
+  hardly moved; the trained prompt raises it to 5.7-6.8.
 
 Token weights (``weights.png``) separate easy from hard tokens, the
 mechanism behind the paper's Figure 3, and more sharply than with TinyLM:
@@ -160,11 +185,14 @@ What it does:
    trained on ``(SFT loss + replay LM loss) / 2 + γ · consistency`` with 16
    random 64-byte windows of the *pre-training* pydoc text replayed per step,
    the slow LoRA its EMA and the one evaluated; it uses pre-training data, so
-   unlike FLOW it is not data-oblivious). Prompt and prefix tuning are not
-   rows: :class:`flowjax.models.CausalLM` does not implement their model
-   contract (``embed`` / ``from_embeddings(h, prefixes=...)``, see
-   :mod:`flowjax.prompts`), and neither does this experiment's key/value
-   cache decoder.
+   unlike FLOW it is not data-oblivious), prompt tuning
+   (:class:`flowjax.PromptTuning`, 16 soft-prompt embeddings, N(0, 0.02²))
+   and prefix tuning (:class:`flowjax.PrefixTuning`, 8 key and value vectors
+   per key/value head in both layers, N(0, 0.02²), no rope on them; the
+   direct parameterisation, no MLP), both through the model's
+   ``embed`` / ``from_embeddings`` and decoded by the experiment's key/value
+   cache (the soft prompt in cache positions 0-15, the prefix before the
+   cache in every layer).
 4. **Learning rate**: the same grid {3e-4, 1e-3, 3e-3, 1e-2} and the same
    rule for every method: for each learning rate of the grid, fine-tune with seed 0 and measure exact match on the
    *validation* problems; keep the best (ties: the smaller learning rate).
@@ -287,6 +315,14 @@ def run(cfg: Config, out: Path, cache_dir: Path, progress: bool = True) -> dict:
         if METHODS[method].peft == "qlora":  # the NF4 base before training (B = 0)
             kind, base = tuner.state(method, cfg.seeds[0])
             by_method[method]["nf4_base"] = tuner.evaluate(kind, base, "val", windows)
+        if METHODS[method].peft in (
+            "prompt",
+            "prefix",
+        ):  # the random initial prompt/prefix
+            by_method[method]["untrained"] = [
+                tuner.evaluate(*tuner.state(method, s), "val", windows)
+                for s in cfg.seeds
+            ]
         print(
             f"{METHODS[method].name:16s} lr={lr:g} ppl={by_method[method]['perplexity']['mean']:.3f} "
             f"em={by_method[method]['exact_match']['mean']:.3f}"

@@ -126,6 +126,18 @@ def markdown(r: dict) -> str:
             "slow adapter; it uses pre-training data, so unlike FLOW it is not "
             "data-oblivious.",
         ]
+    for key, what in (("prompt", "soft prompt"), ("prefix", "prefix")):
+        m = r["methods"].get(key)
+        if m is None or "untrained" not in m:
+            continue
+        ppl = ", ".join(f"{u['perplexity']:.3f}" for u in m["untrained"])
+        lines += [
+            "",
+            f"**{m['name']}** is evaluated with its {what} applied (held-out "
+            f"perplexity too); the model without it is the pre-trained one exactly. "
+            f"With the random initial {what} (seeds {', '.join(map(str, r['config']['seeds']))}) "
+            f"the held-out perplexity is {ppl}.",
+        ]
     w = r["weights"]
     lines += [
         "",

@@ -348,11 +348,13 @@ class _Attention(nnx.Module):
         self.cfg = cfg
         self.window = cfg.sliding_window if cfg.sliding_layers[layer] else None
 
-    def __call__(self, x, positions, allowed, kv=None, index=None):
+    def __call__(self, x, positions, allowed, kv=None, index=None, prefix=None):
         """Attention of ``x [B, T, D]``; with ``kv`` (the layer's cached keys and values
         ``[B, S, KV, hd]``), the new keys go to slots ``index .. index + T - 1`` and the
         queries attend over all ``S`` slots. ``allowed [B, T, S]`` is causality and padding;
-        the sliding window is added here, in slots (sequence indices), as transformers'."""
+        the sliding window is added here, in slots (sequence indices), as transformers'.
+        ``prefix`` ``(2, L, KV, hd)``: keys (no rope) and values put before the tokens'
+        (or the cache's), seen by every query; the returned ``kv`` never holds them."""
         cfg = self.cfg
         b, t, _ = x.shape
         kv_heads, hd = cfg.num_key_value_heads, cfg.head_dim
@@ -371,19 +373,32 @@ class _Attention(nnx.Module):
                 kv[1], v.astype(kv[1].dtype), index, axis=1
             )
             at = index + jnp.arange(t)
-        q = q.reshape(b, t, kv_heads, g, hd)
-        scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
-        s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        s = s * scale
-        if cfg.attn_logit_softcapping:
-            cap = cfg.attn_logit_softcapping
-            s = cap * jnp.tanh(s / cap)
         if self.window is not None:
             slots = jnp.arange(k.shape[1])
             allowed = allowed & (slots[None, :] > at[:, None] - self.window)[None]
+        keys, values = k, v
+        if prefix is not None:  # never masked: not causal, not padding, not the window
+            length = prefix.shape[1]
+            pk = jnp.broadcast_to(
+                prefix[0][None].astype(k.dtype), (b, *prefix.shape[1:])
+            )
+            pv = jnp.broadcast_to(
+                prefix[1][None].astype(v.dtype), (b, *prefix.shape[1:])
+            )
+            keys = jnp.concatenate([pk, k], axis=1)
+            values = jnp.concatenate([pv, v], axis=1)
+            seen = jnp.ones((*allowed.shape[:-1], length), bool)
+            allowed = jnp.concatenate([seen, allowed], axis=-1)
+        q = q.reshape(b, t, kv_heads, g, hd)
+        scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
+        s = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
+        s = s * scale
+        if cfg.attn_logit_softcapping:  # prefix scores capped too
+            cap = cfg.attn_logit_softcapping
+            s = cap * jnp.tanh(s / cap)
         s = jnp.where(allowed[:, None, None], s, _NEG)
         p = jax.nn.softmax(s, axis=-1).astype(x.dtype)
-        o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(x.dtype))
+        o = jnp.einsum("bkgts,bskd->btkgd", p, values.astype(x.dtype))
         return self.o_proj(o.reshape(b, t, kv_heads * g * hd)), (k, v)
 
 
@@ -417,8 +432,10 @@ class _Layer(nnx.Module):
             self.post_feedforward_layernorm = norm()
         self.gemma = gemma
 
-    def __call__(self, x, positions, allowed, kv=None, index=None):
-        h, kv = self.self_attn(self.input_layernorm(x), positions, allowed, kv, index)
+    def __call__(self, x, positions, allowed, kv=None, index=None, prefix=None):
+        h, kv = self.self_attn(
+            self.input_layernorm(x), positions, allowed, kv, index, prefix
+        )
         if self.gemma:  # sandwich norms around both blocks
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(
@@ -487,6 +504,11 @@ class CausalLM(nnx.Module):
     ``position_ids``); pass ``positions`` to count from the first real token
     instead. Logits at padded positions are finite and meaningless.
 
+    Prompt and prefix tuning (:class:`flowjax.PromptTuning`,
+    :class:`flowjax.PrefixTuning`): ``lm(x)`` is
+    ``lm.from_embeddings(lm.embed(x))``, and :meth:`from_embeddings` takes
+    per-layer prefix keys/values (``prefixes``, one head per key/value head).
+
     Incremental decoding: :meth:`init_cache` gives an empty :class:`KVCache`
     and :meth:`decode` appends tokens to it and returns their logits, equal
     to the full forward's on the whole sequence (see :func:`generate`).
@@ -532,7 +554,33 @@ class CausalLM(nnx.Module):
         head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         return head.embedding[...]
 
-    def _embed(self, tokens: jax.Array) -> jax.Array:
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """The input embeddings ``h^{(0)} = c\\,E[x]`` ``[B, T, D]`` of ``tokens [B, T]``.
+
+        :math:`c = \\sqrt{D}` for Gemma 2 (cast to the parameters' dtype, as
+        the checkpoint's own forward), 1 for Llama. With
+        :meth:`from_embeddings` this is the model contract of
+        ``flowjax.prompts``: ``lm(x) == lm.from_embeddings(lm.embed(x))``
+        bit for bit.
+
+        Args:
+          tokens: int ``[B, T]``.
+
+        Returns:
+          ``[B, T, D]`` in the parameters' dtype.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from flax import nnx
+          >>> from flowjax.models import CausalLM, LMConfig
+          >>> cfg = LMConfig.from_hf({"model_type": "llama", "vocab_size": 32,
+          ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+          ...     "num_attention_heads": 4, "num_key_value_heads": 2})
+          >>> lm = CausalLM(cfg, rngs=nnx.Rngs(0))
+          >>> x = jnp.array([[3, 1, 4]])
+          >>> bool((lm.from_embeddings(lm.embed(x)) == lm(x)).all())
+          True
+        """
         x = jnp.take(self.embed_tokens.embedding[...], tokens, axis=0)
         if self.config.model_type == "gemma2":
             x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
@@ -545,22 +593,105 @@ class CausalLM(nnx.Module):
         cap = self.config.final_logit_softcapping
         return cap * jnp.tanh(z / cap) if cap else z
 
-    def hidden(self, tokens, attention_mask=None, positions=None) -> jax.Array:
-        """Final (normed) hidden states ``[B, T, D]``: ``logits = cap(hidden @ unembedding.T)``."""
-        tokens = jnp.asarray(tokens)
-        b, t = tokens.shape
-        x = self._embed(tokens)
+    def _prefixes(self, prefixes) -> list:
+        """Per layer, ``None`` or its ``(2, L, KV, hd)`` prefix (``L = 0``: ``None``)."""
+        cfg = self.config
+        n = cfg.num_hidden_layers
+        if prefixes is None:
+            return [None] * n
+        prefixes = jnp.asarray(prefixes)
+        want = (n, 2, cfg.num_key_value_heads, cfg.head_dim)
+        if prefixes.ndim != 5 or (*prefixes.shape[:2], *prefixes.shape[3:]) != want:
+            raise ValueError(
+                f"prefixes must be (num_layers={n}, 2, L, "
+                f"num_key_value_heads={cfg.num_key_value_heads}, "
+                f"head_dim={cfg.head_dim}) (PrefixTuning(..., num_layers={n}, "
+                f"num_heads={cfg.num_key_value_heads}, head_dim={cfg.head_dim})); "
+                f"got {prefixes.shape}."
+            )
+        if prefixes.shape[2] == 0:
+            return [None] * n
+        return [prefixes[i] for i in range(n)]
+
+    def _trunk(self, x, prefixes=None, attention_mask=None, positions=None):
+        """The final normed hidden states of the embeddings ``x [B, T, D]``."""
+        b, t = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         allowed = jnp.tril(jnp.ones((t, t), bool))[None]
         if attention_mask is not None:
             allowed = allowed & (jnp.asarray(attention_mask) != 0)[:, None, :]
-        for layer in self.layers:
-            x, _ = layer(x, positions, allowed)
+        for layer, prefix in zip(self.layers, self._prefixes(prefixes), strict=True):
+            x, _ = layer(x, positions, allowed, prefix=prefix)
         return self.norm(x)
 
+    def from_embeddings(
+        self, h, *, prefixes=None, attention_mask=None, positions=None
+    ) -> jax.Array:
+        """Logits ``[B, T, V]`` of the input embeddings ``h [B, T, D]``, optionally with prefix keys/values.
+
+        The rest of the network after :meth:`embed` (the contract of
+        ``flowjax.prompts``, for :class:`flowjax.PromptTuning` and
+        :class:`flowjax.PrefixTuning`). With ``prefixes`` :math:`P \\in
+        \\mathbb{R}^{N\\times 2\\times L\\times KV\\times hd}`, layer
+        :math:`\\ell`'s attention of query :math:`t` is
+
+        .. math::
+            \\operatorname{softmax}_j\\big(\\text{cap}(q_t \\cdot K_j\\, s)
+            + M_{tj}\\big),\\quad K = [P^K_\\ell; R(k)],\\ V = [P^V_\\ell; v]
+
+        over the :math:`L` prefix slots and the tokens, with :math:`s` the
+        model's query scale, cap Gemma 2's attention soft-cap (applied to the
+        prefix scores too) and :math:`R` rope. Under grouped-query attention
+        the prefix has the model's ``num_key_value_heads`` heads, shared by
+        each group of queries exactly as the tokens' own keys are. Prefix keys
+        are free vectors and get **no rope** (a rotation would be absorbed by
+        learning); the tokens keep positions ``0 .. T-1`` (or ``positions``),
+        so ``L = 0`` is the base model exactly. :math:`M_{tj} = 0` on the
+        prefix: neither causality, nor ``attention_mask``, nor Gemma 2's
+        sliding window hides it.
+
+        Args:
+          h: ``[B, T, D]`` (e.g. ``lm.embed(tokens)``, or a soft prompt
+            concatenated before it).
+          prefixes: ``None`` or ``(num_layers, 2, L, num_key_value_heads,
+            head_dim)``: ``prefixes[i, 0]`` the keys, ``prefixes[i, 1]`` the
+            values of layer ``i``.
+          attention_mask: ``[B, T]``, 0 hides that key (padding); ``None``: all real.
+          positions: rope positions ``[B, T]``; ``None``: ``0 .. T-1``.
+
+        Returns:
+          float32 logits ``[B, T, V]``.
+
+        Raises:
+          ValueError: ``prefixes`` of another shape (the expected one is named).
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from flax import nnx
+          >>> from flowjax.models import CausalLM, LMConfig
+          >>> cfg = LMConfig.from_hf({"model_type": "llama", "vocab_size": 32,
+          ...     "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+          ...     "num_attention_heads": 4, "num_key_value_heads": 2})
+          >>> lm = CausalLM(cfg, rngs=nnx.Rngs(0))
+          >>> h = lm.embed(jnp.array([[3, 1, 4]]))
+          >>> lm.from_embeddings(h, prefixes=jnp.zeros((2, 2, 5, 2, 4))).shape
+          (1, 3, 32)
+        """
+        return self._logits(self._trunk(h, prefixes, attention_mask, positions))
+
+    def hidden(self, tokens, attention_mask=None, positions=None) -> jax.Array:
+        """Final (normed) hidden states ``[B, T, D]``: ``logits = cap(hidden @ unembedding.T)``."""
+        return self._trunk(
+            self.embed(jnp.asarray(tokens)), None, attention_mask, positions
+        )
+
     def __call__(self, tokens, attention_mask=None, positions=None) -> jax.Array:
-        return self._logits(self.hidden(tokens, attention_mask, positions))
+        return self.from_embeddings(
+            self.embed(jnp.asarray(tokens)),
+            attention_mask=attention_mask,
+            positions=positions,
+        )
 
     def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
         """An empty :class:`KVCache` of ``max_length`` slots for ``batch`` rows.
@@ -601,7 +732,13 @@ class CausalLM(nnx.Module):
         )
 
     def decode(
-        self, tokens, cache: KVCache, attention_mask=None, positions=None
+        self,
+        tokens,
+        cache: KVCache,
+        attention_mask=None,
+        positions=None,
+        *,
+        prefixes=None,
     ) -> tuple[jax.Array, KVCache]:
         """Logits of ``tokens [B, T]`` appended to ``cache``, and the cache that holds them.
 
@@ -614,21 +751,28 @@ class CausalLM(nnx.Module):
         ``T``. Left-pad prompts of different lengths (``attention_mask`` 0 on
         the padding, ``positions`` counted from each row's first real token,
         as :func:`generate` does) so that every row's next token lands in the
-        same slot.
+        same slot. A prefix-tuned model passes its ``prefixes`` (as to
+        :meth:`from_embeddings`) to every call: they are put before the
+        cached slots in each layer, never written into the cache, so the
+        tokens keep slots and positions from 0 and the logits are
+        :meth:`from_embeddings`' with the same prefixes.
 
         Args:
           tokens: int ``[B, T]``.
           cache: from :meth:`init_cache` (``B`` rows) or a previous ``decode``.
           attention_mask: ``[B, T]``, 0 at padding; ``None``: all real.
           positions: rope positions ``[B, T]``; ``None``: the slot indices.
+          prefixes: ``None`` or ``(num_layers, 2, L, num_key_value_heads,
+            head_dim)``, the same at every call.
 
         Returns:
           ``(logits float32 [B, T, V], cache)``. Under ``jit``, tokens that do
           not fit in the cache give NaN logits.
 
         Raises:
-          ValueError: ``tokens`` not ``[B, T]`` with the cache's ``B``, or (outside
-            ``jit``) more tokens than the cache has free slots.
+          ValueError: ``tokens`` not ``[B, T]`` with the cache's ``B``, (outside
+            ``jit``) more tokens than the cache has free slots, or ``prefixes``
+            of another shape.
 
         Example:
           >>> import jax, jax.numpy as jnp, numpy as np
@@ -647,18 +791,21 @@ class CausalLM(nnx.Module):
           >>> bool(np.allclose(z, forward(state, x)[:, 2:], atol=1e-5)), int(cache.index)
           (True, 4)
         """
-        h, cache = self._extend(tokens, cache, attention_mask, positions)
-        return self._logits(h), cache
-
-    def _extend(self, tokens, cache, attention_mask=None, positions=None):
-        """:meth:`decode`'s final hidden states (NaN if they do not fit) and cache."""
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or tokens.shape[0] != cache.mask.shape[0]:
             raise ValueError(
                 f"decode: tokens must be [B, T] with the cache's B = "
                 f"{cache.mask.shape[0]}; got shape {tokens.shape}."
             )
-        b, t = tokens.shape
+        h, cache = self._extend(
+            self.embed(tokens), cache, attention_mask, positions, prefixes
+        )
+        return self._logits(h), cache
+
+    def _extend(self, x, cache, attention_mask=None, positions=None, prefixes=None):
+        """:meth:`decode` of the embeddings ``x [B, T, D]``: final hidden states (NaN if
+        they do not fit) and the cache."""
+        b, t = x.shape[:2]
         slots = cache.mask.shape[1]
         index = jnp.asarray(cache.index, jnp.int32)
         if not isinstance(index, jax.core.Tracer) and int(index) + t > slots:
@@ -676,24 +823,62 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(at, (b, t))
         allowed = (jnp.arange(slots)[None, :] <= at[:, None])[None] & mask[:, None, :]
-        x = self._embed(tokens)
         ks, vs = [], []
-        for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
-            x, (k, v) = layer(x, positions, allowed, (k, v), index)
+        layers = zip(
+            self.layers, cache.k, cache.v, self._prefixes(prefixes), strict=True
+        )
+        for layer, k, v, prefix in layers:
+            x, (k, v) = layer(x, positions, allowed, (k, v), index, prefix)
             ks.append(k)
             vs.append(v)
         h = jnp.where(index + t > slots, jnp.nan, self.norm(x))
         return h, KVCache(tuple(ks), tuple(vs), mask, index + t)
 
 
+def _unwrap(model):
+    """``(lm, prefixes, prompt)`` of a CausalLM or a PrefixTuning / PromptTuning of one."""
+    from flowjax.prompts import PrefixTuning, PromptTuning
+
+    prefixes = prompt = None
+    if isinstance(model, PrefixTuning):
+        model, prefixes = model.model, model.prefix.get_value()
+    elif isinstance(model, PromptTuning):
+        model, prompt = model.model, model.prompt.get_value()
+    if not isinstance(model, CausalLM):
+        raise TypeError(
+            "generate decodes a CausalLM or a PrefixTuning / PromptTuning of one; got "
+            f"{type(model).__name__}."
+        )
+    return model, prefixes, prompt
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "cache_dtype"))
 def _greedy(graphdef, state, tokens, mask, *, steps, eos_id, pad_id, cache_dtype):
-    """Prefill of the left-padded ``tokens``, then greedy decode steps in a while loop."""
-    lm = nnx.merge(graphdef, state)
-    b, width = tokens.shape
-    cache = lm.init_cache(b, width + steps - 1, cache_dtype)
+    """Prefill of the left-padded ``tokens``, then greedy decode steps in a while loop.
+
+    A soft prompt ``P [L, D]`` goes between each row's padding and its tokens,
+    ``[pad...; P; x]``, at positions ``0 .. L-1`` and the tokens at ``L + ``
+    their own (so a window counted in slots, Gemma 2's, sees what the row
+    alone sees); a prefix is passed to every step."""
+    lm, prefixes, prompt = _unwrap(nnx.merge(graphdef, state))
+    b = tokens.shape[0]
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    h, cache = lm._extend(tokens, cache, mask, positions)
+    x = lm.embed(tokens)
+    if prompt is not None:  # row i: [pad...; P; x_i], P at positions 0 .. L-1
+        length, width = prompt.shape[0], tokens.shape[1]
+        start = width - jnp.sum(mask, axis=1)  # the first real slot of each row
+        slot = jnp.arange(length + width)
+        offset = slot[None, :] - start[:, None]  # [B, L + W]: < 0 on the padding
+        at_x = jnp.clip(slot - length, 0, width - 1)
+        x = jnp.where(
+            ((offset >= 0) & (offset < length))[..., None],
+            prompt.astype(x.dtype)[jnp.clip(offset, 0, length - 1)],
+            x[:, at_x],
+        )
+        mask = (offset >= 0).astype(mask.dtype)
+        positions = jnp.maximum(offset, 0)
+    cache = lm.init_cache(b, x.shape[1] + steps - 1, cache_dtype)
+    h, cache = lm._extend(x, cache, mask, positions, prefixes)
     first = jnp.argmax(lm._logits(h[:, -1:])[:, 0], axis=-1).astype(
         jnp.int32
     )  # [B, V] only
@@ -706,13 +891,15 @@ def _greedy(graphdef, state, tokens, mask, *, steps, eos_id, pad_id, cache_dtype
     def step_fn(carry):
         step, cache, out, done, pos = carry
         prev = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)
-        logits, cache = lm.decode(prev, cache, positions=pos[:, None])
+        logits, cache = lm.decode(
+            prev, cache, positions=pos[:, None], prefixes=prefixes
+        )
         token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
         token = jnp.where(done, pad_id, token)
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
         return step + 1, cache, out, done | (token == eos_id), pos + 1
 
-    pos = jnp.sum(mask, axis=1, dtype=jnp.int32)
+    pos = jnp.sum(mask, axis=1, dtype=jnp.int32)  # prompt included: L + real tokens
     carry = (jnp.int32(1), cache, out, first == eos_id, pos)
     _, _, out, _, _ = jax.lax.while_loop(more, step_fn, carry)
     is_eos = out == eos_id
@@ -721,7 +908,7 @@ def _greedy(graphdef, state, tokens, mask, *, steps, eos_id, pad_id, cache_dtype
 
 
 def generate(
-    lm: CausalLM,
+    lm: nnx.Module,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
@@ -743,9 +930,13 @@ def generate(
     one-token decode steps that ends when every row has emitted EOS or after
     ``N`` tokens; it compiles once per (batch size, width, ``N``) and the
     model goes in as an argument (``nnx.split``), so updated weights reuse it.
+    A :class:`flowjax.PrefixTuning` or :class:`flowjax.PromptTuning` of a
+    :class:`CausalLM` decodes the same way: its prefix in every step
+    (:meth:`CausalLM.decode`), its soft prompt prefilled first at positions
+    ``0 .. L-1``, the prompts' tokens after it (as the wrapper's own forward).
 
     Args:
-      lm: the model.
+      lm: the :class:`CausalLM`, or a prefix- or prompt-tuned one.
       prompts: token ids per row (BOS included if the model wants one).
       max_new_tokens: ``N``, the most tokens per row.
       eos_id: the end-of-sequence id.
