@@ -189,3 +189,22 @@ def test_tokenizer_gives_transformers_ids_and_round_trips():
         assert got == ids, text
         assert got[0] == tok.token_to_id("<bos>")
         assert tok.decode(got, skip_special_tokens=True) == text
+
+
+def test_lm_config_checks_its_sizes_and_defaults_to_no_sliding_layers():
+    base = dict(
+        model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    LMConfig, CausalLM = fm.LMConfig, fm.CausalLM
+    cfg = LMConfig(**base)
+    assert cfg.sliding_layers == (False, False, False)
+    assert CausalLM(cfg, rngs=nnx.Rngs(0))(jnp.ones((1, 4), jnp.int32)).shape == (1, 4, 50)
+    with pytest.raises(ValueError, match="model_type"):
+        LMConfig(**{**base, "model_type": "gpt2"})
+    with pytest.raises(ValueError, match="num_key_value_heads=3"):
+        LMConfig(**{**base, "num_key_value_heads": 3})
+    with pytest.raises(ValueError, match="'head_dim': 0"):
+        LMConfig(**{**base, "head_dim": 0})
+    with pytest.raises(ValueError, match="2 entries for num_hidden_layers=3"):
+        LMConfig(**{**base, "sliding_layers": (True, False)})

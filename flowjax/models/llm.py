@@ -39,6 +39,7 @@ import functools
 import importlib
 import json
 import math
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -73,7 +74,8 @@ class LMConfig:
     are Hugging Face's. ``rope_scaling`` is ``None`` or the ``llama3`` rule's
     ``(factor, low_freq_factor, high_freq_factor,
     original_max_position_embeddings)``; ``sliding_layers`` marks the layers
-    with sliding-window attention (Gemma 2: the even ones).
+    with sliding-window attention (Gemma 2: the even ones; the default ``()``
+    means none). Sizes are checked on construction.
 
     Example:
       >>> from flowjax.models import LMConfig
@@ -101,6 +103,44 @@ class LMConfig:
     sliding_layers: tuple[bool, ...] = ()
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"model_type must be one of {MODEL_TYPES}; got {self.model_type!r}."
+            )
+        sizes = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        )
+        bad = {
+            k: getattr(self, k)
+            for k in sizes
+            if isinstance(getattr(self, k), bool)
+            or not isinstance(getattr(self, k), numbers.Integral)
+            or getattr(self, k) < 1
+        }
+        if bad:
+            raise ValueError(f"sizes must be positive integers; got {bad}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}."
+            )
+        n = self.num_hidden_layers
+        if not self.sliding_layers:  # the default: no sliding-window layer
+            object.__setattr__(self, "sliding_layers", (False,) * n)
+        sliding = tuple(bool(s) for s in self.sliding_layers)
+        if len(sliding) != n:
+            raise ValueError(
+                f"sliding_layers has {len(sliding)} entries for num_hidden_layers={n}."
+            )
+        object.__setattr__(self, "sliding_layers", sliding)
 
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> LMConfig:
