@@ -13,8 +13,9 @@ one's fastest call; the starting order rotates from round to round. A
 figure is the median over rounds of the per-round ratio with its range
 (min-max), so the slow drift of a shared machine cancels, and each group
 of figures has a control: one function timed under two labels (about 1
-when the method is unbiased; its range is the method's own noise). ``--quick`` runs the same
-code on tiny sizes (the test suite runs it). The figures:
+when the method is unbiased; its range is the method's own noise).
+``--quick`` runs the same code on tiny sizes (the test suite runs it). The
+figures:
 
 * ``prepass``: ``per_example_losses`` (batched loss, default step size)
   against a plain ``jax.jit`` batched forward + loss on the same batches of
@@ -28,8 +29,7 @@ code on tiny sizes (the test suite runs it). The figures:
   (``model(batch["image"])``, ``batched=True``) and ``per_example`` (the
   slow form, ``model(ex["image"][None])[0]`` under ``jax.vmap``): weighted
   time / plain time. The plain time is the faster of two forms of the same
-  mean loss (see :func:`bench_training`), and a control times the same plain
-  epoch under two labels.
+  mean loss (see :func:`bench_training`).
 * ``end_to_end``: FLOW (pre-pass + E epochs of weighted steps) against E
   epochs of plain steps, E = 3 and 10: the time of FLOW / the time of plain
   fine-tuning. Each round times one pre-pass, one weighted epoch and one
@@ -634,6 +634,15 @@ def markdown(result: dict) -> str:
                 )
     for t in result.get("torch", {}).get("rows", []):  # make bench-torch's torch.json
         ours = {tr["model"]: tr for tr in result["training"]}.get(t["model"])
+        if "control_same_program_two_labels" in t:
+            rows.append(
+                [
+                    f"control (PyTorch): its fine-tuning / itself, {t['model']}, the same "
+                    "epoch under two labels",
+                    _fmt(t["control_same_program_two_labels"]),
+                    "about 1",
+                ]
+            )
         for e in ("3", "10"):
             rows.append(
                 [
