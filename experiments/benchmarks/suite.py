@@ -6,7 +6,8 @@ Command::
                    # writes results/benchmarks/suite.json and suite.md
 
 Every figure is a ratio of two things timed in the same run by one method
-(:mod:`experiments.benchmarks.timing`): compilation excluded by two
+(:mod:`experiments.benchmarks.timing`), each ratio in its own rounds of
+just its two (or three) functions: compilation excluded by two
 warm-ups of each; in each round every function runs three times,
 interleaved in mirrored order (A B, B A, A B), and the round keeps each
 one's fastest call; the starting order rotates from round to round. A
@@ -32,9 +33,8 @@ figures:
   mean loss (see :func:`bench_training`).
 * ``end_to_end``: FLOW (pre-pass + E epochs of weighted steps) against E
   epochs of plain steps, E = 3 and 10: the time of FLOW / the time of plain
-  fine-tuning. Each round times one pre-pass, one weighted epoch and one
-  plain epoch back to back, and its ratio is
-  ``(prepass + E weighted) / (E plain)``.
+  fine-tuning, ``prepass / plain epoch / E + weighted / plain``, each of the
+  two ratios from its own rounds, combined round by round.
 * ``host``: the pre-pass's host time per step (µs) around a trivial
   program, over the bare jitted loop (see :func:`bench_host`).
 * ``cache``: ``per_example_losses`` over ``flowjax.batches`` of an
@@ -93,6 +93,13 @@ def _rounds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, np.n
     """Seconds of each function per round (:func:`timing.alternated_rounds`: every figure's method)."""
     return timing.alternated_rounds(
         fns, rounds, repeats=_REPEATS, warmups=_WARMUPS, sync=jax.block_until_ready
+    )
+
+
+def _over(fn, base: dict, rounds: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per round, ``fn``'s time over the fastest of ``base`` (:func:`timing.ratio_over`)."""
+    return timing.ratio_over(
+        fn, base, rounds, repeats=_REPEATS, warmups=_WARMUPS, sync=jax.block_until_ready
     )
 
 
@@ -173,14 +180,15 @@ def bench_prepass(name: str, n: int, rounds: int) -> dict:
     diff = float(np.max(np.abs(plain() - prepass())))  # ids are 0..n-1: same order
     if diff > 1e-4:
         raise AssertionError(f"{name}: pre-pass and plain losses differ by {diff}")
-    t = _rounds({"plain": plain, "prepass": prepass, "plain_again": plain}, rounds)
+    ratio, t = _over(prepass, {"plain": plain}, rounds)
+    control, _ = _over(plain, {"plain": plain}, rounds)
     return {
         "model": name,
         "examples": n,
         "plain_examples_per_s": round(n / float(np.median(t["plain"]))),
-        "prepass_examples_per_s": round(n / float(np.median(t["prepass"]))),
-        "plain_over_prepass": _ratio(t["plain"] / t["prepass"]),
-        "control_same_program_two_labels": _ratio(t["plain_again"] / t["plain"]),
+        "prepass_examples_per_s": round(n / float(np.median(t["timed"]))),
+        "plain_over_prepass": _ratio(1 / ratio),
+        "control_same_program_two_labels": _ratio(control),
         "max_abs_loss_diff": diff,
     }
 
@@ -297,39 +305,33 @@ def bench_training(name: str, n: int, rounds: int, epochs=(3, 10)) -> dict:
     speed (on 2 CPUs the ``jnp.mean`` one was the slower: a constant ``1/B``
     where the weighted one divides by a sum), and a plain baseline slower
     than it needs to be flatters FLOW: each round's plain time is the faster
-    of the two. The same plain epoch is also timed under a second label, a
-    control that the alternation itself is unbiased (its ratio is about 1).
+    of the two. Every ratio (weighted / plain, pre-pass / plain, the
+    control: the same plain epoch under two labels) is timed in its own
+    rounds of its two or three functions (:func:`timing.ratio_over`).
     """
     epoch, prepass = _train_parts(name, n)
-    t = _rounds(
-        {
-            "plain": epoch["plain"],
-            "plain_unit": epoch["plain_unit"],
-            "batched": epoch["batched"],
-            "per_example": epoch["per_example"],
-            "prepass": prepass,
-            "plain_again": epoch["plain"],
-        },
-        rounds,
-    )
-    plain = np.minimum(t["plain"], t["plain_unit"])
+    plains = {"plain": epoch["plain"], "plain_unit": epoch["plain_unit"]}
+    step, times = {}, {}
+    for form in ("batched", "per_example"):
+        step[form], times[form] = _over(epoch[form], plains, rounds)
+    pre, _ = _over(prepass, plains, rounds)
+    control, _ = _over(epoch["plain"], {"plain": epoch["plain"]}, rounds)
+    t = times["batched"]
     out = {
         "model": name,
         "examples": n,
-        "train_step": {
-            form: _ratio(t[form] / plain) for form in ("batched", "per_example")
-        },
+        "train_step": {form: _ratio(r) for form, r in step.items()},
         "plain_forms": {
             "mean_over_unit_weights": _ratio(t["plain"] / t["plain_unit"]),
-            "same_program_two_labels": _ratio(t["plain_again"] / t["plain"]),
+            "same_program_two_labels": _ratio(control),
         },
         "end_to_end": {},
     }
     for e in epochs:
         for form in ("batched", "per_example"):
-            flow = t["prepass"] + e * t[form]
-            out["end_to_end"][f"{form}_{e}_epochs"] = _ratio(flow / (e * plain))
-    out["prepass_over_plain_epoch"] = _ratio(t["prepass"] / plain)
+            # (pre-pass + e weighted epochs) / (e plain epochs), round by round
+            out["end_to_end"][f"{form}_{e}_epochs"] = _ratio(pre / e + step[form])
+    out["prepass_over_plain_epoch"] = _ratio(pre)
     return out
 
 
@@ -362,23 +364,20 @@ def bench_cache(n: int, rounds: int) -> dict:
         resumed = run(complete)
         if resumed.cached != n or resumed != reference:
             raise AssertionError("the complete cache did not serve every row exactly")
-        t = _rounds(
-            {
-                "none": lambda: run().losses,
-                "fresh": fresh,
-                "resume": lambda: run(complete).losses,
-                "none_again": lambda: run().losses,
-            },
-            rounds,
-        )
+        none = {"none": lambda: run().losses}
+        ratios = {
+            "fresh": _over(fresh, none, rounds)[0],
+            "resume": _over(lambda: run(complete).losses, none, rounds)[0],
+            "control": _over(none["none"], none, rounds)[0],
+        }
     finally:
         shutil.rmtree(root)
     return {
         "model": "mlp",
         "examples": n,
-        "fresh_over_none": _ratio(t["fresh"] / t["none"]),
-        "resume_over_none": _ratio(t["resume"] / t["none"]),
-        "control_same_program_two_labels": _ratio(t["none_again"] / t["none"]),
+        "fresh_over_none": _ratio(ratios["fresh"]),
+        "resume_over_none": _ratio(ratios["resume"]),
+        "control_same_program_two_labels": _ratio(ratios["control"]),
     }
 
 

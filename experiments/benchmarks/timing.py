@@ -19,6 +19,9 @@ Example:
   >>> times = alternated_rounds({"a": lambda: 1, "b": lambda: 2}, rounds=3, repeats=2, warmups=1)
   >>> sorted(times), [len(v) for v in times.values()]
   (['a', 'b'], [3, 3])
+  >>> ratios, _ = ratio_over(lambda: 1, {"base": lambda: 2}, rounds=2, warmups=0)
+  >>> ratios.shape
+  (2,)
   >>> summary([1.0, 2.0, 1.5])
   {'median': 1.5, 'min': 1.0, 'max': 2.0, 'rounds': 3}
 """
@@ -70,6 +73,31 @@ def alternated_rounds(
         for k in names:
             times[k].append(best[k])
     return {k: np.asarray(v, np.float64) for k, v in times.items()}
+
+
+def ratio_over(
+    fn: Callable[[], object],
+    base: dict[str, Callable[[], object]],
+    rounds: int,
+    **kw,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per round, ``fn``'s time over the fastest ``base`` function's, timed together and alone.
+
+    Each ratio gets its own rounds (:func:`alternated_rounds` of ``fn`` and
+    ``base`` only), so a round spans a few calls of two or three functions
+    and the two sides of a ratio run moments apart: on a machine shared
+    with another process, a control timed this way scattered about 4x
+    less than one timed among six functions per round. ``base`` may hold
+    ``fn`` itself (a control). ``kw`` goes to :func:`alternated_rounds`.
+
+    Returns:
+      ``(ratios [rounds], times)`` with ``times`` every label's seconds per
+      round (``fn`` under ``"timed"``).
+    """
+    if "timed" in base:
+        raise ValueError('"timed" is the label of fn; name the base functions otherwise.')
+    t = alternated_rounds({**base, "timed": fn}, rounds, **kw)
+    return t["timed"] / np.min([t[k] for k in base], axis=0), t
 
 
 def summary(per_round) -> dict:

@@ -93,22 +93,16 @@ def bench(
             opt.step()
         return float(loss.detach())
 
-    t = timing.alternated_rounds(
-        {
-            "ft": lambda: epoch(False),
-            "flow": lambda: epoch(True),
-            "ft_again": lambda: epoch(False),
-        },
-        rounds,
-        repeats=repeats,
-        warmups=1,
-    )
-    summary = timing.summary(t["flow"] / t["ft"])
+    kw = {"repeats": repeats, "warmups": 1}
+    ft = {"ft": lambda: epoch(False)}
+    ratio, t = timing.ratio_over(lambda: epoch(True), ft, rounds, **kw)
+    control, _ = timing.ratio_over(ft["ft"], ft, rounds, **kw)
+    summary = timing.summary(ratio)
     return {
         "model": name,
         "examples": n,
         "ft_examples_per_s": round(n / float(np.median(t["ft"]))),
-        "control_same_program_two_labels": timing.summary(t["ft_again"] / t["ft"]),
+        "control_same_program_two_labels": timing.summary(control),
         # The same per-round ratio at every E: the loop pays its extra forward every epoch.
         "flow_over_ft": {f"{e}_epochs": summary for e in epochs},
     }
