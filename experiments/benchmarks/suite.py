@@ -680,7 +680,9 @@ def markdown(result: dict) -> str:
         f"`make bench` on {cfg['cpus']} CPUs ({cfg['backend']}, jax {cfg['jax']}), "
         f"{cfg['seconds']} s, load average {cfg['load_average_1min_at_end']} at the end"
         f"{' (quick sizes)' if cfg['quick'] else ''}. Each ratio is the median over "
-        "alternated rounds of a side-by-side measurement, with its range."
+        f"{cfg['rounds']} alternated rounds of a side-by-side measurement (each its own "
+        f"rounds; a round keeps each side's fastest of {cfg.get('repeats', 1)} calls), with "
+        "its range; a control times one program under two labels."
     )
     return f"{head}\n\n{table}\n\n{lm_line}\n"
 
@@ -729,6 +731,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["config"] = {
         "quick": q,
         "rounds": args.rounds,
+        "repeats": _REPEATS,
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "machine": platform.machine(),
