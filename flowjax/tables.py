@@ -224,6 +224,11 @@ class _IdTable:
     def _positions(self, ids: ArrayLike) -> np.ndarray:
         """Row of each queried id; raises naming the ids that are not in the table."""
         query = _checks.as_ids(ids)
+        lo = self._dense_start()
+        if lo is not None and len(query):  # ids lo, lo + 1, ...: the row is id - lo
+            pos = query - lo
+            if pos.min() >= 0 and pos.max() < len(self.ids):
+                return pos
         pos, found = _checks.find_sorted(self.ids, query)
         if not found.all():
             raise ValueError(
@@ -232,6 +237,21 @@ class _IdTable:
                 "or those examples were added (or skipped) after the pre-pass."
             )
         return pos
+
+    def _dense_start(self) -> int | None:
+        """The first id when the ids are consecutive integers (the usual 0..n-1), else None.
+
+        Sorted unique ids are consecutive exactly when ``ids[-1] - ids[0] == n - 1``;
+        then an id's row is ``id - ids[0]``, a subtraction instead of a binary search
+        (the training loop looks weights up every step). Memoised per ids array.
+        """
+        memo = self.__dict__.get("_dense")
+        if memo is None or memo[0] is not self.ids:
+            ids = self.ids
+            dense = len(ids) > 0 and int(ids[-1]) - int(ids[0]) == len(ids) - 1
+            memo = (ids, int(ids[0]) if dense else None)
+            self.__dict__["_dense"] = memo
+        return memo[1]
 
     def _rows(self, array: np.ndarray, ids: ArrayLike, length: int | None):
         pos = self._positions(ids)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from experiments.benchmarks import suite
+from experiments.benchmarks import suite, timing
 
 
 def _ratios(tree, path=""):
@@ -29,6 +29,9 @@ def test_quick_suite_writes_json_and_table_with_every_figure(tmp_path):
     found = dict(_ratios(saved))
     for key in (
         "/prepass/0/plain_over_prepass",
+        "/prepass/0/control_same_program_two_labels",
+        "/training/0/plain_forms/same_program_two_labels",
+        "/cache/control_same_program_two_labels",
         "/training/0/train_step/batched",
         "/training/0/train_step/per_example",
         "/training/0/end_to_end/batched_3_epochs",
@@ -47,6 +50,29 @@ def test_quick_suite_writes_json_and_table_with_every_figure(tmp_path):
     ce = saved["chunked_ce"][0]
     assert ce["fwd+bwd_chunked_temp_mib"] < ce["fwd+bwd_plain_temp_mib"]
     assert 0 < saved["lm_prepass"]["padding_waste"] < 1
+    host = saved["host"]["host_us_per_step"]
+    assert host["rounds"] == 2 and np.isfinite(host["median"])
     table = (tmp_path / "suite.md").read_text()
     assert table.count("\n|") >= len(found)  # a row per figure (and the memory rows)
     assert "FLOW end to end / plain fine-tuning, mlp, 10 epochs, batched loss" in table
+
+
+def test_alternated_rounds_mirror_the_order_and_keep_each_round_s_fastest_call(monkeypatch):
+    clock, calls = [0.0], []
+    durations = {"a": iter([5, 3, 4, 9, 9, 2]), "b": iter([1, 7, 7, 6, 8, 6])}
+
+    def fn(name):
+        def run():
+            calls.append(name)
+            clock[0] += next(durations[name]) if len(calls) > 2 else 0.0  # 2 warm-ups
+        return run
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    t = timing.alternated_rounds({"a": fn("a"), "b": fn("b")}, rounds=2, repeats=3, warmups=1)
+    # warm-up a b; round 0: a b | b a | a b; round 1 starts at b: b a | a b | b a
+    assert "".join(calls) == "ab" + "abbaab" + "baabba"
+    np.testing.assert_array_equal(t["a"], [3, 2])  # min of (5, 3, 4), of (9, 9, 2)
+    np.testing.assert_array_equal(t["b"], [1, 6])  # min of (1, 7, 7), of (6, 8, 6)
+    assert timing.summary(t["a"] / t["b"]) == {
+        "median": 1.6667, "min": 0.3333, "max": 3.0, "rounds": 2
+    }

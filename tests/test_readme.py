@@ -74,3 +74,17 @@ def test_quick_start_runs_and_trains(tmp_path, monkeypatch, capsys):
     assert np.isclose(before, np.mean(w * table.losses), rtol=1e-5)
     assert objective_np(namespace["params"]) < before - 1e-4  # 8 Adam steps at 1e-3
     assert np.isfinite(float(namespace["loss"]))
+
+
+def test_performance_table_quotes_the_committed_bench_run():
+    # The README's table is rows of results/benchmarks/suite.md as `make bench` wrote them.
+    with open(README) as f:
+        text = f.read()
+    section = text[text.index("## Performance") :]
+    section = section[: section.index("\n## ")]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert len(rows) > 10 and "make bench" in section
+    with open(os.path.join(os.path.dirname(README), "results", "benchmarks", "suite.md")) as f:
+        suite = f.read().splitlines()
+    missing = [row for row in rows if row not in suite]
+    assert not missing, missing

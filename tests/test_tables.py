@@ -32,6 +32,27 @@ def test_lookup_follows_the_query_order_and_names_unknown_ids():
         flowjax.LossTable([], []).lookup([1])
 
 
+@pytest.mark.parametrize("start", [0, 7, -3, 2**62])
+def test_lookup_of_consecutive_ids_matches_a_dict(start):
+    # Consecutive ids take the subtraction path: same rows and errors as the search.
+    rng = np.random.default_rng(0)
+    ids = start + rng.permutation(50)
+    values = rng.random(50).astype(np.float32)
+    t = flowjax.WeightTable(ids, values)
+    query = start + rng.integers(0, 50, size=80)
+    ref = dict(zip(ids.tolist(), values.tolist(), strict=True))
+    np.testing.assert_array_equal(
+        t.lookup(query), np.float32([ref[i] for i in query.tolist()])
+    )
+    for bad in ([start - 1], [start + 50], [start + 3, start + 51]):
+        with pytest.raises(ValueError, match=rf"\[{bad[-1]}\] .*not in this WeightTable"):
+            t.lookup(np.asarray(bad, np.int64))
+    gap = flowjax.WeightTable(np.r_[ids, start + 60], np.r_[values, 1.0])  # not consecutive
+    np.testing.assert_array_equal(gap.lookup(query), t.lookup(query))
+    with pytest.raises(ValueError, match=rf"\[{start + 55}\] .*not in this WeightTable"):
+        gap.lookup([start + 55])
+
+
 def test_large_int64_ids_survive_exactly():
     ids = np.array([2**40 + 3, 2**40 + 1, -(2**50)], np.int64)
     t = flowjax.LossTable(ids, [1.0, 2.0, 3.0])

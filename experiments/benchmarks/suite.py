@@ -5,12 +5,18 @@ Command::
     make bench     # python -m experiments.benchmarks.suite --out results/benchmarks
                    # writes results/benchmarks/suite.json and suite.md
 
-Every figure is a ratio of two things timed in the same run, in alternated
-rounds (A, B, B, A, ...: the order rotates; compilation excluded by two
-warm-ups of each), reported
-as the median over rounds of the per-round ratio with its range (min-max),
-so the slow drift of a shared machine cancels. ``--quick`` runs the same
-code on tiny sizes (the test suite runs it). The figures:
+Every figure is a ratio of two things timed in the same run by one method
+(:mod:`experiments.benchmarks.timing`), each ratio in its own rounds of
+just its two (or three) functions: compilation excluded by two
+warm-ups of each; in each round every function runs three times,
+interleaved in mirrored order (A B, B A, A B), and the round keeps each
+one's fastest call; the starting order rotates from round to round. A
+figure is the median over rounds of the per-round ratio with its range
+(min-max), so the slow drift of a shared machine cancels, and each group
+of figures has a control: one function timed under two labels (about 1
+when the method is unbiased; its range is the method's own noise).
+``--quick`` runs the same code on tiny sizes (the test suite runs it). The
+figures:
 
 * ``prepass``: ``per_example_losses`` (batched loss, default step size)
   against a plain ``jax.jit`` batched forward + loss on the same batches of
@@ -24,13 +30,13 @@ code on tiny sizes (the test suite runs it). The figures:
   (``model(batch["image"])``, ``batched=True``) and ``per_example`` (the
   slow form, ``model(ex["image"][None])[0]`` under ``jax.vmap``): weighted
   time / plain time. The plain time is the faster of two forms of the same
-  mean loss (see :func:`bench_training`), and a control times the same plain
-  epoch under two labels.
+  mean loss (see :func:`bench_training`).
 * ``end_to_end``: FLOW (pre-pass + E epochs of weighted steps) against E
   epochs of plain steps, E = 3 and 10: the time of FLOW / the time of plain
-  fine-tuning. Each round times one pre-pass, one weighted epoch and one
-  plain epoch back to back, and its ratio is
-  ``(prepass + E weighted) / (E plain)``.
+  fine-tuning, ``prepass / plain epoch / E + weighted / plain``, each of the
+  two ratios from its own rounds, combined round by round.
+* ``host``: the pre-pass's host time per step (µs) around a trivial
+  program, over the bare jitted loop (see :func:`bench_host`).
 * ``cache``: ``per_example_losses`` over ``flowjax.batches`` of an
   ``ArraySource`` (MLP, 64k examples) with a fresh ``cache_dir`` and resumed
   from the complete cache, against no cache: cached time / uncached time.
@@ -70,6 +76,7 @@ from flax import nnx
 
 import flowjax
 from experiments import report
+from experiments.benchmarks import timing
 from experiments.benchmarks.prepass import CNN, MLP
 
 _MIB = 2**20
@@ -79,36 +86,24 @@ _MIB = 2**20
 
 
 _WARMUPS = 2  # calls of each function before timing (--quick: 1)
+_REPEATS = 3  # timed calls of each function per round, the round keeping the fastest (--quick: 1)
 
 
 def _rounds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, np.ndarray]:
-    """Seconds of each function per round, the functions alternated within a round.
-
-    The order rotates from round to round (A B C, B C A, C A B, ...), so that
-    no function always runs first, or always right after the same other one.
-    """
-    for _ in range(_WARMUPS):  # warm-up: compile, fill caches
-        for fn in fns.values():
-            jax.block_until_ready(fn())
-    names = list(fns)
-    times = {k: [] for k in fns}
-    for r in range(rounds):
-        for k in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            jax.block_until_ready(fns[k]())
-            times[k].append(time.perf_counter() - t0)
-    return {k: np.asarray(v) for k, v in times.items()}
+    """Seconds of each function per round (:func:`timing.alternated_rounds`: every figure's method)."""
+    return timing.alternated_rounds(
+        fns, rounds, repeats=_REPEATS, warmups=_WARMUPS, sync=jax.block_until_ready
+    )
 
 
-def _ratio(per_round: np.ndarray) -> dict:
-    """The median over rounds and the range of per-round ratios."""
-    per_round = np.asarray(per_round, np.float64)
-    return {
-        "median": round(float(np.median(per_round)), 4),
-        "min": round(float(per_round.min()), 4),
-        "max": round(float(per_round.max()), 4),
-        "rounds": len(per_round),
-    }
+def _over(fn, base: dict, rounds: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per round, ``fn``'s time over the fastest of ``base`` (:func:`timing.ratio_over`)."""
+    return timing.ratio_over(
+        fn, base, rounds, repeats=_REPEATS, warmups=_WARMUPS, sync=jax.block_until_ready
+    )
+
+
+_ratio = timing.summary
 
 
 # --- data and models -------------------------------------------------------------------------
@@ -123,7 +118,7 @@ def _data(n: int, seed: int = 0, image=(28, 28, 1)) -> dict[str, np.ndarray]:
 
 
 def _batches(data, batch_size: int) -> list[dict[str, np.ndarray]]:
-    n = len(data["label"])
+    n = len(next(iter(data.values())))
     return [
         {
             "id": np.arange(s, min(s + batch_size, n), dtype=np.int64),
@@ -185,14 +180,63 @@ def bench_prepass(name: str, n: int, rounds: int) -> dict:
     diff = float(np.max(np.abs(plain() - prepass())))  # ids are 0..n-1: same order
     if diff > 1e-4:
         raise AssertionError(f"{name}: pre-pass and plain losses differ by {diff}")
-    t = _rounds({"plain": plain, "prepass": prepass}, rounds)
+    ratio, t = _over(prepass, {"plain": plain}, rounds)
+    control, _ = _over(plain, {"plain": plain}, rounds)
     return {
         "model": name,
         "examples": n,
         "plain_examples_per_s": round(n / float(np.median(t["plain"]))),
-        "prepass_examples_per_s": round(n / float(np.median(t["prepass"]))),
-        "plain_over_prepass": _ratio(t["plain"] / t["prepass"]),
+        "prepass_examples_per_s": round(n / float(np.median(t["timed"]))),
+        "plain_over_prepass": _ratio(1 / ratio),
+        "control_same_program_two_labels": _ratio(control),
         "max_abs_loss_diff": diff,
+    }
+
+
+def bench_host(steps: int, rounds: int, rows: int = 256) -> dict:
+    """The pre-pass's host time per step: the engine's Python around a trivial program.
+
+    A model that costs nearly nothing (``x.sum(1) * p`` on 4 features), one
+    step per input batch of ``rows`` rows (``step_size=rows``: no merging),
+    against the bare loop of the same jitted function over the same arrays
+    with the outputs read back: (pre-pass time - bare time) / steps, in µs,
+    per round. What remains is validation, the id checks, step assembly and
+    the reading of results, which the goal bounds by 10 µs a step.
+    """
+    rng = np.random.default_rng(0)
+    n = steps * rows
+    data = {
+        "x": rng.normal(size=(n, 4)).astype(np.float32),
+        "y": rng.integers(0, 3, size=n).astype(np.int32),
+    }
+    batches = _batches(data, rows)
+
+    def loss(p, b):
+        return jnp.sum(b["x"], axis=1) * p
+
+    p = jnp.float32(1.0)
+    bare_step = jax.jit(lambda p, leaves: loss(p, {"x": leaves[0]}))
+
+    def bare():
+        outs = [bare_step(p, [b["x"], b["y"]]) for b in batches]
+        return np.concatenate([np.asarray(o) for o in outs])
+
+    def prepass():
+        return flowjax.per_example_losses(
+            loss, p, batches, batched=True, step_size=rows, progress=False
+        ).losses
+
+    np.testing.assert_allclose(bare(), prepass(), rtol=1e-6)
+    t = _rounds({"bare": bare, "prepass": prepass}, rounds)
+    per_step = (t["prepass"] - t["bare"]) / steps * 1e6
+    return {
+        "steps": steps,
+        "rows_per_step": rows,
+        "bare_us_per_step": round(float(np.median(t["bare"])) / steps * 1e6, 1),
+        "host_us_per_step": {
+            k: (round(v, 1) if isinstance(v, float) else v)
+            for k, v in _ratio(per_step).items()
+        },
     }
 
 
@@ -261,39 +305,33 @@ def bench_training(name: str, n: int, rounds: int, epochs=(3, 10)) -> dict:
     speed (on 2 CPUs the ``jnp.mean`` one was the slower: a constant ``1/B``
     where the weighted one divides by a sum), and a plain baseline slower
     than it needs to be flatters FLOW: each round's plain time is the faster
-    of the two. The same plain epoch is also timed under a second label, a
-    control that the alternation itself is unbiased (its ratio is about 1).
+    of the two. Every ratio (weighted / plain, pre-pass / plain, the
+    control: the same plain epoch under two labels) is timed in its own
+    rounds of its two or three functions (:func:`timing.ratio_over`).
     """
     epoch, prepass = _train_parts(name, n)
-    t = _rounds(
-        {
-            "plain": epoch["plain"],
-            "plain_unit": epoch["plain_unit"],
-            "batched": epoch["batched"],
-            "per_example": epoch["per_example"],
-            "prepass": prepass,
-            "plain_again": epoch["plain"],
-        },
-        rounds,
-    )
-    plain = np.minimum(t["plain"], t["plain_unit"])
+    plains = {"plain": epoch["plain"], "plain_unit": epoch["plain_unit"]}
+    step, times = {}, {}
+    for form in ("batched", "per_example"):
+        step[form], times[form] = _over(epoch[form], plains, rounds)
+    pre, _ = _over(prepass, plains, rounds)
+    control, _ = _over(epoch["plain"], {"plain": epoch["plain"]}, rounds)
+    t = times["batched"]
     out = {
         "model": name,
         "examples": n,
-        "train_step": {
-            form: _ratio(t[form] / plain) for form in ("batched", "per_example")
-        },
+        "train_step": {form: _ratio(r) for form, r in step.items()},
         "plain_forms": {
             "mean_over_unit_weights": _ratio(t["plain"] / t["plain_unit"]),
-            "same_program_two_labels": _ratio(t["plain_again"] / t["plain"]),
+            "same_program_two_labels": _ratio(control),
         },
         "end_to_end": {},
     }
     for e in epochs:
         for form in ("batched", "per_example"):
-            flow = t["prepass"] + e * t[form]
-            out["end_to_end"][f"{form}_{e}_epochs"] = _ratio(flow / (e * plain))
-    out["prepass_over_plain_epoch"] = _ratio(t["prepass"] / plain)
+            # (pre-pass + e weighted epochs) / (e plain epochs), round by round
+            out["end_to_end"][f"{form}_{e}_epochs"] = _ratio(pre / e + step[form])
+    out["prepass_over_plain_epoch"] = _ratio(pre)
     return out
 
 
@@ -326,21 +364,20 @@ def bench_cache(n: int, rounds: int) -> dict:
         resumed = run(complete)
         if resumed.cached != n or resumed != reference:
             raise AssertionError("the complete cache did not serve every row exactly")
-        t = _rounds(
-            {
-                "none": lambda: run().losses,
-                "fresh": fresh,
-                "resume": lambda: run(complete).losses,
-            },
-            rounds,
-        )
+        none = {"none": lambda: run().losses}
+        ratios = {
+            "fresh": _over(fresh, none, rounds)[0],
+            "resume": _over(lambda: run(complete).losses, none, rounds)[0],
+            "control": _over(none["none"], none, rounds)[0],
+        }
     finally:
         shutil.rmtree(root)
     return {
         "model": "mlp",
         "examples": n,
-        "fresh_over_none": _ratio(t["fresh"] / t["none"]),
-        "resume_over_none": _ratio(t["resume"] / t["none"]),
+        "fresh_over_none": _ratio(ratios["fresh"]),
+        "resume_over_none": _ratio(ratios["resume"]),
+        "control_same_program_two_labels": _ratio(ratios["control"]),
     }
 
 
@@ -477,11 +514,29 @@ def _fmt(r: dict) -> str:
 def markdown(result: dict) -> str:
     rows = []
     for p in result["prepass"]:
+        if "control_same_program_two_labels" in p:
+            rows.append(
+                [
+                    f"control: plain / plain forward, {p['model']}, the same program under two labels",
+                    _fmt(p["control_same_program_two_labels"]),
+                    "about 1",
+                ]
+            )
         rows.append(
             [
                 f"pre-pass / plain forward throughput, {p['model']}",
                 _fmt(p["plain_over_prepass"]),
                 ">= 0.98",
+            ]
+        )
+    h = result.get("host")
+    if h:
+        r = h["host_us_per_step"]
+        rows.append(
+            [
+                f"pre-pass host time per step, µs (trivial model, {h['rows_per_step']} rows a step)",
+                f"{r['median']:.1f} ({r['min']:.1f}-{r['max']:.1f})",
+                "<= 10",
             ]
         )
     for tr in result["training"]:
@@ -528,6 +583,14 @@ def markdown(result: dict) -> str:
                 ]
             )
     c = result["cache"]
+    if "control_same_program_two_labels" in c:
+        rows.append(
+            [
+                "control: no cache / no cache (MLP), the same pass under two labels",
+                _fmt(c["control_same_program_two_labels"]),
+                "about 1",
+            ]
+        )
     rows.append(
         [
             "pre-pass with a fresh cache / no cache (MLP)",
@@ -570,6 +633,15 @@ def markdown(result: dict) -> str:
                 )
     for t in result.get("torch", {}).get("rows", []):  # make bench-torch's torch.json
         ours = {tr["model"]: tr for tr in result["training"]}.get(t["model"])
+        if "control_same_program_two_labels" in t:
+            rows.append(
+                [
+                    f"control (PyTorch): its fine-tuning / itself, {t['model']}, the same "
+                    "epoch under two labels",
+                    _fmt(t["control_same_program_two_labels"]),
+                    "about 1",
+                ]
+            )
         for e in ("3", "10"):
             rows.append(
                 [
@@ -608,7 +680,9 @@ def markdown(result: dict) -> str:
         f"`make bench` on {cfg['cpus']} CPUs ({cfg['backend']}, jax {cfg['jax']}), "
         f"{cfg['seconds']} s, load average {cfg['load_average_1min_at_end']} at the end"
         f"{' (quick sizes)' if cfg['quick'] else ''}. Each ratio is the median over "
-        "alternated rounds of a side-by-side measurement, with its range."
+        f"{cfg['rounds']} alternated rounds of a side-by-side measurement (each its own "
+        f"rounds; a round keeps each side's fastest of {cfg.get('repeats', 1)} calls), with "
+        "its range; a control times one program under two labels."
     )
     return f"{head}\n\n{table}\n\n{lm_line}\n"
 
@@ -616,14 +690,17 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="results/benchmarks")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed calls per function per round"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes (for the tests)"
     )
     args = parser.parse_args(argv)
     q = args.quick
-    global _WARMUPS
-    _WARMUPS = 1 if q else 2
+    global _WARMUPS, _REPEATS
+    _WARMUPS, _REPEATS = (1, 1) if q else (2, args.repeats)
     t0 = time.perf_counter()
     models = (
         (("mlp", 65536, 20480),) if q else (("mlp", 65536, 20480), ("cnn", 8192, 4096))
@@ -636,6 +713,7 @@ def main(argv: list[str] | None = None) -> dict:
         "training": [
             bench_training(m, 256 if q else n, args.rounds) for m, _, n in models
         ],
+        "host": bench_host(16 if q else 1024, args.rounds),
         "cache": bench_cache(512 if q else 65536, args.rounds),
         "chunked_ce": bench_chunked_ce(
             [4096] if q else [32768, 65536, 131072, 262144],
@@ -653,6 +731,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["config"] = {
         "quick": q,
         "rounds": args.rounds,
+        "repeats": _REPEATS,
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "machine": platform.machine(),

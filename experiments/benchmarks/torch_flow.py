@@ -31,11 +31,12 @@ import copy
 import json
 import os
 import platform
-import time
 
 import numpy as np
 import torch
 from torch import nn
+
+from experiments.benchmarks import timing
 
 
 def mlp() -> nn.Module:
@@ -67,7 +68,9 @@ def _batches(n: int, seed: int = 0):
     return [(x[s : s + 256], y[s : s + 256]) for s in range(0, n, 256)]
 
 
-def bench(name: str, make, n: int, rounds: int, epochs=(3, 10)) -> dict:
+def bench(
+    name: str, make, n: int, rounds: int, repeats: int = 3, epochs=(3, 10)
+) -> dict:
     torch.manual_seed(0)
     pretrained = make().eval()
     batches = _batches(n)
@@ -90,24 +93,16 @@ def bench(name: str, make, n: int, rounds: int, epochs=(3, 10)) -> dict:
             opt.step()
         return float(loss.detach())
 
-    epoch(False), epoch(True)  # warm-up
-    times = {"ft": [], "flow": []}
-    for _ in range(rounds):
-        for kind in ("ft", "flow"):
-            t0 = time.perf_counter()
-            epoch(kind == "flow")
-            times[kind].append(time.perf_counter() - t0)
-    ratio = np.asarray(times["flow"]) / np.asarray(times["ft"])
-    summary = {
-        "median": round(float(np.median(ratio)), 4),
-        "min": round(float(ratio.min()), 4),
-        "max": round(float(ratio.max()), 4),
-        "rounds": rounds,
-    }
+    kw = {"repeats": repeats, "warmups": 1}
+    ft = {"ft": lambda: epoch(False)}
+    ratio, t = timing.ratio_over(lambda: epoch(True), ft, rounds, **kw)
+    control, _ = timing.ratio_over(ft["ft"], ft, rounds, **kw)
+    summary = timing.summary(ratio)
     return {
         "model": name,
         "examples": n,
-        "ft_examples_per_s": round(n / float(np.median(times["ft"]))),
+        "ft_examples_per_s": round(n / float(np.median(t["ft"]))),
+        "control_same_program_two_labels": timing.summary(control),
         # The same per-round ratio at every E: the loop pays its extra forward every epoch.
         "flow_over_ft": {f"{e}_epochs": summary for e in epochs},
     }
@@ -116,7 +111,8 @@ def bench(name: str, make, n: int, rounds: int, epochs=(3, 10)) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="results/benchmarks/torch.json")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -124,8 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     # MLP on random data reach denormal values and its steps run up to 30x slower.
     torch.set_flush_denormal(True)
     rows = [
-        bench("mlp", mlp, 256 if args.quick else 20480, args.rounds),
-        bench("cnn", cnn, 256 if args.quick else 4096, args.rounds),
+        bench("mlp", mlp, 256 if args.quick else 20480, args.rounds, args.repeats),
+        bench("cnn", cnn, 256 if args.quick else 4096, args.rounds, args.repeats),
     ]
     result = {
         "torch": torch.__version__,
