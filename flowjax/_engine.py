@@ -1029,9 +1029,8 @@ class _Spec(NamedTuple):
         for x, shape, dtype in zip(leaves, self.shapes, self.dtypes, strict=True):
             if (
                 type(x) is not np.ndarray
-                or x.dtype != dtype
-                or x.shape[1:] != shape
-                or x.shape[0] != n
+                or (x.dtype is not dtype and x.dtype != dtype)
+                or x.shape != (n, *shape)
             ):
                 return None
         return ids, leaves
@@ -1162,8 +1161,9 @@ def _local_steps(
     for batch in batches:
         ids, leaves = spec.check(batch)
         # A copy: the ids are read (and cached) steps later, and a loader may refill its
-        # arrays in place for the next batch. (The fields are consumed at dispatch.)
-        ids = np.array(ids, np.int64)
+        # arrays in place for the next batch (the fields are consumed at dispatch). A list
+        # or tuple of batches holds them all at once, so nothing refills its arrays.
+        ids = np.asarray(ids, np.int64) if stable else np.array(ids, np.int64)
         check.add(ids)
         if served is not None:  # skip the rows an earlier run finished
             keep = served.take(ids, leaves)
@@ -1173,6 +1173,9 @@ def _local_steps(
         n, start = len(ids), 0
         while start < n:
             if step is None and n - start >= batch_size:  # a whole step: views
+                if start == 0 and n == batch_size:  # the batch is the step
+                    yield _Step(leaves, ids)
+                    break
                 stop = start + batch_size
                 yield _Step([x[start:stop] for x in leaves], ids[start:stop])
                 start = stop

@@ -309,3 +309,25 @@ def test_steps_viewing_adjacent_batches_of_a_list_equal_copied_ones():
     for batches in (adjacent, tuple(adjacent), adjacent[::-1], iter(adjacent)):
         np.testing.assert_array_equal(run(batches, step_size=16), copied_steps)
     np.testing.assert_allclose(run(adjacent, step_size=32), ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("id_dtype", [np.int64, np.int32])
+@pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache"])
+def test_a_list_of_step_sized_batches_is_fed_as_is_and_the_table_owns_its_ids(
+    cache, id_dtype, tmp_path
+):
+    """Batches of exactly one step go to the device as they are (no slicing, no copy of a
+    list's ids); the result equals merged and split steps, and changing the caller's arrays
+    afterwards changes nothing in the table."""
+    data = _data.dataset()
+    data["id"] = np.random.default_rng(1).permutation(len(data["id"])).astype(id_dtype)
+    batches = list(_data.batches(data, 16))
+    kw = {"cache_dir": str(tmp_path / "c")} if cache else {}
+    table = _table(batches, step_size=16, **kw)
+    assert table == _table(_data.batches(data, 5), step_size=16)
+    ids, losses = table.ids.copy(), table.losses.copy()
+    for b in batches:
+        b["id"][...] = -1
+        b["x"][...] = np.nan
+    np.testing.assert_array_equal(table.ids, ids)
+    np.testing.assert_array_equal(table.losses, losses)
