@@ -317,14 +317,18 @@ def test_a_list_of_step_sized_batches_is_fed_as_is_and_the_table_owns_its_ids(
     cache, id_dtype, tmp_path
 ):
     """Batches of exactly one step go to the device as they are (no slicing, no copy of a
-    list's ids); the result equals merged and split steps, and changing the caller's arrays
-    afterwards changes nothing in the table."""
+    list's ids); the result equals merged and split steps, the caller's arrays are left as
+    they were, and changing them afterwards changes nothing in the table."""
     data = _data.dataset()
     data["id"] = np.random.default_rng(1).permutation(len(data["id"])).astype(id_dtype)
     batches = list(_data.batches(data, 16))
     kw = {"cache_dir": str(tmp_path / "c")} if cache else {}
+    given = [{k: v.copy() for k, v in b.items()} for b in batches]
     table = _table(batches, step_size=16, **kw)
     assert table == _table(_data.batches(data, 5), step_size=16)
+    for b, g in zip(batches, given, strict=True):  # the pass never writes into them
+        for k in g:
+            np.testing.assert_array_equal(b[k], g[k], err_msg=k)
     ids, losses = table.ids.copy(), table.losses.copy()
     for b in batches:
         b["id"][...] = -1
