@@ -374,7 +374,9 @@ def map_examples(
             ids = np.concatenate([i for _, i in items])
             if np.isfinite(np.sum(values, dtype=np.float64)):
                 items = [(values, ids)]
-        for item in items:  # step by step when one is not finite: the error names its ids
+        for (
+            item
+        ) in items:  # step by step when one is not finite: the error names its ids
             read(*item)
 
     def finish(out, ids: np.ndarray) -> int:
@@ -1189,7 +1191,9 @@ def _local_steps(
                 yield _Step(step.leaves(), step.ids)
                 step = None
     check.flush()
-    if step is not None:  # padded by repeating the last real row (dropped from the result)
+    if (
+        step is not None
+    ):  # padded by repeating the last real row (dropped from the result)
         yield _Step(step.leaves(), step.ids[: step.filled])
 
 

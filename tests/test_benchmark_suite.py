@@ -57,7 +57,9 @@ def test_quick_suite_writes_json_and_table_with_every_figure(tmp_path):
     assert "FLOW end to end / plain fine-tuning, mlp, 10 epochs, batched loss" in table
 
 
-def test_alternated_rounds_mirror_the_order_and_keep_each_round_s_fastest_call(monkeypatch):
+def test_alternated_rounds_mirror_the_order_and_keep_each_round_s_fastest_call(
+    monkeypatch,
+):
     clock, calls = [0.0], []
     durations = {"a": iter([5, 3, 4, 9, 9, 2]), "b": iter([1, 7, 7, 6, 8, 6])}
 
@@ -65,14 +67,20 @@ def test_alternated_rounds_mirror_the_order_and_keep_each_round_s_fastest_call(m
         def run():
             calls.append(name)
             clock[0] += next(durations[name]) if len(calls) > 2 else 0.0  # 2 warm-ups
+
         return run
 
     monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
-    t = timing.alternated_rounds({"a": fn("a"), "b": fn("b")}, rounds=2, repeats=3, warmups=1)
+    t = timing.alternated_rounds(
+        {"a": fn("a"), "b": fn("b")}, rounds=2, repeats=3, warmups=1
+    )
     # warm-up a b; round 0: a b | b a | a b; round 1 starts at b: b a | a b | b a
     assert "".join(calls) == "ab" + "abbaab" + "baabba"
     np.testing.assert_array_equal(t["a"], [3, 2])  # min of (5, 3, 4), of (9, 9, 2)
     np.testing.assert_array_equal(t["b"], [1, 6])  # min of (1, 7, 7), of (6, 8, 6)
     assert timing.summary(t["a"] / t["b"]) == {
-        "median": 1.6667, "min": 0.3333, "max": 3.0, "rounds": 2
+        "median": 1.6667,
+        "min": 0.3333,
+        "max": 3.0,
+        "rounds": 2,
     }

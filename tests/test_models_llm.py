@@ -199,7 +199,11 @@ def test_lm_config_checks_its_sizes_and_defaults_to_no_sliding_layers():
     LMConfig, CausalLM = fm.LMConfig, fm.CausalLM
     cfg = LMConfig(**base)
     assert cfg.sliding_layers == (False, False, False)
-    assert CausalLM(cfg, rngs=nnx.Rngs(0))(jnp.ones((1, 4), jnp.int32)).shape == (1, 4, 50)
+    assert CausalLM(cfg, rngs=nnx.Rngs(0))(jnp.ones((1, 4), jnp.int32)).shape == (
+        1,
+        4,
+        50,
+    )
     with pytest.raises(ValueError, match="model_type"):
         LMConfig(**{**base, "model_type": "gpt2"})
     with pytest.raises(ValueError, match="num_key_value_heads=3"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -233,7 +235,9 @@ def test_ids_checked_in_groups_give_the_batch_by_batch_messages():
         run(twice)
     again = fresh.copy()
     again[5] = 123
-    with pytest.raises(ValueError, match=r"duplicate example ids: \[123\] arrived again"):
+    with pytest.raises(
+        ValueError, match=r"duplicate example ids: \[123\] arrived again"
+    ):
         run(again)
     assert len(run(fresh).ids) == n + size
 
@@ -242,7 +246,9 @@ def test_ids_checked_in_groups_give_the_batch_by_batch_messages():
 def test_add_batches_is_adding_them_one_by_one(dense):
     rng = np.random.default_rng(0)
     scale = 1 if dense else 10**9
-    batches = [rng.permutation(64).astype(np.int64) * scale + 64 * k * scale for k in range(6)]
+    batches = [
+        rng.permutation(64).astype(np.int64) * scale + 64 * k * scale for k in range(6)
+    ]
     batches[2][5] = batches[2][9]  # within batch 2
     batches[4][0] = batches[1][3]  # batch 4 repeats an id of batch 1
     one, group = _engine._SeenIds(), _engine._SeenIds()
@@ -293,15 +299,18 @@ def test_steps_viewing_adjacent_batches_of_a_list_equal_copied_ones():
     ref = np.asarray(x @ np.asarray(p) - y)[np.argsort(ids)]
 
     def run(batches, **kw):
-        t = flowjax.per_example_losses(loss, p, batches, batched=True, progress=False, **kw)
+        t = flowjax.per_example_losses(
+            loss, p, batches, batched=True, progress=False, **kw
+        )
         np.testing.assert_array_equal(t.ids, np.sort(ids))
         return t.losses
 
     sizes = [4, 3, 9, 4, 16]
     starts = np.cumsum([0, *sizes * 10])
-    starts = starts[starts < n].tolist() + [n]
+    starts = [*starts[starts < n].tolist(), n]
     adjacent = [
-        {"id": ids[a:b], "x": x[a:b], "y": y[a:b]} for a, b in zip(starts, starts[1:])
+        {"id": ids[a:b], "x": x[a:b], "y": y[a:b]}
+        for a, b in itertools.pairwise(starts)
     ]
     copied = [{k: np.array(v) for k, v in b.items()} for b in adjacent]  # own arrays
     copied_steps = run(copied, step_size=16)  # the same steps, copied into buffers

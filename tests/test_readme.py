@@ -84,7 +84,9 @@ def test_performance_table_quotes_the_committed_bench_run():
     section = section[: section.index("\n## ")]
     rows = [line for line in section.splitlines() if line.startswith("|")]
     assert len(rows) > 10 and "make bench" in section
-    with open(os.path.join(os.path.dirname(README), "results", "benchmarks", "suite.md")) as f:
+    with open(
+        os.path.join(os.path.dirname(README), "results", "benchmarks", "suite.md")
+    ) as f:
         suite = f.read().splitlines()
     missing = [row for row in rows if row not in suite]
     assert not missing, missing

@@ -45,11 +45,17 @@ def test_lookup_of_consecutive_ids_matches_a_dict(start):
         t.lookup(query), np.float32([ref[i] for i in query.tolist()])
     )
     for bad in ([start - 1], [start + 50], [start + 3, start + 51]):
-        with pytest.raises(ValueError, match=rf"\[{bad[-1]}\] .*not in this WeightTable"):
+        with pytest.raises(
+            ValueError, match=rf"\[{bad[-1]}\] .*not in this WeightTable"
+        ):
             t.lookup(np.asarray(bad, np.int64))
-    gap = flowjax.WeightTable(np.r_[ids, start + 60], np.r_[values, 1.0])  # not consecutive
+    gap = flowjax.WeightTable(
+        np.r_[ids, start + 60], np.r_[values, 1.0]
+    )  # not consecutive
     np.testing.assert_array_equal(gap.lookup(query), t.lookup(query))
-    with pytest.raises(ValueError, match=rf"\[{start + 55}\] .*not in this WeightTable"):
+    with pytest.raises(
+        ValueError, match=rf"\[{start + 55}\] .*not in this WeightTable"
+    ):
         gap.lookup([start + 55])
 
 

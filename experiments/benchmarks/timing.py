@@ -95,7 +95,9 @@ def ratio_over(
       round (``fn`` under ``"timed"``).
     """
     if "timed" in base:
-        raise ValueError('"timed" is the label of fn; name the base functions otherwise.')
+        raise ValueError(
+            '"timed" is the label of fn; name the base functions otherwise.'
+        )
     t = alternated_rounds({**base, "timed": fn}, rounds, **kw)
     return t["timed"] / np.min([t[k] for k in base], axis=0), t
 
