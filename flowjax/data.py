@@ -269,10 +269,16 @@ def batches(
       (never those of the first batch, which the pre-pass reads to learn
       the batch layout and size), with ``skipped`` the ids it leaves out. The
       pre-pass skips a cached example only if the key it was computed under
-      equals ``cache_key()``; otherwise the example is read and its digest
-      checked. A ``map_fn`` whose output changes through something the key
-      cannot see (a module attribute, a file it reads) needs a new
-      ``cache_dir``.
+      equals ``cache_key()``; otherwise the example is read and recomputed
+      unless it was cached with a digest that still matches.
+      ``key_hashes_data()`` says whether the key hashes every byte (columns
+      in memory): then the cache stores no per-example digests (they would
+      cost 5–8 % of a cheap model's pre-pass), so after any change of
+      the data or ``map_fn`` every row is recomputed; batches of records on
+      disk, and batches without a key, keep a digest per example and
+      recompute only the changed ones. A ``map_fn`` whose output changes
+      through something the key cannot see (a module attribute, a file it
+      reads) needs a new ``cache_dir``.
 
     Raises:
       TypeError: a source without ``len``/``[]``, non-dict records, a
@@ -397,6 +403,16 @@ class _Batches:
         self.skipped = np.zeros(0, np.int64)
         self.steps_per_epoch = steps
         self.examples_per_epoch = steps * batch_size if drop_remainder else local
+
+    def key_hashes_data(self) -> bool:
+        """Whether :meth:`cache_key` is a hash of every byte these batches are built from.
+
+        True for columns in memory (with a ``map_fn`` that can be fingerprinted):
+        a pre-pass cache then stores no per-example digests (see :func:`batches`).
+        """
+        if self._columns is None:
+            return False
+        return self._map_fn is None or _cache.fn_fingerprint(self._map_fn) is not None
 
     def cache_key(self) -> str | None:
         """A digest of all the data these batches yield, or None (see :func:`batches`)."""

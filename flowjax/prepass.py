@@ -106,12 +106,14 @@ def per_example_losses(
         only for the same program (a hash of the lowered batched step: the
         function's code, closed-over values, partial arguments, model code,
         shapes and mesh), the same parameter bytes and the same example data
-        (each row stores a digest of its example; a changed example under an
-        old id is recomputed); another program or other parameters raise
-        before anything is computed. Resume with the same number of
-        processes: each process reads its own cache. Over
+        (a changed example under an old id is recomputed); another program
+        or other parameters raise before anything is computed. Resume with
+        the same number of processes: each process reads its own cache. Over
         ``flowjax.batches`` of an :class:`flowjax.ArraySource`, cached examples
-        are not even read (see :func:`flowjax.batches`).
+        are not even read, and the data's key vouches for every row (after
+        any change of the data every row is recomputed); over other batches
+        each row stores a digest of its example, so only changed examples
+        are (see :func:`flowjax.batches`).
       param_shardings: optional shardings for ``params`` (a ``Sharding`` or a
         matching pytree). Default: replicated over ``mesh``.
       total: the number of examples, if known, for the progress bar's ETA.

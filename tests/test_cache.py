@@ -429,7 +429,9 @@ def test_changed_source_data_or_map_fn_is_read_and_recomputed(tmp_path):
     again = _table(_mapped(src, seen), cache_dir=cache)
     assert len(seen) == 16  # only the first batch was read
     assert full.cached == 0 and again.cached == _data.N_EXAMPLES
-    # New values under the same ids: the key differs, rows are read and checked.
+    # New values under the same ids: the key differs, and the key was all that vouched
+    # for the cached rows (columns in memory: no per-example digests), so every row is
+    # read and recomputed.
     data = _data.dataset()
     data["x"] = data["x"].copy()
     data["x"][7] += 1.0
@@ -438,12 +440,84 @@ def test_changed_source_data_or_map_fn_is_read_and_recomputed(tmp_path):
     table = _table(_mapped(changed, seen), cache_dir=cache)
     assert len(seen) == _data.N_EXAMPLES
     assert table == _table(_mapped(changed, []))
-    assert table.cached == _data.N_EXAMPLES - 1
+    assert table.cached == 0
+    # ... and the rows written under the new key now serve it.
+    again = _table(_mapped(changed, []), cache_dir=cache)
+    assert again == table and again.cached == _data.N_EXAMPLES
     # Another map_fn (same code, another constant): read, and every row recomputed.
     seen = []
     table = _table(_mapped(changed, seen, extra=0.5), cache_dir=cache)
     assert len(seen) == _data.N_EXAMPLES and table.cached == 0
     assert table == _table(_mapped(changed, [], extra=0.5))
+
+
+def _digested(cache) -> np.ndarray:
+    """Each cached row's "has a digest" flag, chunk by chunk (True where a chunk has no field)."""
+    out = []
+    for c in _chunks(cache):
+        with np.load(c) as f:
+            out.append(
+                f["digested"] if "digested" in f.files else np.ones(len(f["ids"]), bool)
+            )
+    return np.concatenate(out)
+
+
+def _plain_batches(data, batch_size=16):
+    """The batches of ``_keyed(data)`` as a list: no cache key."""
+    return list(_data.batches(data, batch_size))
+
+
+def _keyed(data=None):
+    return flowjax.batches(_source(data), 16, shard=(0, 1), fields=["x", "y"])
+
+
+def test_rows_vouched_for_by_the_key_have_no_digest_and_are_not_served_to_other_loaders(
+    tmp_path,
+):
+    """Over columns in memory the key hashes every byte: no row digests (they cost more
+    than a cheap model's forward); a loader without that key cannot use such rows."""
+    cache, data = str(tmp_path), _data.dataset()
+    keyed = _keyed(data)
+    assert keyed.key_hashes_data()
+    expected = _table(keyed, cache_dir=cache)
+    assert not _digested(cache).any()
+    # A list of the same batches has no key: nothing vouches for the cached rows.
+    lists = _table(_plain_batches(data), cache_dir=cache)
+    assert lists == expected and lists.cached == 0
+    # Its rows were digested; the keyed batches are served by key (rows of their key,
+    # even the first batch, which is read) without reading the rest.
+    assert _digested(cache).sum() == _data.N_EXAMPLES
+    assert _table(keyed, cache_dir=cache).cached == _data.N_EXAMPLES
+
+
+def test_digested_rows_are_served_to_keyed_batches_whose_key_never_saw_them(tmp_path):
+    """Rows from a loader without a key keep digests; batches with a key (new to the cache)
+    digest what they read to serve them, and only a changed example is recomputed."""
+    cache, data = str(tmp_path), _data.dataset()
+    expected = _table(_plain_batches(data), cache_dir=cache)
+    assert _digested(cache).all() and expected.cached == 0
+    changed = {**data, "x": data["x"].copy()}
+    changed["x"][7] += 1.0
+    seen = []
+    table = _table(_mapped(_source(changed), seen), cache_dir=cache)
+    assert len(seen) == _data.N_EXAMPLES  # read: the key never saw these rows
+    assert table == _table(_mapped(_source(changed), []))
+    assert table.cached == _data.N_EXAMPLES - 1
+
+
+def test_a_chunk_whose_digested_flags_are_edited_is_recomputed_with_a_warning(tmp_path):
+    cache = str(tmp_path)
+    keyed = _keyed()
+    expected = _table(keyed, cache_dir=cache)
+    (path,) = _chunks(cache)
+    with np.load(path) as f:
+        fields = {k: f[k] for k in f.files}
+    fields["digested"] = fields["digested"].copy()
+    fields["digested"][3] = True  # a digest of zeros would now be trusted
+    np.savez(path, **fields)
+    with pytest.warns(RuntimeWarning, match="ignoring unreadable.*checksum"):
+        again = _table(keyed, cache_dir=cache)
+    assert again == expected and again.cached == 0
 
 
 class _Records:
@@ -675,6 +749,7 @@ def test_row_digests_are_xxh3_of_each_row_and_see_every_field():
 
 def test_program_digest_is_remembered_per_step_and_argument_layout():
     """A second digest of the same jitted step and argument layout skips the lowering."""
+
     def f(p, x):
         return x @ p
 
