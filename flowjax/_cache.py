@@ -664,7 +664,7 @@ class PrepassCache:
 
 
 def _digests_and_mask(ids: list[np.ndarray], digests: list[np.ndarray | None]):
-    """The rows' digests (zeros where a row has none) and the mask of the rows that have one."""
+    """The rows' digests (zeros where a row has none; not written) and the mask of those with one."""
     if all(d is not None for d in digests):
         out = np.concatenate(digests)
         return out, np.ones(len(out), bool)
@@ -828,14 +828,17 @@ def _chunk_checksum(ids, values, digests, source: bytes, digested=None) -> np.nd
 def _chunk_bytes(ids, values, digests, digested, source_key: str) -> bytes:
     """A chunk file's bytes; ``digested`` is written only when some row has no digest.
 
-    (So a chunk whose rows all have digests is the same file as before the
-    field existed, and a reader that does not know the field refuses a chunk
-    with undigested rows: its checksum does not match.)
+    Then ``digests`` holds the digests of the rows that have one, in order. (So
+    a chunk whose rows all have digests is the same file as before the field
+    existed, and a reader that does not know the field refuses a chunk with
+    undigested rows: its checksum does not match.)
     """
     import io
 
     source = source_key.encode()
     extra = {} if digested.all() else {"digested": digested}
+    if extra:
+        digests = digests[digested]
     f = io.BytesIO()
     np.savez(
         f,
@@ -864,17 +867,22 @@ def _read_chunk(path: str, shape: tuple[int, ...]):
         or ids.ndim != 1
         or values.dtype != np.float32
         or values.shape != (len(ids), *shape)
-        or digests.shape != (len(ids), _DIGEST)
         or (
             digested is not None
             and (digested.dtype != bool or digested.shape != ids.shape)
         )
+        or digests.shape
+        != (len(ids) if digested is None else int(digested.sum()), _DIGEST)
     ):
         raise ValueError(
             f"rows of shape {values.shape} for {ids.shape} ids; expected {(len(ids), *shape)}"
         )
     if digested is None:
         digested = np.ones(len(ids), bool)
+    else:  # the digests of the rows that have one: zeros for the others
+        full = np.zeros((len(ids), _DIGEST), np.uint8)
+        full[digested] = digests
+        digests = full
     return ids, values, digests, digested, source.decode()
 
 
