@@ -404,21 +404,38 @@ def _packnet(strength, theta0) -> Recipe:
     return plain_objective, tx, None, start
 
 
+def _lwf_apply(p, ex):
+    return logits(p, ex["x"][None])[0]
+
+
+def _lwf_task_loss(z, ex):
+    z = z.astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(z, ex["label"])
+
+
 def _lwf(strength, theta0) -> Recipe:
-    def apply_fn(p, ex):
-        return logits(p, ex["x"][None])[0]
-
-    def task_loss(z, ex):
-        z = z.astype(jnp.float32)
-        return optax.softmax_cross_entropy_with_integer_labels(z, ex["label"])
-
-    objective = flowjax.lwf_objective(apply_fn, task_loss, strength=strength)
+    objective = flowjax.lwf_objective(_lwf_apply, _lwf_task_loss, strength=strength)
     return (
         (lambda p, teacher, b: objective(p, teacher, b)[0]),
         plain_tx(),
         theta0,
         theta0,
     )
+
+
+def _plain_per_example(strength, theta0) -> Recipe:
+    """Plain fine-tuning through ``weighted_objective`` of LwF's per-example loss."""
+    del strength
+    objective = flowjax.weighted_objective(
+        lambda p, ex: _lwf_task_loss(_lwf_apply(p, ex), ex)
+    )
+    return (lambda p, frozen, b: objective(p, b)), plain_tx(), None, theta0
+
+
+# What a method at zero strength is, when not the battery's plain fine-tuning: LwF's
+# teacher-free path is documented as bitwise ``weighted_objective`` of its per-example
+# loss (the battery's plain loss is batched, another program: it may differ by rounding).
+ZERO_REFERENCE = {"lwf": Method("plain, per example", _plain_per_example)}
 
 
 def _every_step_average(alpha, theta0) -> Recipe:
