@@ -326,6 +326,10 @@ def batches(
 class _Batches:
     """The re-iterable :func:`batches` returns (see there)."""
 
+    # Every batch is made of new arrays (never one refilled in place): the pre-pass may
+    # hold a few batches before it uses them.
+    new_arrays = True
+
     def __init__(
         self,
         source,

@@ -344,3 +344,39 @@ def test_a_list_of_step_sized_batches_is_fed_as_is_and_the_table_owns_its_ids(
         b["x"][...] = np.nan
     np.testing.assert_array_equal(table.ids, ids)
     np.testing.assert_array_equal(table.losses, losses)
+
+
+def test_steps_in_bursts_equal_steps_one_by_one_and_bad_input_deep_in_a_list_still_raises(
+    monkeypatch,
+):
+    """A list (and flowjax.batches) is prepared, dispatched and read a burst of steps at a
+    time: the table equals the one-by-one pass of a generator exactly, over many bursts
+    with a short last one, and a bad batch or a NaN far into the list names its ids."""
+    monkeypatch.setattr(_engine, "_BURST", 4)  # 203 rows in steps of 4: 13 bursts
+    data = _data.dataset()
+    batches = list(_data.batches(data, 4))
+    assert _engine._burst_steps(_engine._Spec.from_batch(batches[0]), 4) == 4
+    one_by_one = _table(iter(batches), step_size=4)
+    assert _table(batches, step_size=4) == one_by_one
+    keyed = flowjax.batches(flowjax.ArraySource(data), 4, shard=(0, 1), id_key="id")
+    assert _table(keyed, step_size=4) == one_by_one
+    bad = [dict(b) for b in batches]
+    bad[37]["x"] = bad[37]["x"].astype(np.int32)  # a wrong dtype in the 10th burst
+    with pytest.raises(ValueError, match=rf"{bad[37]['id'][0]}"):
+        _table(bad, step_size=4)
+    nan = [dict(b) for b in batches]
+    nan[45] = {**nan[45], "x": nan[45]["x"].copy()}
+    nan[45]["x"][2] = np.nan
+    with pytest.raises(ValueError, match=rf"{nan[45]['id'][2]}"):
+        _table(nan, step_size=4)
+
+
+def test_a_burst_holds_at_most_its_byte_budget_of_input():
+    small = _engine._Spec.from_batch(
+        {"id": np.arange(2), "x": np.zeros((2, 4), np.float32)}
+    )
+    assert _engine._burst_steps(small, 256) == _engine._BURST
+    image = {"id": np.arange(2), "x": np.zeros((2, 224, 224, 3), np.float32)}
+    big = _engine._Spec.from_batch(image)  # 588 KiB an example
+    assert _engine._burst_steps(big, 256) == 1  # 147 MiB a step: one at a time
+    assert _engine._burst_steps(big, 8) * 8 * 224 * 224 * 3 * 4 <= _engine._BURST_BYTES
