@@ -74,6 +74,7 @@ endless or multi-epoch loader fails within a quarter of its second pass.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import operator
 import time
@@ -418,6 +419,7 @@ def map_examples(
     padding = None  # what a process with no data left (or a failed one) feeds
     in_flight: collections.deque = collections.deque()  # dispatched, not yet read
     probe_first = batched and step not in _CHECKED
+    treedef, simple = spec.treedef, nproc == 1 and not reduce
     try:
         while True:
             item, state = None, _REAL
@@ -439,9 +441,9 @@ def map_examples(
                     break
                 padding = padding or _padding_step(spec, size)
                 item = padding  # keep in step with the processes that still have data
-            if nproc == 1 and not reduce:
+            if simple:
                 # numpy straight into jit: its C++ path places the batch fastest
-                out = step(params, item.leaves, spec.treedef)
+                out = step(params, item.leaves, treedef)
             elif nproc == 1:
                 meta = _meta(item.ids, size, me, state)
                 acc, *out = step(params, acc, item.leaves, meta, spec.treedef)
@@ -1168,6 +1170,10 @@ class _Step(NamedTuple):
     ids: np.ndarray  # the first len(ids) rows are real, the rest padding
 
 
+# _Step((leaves, ids)) without NamedTuple's Python-level __new__ (a step's hot path).
+_new_step = functools.partial(tuple.__new__, _Step)
+
+
 def _local_steps(
     batches,
     spec: _Spec,
@@ -1211,10 +1217,10 @@ def _local_steps(
         while start < n:
             if step is None and n - start >= batch_size:  # a whole step: views
                 if start == 0 and n == batch_size:  # the batch is the step
-                    yield _Step(leaves, ids)
+                    yield _new_step((leaves, ids))
                     break
                 stop = start + batch_size
-                yield _Step([x[start:stop] for x in leaves], ids[start:stop])
+                yield _new_step(([x[start:stop] for x in leaves], ids[start:stop]))
                 start = stop
                 continue
             if step is None:
