@@ -45,3 +45,24 @@ def variant(request):
 # up their own JAX runtime, e.g. 8 fake devices, at import) nor the fixture generators (run
 # by hand with torch installed).
 collect_ignore_glob = ["_*_worker.py", "fixtures/make_*.py"]
+
+
+# The files that take longest (module fixtures that run whole experiments, several
+# compiles) are scheduled first: with `-n 2 --dist loadfile` (make test) files go to the
+# workers in collection order, and a long file collected last leaves one worker running
+# it alone at the end (longest first, as for any greedy scheduling).
+_LONGEST_FIRST = (
+    "test_vision_experiment.py",
+    "test_lm_experiment.py",
+    "test_digits_experiment.py",
+    "test_llm_experiment.py",
+    "test_train_kill.py",
+    "test_methods.py",
+    "test_continual_experiment.py",
+    "test_prepass_multiprocess.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
