@@ -262,10 +262,16 @@ def test_cached_greedy_decode_equals_full_recompute():
     prompt = prompt.astype(np.int32)
 
     def reference(lm=model):
+        # The whole model at every step (one compiled forward: eager calls would compile
+        # every op on its own).
+        graphdef, state = nnx.split(lm)
+        forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
         ref, done = prompt.copy(), np.zeros(n, bool)
         for s in range(max_new):
             pos = plen + s - 1
-            nxt = np.asarray(lm(jnp.asarray(ref)))[np.arange(n), pos].argmax(-1)
+            nxt = np.asarray(forward(state, jnp.asarray(ref)))[
+                np.arange(n), pos
+            ].argmax(-1)
             nxt = np.where(done, PAD, nxt)
             ref[np.arange(n), pos + 1] = nxt
             done |= nxt == EOS
