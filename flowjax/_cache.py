@@ -568,9 +568,8 @@ class PrepassCache:
         # memory): it vouches for every row, and the rows need no digests of their own.
         hashes = bool(callable(hashes) and hashes())
         served = self.served
-        if not len(
-            served.ids
-        ):  # nothing to skip: the key is only written with the rows
+        if not len(served.ids):
+            # Nothing to skip: the key is only written with the rows.
             served.digest_fed = not hashes
             self._key_thread = _Background(key_of)
             return batches
@@ -621,9 +620,8 @@ class PrepassCache:
         ids, values = np.concatenate(ids), np.concatenate(values)
         digests, digested = np.concatenate(digests), np.concatenate(digested)
         keys = _Keys(names, which)
-        if (
-            len(ids) < 2 or (ids[1:] > ids[:-1]).all()
-        ):  # sorted, unique: the usual chunks
+        # Sorted and unique: the usual chunks.
+        if len(ids) < 2 or (ids[1:] > ids[:-1]).all():
             return ids, values, digests, digested, keys
         # The newest row of each id: unique ids of the reversed rows keep the last one.
         _, last = np.unique(ids[::-1], return_index=True)
@@ -664,16 +662,10 @@ class PrepassCache:
 
 
 def _digests_and_mask(ids: list[np.ndarray], digests: list[np.ndarray | None]):
-    """The rows' digests (zeros where a row has none; not written) and the mask of those with one."""
-    if all(d is not None for d in digests):
-        out = np.concatenate(digests)
-        return out, np.ones(len(out), bool)
-    out = [
-        np.zeros((len(i), _DIGEST), np.uint8) if d is None else d
-        for i, d in zip(ids, digests, strict=True)
-    ]
+    """The digests of the rows that have one, in order, and the mask of those rows."""
+    have = [np.zeros((0, _DIGEST), np.uint8), *(d for d in digests if d is not None)]
     mask = [np.full(len(i), d is not None) for i, d in zip(ids, digests, strict=True)]
-    return np.concatenate(out), np.concatenate(mask)
+    return np.concatenate(have), np.concatenate(mask)
 
 
 class _Background:
@@ -826,19 +818,17 @@ def _chunk_checksum(ids, values, digests, source: bytes, digested=None) -> np.nd
 
 
 def _chunk_bytes(ids, values, digests, digested, source_key: str) -> bytes:
-    """A chunk file's bytes; ``digested`` is written only when some row has no digest.
+    """A chunk file's bytes: ``digests`` of the rows that have one (``digested``), in order.
 
-    Then ``digests`` holds the digests of the rows that have one, in order. (So
-    a chunk whose rows all have digests is the same file as before the field
-    existed, and a reader that does not know the field refuses a chunk with
-    undigested rows: its checksum does not match.)
+    ``digested`` is written only when some row has no digest, so a chunk whose
+    rows all have digests is the same file as before the field existed, and a
+    reader that does not know the field refuses a chunk with undigested rows
+    (its checksum does not match).
     """
     import io
 
     source = source_key.encode()
     extra = {} if digested.all() else {"digested": digested}
-    if extra:
-        digests = digests[digested]
     f = io.BytesIO()
     np.savez(
         f,

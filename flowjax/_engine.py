@@ -383,9 +383,8 @@ def map_examples(
             ids = np.concatenate([i for _, i in items])
             if np.isfinite(np.sum(values, dtype=np.float64)):
                 items = [(values, ids)]
-        for (
-            item
-        ) in items:  # step by step when one is not finite: the error names its ids
+        # Step by step when one is not finite: the error names its ids.
+        for item in items:
             read(*item)
 
     def finish(out, ids: np.ndarray) -> int:
@@ -425,11 +424,9 @@ def map_examples(
             item, state = None, _REAL
             if failed is None:
                 try:
-                    if burst > 1 and not ready:
+                    if not ready:
                         ready.extend(itertools.islice(steps, burst))
-                    item = ready.popleft() if burst > 1 and ready else None
-                    if burst == 1:
-                        item = next(steps, None)
+                    item = ready.popleft() if ready else None
                 except Exception as e:
                     if nproc == 1:
                         raise
@@ -1232,9 +1229,8 @@ def _local_steps(
                 yield _Step(step.leaves(), step.ids)
                 step = None
     check.flush()
-    if (
-        step is not None
-    ):  # padded by repeating the last real row (dropped from the result)
+    # The last step: padded by repeating its last real row (dropped from the result).
+    if step is not None:
         yield _Step(step.leaves(), step.ids[: step.filled])
 
 
@@ -1354,9 +1350,8 @@ class _IdCheck:
 
 
 _CHECK_ROWS = 16384  # ids checked together for duplicates, at most
-_BURST = (
-    32  # steps prepared and dispatched together (single process, a list of batches)
-)
+# Steps prepared and dispatched together (single process, batches nothing refills).
+_BURST = 32
 _BURST_BYTES = 32 * 2**20  # ... at most this much input per burst
 
 
@@ -1366,11 +1361,15 @@ def _burst_steps(spec: _Spec, size: int) -> int:
     Two bursts are in flight at most, so a burst's input is bounded to keep the
     device memory they hold small (steps of large images go one by one).
     """
-    example = sum(
+    return int(max(1, min(_BURST, _BURST_BYTES // max(1, _example_bytes(spec) * size))))
+
+
+def _example_bytes(spec: _Spec) -> int:
+    """Bytes of one example's input (every field)."""
+    return sum(
         int(np.prod(s, dtype=np.int64)) * d.itemsize
         for s, d in zip(spec.shapes, spec.dtypes, strict=True)
     )
-    return int(max(1, min(_BURST, _BURST_BYTES // max(1, example * size))))
 
 
 _READ_ROWS = 16384  # rows of finished steps read together (single process, no cache)
@@ -1396,11 +1395,7 @@ def auto_step_rows(spec: _Spec) -> int:
     than 4 times the batch the caller chose: a large model fed small batches
     for memory keeps steps close to them.
     """
-    example = sum(
-        int(np.prod(s, dtype=np.int64)) * d.itemsize
-        for s, d in zip(spec.shapes, spec.dtypes, strict=True)
-    )
-    budget = STEP_BYTES // max(example, 1)
+    budget = STEP_BYTES // max(_example_bytes(spec), 1)
     rows = 1 << max(int(budget).bit_length() - 1, 0)  # a power of two <= the budget
     return max(spec.size, min(_MERGE_AT_MOST * spec.size, _MAX_STEP_ROWS, rows))
 
