@@ -583,16 +583,17 @@ def test_cache_key_and_skip_of_batches():
     # Declared, but its ids are in the records: unknown without reading them.
     declared = _Records({"x": np.zeros(5), "y": np.zeros(5)}, cache_key="v1")
     assert flowjax.batches(declared, 2, shard=(0, 1)).cache_key() is not None
+    # ... a declared key does not hash the records: rows keep their digests.
+    assert not flowjax.batches(declared, 2, shard=(0, 1)).key_hashes_data()
+    assert plain.key_hashes_data()
     with_ids = _Records({"x": np.zeros(5), "y": np.arange(5)}, cache_key="v1")
     assert flowjax.batches(with_ids, 2, shard=(0, 1), id_key="y").cache_key() is None
     # A map_fn reaching an object with state cannot be fingerprinted.
     state = object()
-    assert (
-        flowjax.batches(
-            src, 4, shard=(0, 1), map_fn=lambda ex, rng: {"x": ex["x"], "s": state}
-        ).cache_key()
-        is None
+    stateful = flowjax.batches(
+        src, 4, shard=(0, 1), map_fn=lambda ex, rng: {"x": ex["x"], "s": state}
     )
+    assert stateful.cache_key() is None and not stateful.key_hashes_data()
 
 
 def test_fn_fingerprint_follows_code_closures_and_globals():
