@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from experiments.benchmarks import suite, timing
 
@@ -84,3 +85,36 @@ def test_alternated_rounds_mirror_the_order_and_keep_each_round_s_fastest_call(
         "max": 3.0,
         "rounds": 2,
     }
+
+
+def test_ratio_over_takes_the_baseline_with_the_lowest_median_not_each_round_s_minimum(
+    monkeypatch,
+):
+    # Two baselines of the same speed with independent noise, and fn just as fast: the
+    # per-round minimum of the two would be lower than either's time in most rounds (the
+    # old method: ratios above 1); one baseline chosen by its median over the rounds is
+    # not biased.
+    rng = np.random.default_rng(0)
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def noisy():
+        clock[0] += 1.0 + 0.05 * rng.standard_normal()
+
+    def slow():
+        clock[0] += 1.5
+
+    ratios, t = timing.ratio_over(
+        noisy, {"p": noisy, "q": noisy}, rounds=201, repeats=1, warmups=0
+    )
+    assert abs(float(np.median(ratios)) - 1.0) < 0.01
+    old = t["timed"] / np.minimum(t["p"], t["q"])
+    assert float(np.median(old)) > 1.02  # what the per-round minimum gave
+    chosen = "p" if np.median(t["p"]) <= np.median(t["q"]) else "q"
+    np.testing.assert_array_equal(t["base"], t[chosen])
+    np.testing.assert_array_equal(ratios, t["timed"] / t[chosen])
+    # A slower form of the baseline is never the one chosen.
+    _, t = timing.ratio_over(noisy, {"slow": slow, "fast": noisy}, rounds=5, repeats=1)
+    np.testing.assert_array_equal(t["base"], t["fast"])
+    with pytest.raises(ValueError, match='"base"'):
+        timing.ratio_over(noisy, {"base": noisy}, rounds=1)

@@ -29,8 +29,8 @@ figures:
   step of the same model and optimizer, in both loss forms: ``batched``
   (``model(batch["image"])``, ``batched=True``) and ``per_example`` (the
   slow form, ``model(ex["image"][None])[0]`` under ``jax.vmap``): weighted
-  time / plain time. The plain time is the faster of two forms of the same
-  mean loss (see :func:`bench_training`).
+  time / plain time. The plain time is the faster (by its median over the
+  rounds) of two forms of the same mean loss (see :func:`bench_training`).
 * ``end_to_end``: FLOW (pre-pass + E epochs of weighted steps) against E
   epochs of plain steps, E = 3 and 10: the time of FLOW / the time of plain
   fine-tuning, ``prepass / plain epoch / E + weighted / plain``, each of the
@@ -304,8 +304,9 @@ def bench_training(name: str, n: int, rounds: int, epochs=(3, 10)) -> dict:
     lookup differ). XLA compiles the two to programs of slightly different
     speed (on 2 CPUs the ``jnp.mean`` one was the slower: a constant ``1/B``
     where the weighted one divides by a sum), and a plain baseline slower
-    than it needs to be flatters FLOW: each round's plain time is the faster
-    of the two. Every ratio (weighted / plain, pre-pass / plain, the
+    than it needs to be flatters FLOW: the plain baseline is the faster of
+    the two by its median over the rounds (not the faster one round by round,
+    which is biased low: see :func:`timing.ratio_over`). Every ratio (weighted / plain, pre-pass / plain, the
     control: the same plain epoch under two labels) is timed in its own
     rounds of its two or three functions (:func:`timing.ratio_over`).
     """

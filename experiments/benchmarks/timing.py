@@ -90,16 +90,27 @@ def ratio_over(
     less than one timed among six functions per round. ``base`` may hold
     ``fn`` itself (a control). ``kw`` goes to :func:`alternated_rounds`.
 
+    With several ``base`` functions (two forms of one baseline), the
+    baseline is the one whose median time over all rounds is the lowest,
+    and every round's ratio is taken over that one. Not the fastest of them
+    round by round: that minimum over two noisy times of equally fast
+    functions is lower than either's time, so it would bias every ratio
+    upwards by a share of the noise (with ``fn`` itself among two equal
+    bases, the control came out above 1).
+
     Returns:
       ``(ratios [rounds], times)`` with ``times`` every label's seconds per
-      round (``fn`` under ``"timed"``).
+      round (``fn`` under ``"timed"``, the chosen baseline also under
+      ``"base"``).
     """
-    if "timed" in base:
+    if "timed" in base or "base" in base:
         raise ValueError(
-            '"timed" is the label of fn; name the base functions otherwise.'
+            '"timed" and "base" are the labels of fn and of the chosen baseline; name the '
+            "base functions otherwise."
         )
     t = alternated_rounds({**base, "timed": fn}, rounds, **kw)
-    return t["timed"] / np.min([t[k] for k in base], axis=0), t
+    t["base"] = t[min(base, key=lambda k: float(np.median(t[k])))]
+    return t["timed"] / t["base"], t
 
 
 def summary(per_round) -> dict:
