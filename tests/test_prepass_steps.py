@@ -162,6 +162,62 @@ def test_default_step_merges_small_batches_of_small_examples_only():
     assert _engine.auto_step_rows(spec(2048, (2,))) == 4096  # at most 4096 rows
 
 
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("sizes", [[16], [5, 3, 40]])
+def test_default_steps_on_a_cpu_run_merged_batches_as_sub_batches_exactly_and_trace_once(
+    batched, sizes
+):
+    # On one CPU device the default rule merges batches of 16 into steps of 64 rows,
+    # computed as 4 sub-batches of 16 in one program: bit for bit the unmerged steps of 16.
+    data = _data.dataset()
+    fn = batch_loss if batched else _data.loss_fn
+    unmerged = _table(_data.batches(data, 16), fn=fn, batched=batched, step_size=16)
+    chex.clear_trace_counter()  # parametrized: the same fn in every case
+    counted = chex.assert_max_traces(fn, n=1)
+    got = _table(_mixed_batches(data, [16] * 3 + sizes), fn=counted, batched=batched)
+    np.testing.assert_array_equal(got.ids, unmerged.ids)
+    np.testing.assert_array_equal(got.losses, unmerged.losses)
+    # The step that ran: 64 rows (global batch, the key's first entry) in 4 sub-batches.
+    assert [(k[0], k[8]) for k in _engine._STEPS[counted]] == [(64, 4)]
+    again = _table(_mixed_batches(data, [16, 7]), fn=counted, batched=batched)
+    np.testing.assert_array_equal(again.losses, unmerged.losses)  # no new trace
+
+
+def test_sub_batches_only_for_the_default_rule_on_one_cpu_device():
+    import types
+
+    spec = _engine._Spec.from_batch({"id": np.arange(300), "x": np.zeros((300, 4))})
+
+    def mesh(n, platform="cpu"):
+        devices = np.array([types.SimpleNamespace(platform=platform)] * n)
+        return types.SimpleNamespace(devices=devices)
+
+    assert _engine._sub_batches(spec, 1024, "auto", mesh(1)) == 3  # 3 x 300 rows
+    assert _engine._sub_batches(spec, 300, "auto", mesh(1)) == 1  # nothing merged
+    assert _engine._sub_batches(spec, 1024, 1024, mesh(1)) == 1  # an explicit step_size
+    assert _engine._sub_batches(spec, 1024, "auto", mesh(2)) == 1  # several devices
+    assert _engine._sub_batches(spec, 1024, "auto", mesh(1, "gpu")) == 1
+    # Batches of 300 rows (of small examples) merge into steps of 4 x 300 rows.
+    data = _data.dataset(1000)
+    table = _table(_data.batches(data, 300), fn=batch_loss, batched=True)
+    ref = _table(_data.batches(data, 300), fn=batch_loss, batched=True, step_size=300)
+    np.testing.assert_array_equal(table.losses, ref.losses)
+
+
+def test_a_sub_batch_whose_rows_are_coupled_is_refused():
+    # The rows check changes half of every sub-batch, not half of the step: a loss that
+    # couples the rows of its batch of 16 is caught in steps of 4 sub-batches too.
+    with pytest.raises(ValueError, match="couples the rows"):
+        _table(
+            _data.batches(_data.dataset(), 16),
+            fn=_data.coupled_batch_loss,
+            batched=True,
+        )
+    x = np.arange(12.0).reshape(12, 1)
+    probe = _engine._probe_rows(x, 4)[:, 0]  # blocks of 4: rows 2, 3 become rows 1, 0
+    np.testing.assert_array_equal(probe, [0, 1, 1, 0, 4, 5, 5, 4, 8, 9, 9, 8])
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "big"])
 def test_step_size_must_be_a_positive_int(bad):
     with pytest.raises(ValueError, match="step_size"):
