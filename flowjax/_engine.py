@@ -423,66 +423,105 @@ def map_examples(
     in_flight: collections.deque = collections.deque()  # dispatched, not yet read
     probe_first = batched and step not in _CHECKED
     treedef, simple = spec.treedef, nproc == 1 and not reduce
-    try:
-        while True:
-            item, state = None, _REAL
-            if failed is None:
-                try:
-                    if not ready:
-                        ready.extend(itertools.islice(steps, burst))
-                    item = ready.popleft() if ready else None
-                except Exception as e:
-                    if nproc == 1:
-                        raise
-                    failed = e  # tell the others through this step
-            if failed is not None:
-                state = _FAILED
-            if item is None:
-                if nproc == 1:
-                    break
-                padding = padding or _padding_step(spec, size)
-                item = padding  # keep in step with the processes that still have data
-            if simple:
-                # numpy straight into jit: its C++ path places the batch fastest
-                out = step(params, item.leaves, treedef)
-            elif nproc == 1:
-                meta = _meta(item.ids, size, me, state)
-                acc, *out = step(params, acc, item.leaves, meta, spec.treedef)
-            else:
-                leaves = [_global(x, size, data_sharding) for x in item.leaves]
-                meta = _global(_meta(item.ids, size, me, state), size, data_sharding)
-                if reduce:
-                    acc, *out = step(params, acc, leaves, meta, spec.treedef)
-                else:
-                    out = step(params, leaves, meta, spec.treedef)
+    bursts = simple and burst > 1
+
+    def run_bursts() -> None:
+        """The loop below for one process, no cache, bursts: as little Python a step as can be.
+
+        A burst of prepared steps is dispatched in one go, then the burst before
+        it is read (so XLA works on one while the host reads the other).
+        """
+        nonlocal probe_first, group_rows
+        prev: list = []
+        for items in iter(lambda: list(itertools.islice(steps, burst)), []):
+            outs = [step(params, it.leaves, treedef) for it in items]
             if probe_first:  # batched: the first step once more, half its rows changed
                 probe_first = False
-                probe = [_probe_rows(x, size // split) for x in item.leaves]
-                if nproc == 1:
-                    again = step(params, probe, spec.treedef)
-                else:
-                    probe = [_global(x, size, data_sharding) for x in probe]
-                    again = step(params, probe, meta, spec.treedef)[1]
-                _check_rows_independent(
-                    out if nproc == 1 else out[1], again, size // split, name
+                first = items[0].leaves
+                again = step(
+                    params, [_probe_rows(x, size // split) for x in first], treedef
                 )
-                _CHECKED.add(step)  # once per compiled step: its later passes skip it
-            in_flight.append((out, item.ids))
-            # Once a step is all padding everywhere, every later one is too: stop together.
-            stop = False
-            while len(in_flight) > ahead and not ready and not stop:
-                try:
-                    stop = finish(*in_flight.popleft()) == 0
-                except _Stop:
-                    stop = True
-                except ValueError:
-                    raise
-                except Exception as e:  # e.g. the cache's disk: this process's own
+                _check_rows_independent(outs[0], again, size // split, name)
+                _CHECKED.add(step)
+            for out, it in prev:
+                group.append((np.asarray(out), it.ids))
+                group_rows += len(it.ids)
+                if group_rows >= _READ_ROWS:
+                    read_group()
+            prev = list(zip(outs, items))
+        in_flight.extend((out, it.ids) for out, it in prev)  # read below
+
+    try:
+        if bursts:
+            run_bursts()
+        else:
+            while True:
+                item, state = None, _REAL
+                if failed is None:
+                    try:
+                        if not ready:
+                            ready.extend(itertools.islice(steps, burst))
+                        item = ready.popleft() if ready else None
+                    except Exception as e:
+                        if nproc == 1:
+                            raise
+                        failed = e  # tell the others through this step
+                if failed is not None:
+                    state = _FAILED
+                if item is None:
                     if nproc == 1:
+                        break
+                    padding = padding or _padding_step(spec, size)
+                    item = (
+                        padding  # keep in step with the processes that still have data
+                    )
+                if simple:
+                    # numpy straight into jit: its C++ path places the batch fastest
+                    out = step(params, item.leaves, treedef)
+                elif nproc == 1:
+                    meta = _meta(item.ids, size, me, state)
+                    acc, *out = step(params, acc, item.leaves, meta, spec.treedef)
+                else:
+                    leaves = [_global(x, size, data_sharding) for x in item.leaves]
+                    meta = _global(
+                        _meta(item.ids, size, me, state), size, data_sharding
+                    )
+                    if reduce:
+                        acc, *out = step(params, acc, leaves, meta, spec.treedef)
+                    else:
+                        out = step(params, leaves, meta, spec.treedef)
+                if (
+                    probe_first
+                ):  # batched: the first step once more, half its rows changed
+                    probe_first = False
+                    probe = [_probe_rows(x, size // split) for x in item.leaves]
+                    if nproc == 1:
+                        again = step(params, probe, spec.treedef)
+                    else:
+                        probe = [_global(x, size, data_sharding) for x in probe]
+                        again = step(params, probe, meta, spec.treedef)[1]
+                    _check_rows_independent(
+                        out if nproc == 1 else out[1], again, size // split, name
+                    )
+                    _CHECKED.add(
+                        step
+                    )  # once per compiled step: its later passes skip it
+                in_flight.append((out, item.ids))
+                # Once a step is all padding everywhere, every later one is too: stop together.
+                stop = False
+                while len(in_flight) > ahead and not ready and not stop:
+                    try:
+                        stop = finish(*in_flight.popleft()) == 0
+                    except _Stop:
+                        stop = True
+                    except ValueError:
                         raise
-                    failed = failed or e
-            if stop:
-                break
+                    except Exception as e:  # e.g. the cache's disk: this process's own
+                        if nproc == 1:
+                            raise
+                        failed = failed or e
+                if stop:
+                    break
         while nproc == 1 and in_flight:
             finish(*in_flight.popleft())
         if group:
@@ -804,7 +843,19 @@ class _SeenIds:
         n = len(ids)
         if len(self._pos) < n:
             self._pos = np.arange(n, dtype=np.int32)
-        pos, idx, stamp = self._pos[:n], ids - self._base, self._stamp
+        lo = int(ids[0]) - self._base
+        if n > 1 and int(ids[-1]) - self._base - lo == n - 1:
+            # Perhaps a run lo, lo + 1, ... (examples fed in id order, the usual pre-pass):
+            # then the stamps are a slice, and no gather or scatter is needed.
+            run = self._stamp[lo : lo + n]
+            if bool((ids[1:] - ids[:-1] == 1).all()) and run.max() < 0:
+                run[:] = self._pos[:n]
+                self._seen += n
+                return _NONE, _NONE
+        pos, stamp = self._pos[:n], self._stamp
+        idx = (
+            ids - self._base if self._base else ids
+        )  # ids from 0 (the usual): as they are
         before = stamp[idx]
         stamp[idx] = pos
         within, again = stamp[idx] != pos, before >= 0

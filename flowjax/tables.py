@@ -88,11 +88,17 @@ class _IdTable:
         _checks.check_same_length(len(ids), len(values), "ids", name)
         counted = self._check_mask(mask, values.shape)
         values32 = self._check_values(ids, values, counted)
-        order = np.argsort(ids, kind="stable")
-        ids, values32 = ids[order], values32[order]
-        _checks.check_unique(ids)
+        if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):
+            # Already sorted and unique (a pre-pass of examples fed in id order): copies
+            # of the table's own, without the sort.
+            ids, values32 = ids.copy(), values32.copy()
+            counted = None if counted is None else counted.copy()
+        else:
+            order = np.argsort(ids, kind="stable")
+            ids, values32 = ids[order], values32[order]
+            _checks.check_unique(ids)
+            counted = None if counted is None else counted[order]
         if counted is not None:
-            counted = counted[order]
             counted.setflags(write=False)
         ids.setflags(write=False)
         values32.setflags(write=False)
@@ -133,6 +139,15 @@ class _IdTable:
     def _check_values(self, ids, values, counted) -> np.ndarray:
         """The float32 values; every range check runs on the cast values."""
         name = self._values_name
+        if counted is None and values.dtype == np.float32:
+            # The usual table (float32, every cell counted: the pre-pass's): a float64 sum
+            # is finite exactly when every value is, float32 cannot over- or underflow
+            # float32, and the minimum decides the sign; the checks below name the rows.
+            fine = np.isfinite(np.sum(values, dtype=np.float64))
+            if fine and (
+                not self._non_negative or not values.size or values.min() >= 0
+            ):
+                return values
         cells = np.ones(values.shape, bool) if counted is None else counted
 
         def fail(bad, problem, why=""):

@@ -298,6 +298,25 @@ def test_ids_checked_in_groups_give_the_batch_by_batch_messages():
     assert len(run(fresh).ids) == n + size
 
 
+def test_ids_fed_in_order_take_the_run_path_and_a_run_over_seen_ids_is_still_caught():
+    seen = _engine._SeenIds()
+    assert [len(x) for x in seen.add(np.arange(0, 300))] == [0, 0]
+    assert [
+        len(x) for x in seen.add_batches([np.arange(300, 400), np.arange(400, 500)])
+    ] == [0, 0]
+    assert seen.count == 500
+    # A run that overlaps ids seen: the general path names exactly the repeats.
+    twice, again = seen.add(np.arange(480, 520))
+    assert twice.tolist() == [] and again.tolist() == list(range(480, 500))
+    # Ascending by one except one step: not a run; a repeat within the batch is found.
+    twice, again = seen.add(np.array([600, 601, 601, 603]))
+    assert twice.tolist() == [601] and again.tolist() == []
+    # Its ends say "run" (603 - 600 == 3), its middle does not.
+    twice, again = seen.add(np.array([700, 702, 701, 703]))
+    assert twice.tolist() == [] and again.tolist() == []
+    assert seen.count == 500 + 40 + 4 + 4
+
+
 @pytest.mark.parametrize("dense", [True, False])
 def test_add_batches_is_adding_them_one_by_one(dense):
     rng = np.random.default_rng(0)

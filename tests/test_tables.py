@@ -374,3 +374,24 @@ def test_attach_weights_attaches_token_weights_by_id_at_the_batch_length(rng):
         flowjax.attach_weights(
             {"id": ids}, flowjax.WeightTable(ids, [1.0, 1.0, 1.0]), length=5
         )
+
+
+def test_tables_of_ids_in_order_own_their_arrays_and_still_check_every_value():
+    # Sorted unique ids skip the sort: the table still copies, never aliases the caller's.
+    ids, losses = np.arange(5), np.float32([0.5, 1.0, 2.0, 0.0, 3.0])
+    table = flowjax.LossTable(ids, losses)
+    ids[0], losses[0] = 99, 7.0
+    assert table.ids[0] == 0 and table.losses[0] == np.float32(0.5)
+    assert not table.ids.flags.writeable and not table.losses.flags.writeable
+    assert ids.flags.writeable and losses.flags.writeable
+    mask = np.array([[True, False], [True, True]])
+    tokens = flowjax.TokenLosses([3, 4], np.float32([[1.0, 0.0], [2.0, 3.0]]), mask)
+    mask[0, 0] = False
+    assert tokens.mask[0, 0] and not tokens.mask.flags.writeable
+    # The float32 fast checks still refuse, naming the example.
+    with pytest.raises(ValueError, match=r"NaN or infinite.*\b11\b"):
+        flowjax.LossTable([10, 11], np.float32([1.0, np.nan]))
+    with pytest.raises(ValueError, match=r"negative.*\b21\b"):
+        flowjax.WeightTable([20, 21], np.float32([1.0, -0.5]))
+    with pytest.raises(ValueError, match="duplicate"):
+        flowjax.LossTable([1, 1], np.float32([1.0, 2.0]))
