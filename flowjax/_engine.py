@@ -443,13 +443,13 @@ def map_examples(
                 )
                 _check_rows_independent(outs[0], again, size // split, name)
                 _CHECKED.add(step)
-            for out, it in prev:
-                group.append((np.asarray(out), it.ids))
-                group_rows += len(it.ids)
+            for out, ids in prev:
+                group.append((np.asarray(out), ids))
+                group_rows += len(ids)
                 if group_rows >= _READ_ROWS:
                     read_group()
-            prev = list(zip(outs, items))
-        in_flight.extend((out, it.ids) for out, it in prev)  # read below
+            prev = [(out, it.ids) for out, it in zip(outs, items, strict=True)]
+        in_flight.extend(prev)  # read below
 
     try:
         if bursts:
