@@ -126,9 +126,14 @@ def check_same_length(a_len: int, b_len: int, a: str, b: str) -> None:
         raise ValueError(f"{a} and {b} have different lengths: {a_len} != {b_len}.")
 
 
+_INT64 = np.dtype(np.int64)
+
+
 def as_ids(ids, what: str = "ids") -> np.ndarray:
     """Converts example ids to a 1-D int64 numpy array, rejecting non-integers."""
     arr = np.asarray(ids)
+    if arr.dtype == _INT64 and arr.ndim == 1:  # the usual ids: nothing to convert
+        return arr
     if arr.ndim != 1:
         raise ValueError(
             f"{what} must be a 1-D array of integers; got shape {arr.shape}."
