@@ -91,7 +91,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from flowjax import _cache, _checks
+from flowjax import _cache, _checks, _host
 from flowjax._types import Batches, Params
 
 _ID = "id"
@@ -1364,7 +1364,7 @@ class _Filling:
         """Field ``i``'s buffer (from now on), holding the rows viewed so far."""
         if self._buf[i] is None:
             shape, dtype = self._shapes[i]
-            buf, at = np.empty((self._size, *shape), dtype), 0
+            buf, at = _host.empty((self._size, *shape), dtype), 0  # read in place
             for part in self._parts[i] or ():
                 buf[at : at + len(part)] = part
                 at += len(part)

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 import xxhash
 
-from flowjax import _cache, _checks
+from flowjax import _cache, _checks, _host
 from flowjax._types import ArrayLike
 
 __all__ = ["ArraySource", "batches"]
@@ -518,8 +518,8 @@ class _Batches:
         if cols is not None:
             ids = cols[self._id_key][rows] if self._has_id else rows
             ids = _checks.as_ids(ids, "ids")
-            if self._map_fn is None:  # the fast path: gather whole columns
-                return {_ID: ids, **{k: cols[k][rows] for k in self._names}}
+            if self._map_fn is None:  # the fast path: gather whole columns (aligned)
+                return {_ID: ids, **{k: _host.take(cols[k], rows) for k in self._names}}
             examples = [{k: cols[k][r] for k in self._names} for r in rows]
         else:
             records = [_record(self._source, int(r)) for r in rows]
