@@ -776,3 +776,23 @@ def test_program_digest_is_remembered_per_step_and_argument_layout():
     assert len(lowered) == 3
     # The same digest as an unremembered step's.
     assert _cache.program_digest(jax.jit(f), p, x) == first
+
+
+def test_params_digest_remembers_jax_arrays_and_hashes_numpy_leaves_every_time():
+    import gc
+
+    x, n = jnp.arange(4.0), np.arange(4.0)
+    first = _cache.params_digest({"a": x, "b": n})
+    n[0] = 9.0  # a numpy leaf can change in place: hashed again
+    second = _cache.params_digest({"a": x, "b": n})
+    assert first[0] == second[0] and first[1] != second[1]
+    ref, digest = _cache._LEAVES[id(x)]
+    assert ref() is x and digest == first[0][3]
+    # By bytes, not by identity: another array of the same bytes, the same digest.
+    assert _cache.params_digest({"a": jnp.arange(4.0), "b": n}) == second
+    assert _cache.params_digest({"a": jnp.arange(4.0) + 1, "b": n})[0] != second[0]
+    key = id(x)
+    del x
+    gc.collect()
+    assert ref() is None
+    assert key not in _cache._LEAVES or _cache._LEAVES[key][0] is not ref
