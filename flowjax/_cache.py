@@ -180,9 +180,9 @@ def params_digest(params) -> list[list]:
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     out, spread = [], []
     for i, (path, x) in enumerate(flat):
-        h = hashlib.blake2b(digest_size=_DIGEST)
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             spread.append(i)
+            h = hashlib.blake2b(digest_size=_DIGEST)
             shards = {}
             for s in x.addressable_shards:
                 index = tuple(
@@ -204,13 +204,13 @@ def params_digest(params) -> list[list]:
         everyone = np.asarray(multihost_utils.process_allgather(mine))  # [P, k, 16]
         for j, i in enumerate(spread):
             out[i][3] = hashlib.blake2b(everyone[:, j].tobytes(), digest_size=_DIGEST)
-    for row in out:
-        row[3] = row[3] if isinstance(row[3], str) else row[3].hexdigest()
+    for i in spread:
+        out[i][3] = out[i][3].hexdigest()
     return out
 
 
-def _leaf_digest(x):
-    """The hash of one whole leaf's bytes (a ``blake2b`` object, or its hex digest).
+def _leaf_digest(x) -> str:
+    """The hex BLAKE2b digest of one whole leaf's bytes.
 
     A ``jax.Array`` cannot change its bytes, so its hex digest is remembered
     for as long as the array lives (a later pass with the same parameters
@@ -225,7 +225,7 @@ def _leaf_digest(x):
     h = hashlib.blake2b(digest_size=_DIGEST)
     hash_array(h, x)
     if not live:
-        return h
+        return h.hexdigest()
     key, digest = id(x), h.hexdigest()
     _LEAVES[key] = (weakref.ref(x, lambda _, key=key: _LEAVES.pop(key, None)), digest)
     return digest

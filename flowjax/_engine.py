@@ -425,6 +425,19 @@ def map_examples(
     probe_first = batched and step not in _CHECKED
     treedef, simple = spec.treedef, nproc == 1 and not reduce
     bursts = simple and burst > 1
+    # Rows of one call of fn (a step, or a sub-batch): the rows check changes half of each.
+    per_call = size // split
+
+    def check_rows(out, leaves, meta=None) -> None:
+        """Batched: the first step once more, half of every call's rows changed."""
+        probe = [_probe_rows(x, per_call) for x in leaves]
+        if nproc == 1:
+            again = step(params, probe, treedef)
+        else:
+            probe = [_global(x, size, data_sharding) for x in probe]
+            again = step(params, probe, meta, treedef)[1]
+        _check_rows_independent(out if nproc == 1 else out[1], again, per_call, name)
+        _CHECKED.add(step)  # once per compiled step: its later passes skip it
 
     def run_bursts() -> None:
         """The loop below for one process, no cache, bursts: as little Python a step as can be.
@@ -432,23 +445,15 @@ def map_examples(
         A burst of prepared steps is dispatched in one go, then the burst before
         it is read (so XLA works on one while the host reads the other).
         """
-        nonlocal probe_first, group_rows
+        nonlocal probe_first
         prev: list = []
         for items in iter(lambda: list(itertools.islice(steps, burst)), []):
             outs = [step(params, it.leaves, treedef) for it in items]
-            if probe_first:  # batched: the first step once more, half its rows changed
+            if probe_first:
                 probe_first = False
-                first = items[0].leaves
-                again = step(
-                    params, [_probe_rows(x, size // split) for x in first], treedef
-                )
-                _check_rows_independent(outs[0], again, size // split, name)
-                _CHECKED.add(step)
+                check_rows(outs[0], items[0].leaves)
             for out, ids in prev:
-                group.append((np.asarray(out), ids))
-                group_rows += len(ids)
-                if group_rows >= _READ_ROWS:
-                    read_group()
+                finish(out, ids)
             prev = [(out, it.ids) for out, it in zip(outs, items, strict=True)]
         in_flight.extend(prev)  # read below
 
@@ -472,10 +477,9 @@ def map_examples(
                 if item is None:
                     if nproc == 1:
                         break
+                    # Keep in step with the processes that still have data.
                     padding = padding or _padding_step(spec, size)
-                    item = (
-                        padding  # keep in step with the processes that still have data
-                    )
+                    item = padding
                 if simple:
                     # numpy straight into jit: its C++ path places the batch fastest
                     out = step(params, item.leaves, treedef)
@@ -491,22 +495,9 @@ def map_examples(
                         acc, *out = step(params, acc, leaves, meta, spec.treedef)
                     else:
                         out = step(params, leaves, meta, spec.treedef)
-                if (
-                    probe_first
-                ):  # batched: the first step once more, half its rows changed
+                if probe_first:
                     probe_first = False
-                    probe = [_probe_rows(x, size // split) for x in item.leaves]
-                    if nproc == 1:
-                        again = step(params, probe, spec.treedef)
-                    else:
-                        probe = [_global(x, size, data_sharding) for x in probe]
-                        again = step(params, probe, meta, spec.treedef)[1]
-                    _check_rows_independent(
-                        out if nproc == 1 else out[1], again, size // split, name
-                    )
-                    _CHECKED.add(
-                        step
-                    )  # once per compiled step: its later passes skip it
+                    check_rows(out, item.leaves, None if nproc == 1 else meta)
                 in_flight.append((out, item.ids))
                 # Once a step is all padding everywhere, every later one is too: stop together.
                 stop = False
@@ -596,13 +587,9 @@ def _probe_rows(x: np.ndarray, period: int) -> np.ndarray:
     ``h`` is half a block. A block is the rows ``fn`` is called on at once:
     the whole step, or one of its sub-batches (:func:`_sub_batches`).
     """
-    half = period // 2
-    y = np.array(x)
-    blocks, rest = (
-        x.reshape(-1, period, *x.shape[1:]),
-        y.reshape(-1, period, *x.shape[1:]),
-    )
-    rest[:, half : 2 * half] = blocks[:, :half][:, ::-1]
+    half, y = period // 2, np.array(x)
+    blocks = x.reshape(-1, period, *x.shape[1:])
+    y.reshape(blocks.shape)[:, half : 2 * half] = blocks[:, :half][:, ::-1]
     return y
 
 
@@ -854,9 +841,8 @@ class _SeenIds:
                 self._seen += n
                 return _NONE, _NONE
         pos, stamp = self._pos[:n], self._stamp
-        idx = (
-            ids - self._base if self._base else ids
-        )  # ids from 0 (the usual): as they are
+        # Ids from 0 (the usual) are their own positions in the stamps.
+        idx = ids - self._base if self._base else ids
         before = stamp[idx]
         stamp[idx] = pos
         within, again = stamp[idx] != pos, before >= 0
@@ -951,7 +937,7 @@ def _make_step(
 
     ``fn`` is vmapped over the rows, or, ``batched``, called on the whole
     batch; with ``split`` > 1, the batch is ``split`` sub-batches of equal
-    rows, computed one after another in the program (``lax.map``) and
+    rows, computed one after another in the program (``lax.scan``) and
     ``fn`` traced once, on one sub-batch (:func:`_sub_batches`).
 
     Per-example, single process: ``step(params, leaves, treedef) -> values``
@@ -1007,9 +993,8 @@ def _make_step(
         if split == 1:
             return call(params, leaves, meta, treedef)
 
-        def blocks(
-            x,
-        ):  # [B, ...] -> [split, B / split, ...]: sub-batch k is rows k*r...
+        # [B, ...] -> [split, rows, ...]: sub-batch k is rows k * rows ... (k + 1) * rows - 1.
+        def blocks(x):
             return None if x is None else x.reshape(split, rows, *x.shape[1:])
 
         # The params ride in the carry, unchanged, rather than closed over: fn's own
@@ -1507,8 +1492,8 @@ def _sub_batches(spec: _Spec, size: int, batch_size, mesh: Mesh) -> int:
 
     On one CPU device, a step that the default rule (``"auto"``) merged from
     several batches of ``b`` rows runs them as ``size // b`` sub-batches of
-    ``b`` rows inside its one program (``lax.map``; the step then has ``b``
-    times that many rows). The fixed cost of a step (dispatch, host
+    ``b`` rows inside its one program (``lax.scan``; the caller then rounds
+    the step down to that many times ``b`` rows). The fixed cost of a step (dispatch, host
     bookkeeping, XLA's per-call work) is paid once for them, as for one big
     step, but each operation runs on ``b`` rows, as in the caller's batches:
     XLA's CPU kernels are no faster on more rows than that, and a conv net's
