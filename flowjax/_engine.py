@@ -26,15 +26,20 @@ their sum over examples). One process's view:
    (real, padding, or "this process failed"). Ids stay exact int64 without
    ``jax_enable_x64``.
 4. Results are read ``_IN_FLIGHT`` steps behind dispatch, so the device never
-   waits for the host (a single process without a cache checks and keeps them
-   a group of ``_READ_ROWS`` rows at a time: a few numpy calls per group, not
-   per step). A single process without a cache, over batches nothing refills
-   (a list, ``flowjax.batches``), works in bursts of up to ``_BURST`` steps
-   (at most ``_BURST_BYTES`` of input): it prepares a burst, dispatches it,
-   then reads the previous one, because host work interleaved with jit
-   dispatches costs about three times its own time on a busy CPU (measured:
-   the pre-pass's host time per step fell from 28 to 12 µs, and to 9 µs with the
-   loop's other trims). A process that
+   waits for the host (a single process checks and keeps them a group of
+   ``_READ_ROWS`` rows at a time: a few numpy calls per group, not per step).
+   A single process over batches nothing refills (a list,
+   ``flowjax.batches``) works in bursts of up to ``_BURST`` steps (at most
+   ``_BURST_BYTES`` of input): it prepares a burst, dispatches it, then reads
+   the previous one, because host work interleaved with jit dispatches costs
+   about three times its own time on a busy CPU (measured: the pre-pass's
+   host time per step fell from 28 to 12 µs, and to 9 µs with the loop's
+   other trims). With a cache, bursts grow from one step up to what takes
+   about ``_BURST_SECONDS``, and each burst's rows go to the cache once it is
+   read, so a kill loses little more than the cache's flush interval (a cache
+   written more often than every ``_BURSTS_FLUSH_SECONDS`` has its steps read
+   one by one); after an error, the steps in flight are read into the cache
+   before it is flushed. A process that
    runs out of data feeds padding until a step has no real row on any
    process; then all stop together.
 5. Resumable: an optional ``cache`` serves rows finished by an earlier,
@@ -143,6 +148,8 @@ class Served(Protocol):
 
 class Cache(Protocol):
     """What the engine needs of a pass's cache (``flowjax.prepass._PassCache``)."""
+
+    flush_seconds: float  # how often it writes: steps are read in bursts within it
 
     def skip_at_source(self, batches: Batches) -> Batches:
         """The batches, possibly without the examples already cached (before any is read)."""
@@ -380,17 +387,20 @@ def map_examples(
 
     def read_group() -> None:
         nonlocal group_rows
-        items = list(group)
-        group.clear()
-        group_rows = 0
-        if len(items) > 1:
-            values = np.concatenate([v[: len(i)] for v, i in items])
-            ids = np.concatenate([i for _, i in items])
+        if not group:
+            return
+        if len(group) > 1:
+            values = np.concatenate([v[: len(i)] for v, i in group])
+            ids = np.concatenate([i for _, i in group])
             if np.isfinite(np.sum(values, dtype=np.float64)):
-                items = [(values, ids)]
-        # Step by step when one is not finite: the error names its ids.
-        for item in items:
-            read(*item)
+                group[:] = [(values, ids)]
+        # Step by step when one is not finite: the error names its ids, and the steps
+        # after it stay in the group (read by drain() for the cache).
+        try:
+            while group:
+                read(*group.pop(0))
+        finally:
+            group_rows = sum(len(i) for _, i in group)
 
     def finish(out, ids: np.ndarray) -> int:
         """Reads a finished step, or (see ``group``) adds it to the group; its real rows."""
@@ -403,7 +413,6 @@ def map_examples(
             read_group()
         return len(ids)
 
-    grouped = nproc == 1 and not reduce and cache is None
     # A list or tuple of batches holds all of them at once, and flowjax.batches builds new
     # arrays for each batch (``new_arrays``): none is refilled in place, so a step may view
     # the rows of several adjacent batches instead of copying them, and steps may be
@@ -413,11 +422,19 @@ def map_examples(
         or getattr(batches, "new_arrays", False) is True
     )
     steps = _local_steps(it, spec, size, served, bar, ledger.local, nproc > 1, stable)
-    # Single process, no cache, over batches nothing refills: steps are prepared,
-    # dispatched and read in bursts (host work between jit dispatches costs about 3x its
-    # own time on a busy CPU); the previous burst is read after the next one is dispatched.
-    # (With a cache, steps are read right behind, so that a kill loses little.)
-    burst = _burst_steps(spec, size) if nproc == 1 and stable and cache is None else 1
+    # Single process, over batches nothing refills: steps are prepared, dispatched and
+    # read in bursts (host work between jit dispatches costs about 3x its own time on a
+    # busy CPU); the previous burst is read after the next one is dispatched. With a
+    # cache, a burst takes at most about _BURST_SECONDS and its rows reach the cache as
+    # soon as it is read, so a kill loses at most that much more than the cache's
+    # flush interval; a cache that writes more often than every _BURSTS_FLUSH_SECONDS
+    # (flush_seconds=0: after every step) has its steps read right behind, one by one.
+    timed = cache is not None
+    bursts_ok = nproc == 1 and stable
+    if timed:
+        bursts_ok = bursts_ok and _flush_seconds(cache) >= _BURSTS_FLUSH_SECONDS
+    burst = _burst_steps(spec, size) if bursts_ok else 1
+    grouped = nproc == 1 and not reduce and (cache is None or burst > 1)
     ahead = _IN_FLIGHT if burst == 1 else burst
     ready: collections.deque = collections.deque()  # prepared steps of this burst
     padding = None  # what a process with no data left (or a failed one) feeds
@@ -439,23 +456,54 @@ def map_examples(
         _check_rows_independent(out if nproc == 1 else out[1], again, per_call, name)
         _CHECKED.add(step)  # once per compiled step: its later passes skip it
 
+    def drain() -> None:
+        """After an error: reads what is in flight and grouped, as far as it reads."""
+        try:
+            while in_flight:
+                finish(*in_flight.popleft())
+            read_group()
+        except Exception:  # the error being raised already says what went wrong
+            pass
+
     def run_bursts() -> None:
-        """The loop below for one process, no cache, bursts: as little Python a step as can be.
+        """The loop below for one process in bursts: as little Python a step as can be.
 
         A burst of prepared steps is dispatched in one go, then the burst before
         it is read (so XLA works on one while the host reads the other).
         """
         nonlocal probe_first
-        prev: list = []
-        for items in iter(lambda: list(itertools.islice(steps, burst)), []):
-            outs = [step(params, it.leaves, treedef) for it in items]
-            if probe_first:
-                probe_first = False
-                check_rows(outs[0], items[0].leaves)
-            for out, ids in prev:
-                finish(out, ids)
-            prev = [(out, it.ids) for out, it in zip(outs, items, strict=True)]
-        in_flight.extend(prev)  # read below
+        prev: collections.deque = collections.deque()  # dispatched, being read
+        cur = prev  # dispatched last
+        # With a cache the bursts grow 1, 2, 4, ... while a step takes less than
+        # _BURST_SECONDS / the size (the first burst's time includes the compilation).
+        limit = 1 if timed else burst
+        last = time.perf_counter()
+        try:
+            while items := list(itertools.islice(steps, limit)):
+                outs = [step(params, it.leaves, treedef) for it in items]
+                cur = collections.deque(
+                    zip(outs, [it.ids for it in items], strict=True)
+                )
+                if probe_first:
+                    probe_first = False
+                    try:
+                        check_rows(outs[0], items[0].leaves)
+                    except BaseException:
+                        cur.clear()  # rows of a loss that mixes rows are not kept
+                        raise
+                while prev:
+                    finish(*prev.popleft())
+                prev = cur
+                if timed:
+                    read_group()  # the rows of the burst read go to the cache now
+                    now = time.perf_counter()
+                    per_step, last = (now - last) / len(items), now
+                    fits = int(_BURST_SECONDS / max(per_step, 1e-9))
+                    limit = max(1, min(burst, 2 * limit, fits))
+        finally:  # read below (or, after an error, kept: see drain)
+            in_flight.extend(prev)
+            if cur is not prev:
+                in_flight.extend(cur)
 
     try:
         if bursts:
@@ -516,8 +564,11 @@ def map_examples(
                     break
         while nproc == 1 and in_flight:
             finish(*in_flight.popleft())
-        if group:
-            read_group()
+        read_group()
+    except BaseException:
+        if cache is not None and nproc == 1:
+            drain()  # the steps that finished before the error go to the cache too
+        raise
     finally:
         if cache is not None:
             cache.flush()  # CACHE (4/4): what is pending (also when stopping on an error)
@@ -1432,6 +1483,18 @@ _CHECK_ROWS = 16384  # ids checked together for duplicates, at most
 # of 32, 8.6 in bursts of 64, 8.3 in bursts of 128; the byte cap keeps big inputs in short ones.
 _BURST = 64
 _BURST_BYTES = 32 * 2**20  # ... at most this much input per burst
+
+
+_BURST_SECONDS = 0.5  # with a cache: a burst's time, at most about
+_BURSTS_FLUSH_SECONDS = (
+    1.0  # ... and bursts only for a cache written at most this often
+)
+
+
+def _flush_seconds(cache) -> float:
+    """How often the cache writes its rows (``flush_seconds``); 0 when it does not say."""
+    seconds = getattr(cache, "flush_seconds", 0.0)
+    return float(seconds) if isinstance(seconds, int | float) else 0.0
 
 
 def _burst_steps(spec: _Spec, size: int) -> int:

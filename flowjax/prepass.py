@@ -123,9 +123,11 @@ def per_example_losses(
         matching pytree). Default: replicated over ``mesh``.
       total: the number of examples, if known, for the progress bar's ETA.
       flush_seconds: with ``cache_dir``, finished rows are written at most
-        this many seconds apart (and when the pass ends or fails); a row is
-        durable once written, so a kill loses at most this much work. ``0``
-        writes after every step.
+        this many seconds apart (and when the pass ends or fails, with every
+        step that finished before the error); a row is durable once written,
+        so a kill loses at most this much work, plus up to about a second of
+        steps in flight (from 1 s up, steps are dispatched and read in bursts
+        of at most about half a second). ``0`` writes after every step.
 
     Returns:
       A :class:`flowjax.LossTable` of every example fed by every process, on
@@ -239,6 +241,11 @@ class _PassCache:
         self._name = _describe_fn(fn) if fn_name is None else fn_name
         self._flush_seconds = flush_seconds
         self._cache: _cache.PrepassCache | None = None
+
+    @property
+    def flush_seconds(self) -> float:
+        """Seconds between writes of the finished rows (the engine reads steps within it)."""
+        return self._flush_seconds
 
     @classmethod
     def of(cls, cache_dir: str | None, fn, mesh: Mesh, **kwargs) -> _PassCache | None:

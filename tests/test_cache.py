@@ -359,6 +359,64 @@ def test_flush_seconds_sets_how_often_rows_become_durable(tmp_path):
             _table(batches(), cache_dir=str(tmp_path / "bad"), flush_seconds=bad)
 
 
+class _StableInterrupted(_Interrupted):
+    """Dies after ``k`` batches; each batch has new arrays (fancy-indexed), as declared."""
+
+    new_arrays = True
+
+
+def test_bursts_with_a_cache_keep_every_step_dispatched_before_an_error(
+    tmp_path, monkeypatch
+):
+    """Over batches nothing refills, a cached pass reads its steps in bursts that grow
+    1, 2, 4, ... (within _BURST_SECONDS: made large here, so the sizes are exact). A pass
+    that dies while preparing a burst still writes the burst in flight before it."""
+    from flowjax import _engine
+
+    monkeypatch.setattr(_engine, "_BURST_SECONDS", 1e9)
+    data, cache = _data.dataset(), str(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        # bursts of steps [0], [1, 2], [3 .. 6], then [7 .. 14] dies at batch 10
+        _table(_StableInterrupted(_data.batches(data, 16), 10), cache_dir=cache)
+    np.testing.assert_array_equal(
+        np.sort(_cached_ids(cache)), np.sort(data["id"][:112])
+    )
+    resumed = _table(list(_data.batches(data, 16)), cache_dir=cache)
+    assert resumed == _table(_data.batches(data, 16)) and resumed.cached == 112
+
+
+def test_bursts_with_a_cache_keep_every_finite_step_around_a_nan_one(tmp_path):
+    """A NaN loss is an error naming its ids; every other finished step (before it and
+    after it in flight) is written, so only the bad batch is computed again."""
+    data, cache = _data.dataset(), str(tmp_path)
+    data["x"][8 * 16 + 3] = np.nan  # in batch 8 of 13
+    with pytest.raises(
+        ValueError,
+        match=rf"NaN or infinite losses for example ids \[{data['id'][131]}\]",
+    ):
+        _table(list(_data.batches(data, 16)), cache_dir=cache)
+    expected = np.sort(np.concatenate([data["id"][:128], data["id"][144:]]))
+    np.testing.assert_array_equal(np.sort(_cached_ids(cache)), expected)
+    # With the whole-pass flush (one chunk at the end) too.
+    other = str(tmp_path / "end")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _table(list(_data.batches(data, 16)), cache_dir=other, flush_seconds=3600)
+    np.testing.assert_array_equal(np.sort(_cached_ids(other)), expected)
+    assert len(_chunks(other)) == 1
+
+
+def test_a_loss_that_couples_rows_leaves_no_row_in_the_cache(tmp_path):
+    """The rows check fails on the first step: its rows (wrong per example) are not kept."""
+    for batches in (
+        list(_data.batches(_data.dataset(), 16)),
+        _data.batches(_data.dataset(), 16),
+    ):
+        cache = tempfile.mkdtemp(dir=tmp_path)
+        with pytest.raises(ValueError, match="couples the rows"):
+            _table(batches, fn=_data.coupled_batch_loss, batched=True, cache_dir=cache)
+        assert len(_cached_ids(cache)) == 0
+
+
 def test_empty_batches_pass_through_the_cache(tmp_path):
     data = _data.dataset()
     batches = list(_data.batches(data, 16))
