@@ -765,12 +765,16 @@ class Served:
         self.trusted = self.keys.rows_with(key)
         return self.trusted
 
-    def take(self, ids: np.ndarray, leaves: list[np.ndarray]) -> np.ndarray:
+    def take(self, ids: np.ndarray, leaves: list[np.ndarray]) -> np.ndarray | None:
         """Marks the cached, unchanged examples as used; returns the mask of those to compute.
+
+        None when every row is computed (nothing is cached and nothing digested).
 
         A cached row is unchanged if its source key is this run's (``trusted``)
         or if it has a digest and the example fed now has the same one.
         """
+        if not self.digest_fed and not len(self.ids):
+            return None  # nothing cached, nothing to digest: every row is computed
         digests = row_digests(leaves, len(ids)) if self.digest_fed else None
         hit = np.zeros(len(ids), bool)
         if len(self.ids):

@@ -139,8 +139,8 @@ class Served(Protocol):
 
     count: int  # rows already skipped at the source
 
-    def take(self, ids: np.ndarray, leaves: list[np.ndarray]) -> np.ndarray:
-        """Marks the batch's cached rows as used; returns the mask of rows to compute."""
+    def take(self, ids: np.ndarray, leaves: list[np.ndarray]) -> np.ndarray | None:
+        """Marks the batch's cached rows as used; the mask of rows to compute (None: all)."""
 
     def used(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, values)`` of every cached row this run used (skipped at the source too)."""
@@ -1319,13 +1319,16 @@ def _local_steps(
     views instead where their rows lie next to each other in one array, see
     :class:`_Filling`). Only the last step is padded, by repeating its last real row
     (valid inputs; dropped from the result). Duplicate ids are checked for a
-    group of batches at a time (:class:`_IdCheck`); with a cache or
-    ``every_batch`` (multi-process: an error within a few steps), batch by
-    batch.
+    group of batches at a time (:class:`_IdCheck`); with ``every_batch``
+    (multi-process: an error within a few steps), batch by batch.
     """
     shapes = list(zip(spec.shapes, spec.dtypes, strict=True))
     step: _Filling | None = None  # the step being filled, across batches
-    check = _IdCheck(seen, every_batch=every_batch or served is not None)
+    # (With a cache too: a repeated id found a group later may have had both of its rows
+    # written, and the newest is kept; but it is an error again in any later pass over the
+    # same batches, whose ids are all checked, served ones too, and a batch whose key skips
+    # cached ids at the source has unique ids by construction.)
+    check = _IdCheck(seen, every_batch=every_batch)
     for batch in batches:
         ids, leaves = spec.check(batch)
         # A copy: the ids are read (and cached) steps later, and a loader may refill its
@@ -1335,7 +1338,7 @@ def _local_steps(
         check.add(ids)
         if served is not None:  # skip the rows an earlier run finished
             keep = served.take(ids, leaves)
-            if not keep.all():
+            if keep is not None and not keep.all():
                 bar.update(int((~keep).sum()))
                 ids, leaves = ids[keep], [x[keep] for x in leaves]
         n, start = len(ids), 0

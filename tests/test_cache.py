@@ -417,6 +417,22 @@ def test_a_loss_that_couples_rows_leaves_no_row_in_the_cache(tmp_path):
         assert len(_cached_ids(cache)) == 0
 
 
+@pytest.mark.parametrize("flush_seconds", [0.0, 5.0])
+def test_a_repeated_id_with_a_cache_is_an_error_in_every_pass(tmp_path, flush_seconds):
+    """Ids are checked in groups with a cache too: the rows of both examples may be written
+    before the error, but a later pass over the same batches checks every id fed (served
+    ones too) and fails again; nothing is served in its place."""
+    data = _data.dataset()
+    data["id"][150] = data["id"][3]  # batch 9 repeats an id of batch 0
+    for _ in range(3):
+        with pytest.raises(ValueError, match=rf"{data['id'][3]}"):
+            _table(
+                list(_data.batches(data, 16)),
+                cache_dir=str(tmp_path),
+                flush_seconds=flush_seconds,
+            )
+
+
 def test_empty_batches_pass_through_the_cache(tmp_path):
     data = _data.dataset()
     batches = list(_data.batches(data, 16))
