@@ -57,3 +57,80 @@ def test_batches_and_merged_steps_are_aligned():
     np.testing.assert_array_equal(
         leaf, np.concatenate([data["x"][:32], data["x"][500:532]])
     )
+
+
+def _big(fill=None) -> np.ndarray:
+    x = _host.empty((512, 256), np.float32)  # 512 KiB: from the pool
+    if fill is not None:
+        x[...] = fill
+    return x
+
+
+def test_a_large_buffer_is_reused_only_once_nothing_uses_it():
+    _host._POOL.clear()
+    a = _big(1.0)
+    address = a.ctypes.data
+    view = a[10:20]
+    del a
+    assert _big().ctypes.data != address  # the view still uses it
+    assert view.sum() == 10 * 256
+    del view
+    b = _big(2.0)  # now it is free: the same memory again
+    assert b.ctypes.data == address
+    np.testing.assert_array_equal(b, 2.0)
+    # Small arrays are plain numpy memory, not pooled.
+    assert type(_host.empty((10, 10), np.float32).base) is not _host._Lease
+    assert type(b.base) is _host._Lease
+
+
+def test_memory_jax_reads_is_not_reused_while_a_jax_array_holds_it():
+    import jax
+    import jax.numpy as jnp
+
+    _host._POOL.clear()
+    x = _big(1.0)
+    y = jnp.asarray(x)  # on a CPU: may read x's memory in place
+    z = jax.jit(lambda v: v * 1.0)(x)
+    del x
+    for _ in range(4):  # memory handed out now is not x's while y and z live
+        _big(7.0)
+    np.testing.assert_array_equal(np.asarray(y), 1.0)
+    np.testing.assert_array_equal(np.asarray(z), 1.0)
+
+
+def test_the_pool_keeps_at_most_pool_bytes(monkeypatch):
+    size = 512 * 256 * 4 + _host.ALIGN
+    monkeypatch.setattr(_host, "POOL_BYTES", 3 * size)
+    _host._POOL.clear()
+    arrays = [_big() for _ in range(5)]
+    addresses = {x.ctypes.data for x in arrays}
+    del arrays  # five buffers come back; three are kept
+    assert _host._POOL._bytes == 3 * size
+    again = [_big() for _ in range(4)]
+    assert _host._POOL._bytes == 0
+    reused = {x.ctypes.data for x in again[:3]}
+    assert reused <= addresses and len(reused) == 3  # the three kept, then a new one
+    _host._POOL.clear()
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        np.bool_,
+        np.int8,
+        np.float16,
+        np.complex64,
+        np.dtype(">f4"),
+        "<M8[s]",
+        np.dtype([("a", "<i4"), ("b", "<f8")]),
+    ],
+)
+def test_pooled_arrays_of_every_dtype(dtype):
+    x = _host.empty((40000, 2), dtype)
+    assert x.dtype == np.dtype(dtype) and x.shape == (40000, 2)
+    assert (
+        x.ctypes.data % _host.ALIGN == 0 and x.flags.c_contiguous and x.flags.writeable
+    )
+    assert type(x.base) is _host._Lease
+    x[...] = np.zeros((), dtype)
+    assert (x == np.zeros((), dtype)).all()
