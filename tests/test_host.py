@@ -134,3 +134,28 @@ def test_pooled_arrays_of_every_dtype(dtype):
     assert type(x.base) is _host._Lease
     x[...] = np.zeros((), dtype)
     assert (x == np.zeros((), dtype)).all()
+
+
+def test_a_cpu_step_views_adjacent_batches_only_from_an_aligned_start():
+    """views="aligned" (a CPU): a step is a view of the caller's adjacent rows only if it
+    starts aligned (then XLA reads it in place); otherwise the rows are copied into an
+    aligned buffer (XLA would copy them at every dispatch)."""
+    shapes = [
+        ((1024,), np.dtype(np.float32))
+    ]  # 4 KiB rows: chunks of 16 rows are 64 KiB
+    raw = _host.empty((65 * 1024 * 4,), np.uint8)
+    aligned = raw[: 64 * 4096].view(np.float32).reshape(64, 1024)
+    shifted = raw[8 : 8 + 64 * 4096].view(np.float32).reshape(64, 1024)  # 8 bytes off
+    for source, is_aligned in ((aligned, True), (shifted, False)):
+        source[...] = np.arange(64, dtype=np.float32)[:, None]
+        for views in ("aligned", True):
+            step = _engine._Filling(shapes, 32, views=views)
+            for start in (0, 16):
+                step.add(
+                    [source[start : start + 16]], np.arange(start, 16 + start), 0, 16
+                )
+            (leaf,) = step.leaves()
+            np.testing.assert_array_equal(leaf, source[:32])
+            assert np.shares_memory(leaf, source) is (is_aligned or views is True)
+            if views == "aligned":
+                assert leaf.ctypes.data % _host.ALIGN == 0
