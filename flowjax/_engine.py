@@ -1054,11 +1054,14 @@ def _make_step(
 
         # The params ride in the carry, unchanged, rather than closed over: fn's own
         # values are then of the loop's trace (a model merged from them may set its state
-        # there, e.g. BatchNorm in train mode, which the rows check then names).
+        # there, e.g. BatchNorm in train mode, which the rows check then names). Unrolled
+        # (fn is still traced once): no loop in the program, static slices; measured side
+        # by side on 2 CPUs, a pre-pass over forward 0.97 -> 1.00 (CNN), 1.11 -> 1.15 (MLP).
         _, out = jax.lax.scan(
             lambda p, sub: (p, call(p, sub[0], sub[1], treedef)),
             params,
             ([blocks(x) for x in leaves], blocks(meta)),
+            unroll=True,
         )
         return jax.tree.map(lambda o: o.reshape(global_batch, *o.shape[2:]), out)
 

@@ -87,6 +87,28 @@ def test_alternated_rounds_mirror_the_order_and_keep_each_round_s_fastest_call(
     }
 
 
+def test_timed_calls_run_with_the_garbage_collector_off_and_restore_it():
+    import gc
+
+    seen = []
+
+    def fn():
+        seen.append(gc.isenabled())
+
+    assert gc.isenabled()
+    timing.alternated_rounds({"a": fn}, rounds=2, repeats=2, warmups=0)
+    assert seen == [False] * 4 and gc.isenabled()
+    gc.disable()
+    try:  # a caller's own setting is kept
+        timing.alternated_rounds({"a": fn}, rounds=1, repeats=1, warmups=0)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(ZeroDivisionError):  # restored when a call raises, too
+        timing.alternated_rounds({"a": lambda: 1 / 0}, rounds=1, warmups=0)
+    assert gc.isenabled()
+
+
 def test_ratio_over_takes_the_baseline_with_the_lowest_median_not_each_round_s_minimum(
     monkeypatch,
 ):

@@ -11,9 +11,12 @@ speeds one up, so the minimum of a few neighbouring calls is the steadiest
 estimate of a function's own time, and A's and B's calls share the same
 moments of the machine. The starting order rotates from round to round
 (A B C, B C A, ...), so that no function always runs first or right after
-the same other one. A figure is the median over rounds of the per-round
-ratio, with its range; a control (one function timed under two labels)
-shows what the method itself gives for two equal things.
+the same other one. As :mod:`timeit` does, the garbage collector is off
+during a timed call (a collection of a process holding jax's and the
+model's objects takes tens of ms, and lands on whichever call allocates
+when it is due); it runs between calls. A figure is the median over rounds
+of the per-round ratio, with its range; a control (one function timed
+under two labels) shows what the method itself gives for two equal things.
 
 Example:
   >>> times = alternated_rounds({"a": lambda: 1, "b": lambda: 2}, rounds=3, repeats=2, warmups=1)
@@ -28,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 
@@ -67,12 +71,23 @@ def alternated_rounds(
         best = dict.fromkeys(names, np.inf)
         for rep in range(repeats):
             for k in order if rep % 2 == 0 else order[::-1]:
-                t0 = time.perf_counter()
-                sync(fns[k]())
-                best[k] = min(best[k], time.perf_counter() - t0)
+                best[k] = min(best[k], _seconds(fns[k], sync))
         for k in names:
             times[k].append(best[k])
     return {k: np.asarray(v, np.float64) for k, v in times.items()}
+
+
+def _seconds(fn: Callable[[], object], sync: Callable[[object], object]) -> float:
+    """One timed call of ``fn`` (its result synced), with the garbage collector off."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        sync(fn())
+        return time.perf_counter() - t0
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def ratio_over(
