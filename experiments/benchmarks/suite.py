@@ -24,17 +24,21 @@ figures:
   (not with ``--quick``) ``flowjax.models``' ResNet-18 at width 16 on
   32x32x3 images in eval mode: plain time / pre-pass time (>= 1 is a
   pre-pass as fast as the forward).
-* ``train_step``: the FLOW-weighted train step (``weighted_objective``, the
-  batch's weights attached by id with ``attach_weights``) against the plain
-  step of the same model and optimizer, in both loss forms: ``batched``
-  (``model(batch["image"])``, ``batched=True``) and ``per_example`` (the
-  slow form, ``model(ex["image"][None])[0]`` under ``jax.vmap``): weighted
-  time / plain time. The plain time is the faster (by its median over the
-  rounds) of two forms of the same mean loss (see :func:`bench_training`).
-* ``end_to_end``: FLOW (pre-pass + E epochs of weighted steps) against E
-  epochs of plain steps, E = 3 and 10: the time of FLOW / the time of plain
-  fine-tuning, ``prepass / plain epoch / E + weighted / plain``, each of the
-  two ratios from its own rounds, combined round by round.
+* ``train_step``: the FLOW-weighted train step (``weighted_objective``)
+  against the plain step of the same model and optimizer, in both loss
+  forms: ``batched`` (``model(batch["image"])``, ``batched=True``) and
+  ``per_example`` (the slow form, ``model(ex["image"][None])[0]`` under
+  ``jax.vmap``): weighted time / plain time. The weights are a field of the
+  batches, looked up by id once after the pre-pass (as
+  :func:`flowjax.train.fit` takes them: they do not change between epochs);
+  ``attach`` looks them up every step instead (``attach_weights``). The
+  plain time is the faster (by its median over the rounds) of two forms of
+  the same mean loss (see :func:`bench_training`).
+* ``end_to_end``: FLOW (pre-pass, the weights attached to the batches, E
+  epochs of weighted steps) against E epochs of plain steps, E = 3 and 10:
+  the time of FLOW / the time of plain fine-tuning, ``prepass / plain epoch
+  / E + weighted / plain``, each of the two ratios from its own rounds,
+  combined round by round.
 * ``host``: the pre-pass's host time per step (µs) around a trivial
   program, over the bare jitted loop (see :func:`bench_host`).
 * ``cache``: ``per_example_losses`` over ``flowjax.batches`` of an
@@ -265,21 +269,28 @@ def _train_parts(name: str, n: int, tx=None):
         "plain_unit": make_step(weighted),  # the same mean, through unit weights
         "batched": make_step(weighted),
         "per_example": make_step(flowjax.weighted_objective(per_example)),
+        "attach": make_step(weighted),
     }
-    table = flowjax.per_example_losses(
-        batched, params, batches, batched=True, progress=False
-    )
-    weights = table.flow_weights()
 
+    def with_weights(weights):
+        """The batches with their FLOW weights as a field, looked up by id once."""
+        return [flowjax.attach_weights(b, weights) for b in batches]
+
+    weights = flowjax.per_example_losses(
+        batched, params, batches, batched=True, progress=False
+    ).flow_weights()
+    weighted_batches = with_weights(weights)
     units = {len(b["id"]): np.ones(len(b["id"]), np.float32) for b in batches}
 
     def epoch(kind: str):
         def run():
             p, opt_state, loss = params, tx.init(params), None
-            for b in batches:
+            for b in (
+                weighted_batches if kind in ("batched", "per_example") else batches
+            ):
                 if kind == "plain_unit":
                     b = {**b, "weight": units[len(b["id"])]}
-                elif kind != "plain":
+                elif kind == "attach":  # looked up again every step
                     b = flowjax.attach_weights(b, weights)
                 b = {k: v for k, v in b.items() if k != "id"}
                 p, opt_state, loss = steps[kind](p, opt_state, b)
@@ -287,10 +298,12 @@ def _train_parts(name: str, n: int, tx=None):
 
         return run
 
-    def prepass():
-        return flowjax.per_example_losses(
-            batched, params, batches, batched=True, progress=False
-        ).flow_weights()
+    def prepass():  # FLOW's part before fine-tuning: the losses, weights, weighted batches
+        return with_weights(
+            flowjax.per_example_losses(
+                batched, params, batches, batched=True, progress=False
+            ).flow_weights()
+        )
 
     return {k: epoch(k) for k in steps}, prepass
 
@@ -300,8 +313,8 @@ def bench_training(name: str, n: int, rounds: int, epochs=(3, 10)) -> dict:
 
     The plain step is timed in two forms of the same mean loss: ``jnp.mean``
     of the losses, and the weighted objective fed unit weights (the very
-    program of the weighted step, so only the weights' values and their
-    lookup differ). XLA compiles the two to programs of slightly different
+    program of the weighted step, so only the weights' values differ, and in
+    ``attach`` their lookup). XLA compiles the two to programs of slightly different
     speed (on 2 CPUs the ``jnp.mean`` one was the slower: a constant ``1/B``
     where the weighted one divides by a sum), and a plain baseline slower
     than it needs to be flatters FLOW: the plain baseline is the faster of
@@ -313,7 +326,7 @@ def bench_training(name: str, n: int, rounds: int, epochs=(3, 10)) -> dict:
     epoch, prepass = _train_parts(name, n)
     plains = {"plain": epoch["plain"], "plain_unit": epoch["plain_unit"]}
     step, times = {}, {}
-    for form in ("batched", "per_example"):
+    for form in ("batched", "per_example", "attach"):
         step[form], times[form] = _over(epoch[form], plains, rounds)
     pre, _ = _over(prepass, plains, rounds)
     control, _ = _over(epoch["plain"], {"plain": epoch["plain"]}, rounds)
@@ -565,6 +578,14 @@ def markdown(result: dict) -> str:
                 "<= 1.02",
             ]
         )
+        if "attach" in tr["train_step"]:
+            rows.append(
+                [
+                    f"weighted / plain step, {m}, batched loss, weights looked up every step (`attach_weights`)",
+                    _fmt(tr["train_step"]["attach"]),
+                    "",
+                ]
+            )
         rows.append(
             [
                 f"weighted / plain step, {m}, per-example loss (`[None]` form)",
