@@ -422,10 +422,9 @@ def map_examples(
         or getattr(batches, "new_arrays", False) is True
     )
     # On a CPU, a step viewing the caller's arrays is read in place only if it is aligned.
-    views = "aligned" if mesh.devices.flat[0].platform == "cpu" else stable
-    steps = _local_steps(
-        it, spec, size, served, bar, ledger.local, nproc > 1, stable and views
-    )
+    cpu = mesh.devices.flat[0].platform == "cpu"
+    views = "aligned" if stable and cpu else stable
+    steps = _local_steps(it, spec, size, served, bar, ledger.local, nproc > 1, views)
     # Single process, over batches nothing refills: steps are prepared, dispatched and
     # read in bursts (host work between jit dispatches costs about 3x its own time on a
     # busy CPU); the previous burst is read after the next one is dispatched. With a
@@ -436,7 +435,7 @@ def map_examples(
     timed = cache is not None
     bursts_ok = nproc == 1 and stable
     if timed:
-        bursts_ok = bursts_ok and _flush_seconds(cache) >= _BURSTS_FLUSH_SECONDS
+        bursts_ok = bursts_ok and cache.flush_seconds >= _BURSTS_FLUSH_SECONDS
     burst = _burst_steps(spec, size) if bursts_ok else 1
     grouped = nproc == 1 and not reduce and (cache is None or burst > 1)
     ahead = _IN_FLIGHT if burst == 1 else burst
@@ -1509,15 +1508,8 @@ _BURST_BYTES = 32 * 2**20  # ... at most this much input per burst
 
 
 _BURST_SECONDS = 0.5  # with a cache: a burst's time, at most about
-_BURSTS_FLUSH_SECONDS = (
-    1.0  # ... and bursts only for a cache written at most this often
-)
-
-
-def _flush_seconds(cache) -> float:
-    """How often the cache writes its rows (``flush_seconds``); 0 when it does not say."""
-    seconds = getattr(cache, "flush_seconds", 0.0)
-    return float(seconds) if isinstance(seconds, int | float) else 0.0
+# ... and bursts only for a cache that writes its rows at most this often
+_BURSTS_FLUSH_SECONDS = 1.0
 
 
 def _burst_steps(spec: _Spec, size: int) -> int:
